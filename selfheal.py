@@ -1,0 +1,2229 @@
+#!/usr/bin/env python3
+"""selfheal: heal systemd services the moment they fail, and mail their owner a report.
+
+systemd starts ``selfheal@NAME.service`` through an ``OnFailure=`` drop-in when a
+service listed in services.conf fails. That unit runs ``selfheal.py heal NAME``:
+diagnose (systemctl show, the journal of the failed run, who holds the port),
+repair with the configured strategies in order, verify by polling against a
+deadline, then mail a report. A report that cannot be mailed is queued and
+delivered later by ``selfheal.py flush-mail`` (run by selfheal-mail.timer).
+
+Python standard library only; Python 3.9+, systemd 247+.
+Run ``selfheal.py --help`` for the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import dataclasses
+import datetime as dt
+import difflib
+import email.parser
+import email.policy
+import email.utils
+import enum
+import errno
+import fcntl
+import fnmatch
+import json
+import logging
+import os
+import pwd
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import syslog
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+# =============================================================================
+# Constants: every host path and binary, so tests can point them elsewhere
+# =============================================================================
+
+VERSION = "0.1.0"
+
+CONFIG_PATH = "/etc/selfheal/services.conf"
+STATE_DIR = "/var/lib/selfheal"  # history.jsonl, spool/, services/, install manifest
+RUN_DIR = "/run/selfheal"  # locks and per-service status files (gone at boot)
+LOG_DIR = "/var/log/selfheal"  # one human-readable log per service
+UNIT_DIR = "/etc/systemd/system"
+DEFAULT_PREFIX = "/usr/local"
+PYTHON = "/usr/bin/python3"
+
+SYSTEMCTL = "systemctl"
+JOURNALCTL = "journalctl"
+SS = "ss"
+
+COMMAND_TIMEOUT = 15.0  # seconds for any external command unless said otherwise
+POLL_INTERVAL = 0.05  # seconds between verification probes
+KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale process
+JOURNAL_LINES = 30
+
+EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+
+DROPIN_NAME = "selfheal.conf"
+DROPIN_MARK = "# Installed by selfheal"
+MANIFEST_NAME = "install-manifest"
+
+# Units selfheal never restarts, kills or wraps, whatever services.conf says.
+NEVER_TOUCH = (
+    "selfheal@*.service", "selfheal-*.service", "systemd-*.service", "dbus.service",
+    "dbus-broker.service", "ssh.service", "sshd.service", "sshd@*.service",
+    "polkit.service", "getty@*.service", "serial-getty@*.service", "user@*.service",
+    "user-runtime-dir@*.service", "emergency.service", "rescue.service",
+    "init.scope", "-.slice",
+)
+
+# What `systemctl show` is asked about one unit (unknown names are simply absent).
+UNIT_PROPERTIES = (
+    "Id", "LoadState", "ActiveState", "SubState", "Result", "UnitFileState",
+    "ExecMainCode", "ExecMainStatus", "ExecMainPID", "MainPID", "InvocationID",
+    "NRestarts", "MemoryCurrent", "MemoryPeak", "ControlGroup", "Restart",
+    "ActiveEnterTimestamp", "InactiveEnterTimestamp", "ExecMainExitTimestamp",
+    "ExecMainExitTimestampMonotonic", "InactiveEnterTimestampMonotonic",
+    "StateChangeTimestampMonotonic", "FragmentPath", "User", "Description",
+)
+
+# systemd's own exit statuses for a process that never got to run its code
+# (systemd.exec(5), "Process Exit Codes").
+SYSTEMD_EXIT_STATUS = {
+    200: ("CHDIR", "could not change to the WorkingDirectory="),
+    203: ("EXEC", "the executable in ExecStart= could not be run (missing, not executable, or a bad interpreter)"),
+    204: ("MEMORY", "systemd ran out of memory while starting it"),
+    209: ("STDOUT", "its standard output could not be set up"),
+    210: ("CHROOT", "the RootDirectory= could not be entered"),
+    214: ("SETSCHEDULER", "its scheduling parameters could not be set"),
+    216: ("GROUP", "the Group= in its unit does not exist"),
+    217: ("USER", "the User= in its unit does not exist"),
+    218: ("CAPABILITIES", "its capabilities could not be set"),
+    226: ("NAMESPACE", "its file system namespace could not be set up (a ReadWritePaths= or similar path is missing)"),
+    233: ("RUNTIME_DIRECTORY", "its RuntimeDirectory= could not be created"),
+    238: ("STATE_DIRECTORY", "its StateDirectory= could not be created"),
+    243: ("CREDENTIALS", "its credentials could not be loaded"),
+}
+
+log = logging.getLogger("selfheal")
+
+# =============================================================================
+# Errors
+# =============================================================================
+
+
+class SelfhealError(Exception):
+    """Base of every error selfheal reports to the user; exit_code is what main returns."""
+
+    exit_code = EX_FAIL
+
+
+class ConfigError(SelfhealError):
+    """services.conf is broken; .problems lists every problem found, each already formatted."""
+
+    exit_code = EX_CONFIG
+
+    def __init__(self, problems: Sequence[str]):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+class UsageError(SelfhealError):
+    exit_code = EX_USAGE
+
+
+# =============================================================================
+# Data model
+# =============================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    """Where selfheal keeps its files; one object so tests can move all of them."""
+
+    state: Path = Path(STATE_DIR)
+    run: Path = Path(RUN_DIR)
+    logs: Path = Path(LOG_DIR)
+
+    @property
+    def history(self) -> Path:
+        return self.state / "history.jsonl"
+
+    @property
+    def spool(self) -> Path:
+        return self.state / "spool"
+
+    def service_state(self, name: str) -> Path:
+        return self.state / "services" / (name + ".json")
+
+    def status(self, name: str) -> Path:
+        return self.run / (name + ".json")
+
+    def lock(self, name: str) -> Path:
+        return self.run / "locks" / (name + ".lock")
+
+    def service_log(self, name: str) -> Path:
+        return self.logs / (name + ".log")
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Paths":
+        """SELFHEAL_STATE_DIR / _RUN_DIR / _LOG_DIR move the directories (tests, packaging)."""
+        return cls(
+            Path(env.get("SELFHEAL_STATE_DIR", STATE_DIR)),
+            Path(env.get("SELFHEAL_RUN_DIR", RUN_DIR)),
+            Path(env.get("SELFHEAL_LOG_DIR", LOG_DIR)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The [selfheal] section."""
+
+    name: str
+    email_to: Tuple[str, ...]
+    email_from: str
+    smtp_host: str = "localhost"
+    smtp_port: int = 25
+    smtp_security: str = "none"
+    smtp_user: str = ""
+    smtp_password_file: str = ""
+    smtp_timeout: float = 10.0
+    failure_threshold: int = 3
+    failure_window: float = 3600.0
+    verify_timeout: float = 30.0
+    syslog_ident: str = "miraclemax-self-heal"
+
+
+@dataclasses.dataclass(frozen=True)
+class Service:
+    """One service section."""
+
+    name: str
+    unit: str
+    port: Optional[int] = None
+    domain: str = ""
+    critical: bool = False
+    strategies: Tuple[str, ...] = ("service_restart",)
+    health_url: str = ""
+    health_timeout: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    path: str
+    settings: Settings
+    services: Dict[str, Service]
+
+
+class Outcome(str, enum.Enum):
+    RESOLVED = "RESOLVED"  # selfheal repaired it and verified it works
+    RECOVERED = "RECOVERED"  # systemd's own Restart= brought it back; selfheal verified
+    FAILED = "FAILED"  # nothing worked: a human is needed
+    ESCALATED = "ESCALATED"  # too many heals in the window: healing suspended
+    HEALTHY = "HEALTHY"  # nothing was wrong when selfheal looked
+
+
+@dataclasses.dataclass(frozen=True)
+class CmdResult:
+    argv: Tuple[str, ...]
+    rc: int
+    out: str
+    err: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    def brief(self) -> str:
+        text = (self.err or self.out).strip().splitlines()
+        return text[-1] if text else "exit status %d" % self.rc
+
+
+@dataclasses.dataclass(frozen=True)
+class Process:
+    pid: int
+    user: str
+    cmdline: str
+    cgroup: str
+    age_seconds: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Listener:
+    port: int
+    address: str
+    pids: Tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    unit: Dict[str, str]  # systemctl show properties
+    result: str
+    exit_code: str  # exited | killed | dumped | ""
+    exit_status: str  # "1", "KILL", ...
+    from_monitor_env: bool  # True when systemd handed us MONITOR_* (systemd 251+)
+    journal: Tuple[str, ...]
+    listeners: Tuple[Listener, ...]  # sockets listening on the service's port
+    holders: Tuple[Process, ...]  # processes behind those sockets
+    failed_at: Optional[float]  # wall clock of the failure, when systemd says
+    detected_after: Optional[float]  # seconds from failure to this diagnosis
+
+    @property
+    def active_state(self) -> str:
+        return self.unit.get("ActiveState", "")
+
+    @property
+    def sub_state(self) -> str:
+        return self.unit.get("SubState", "")
+
+    @property
+    def systemd_restarting(self) -> bool:
+        """systemd 254+ fires OnFailure= with its own Restart= still pending."""
+        return self.sub_state == "auto-restart" or (
+            self.active_state == "activating" and self.unit.get("Restart", "no") != "no"
+            and self.result not in ("", "success")
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    ok: bool
+    seconds: float
+    checks: Tuple[Check, ...]
+
+    def summary(self) -> str:
+        return "; ".join("%s: %s" % (c.name, c.detail) for c in self.checks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    what: str  # "systemctl restart story-stages.service"
+    ok: bool
+    seconds: float
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyRun:
+    name: str
+    actions: Tuple[Action, ...]
+    verification: Optional[Verification]
+    note: str = ""  # why it did nothing, or what it found
+
+    @property
+    def healed(self) -> bool:
+        return self.verification is not None and self.verification.ok
+
+
+@dataclasses.dataclass(frozen=True)
+class RootCause:
+    summary: str
+    confidence: str  # high | medium | low
+    evidence: str
+    recommendation: str
+
+
+@dataclasses.dataclass(frozen=True)
+class HealResult:
+    service: Service
+    outcome: Outcome
+    trigger: str
+    started_at: float  # wall clock when the heal began
+    diagnosis: Diagnosis
+    runs: Tuple[StrategyRun, ...]
+    root_cause: RootCause
+    healing_seconds: Optional[float]  # failure (or heal start) to verified healthy
+    post: Dict[str, str]  # systemctl show after healing
+    escalation: str = ""  # why a human is needed
+
+    @property
+    def strategy(self) -> str:
+        healed = [r.name for r in self.runs if r.healed]
+        return healed[0] if healed else (self.runs[-1].name if self.runs else "none")
+
+
+# =============================================================================
+# Config
+# =============================================================================
+
+GLOBAL_SECTION = "selfheal"
+DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]+)?\.service$")
+HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$")
+ADDR_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+IDENT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,48}$")
+SMTP_SECURITY = ("none", "starttls", "ssl")
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '5m', '1h', '2d', '1h30m' -> seconds. Raises ValueError."""
+    text = text.strip().lower().replace(" ", "")
+    parts = re.findall(r"(\d+(?:\.\d+)?)([a-z]*)", text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ValueError("not a duration (use e.g. 30s, 5m, 1h, 2d)")
+    total = 0.0
+    for number, unit in parts:
+        if unit not in DURATION_UNITS:
+            raise ValueError("unknown unit %r (use s, m, h, d or w)" % unit)
+        total += float(number) * DURATION_UNITS[unit]
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 10:
+        return "%.2f s" % seconds
+    if seconds < 120:
+        return "%.0f s" % seconds
+    minutes = seconds / 60
+    if minutes < 120:
+        return "%.0f min" % minutes
+    hours = minutes / 60
+    return "%.0f h" % hours if hours < 48 else "%.0f d" % (hours / 24)
+
+
+def split_list(text: str) -> List[str]:
+    return [item for item in re.split(r"[,\s]+", text.strip()) if item]
+
+
+def short_hostname() -> str:
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
+def _scan_lines(text: str):
+    """Yield (lineno, section, key) for every section header and key line, in file order.
+
+    configparser parses the values; this only finds where things are, so every problem can
+    be reported with its line, duplicates included (configparser stops at the first one).
+    """
+    section = None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;" or line[0] in " \t":
+            continue  # blank, comment or continuation
+        match = re.match(r"^\[(.*)\]\s*$", stripped)
+        if match:
+            section = match.group(1)
+            yield lineno, section, None
+            continue
+        key = re.split(r"[=:]", stripped, 1)[0].strip().lower()
+        yield lineno, section, key
+
+
+GLOBAL_KEYS = {f.name for f in dataclasses.fields(Settings)}
+SERVICE_KEYS = {f.name for f in dataclasses.fields(Service)} - {"name"}
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return " (did you mean %r?)" % close[0] if close else ""
+
+
+def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = None) -> Config:
+    """Parse and validate services.conf text. Raises ConfigError listing every problem."""
+    problems: List[str] = []
+    lines: Dict[Tuple[Optional[str], Optional[str]], int] = {}
+
+    def problem(lineno, section, key, message):
+        where = "%s:%s" % (path, lineno if lineno else "-")
+        if section is not None:
+            where += " [%s]" % section
+        if key:
+            where += " %s" % key
+        problems.append("%s: %s" % (where, message))
+
+    for lineno, section, key in _scan_lines(text):
+        if (section, key) in lines:
+            what = "duplicate section" if key is None else "duplicate key"
+            problem(lineno, section, key, "%s (first at line %d)" % (what, lines[(section, key)]))
+        else:
+            lines[(section, key)] = lineno
+
+    parser = configparser.ConfigParser(interpolation=None, strict=False, default_section="\0none")
+    try:
+        parser.read_string(text, source=path)
+    except configparser.MissingSectionHeaderError as exc:
+        problem(exc.lineno, None, None, "text before the first [section] header")
+        raise ConfigError(problems) from None
+    except configparser.ParsingError as exc:
+        for lineno, line in exc.errors:
+            problem(lineno, None, None, "cannot parse %r (expected key = value)" % line.strip())
+        raise ConfigError(problems) from None
+
+    def line_of(section, key=None):
+        return lines.get((section, key)) or lines.get((section, None))
+
+    hostname = hostname or short_hostname()
+    raw_global = dict(parser.items(GLOBAL_SECTION)) if parser.has_section(GLOBAL_SECTION) else {}
+    if not parser.has_section(GLOBAL_SECTION):
+        problem(None, None, None, "no [selfheal] section (it says where reports are mailed)")
+
+    def take(section, values, key, convert, default):
+        """Convert one value, recording a problem (and returning the default) when it is bad."""
+        if key not in values:
+            return default
+        raw = values[key].strip()
+        try:
+            return convert(raw)
+        except ValueError as exc:
+            problem(line_of(section, key), section, key, "%s: %r" % (exc, raw))
+            return default
+
+    for key in raw_global:
+        if key not in GLOBAL_KEYS:
+            problem(line_of(GLOBAL_SECTION, key), GLOBAL_SECTION, key,
+                    "unknown key" + _did_you_mean(key, GLOBAL_KEYS))
+    g = raw_global
+    s = GLOBAL_SECTION
+    settings = Settings(
+        name=take(s, g, "name", check_header_text, hostname),
+        email_to=take(s, g, "email_to", check_addresses, ("root@localhost",)),
+        email_from=take(s, g, "email_from", check_address, "selfheal@%s" % hostname
+                        if HOST_RE.match(hostname) else "selfheal@localhost"),
+        smtp_host=take(s, g, "smtp_host", check_host, "localhost"),
+        smtp_port=take(s, g, "smtp_port", check_port, 25),
+        smtp_security=take(s, g, "smtp_security", choice(SMTP_SECURITY), "none"),
+        smtp_user=take(s, g, "smtp_user", check_header_text, ""),
+        smtp_password_file=take(s, g, "smtp_password_file", check_abs_path, ""),
+        smtp_timeout=take(s, g, "smtp_timeout", positive_duration, 10.0),
+        failure_threshold=take(s, g, "failure_threshold", positive_int, 3),
+        failure_window=take(s, g, "failure_window", positive_duration, 3600.0),
+        verify_timeout=take(s, g, "verify_timeout", positive_duration, 30.0),
+        syslog_ident=take(s, g, "syslog_ident", check_ident, "miraclemax-self-heal"),
+    )
+    if settings.smtp_user and not settings.smtp_password_file:
+        problem(line_of(s, "smtp_user"), s, "smtp_user", "needs smtp_password_file as well")
+
+    services: Dict[str, Service] = {}
+    units_seen: Dict[str, str] = {}
+    for section in parser.sections():
+        if section == GLOBAL_SECTION:
+            continue
+        values = dict(parser.items(section))
+        if section.lower() in ("default", GLOBAL_SECTION) or (
+                difflib.SequenceMatcher(None, section.lower(), GLOBAL_SECTION).ratio() >= 0.8):
+            problem(line_of(section), section, None,
+                    "unknown section (did you mean [selfheal]?)")
+            continue
+        if not NAME_RE.match(section):
+            problem(line_of(section), section, None, "a service name is 1-64 of A-Z a-z 0-9 _ . - "
+                    "and starts with a letter or digit")
+            continue
+        for key in values:
+            if key not in SERVICE_KEYS:
+                problem(line_of(section, key), section, key, "unknown key" + _did_you_mean(key, SERVICE_KEYS))
+        unit = take(section, values, "unit", check_unit, section + ".service")
+        if unit in units_seen:
+            problem(line_of(section, "unit"), section, "unit",
+                    "%s is already listed as [%s]" % (unit, units_seen[unit]))
+        units_seen[unit] = section
+        svc = Service(
+            name=section,
+            unit=unit,
+            port=take(section, values, "port", check_port, None),
+            domain=take(section, values, "domain", check_host, ""),
+            critical=take(section, values, "critical", check_bool, False),
+            strategies=take(section, values, "strategies", check_strategies, ("service_restart",)),
+            health_url=take(section, values, "health_url", check_url, ""),
+            health_timeout=take(section, values, "health_timeout", positive_duration, 5.0),
+        )
+        if "port_conflict" in svc.strategies and svc.port is None:
+            problem(line_of(section, "strategies"), section, "strategies", "port_conflict needs a port")
+        services[section] = svc
+    if not services and not problems:
+        problem(None, None, None, "no services listed: add one [section] per service")
+    if problems:
+        raise ConfigError(problems)
+    return Config(path=path, settings=settings, services=services)
+
+
+# Value checkers: return the converted value or raise ValueError with the reason.
+
+def check_header_text(value: str) -> str:
+    if not value or len(value) > 78 or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must be 1-78 printable characters on one line")
+    return value
+
+
+def check_address(value: str) -> str:
+    if not ADDR_RE.match(value):
+        raise ValueError("not a mail address (user@host)")
+    return value
+
+
+def check_addresses(value: str) -> Tuple[str, ...]:
+    addresses = tuple(a.strip() for a in value.split(",") if a.strip())
+    if not addresses:
+        raise ValueError("needs at least one mail address")
+    for address in addresses:
+        if not ADDR_RE.match(address):
+            raise ValueError("%r is not a mail address (user@host)" % address)
+    return addresses
+
+
+def check_host(value: str) -> str:
+    if not HOST_RE.match(value):
+        raise ValueError("not a host name")
+    return value
+
+
+def check_port(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise ValueError("not a port number (1-65535)")
+    return int(value)
+
+
+def positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError("not a whole number of 1 or more")
+    return int(value)
+
+
+def positive_duration(value: str) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be more than zero")
+    return seconds
+
+
+def check_bool(value: str) -> bool:
+    states = configparser.ConfigParser.BOOLEAN_STATES
+    if value.lower() not in states:
+        raise ValueError("not yes or no")
+    return states[value.lower()]
+
+
+def check_abs_path(value: str) -> str:
+    if not value.startswith("/") or any(c.isspace() or ord(c) < 32 for c in value) or "/../" in value + "/":
+        raise ValueError("must be an absolute path without spaces or ..")
+    return value
+
+
+def check_ident(value: str) -> str:
+    if not IDENT_RE.match(value):
+        raise ValueError("use 1-48 of A-Z a-z 0-9 _ . -")
+    return value
+
+
+def check_unit(value: str) -> str:
+    if not UNIT_RE.match(value) or ".." in value or len(value) > 255:
+        raise ValueError("not a service unit name like app.service or app@blue.service")
+    if re.search(r"@\.service$", value):
+        raise ValueError("a template needs an instance (app@blue.service, not app@.service)")
+    if never_touch(value):
+        raise ValueError("selfheal never touches %s (systemd's own, dbus, ssh and its own units)" % value)
+    return value
+
+
+def check_url(value: str) -> str:
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    if any(c.isspace() or ord(c) < 32 for c in value):
+        raise ValueError("must not contain spaces or control characters")
+    return value
+
+
+def check_strategies(value: str) -> Tuple[str, ...]:
+    names = split_list(value)
+    if not names:
+        raise ValueError("list at least one strategy")
+    for name in names:
+        if name in PLANNED_STRATEGIES:
+            raise ValueError("strategy %r is not available in selfheal %s yet (available: %s)"
+                             % (name, VERSION, ", ".join(STRATEGIES)))
+        if name not in STRATEGIES:
+            raise ValueError("unknown strategy %r%s (available: %s)"
+                             % (name, _did_you_mean(name, STRATEGIES), ", ".join(STRATEGIES)))
+    if len(set(names)) != len(names):
+        raise ValueError("a strategy is listed twice")
+    return tuple(names)
+
+
+def choice(options: Sequence[str]) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value.lower() not in options:
+            raise ValueError("must be one of %s" % " | ".join(options))
+        return value.lower()
+    return check
+
+
+def never_touch(unit: str) -> bool:
+    return any(fnmatch.fnmatchcase(unit, pattern) for pattern in NEVER_TOUCH)
+
+
+def check_trusted_file(path: str, what: str) -> Optional[str]:
+    """When running as root, a file that decides what root does must be root's alone."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return "%s: cannot read %s: %s" % (path, what, exc.strerror)
+    if st.st_uid != 0:
+        return "%s: %s is owned by uid %d; it must be owned by root (chown root:root %s)" % (
+            path, what, st.st_uid, path)
+    if st.st_mode & 0o022:
+        return "%s: %s is writable by group or others (chmod go-w %s)" % (path, what, path)
+    return None
+
+
+def load_config(path: str, trusted: bool = True) -> Config:
+    """Read and validate a config file. trusted: enforce root ownership (when run as root)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise ConfigError(["%s: no such file (copy services.conf from selfheal, or pass --config)" % path])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(["%s: cannot read: %s" % (path, exc)])
+    problems = []
+    if trusted:
+        bad = check_trusted_file(path, "the config")
+        if bad:
+            problems.append(bad)
+    try:
+        config = parse_config(text, path)
+    except ConfigError as exc:
+        raise ConfigError(problems + exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+# =============================================================================
+# Probes: what the host says
+# =============================================================================
+
+
+def run(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> CmdResult:
+    """Run one command: argument list, no shell, no stdin, C locale, a timeout.
+
+    Expected failures (not found, timeout, non-zero exit) come back in the result.
+    """
+    env = dict(os.environ, LC_ALL="C", SYSTEMD_PAGER="", SYSTEMD_COLORS="0", PAGER="cat")
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=timeout, env=env, check=False,
+                              universal_newlines=True, errors="replace")
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+    except FileNotFoundError:
+        rc, out, err = 127, "", "%s: command not found" % argv[0]
+    except subprocess.TimeoutExpired:
+        rc, out, err = 124, "", "%s: timed out after %.0f s" % (argv[0], timeout)
+    except OSError as exc:
+        rc, out, err = 126, "", "%s: %s" % (argv[0], exc.strerror)
+    result = CmdResult(tuple(argv), rc, out, err, time.monotonic() - start)
+    log.debug("ran %s: rc=%d in %.3fs", " ".join(argv), rc, result.seconds)
+    return result
+
+
+def parse_show(text: str) -> List[Dict[str, str]]:
+    """`systemctl show` output for one or more units -> one dict per unit."""
+    units: List[Dict[str, str]] = []
+    current: Dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if current:
+                units.append(current)
+            current = {}
+            continue
+        key, sep, value = line.partition("=")
+        if sep:
+            current[key] = value
+    if current:
+        units.append(current)
+    return units
+
+
+def show_units(units: Sequence[str], properties: Sequence[str] = UNIT_PROPERTIES) -> Dict[str, Dict[str, str]]:
+    """One `systemctl show` for many units -> {unit: properties}. Empty dicts when it fails."""
+    if not units:
+        return {}
+    result = run([SYSTEMCTL, "show", "-p", ",".join(properties), "--", *units])
+    blocks = parse_show(result.out) if result.ok else []
+    if len(blocks) != len(units):  # systemctl failed or merged output: ask one by one
+        blocks = []
+        for unit in units:
+            one = run([SYSTEMCTL, "show", "-p", ",".join(properties), "--", unit])
+            found = parse_show(one.out) if one.ok else []
+            blocks.append(found[0] if found else {})
+    return {unit: block for unit, block in zip(units, blocks)}
+
+
+def show_unit(unit: str) -> Dict[str, str]:
+    return show_units([unit])[unit]
+
+
+LISTEN_PROC_RE = re.compile(r'\("((?:[^"\\]|\\.)*)",pid=(\d+),fd=\d+\)')
+
+
+def parse_ss(text: str) -> List[Listener]:
+    """`ss -H -tlnp` -> listeners. Local address is the 4th column; process info the rest."""
+    listeners = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        local = fields[3]
+        address, _, port = local.rpartition(":")
+        if not port.isdigit():
+            continue
+        pids = tuple(sorted({int(pid) for _, pid in LISTEN_PROC_RE.findall(" ".join(fields[5:]))}))
+        listeners.append(Listener(int(port), address, pids))
+    return listeners
+
+
+def listeners_on(port: int) -> Tuple[Listener, ...]:
+    result = run([SS, "-H", "-t", "-l", "-n", "-p"])
+    if not result.ok:
+        result = run([SS, "-H", "-t", "-l", "-n"])
+    return tuple(lst for lst in parse_ss(result.out) if lst.port == port)
+
+
+def boot_time() -> float:
+    try:
+        with open("/proc/stat") as handle:
+            for line in handle:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
+
+
+def read_process(pid: int, proc: Path = Path("/proc")) -> Optional[Process]:
+    """What /proc says about pid: owner, command line, cgroup, age. None when it is gone."""
+    base = proc / str(pid)
+    try:
+        cmdline = (base / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        uid = os.stat(base).st_uid
+        cgroup = ""
+        for line in (base / "cgroup").read_text().splitlines():
+            hierarchy, _, path = line.split(":", 2)
+            if hierarchy == "0" or not cgroup:
+                cgroup = path
+        stat = (base / "stat").read_text()
+        start_ticks = int(stat.rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    age = None
+    btime = boot_time()
+    if btime:
+        age = max(0.0, time.time() - (btime + start_ticks / os.sysconf("SC_CLK_TCK")))
+    return Process(pid, user, cmdline, cgroup, age)
+
+
+def belongs_to_unit(process: Process, unit: str) -> bool:
+    """Proof of ownership: the process sits in the unit's own cgroup (or one below it).
+
+    Only systemd (root) can place a process in a cgroup named after a unit, so a path
+    component equal to the unit's name is proof that the process is that unit's.
+    """
+    return unit in process.cgroup.strip("/").split("/")
+
+
+def read_journal(invocation: str, unit: str, lines: int = JOURNAL_LINES) -> Tuple[str, ...]:
+    """The journal of one run: the service's own lines and systemd's lines about that run."""
+    if invocation:
+        argv = [JOURNALCTL, "--no-pager", "-q", "-o", "short-iso", "-n", str(lines),
+                "_SYSTEMD_INVOCATION_ID=%s" % invocation, "+", "INVOCATION_ID=%s" % invocation]
+    else:
+        argv = [JOURNALCTL, "--no-pager", "-q", "-o", "short-iso", "-n", str(lines), "-u", unit]
+    result = run(argv, timeout=10)
+    return tuple(result.out.splitlines()[-lines:]) if result.ok else ()
+
+
+def parse_usec_timestamp(value: str) -> Optional[float]:
+    try:
+        usec = int(value)
+    except (TypeError, ValueError):
+        return None
+    return usec / 1e6 if usec > 0 else None
+
+
+def diagnose(svc: Service, env=os.environ) -> Diagnosis:
+    """Everything known about the failure, gathered in a few fast calls."""
+    unit = show_unit(svc.unit)
+    from_env = env.get("MONITOR_UNIT") == svc.unit and bool(env.get("MONITOR_SERVICE_RESULT"))
+    if from_env:  # systemd 251+: the failed run's facts, even if the unit moved on since
+        result = env.get("MONITOR_SERVICE_RESULT", "")
+        exit_code = env.get("MONITOR_EXIT_CODE", "")
+        exit_status = env.get("MONITOR_EXIT_STATUS", "")
+        invocation = env.get("MONITOR_INVOCATION_ID", "") or unit.get("InvocationID", "")
+    else:
+        result = unit.get("Result", "")
+        exit_code = {"1": "exited", "2": "killed", "3": "dumped"}.get(unit.get("ExecMainCode", ""), "")
+        status = unit.get("ExecMainStatus", "")
+        exit_status = signal_name(status) if exit_code in ("killed", "dumped") else status
+        invocation = unit.get("InvocationID", "")
+    journal = read_journal(invocation, svc.unit)
+    listeners: Tuple[Listener, ...] = ()
+    holders: List[Process] = []
+    if svc.port:
+        listeners = listeners_on(svc.port)
+        for pid in sorted({pid for lst in listeners for pid in lst.pids}):
+            process = read_process(pid)
+            if process:
+                holders.append(process)
+    failed_mono = (parse_usec_timestamp(unit.get("ExecMainExitTimestampMonotonic", ""))
+                   or parse_usec_timestamp(unit.get("InactiveEnterTimestampMonotonic", "")))
+    failed_at = detected_after = None
+    if failed_mono:
+        detected_after = max(0.0, time.monotonic() - failed_mono)
+        failed_at = time.time() - detected_after
+    return Diagnosis(unit, result, exit_code, exit_status, from_env, journal, listeners,
+                     tuple(holders), failed_at, detected_after)
+
+
+def signal_name(number: str) -> str:
+    try:
+        return signal.Signals(int(number)).name.replace("SIG", "")
+    except (ValueError, TypeError):
+        return number
+
+
+def port_listening(port: int) -> bool:
+    return bool(listeners_on(port))
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def http_check(url: str, timeout: float) -> Tuple[bool, str]:
+    """GET url; 2xx and 3xx count as healthy. Never raises."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    request = urllib.request.Request(url, headers={"User-Agent": "selfheal/%s" % VERSION})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return 200 <= response.status < 400, "HTTP %d" % response.status
+    except urllib.error.HTTPError as exc:
+        return 300 <= exc.code < 400, "HTTP %d" % exc.code
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, socket.timeout) or "timed out" in str(reason):
+            return False, "no answer within %s" % format_duration(timeout)
+        return False, str(reason)
+
+
+# =============================================================================
+# Verification
+# =============================================================================
+
+
+def probe(svc: Service) -> Tuple[Check, ...]:
+    """One look at the service: unit active, port listening, health URL answering."""
+    unit = show_unit(svc.unit)
+    state = "%s (%s)" % (unit.get("ActiveState", "unknown"), unit.get("SubState", "unknown"))
+    checks = [Check("unit", unit.get("ActiveState") == "active", state)]
+    if svc.port:
+        listening = port_listening(svc.port)
+        checks.append(Check("port", listening, "%d %s" % (svc.port, "listening" if listening else "not listening")))
+    if svc.health_url and all(c.ok for c in checks):
+        ok, detail = http_check(svc.health_url, svc.health_timeout)
+        checks.append(Check("health", ok, "%s %s" % (svc.health_url, detail)))
+    return tuple(checks)
+
+
+def verify(svc: Service, timeout: float, clock=time.monotonic, sleep=time.sleep) -> Verification:
+    """Poll until every check holds (success at once) or the deadline passes.
+
+    Gives up early when systemd has definitely given up: the unit is failed, or inactive
+    with no job pending, so a unit that cannot start is not waited on for the full deadline.
+    """
+    start = clock()
+    while True:
+        checks = probe(svc)
+        elapsed = clock() - start
+        if all(c.ok for c in checks):
+            return Verification(True, elapsed, checks)
+        state = checks[0].detail
+        given_up = state.startswith("failed") or (state.startswith("inactive") and elapsed > 1.0)
+        if given_up or elapsed >= timeout:
+            return Verification(False, elapsed, checks)
+        sleep(POLL_INTERVAL)
+
+
+# =============================================================================
+# Strategies: what selfheal does
+# =============================================================================
+
+
+class HealContext:
+    """What a strategy needs: the service, its diagnosis, the settings; collects actions."""
+
+    def __init__(self, svc: Service, diag: Diagnosis, settings: Settings, dry_run: bool = False):
+        self.svc = svc
+        self.diag = diag
+        self.settings = settings
+        self.dry_run = dry_run
+        self.actions: List[Action] = []
+
+    def systemctl(self, verb: str, timeout: Optional[float] = None) -> bool:
+        argv = [SYSTEMCTL, verb, "--", self.svc.unit]
+        what = "systemctl %s %s" % (verb, self.svc.unit)
+        if self.dry_run:
+            self.actions.append(Action(what, True, 0.0, "dry run: not done"))
+            return True
+        result = run(argv, timeout=timeout or self.settings.verify_timeout)
+        self.actions.append(Action(what, result.ok, result.seconds, "" if result.ok else result.brief()))
+        return result.ok
+
+    def record(self, what: str, ok: bool, seconds: float = 0.0, detail: str = "") -> None:
+        self.actions.append(Action(what, ok, seconds, detail))
+
+
+def strategy_service_restart(ctx: HealContext) -> str:
+    """Restart the unit; clear systemd's start limit first when it was hit."""
+    unit = show_unit(ctx.svc.unit)
+    if unit.get("Result") == "start-limit-hit" or ctx.diag.result == "start-limit-hit":
+        ctx.systemctl("reset-failed", timeout=COMMAND_TIMEOUT)
+    if unit.get("LoadState") in ("masked", "not-found"):
+        return "not restarted: the unit is %s" % unit.get("LoadState")
+    ctx.systemctl("restart")
+    return ""
+
+
+def strategy_port_conflict(ctx: HealContext) -> str:
+    """Free the port from a stale process of the service itself, then restart.
+
+    Only a process proven to be in the service's own cgroup, and not its live main
+    process, is ever signalled. Anything else holding the port is named, not touched.
+    """
+    svc = ctx.svc
+    if not svc.port:
+        return "no port configured"
+    listeners = listeners_on(svc.port)
+    pids = sorted({pid for lst in listeners for pid in lst.pids})
+    if not listeners:
+        return "port %d is free; nothing to do" % svc.port
+    if not pids:
+        return "port %d is held, but the holder is unknown (not root?); nothing killed" % svc.port
+    stale, foreign = [], []
+    for pid in pids:
+        process = read_process(pid)
+        if process is None:
+            continue
+        if pid in (1, os.getpid()) or not belongs_to_unit(process, svc.unit):
+            foreign.append(process)
+        else:
+            stale.append(process)
+    if foreign:
+        raise Escalation("port %d is held by %s; selfheal only stops processes of %s"
+                         % (svc.port, "; ".join(describe_process(p) for p in foreign), svc.unit))
+    if show_unit(svc.unit).get("ActiveState") in ("active", "activating", "reloading"):
+        # A running service's own processes (its workers share the socket) are not stale.
+        return "port %d is held by the running %s itself; nothing to free" % (svc.port, svc.unit)
+    for process in stale:
+        terminate(ctx, process)
+    ctx.systemctl("restart")
+    return ""
+
+
+def describe_process(p: Process) -> str:
+    age = " running for %s" % format_duration(p.age_seconds) if p.age_seconds is not None else ""
+    return "pid %d (user %s, cgroup %s%s): %s" % (p.pid, p.user, p.cgroup or "?", age, p.cmdline[:200])
+
+
+def terminate(ctx: HealContext, process: Process) -> None:
+    """SIGTERM, wait up to KILL_GRACE, then SIGKILL; re-checking ownership before each signal."""
+    what = "stop stale %s" % describe_process(process)
+    if ctx.dry_run:
+        ctx.record(what, True, 0.0, "dry run: not done")
+        return
+    start = time.monotonic()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        current = read_process(process.pid)
+        if current is None:
+            break
+        if not belongs_to_unit(current, ctx.svc.unit):  # pid reused: not ours any more
+            ctx.record(what, False, time.monotonic() - start, "pid %d left the unit's cgroup; not signalled" % process.pid)
+            return
+        os.kill(process.pid, sig)
+        deadline = time.monotonic() + KILL_GRACE
+        while time.monotonic() < deadline and read_process(process.pid) is not None:
+            time.sleep(POLL_INTERVAL)
+        if read_process(process.pid) is None:
+            ctx.record(what, True, time.monotonic() - start, "ended by %s" % sig.name)
+            return
+    gone = read_process(process.pid) is None
+    ctx.record(what, gone, time.monotonic() - start, "ended" if gone else "still running after SIGKILL")
+
+
+class Escalation(SelfhealError):
+    """A strategy found something a human must decide; healing stops there."""
+
+
+STRATEGIES: Dict[str, Callable[[HealContext], str]] = {
+    "service_restart": strategy_service_restart,
+    "port_conflict": strategy_port_conflict,
+}
+PLANNED_STRATEGIES = ("config_validation", "environment_check", "database_check")
+
+
+# =============================================================================
+# Diagnosis -> root cause (pure)
+# =============================================================================
+
+JOURNAL_HINTS = (
+    (re.compile(r"address already in use|EADDRINUSE|bind\(\).*failed", re.I),
+     "its port was already taken when it started", "high",
+     "Find what holds the port (ss -tlnp) and make sure only one copy of the service runs."),
+    (re.compile(r"out of memory|MemoryError|Cannot allocate memory|oom", re.I),
+     "it ran out of memory", "medium", "Check its memory use and the host's free memory."),
+    (re.compile(r"permission denied|EACCES", re.I),
+     "it was denied access to a file or port", "medium",
+     "Check the owner and mode of the files it uses, and its User= in the unit."),
+    (re.compile(r"no such file or directory|ENOENT|not found", re.I),
+     "a file it needs is missing", "medium", "Restore the missing file named in the journal lines."),
+)
+
+
+def root_cause(svc: Service, diag: Diagnosis) -> RootCause:
+    """Explain the failure from systemd's result, the exit status and the journal."""
+    result, code, status = diag.result, diag.exit_code, diag.exit_status
+    peak = diag.unit.get("MemoryPeak", "")
+    evidence = "systemd result %r" % (result or "unknown")
+    if code:
+        evidence += ", main process %s %s" % (code, status)
+    hint_line = ""
+    for line in reversed(diag.journal):
+        if JOURNAL_HINTS[0][0].search(line):
+            hint_line = line
+            break
+    if result == "oom-kill":
+        memory = " (peak memory %s)" % format_bytes(peak) if format_bytes(peak) else ""
+        return RootCause("The kernel's out-of-memory killer ended it%s." % memory, "high", evidence,
+                         "It needs more memory than it had: look for a leak or a load spike, "
+                         "raise MemoryMax= or add memory/swap.")
+    if result == "start-limit-hit":
+        return RootCause("It failed too often in a row and systemd stopped restarting it (start limit hit).",
+                         "high", evidence, "Read the journal lines below for why each start failed.")
+    if hint_line:
+        return RootCause("It could not start: its port was already taken.", "high",
+                         hint_line, JOURNAL_HINTS[0][3])
+    if code == "exited" and status.isdigit() and int(status) in SYSTEMD_EXIT_STATUS:
+        name, meaning = SYSTEMD_EXIT_STATUS[int(status)]
+        line = next((ln for ln in reversed(diag.journal) if name in ln or "Failed to" in ln), "")
+        return RootCause("systemd could not start it: %s (status %s/%s)." % (meaning, status, name),
+                         "high", line or evidence,
+                         "Fix the unit or restore what it points to; restarting will not help until then.")
+    if result == "core-dump" or code == "dumped":
+        return RootCause("It crashed (signal %s, core dumped)." % status, "high", evidence,
+                         "A crash is a bug or corrupt input: keep the core (coredumpctl) and look at what "
+                         "it was doing in the journal lines below.")
+    if result == "watchdog":
+        return RootCause("It stopped answering systemd's watchdog (hung).", "high", evidence,
+                         "Look for a deadlock or a blocking call; the journal lines show its last words.")
+    if result == "timeout":
+        return RootCause("It did not start or stop within its time limit.", "medium", evidence,
+                         "Check what it waits for at start (database, network) and TimeoutStartSec=.")
+    if result == "signal" or code == "killed":
+        if status == "KILL":
+            return RootCause("It was killed with SIGKILL from outside the service (an operator, a script, "
+                             "or the kernel); systemd does not report an out-of-memory kill here.",
+                             "medium", evidence,
+                             "If nobody killed it on purpose, check `journalctl -k` for the kernel's view "
+                             "and who else runs on this host.")
+        return RootCause("It was ended by signal %s." % status, "medium", evidence,
+                         "Find who sent the signal; the journal lines show what it was doing.")
+    if code == "exited" and status not in ("", "0"):
+        for pattern, summary, confidence, advice in JOURNAL_HINTS[1:]:
+            line = next((ln for ln in reversed(diag.journal) if pattern.search(ln)), "")
+            if line:
+                return RootCause("It exited with status %s: %s." % (status, summary), confidence, line, advice)
+        last = diag.journal[-1] if diag.journal else evidence
+        return RootCause("It exited with status %s." % status, "low", last,
+                         "Read the journal lines below: the service's last words usually name the cause.")
+    if diag.active_state == "inactive":
+        return RootCause("It was not running (stopped, or never started).", "low", evidence,
+                         "If it was stopped on purpose, pause selfheal for it: selfheal.py pause %s." % svc.name)
+    return RootCause("systemd reports it %s (result %s)." % (diag.active_state or "unknown", result or "unknown"),
+                     "low", evidence, "Read the journal lines below.")
+
+
+def format_bytes(value: str) -> str:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return ""
+    if number <= 0 or number >= 2 ** 63:  # systemd says [not set] as UINT64_MAX
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if number < 1024 or unit == "GiB":
+            return ("%d %s" % (number, unit)) if unit == "B" else ("%.1f %s" % (number, unit))
+        number /= 1024.0
+    return ""
+
+
+# =============================================================================
+# State: history, per-service state, status files, locks
+# =============================================================================
+
+
+def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a whole file so a crash leaves the old or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix="." + path.name + ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, str(path))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line with a single write(2) on an O_APPEND file: a crash loses at most it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_history(paths: Paths, service: Optional[str] = None, since: float = 0.0) -> List[dict]:
+    """Heal events, oldest first. A damaged line (a crash mid-write) is skipped, not fatal."""
+    events = []
+    try:
+        with open(str(paths.history), encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(event, dict):
+                    continue
+                if service and event.get("service") != service:
+                    continue
+                if float(event.get("ts", 0)) >= since:
+                    events.append(event)
+    except FileNotFoundError:
+        pass
+    return events
+
+
+def load_service_state(paths: Paths, name: str) -> dict:
+    try:
+        data = json.loads(paths.service_state(name).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_service_state(paths: Paths, name: str, data: dict) -> None:
+    atomic_write(paths.service_state(name), json.dumps(data, sort_keys=True) + "\n")
+
+
+def paused_until(paths: Paths, name: str, now: Optional[float] = None) -> Optional[float]:
+    """None when not paused; 0.0 when paused until resumed; else the end of the pause."""
+    now = time.time() if now is None else now
+    state = load_service_state(paths, name)
+    if "paused_until" not in state:
+        return None
+    until = float(state["paused_until"] or 0.0)
+    if until and until <= now:
+        return None
+    return until
+
+
+class Lock:
+    """One heal per service at a time: a non-blocking flock on a file under RUN_DIR."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            os.close(self.fd)
+            self.fd = None
+            return False
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.acquire():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_INTERVAL)
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def record_heal(paths: Paths, result: HealResult, report_text: str) -> None:
+    """History line, status file and service log; each failure logged, none fatal."""
+    svc = result.service
+    event = {
+        "ts": round(result.started_at, 3),
+        "time": iso(result.started_at),
+        "service": svc.name,
+        "unit": svc.unit,
+        "outcome": result.outcome.value,
+        "trigger": result.trigger,
+        "strategy": result.strategy,
+        "healing_seconds": None if result.healing_seconds is None else round(result.healing_seconds, 3),
+        "result": result.diagnosis.result,
+        "exit": ("%s %s" % (result.diagnosis.exit_code, result.diagnosis.exit_status)).strip(),
+        "root_cause": result.root_cause.summary,
+    }
+    steps = [
+        (lambda: append_line(paths.history, json.dumps(event, sort_keys=True)), "history"),
+        (lambda: atomic_write(paths.status(svc.name), json.dumps(event, sort_keys=True) + "\n"), "status file"),
+        (lambda: append_line(paths.service_log(svc.name), report_text.rstrip() + "\n" + "-" * 72), "service log"),
+    ]
+    for step, what in steps:
+        try:
+            step()
+        except OSError as exc:
+            log.error("could not write the %s: %s", what, exc)
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+# =============================================================================
+# Healing: diagnose, refuse or repair, verify
+# =============================================================================
+
+
+def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
+         env=os.environ, dry_run: bool = False) -> HealResult:
+    """Heal one service once. The caller holds the service's lock."""
+    settings = config.settings
+    started_at, start_mono = time.time(), time.monotonic()
+    diag = diagnose(svc, env)
+    cause = root_cause(svc, diag)
+    runs: List[StrategyRun] = []
+
+    def finish(outcome: Outcome, escalation: str = "") -> HealResult:
+        healed_mono = time.monotonic()
+        healing = None
+        if outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
+            healing = (healed_mono - start_mono) + (diag.detected_after or 0.0)
+        return HealResult(svc, outcome, trigger, started_at, diag, tuple(runs), cause,
+                          healing, show_unit(svc.unit), escalation)
+
+    window_start = max(started_at - settings.failure_window,
+                       float(load_service_state(paths, svc.name).get("rearmed_at", 0.0)))
+    attempts = [e for e in read_history(paths, svc.name, since=window_start)
+                if e.get("outcome") in (Outcome.RESOLVED.value, Outcome.RECOVERED.value, Outcome.FAILED.value)]
+    if len(attempts) >= settings.failure_threshold and not dry_run:
+        return finish(Outcome.ESCALATED,
+                      "%d heals of %s within %s (failure_threshold = %d): selfheal stops healing it "
+                      "so a human can look. Re-arm with: selfheal.py resume %s"
+                      % (len(attempts), svc.name, format_duration(settings.failure_window),
+                         settings.failure_threshold, svc.name))
+
+    if diag.systemd_restarting:
+        verification = verify(svc, settings.verify_timeout) if not dry_run else None
+        runs.append(StrategyRun("systemd_restart", (), verification,
+                                "systemd's own Restart= was already restarting it; selfheal waited "
+                                "instead of restarting it a second time"))
+        if verification and verification.ok:
+            return finish(Outcome.RECOVERED)
+    else:
+        checks = probe(svc)
+        if all(c.ok for c in checks) and diag.active_state == "active":
+            runs.append(StrategyRun("none", (), Verification(True, 0.0, checks),
+                                    "it was already running and healthy when selfheal looked"))
+            recovered = diag.result not in ("", "success") or trigger == "onfailure"
+            return finish(Outcome.RECOVERED if recovered else Outcome.HEALTHY)
+
+    for name in svc.strategies:
+        ctx = HealContext(svc, diag, settings, dry_run)
+        try:
+            note = STRATEGIES[name](ctx)
+        except Escalation as exc:
+            runs.append(StrategyRun(name, tuple(ctx.actions), None, str(exc)))
+            return finish(Outcome.FAILED, str(exc))
+        acted = bool(ctx.actions) and all(a.ok for a in ctx.actions)
+        verification = verify(svc, settings.verify_timeout) if acted and not dry_run else None
+        runs.append(StrategyRun(name, tuple(ctx.actions), verification, note))
+        if verification and verification.ok:
+            return finish(Outcome.RESOLVED)
+    last = runs[-1] if runs else None
+    why = "every configured strategy (%s) was tried and the service is still not healthy" % ", ".join(svc.strategies)
+    if last and last.verification:
+        why += ": " + last.verification.summary()
+    elif last and last.actions and not last.actions[-1].ok:
+        why += ": %s failed: %s" % (last.actions[-1].what, last.actions[-1].detail)
+    return finish(Outcome.FAILED, why)
+
+
+def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.environ,
+                 dry_run: bool = False, out=sys.stdout) -> int:
+    """The `heal` command: refuse, lock, heal, record, mail; loop if it failed again meanwhile."""
+    if name not in config.services:
+        raise UsageError("%s is not listed in %s (listed: %s)"
+                         % (name, config.path, ", ".join(config.services) or "none"))
+    svc = config.services[name]
+    if never_touch(svc.unit):
+        raise UsageError("selfheal never touches %s" % svc.unit)
+    pause = paused_until(paths, name)
+    if pause is not None and not dry_run:
+        log.info("%s is paused%s; not healing", name, " until " + iso(pause) if pause else "")
+        print("%s is paused; not healing (selfheal.py resume %s)" % (name, name), file=out)
+        return EX_OK
+    lock = Lock(paths.lock(name))
+    if not dry_run and not lock.acquire():
+        log.info("a heal of %s is already running; this trigger joins it", name)
+        print("a heal of %s is already running" % name, file=out)
+        return EX_OK
+    try:
+        flush_spool(config, paths)  # older reports first, if any are waiting
+        outcome = Outcome.HEALTHY
+        for _round in range(config.settings.failure_threshold + 1):
+            result = heal(config, svc, paths, trigger, env, dry_run)
+            outcome = result.outcome
+            text = render_report(config.settings, result)
+            if dry_run:
+                print(text, file=out)
+                return EX_OK
+            log_outcome(result)
+            print(text.splitlines()[0] + "\n" + summary_line(result), file=out)
+            if outcome is Outcome.HEALTHY:
+                return EX_OK
+            state = load_service_state(paths, name)
+            if outcome is Outcome.ESCALATED and state.get("escalated"):
+                return EX_FAIL  # the one escalation mail was sent already
+            record_heal(paths, result, text)
+            if (outcome is Outcome.ESCALATED) != bool(state.get("escalated")):
+                if outcome is Outcome.ESCALATED:
+                    state["escalated"] = result.started_at
+                else:  # the window passed: healing works again, a later storm escalates again
+                    state.pop("escalated", None)
+                save_service_state(paths, name, state)
+            deliver(config, paths, build_message(config.settings, result, text))
+            if outcome is not Outcome.RESOLVED and outcome is not Outcome.RECOVERED:
+                break
+            # A failure that came while we were busy was merged into this run by systemd:
+            # look once more, so it is not lost.
+            again = show_unit(svc.unit)
+            if again.get("ActiveState") != "failed":
+                break
+            trigger, env = "failed again during the heal", {}
+        return EX_OK if outcome in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY) else EX_FAIL
+    finally:
+        lock.release()
+
+
+def summary_line(result: HealResult) -> str:
+    if result.healing_seconds is not None:
+        return "%s %s in %s" % (result.service.name, result.outcome.value.lower(), format_duration(result.healing_seconds))
+    return "%s: %s" % (result.service.name, result.escalation or result.outcome.value.lower())
+
+
+def log_outcome(result: HealResult) -> None:
+    level = logging.INFO if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY) else logging.ERROR
+    log.log(level, "%s: %s; strategy %s; cause: %s", result.service.name, summary_line(result),
+            result.strategy, result.root_cause.summary)
+
+
+# =============================================================================
+# Reporting (pure: a function of the data)
+# =============================================================================
+
+SUBJECT_ICON = {Outcome.RESOLVED: "✅", Outcome.RECOVERED: "✅", Outcome.FAILED: "❌",
+                Outcome.ESCALATED: "🛑", Outcome.HEALTHY: "ℹ️"}
+
+
+def subject(settings: Settings, result: HealResult) -> str:
+    label = result.outcome.value
+    if result.outcome is Outcome.RECOVERED:
+        label = "RESOLVED (recovered by systemd)"
+    return "%s %s: %s - %s" % (SUBJECT_ICON[result.outcome], settings.name, result.service.name, label)
+
+
+def _section(title: str, lines: Iterable[str]) -> List[str]:
+    return ["", title, "-" * len(title)] + ["  " + line if line else "" for line in lines]
+
+
+def render_report(settings: Settings, result: HealResult, host: Optional[str] = None) -> str:
+    svc, diag, cause = result.service, result.diagnosis, result.root_cause
+    host = host or socket.getfqdn() or short_hostname()
+    out = [subject(settings, result), ""]
+    out += _section("SERVICE", [
+        "Service:   %s (%s)" % (svc.name, svc.unit),
+        "Domain:    %s" % (svc.domain or "-"),
+        "Port:      %s" % (svc.port or "-"),
+        "Priority:  %s" % ("CRITICAL" if svc.critical else "standard"),
+        "Time:      %s" % iso(diag.failed_at or result.started_at),
+        "Host:      %s" % host,
+    ])
+    out += _section("ISSUE DETECTED", [issue_text(result)])
+    diagnosis = [
+        "State when selfheal looked: %s (%s), result %s" % (diag.active_state or "?", diag.sub_state or "?",
+                                                            diag.result or "?"),
+    ]
+    if diag.exit_code:
+        diagnosis.append("Main process: %s, %s %s" % (diag.unit.get("ExecMainPID", "?"), diag.exit_code,
+                                                      diag.exit_status))
+    diagnosis.append("Restarts by systemd so far: %s" % diag.unit.get("NRestarts", "?"))
+    memory = format_bytes(diag.unit.get("MemoryCurrent", ""))
+    peak = format_bytes(diag.unit.get("MemoryPeak", ""))
+    if memory or peak:
+        diagnosis.append("Memory: %s now%s" % (memory or "0", ", peak %s" % peak if peak else ""))
+    if svc.port:
+        if diag.holders:
+            for p in diag.holders:
+                diagnosis.append("Port %d held by %s" % (svc.port, describe_process(p)))
+        elif diag.listeners:
+            diagnosis.append("Port %d: something listens (owner unknown)" % svc.port)
+        else:
+            diagnosis.append("Port %d: nobody listening" % svc.port)
+    if diag.detected_after is not None:
+        diagnosis.append("Detected %s after the failure (%s)" % (
+            format_duration(diag.detected_after), "systemd OnFailure=" if result.trigger == "onfailure" else result.trigger))
+    diagnosis.append("Facts from: %s" % ("systemd's MONITOR_* variables and systemctl show"
+                                         if diag.from_monitor_env else "systemctl show"))
+    out += _section("DIAGNOSIS", diagnosis)
+
+    healing: List[str] = []
+    steps: List[str] = []
+    for run_ in result.runs:
+        healing.append("Strategy: %s" % run_.name)
+        for action in run_.actions:
+            healing.append("  - %s: %s (%s)%s" % (action.what, "ok" if action.ok else "FAILED",
+                                                  format_duration(action.seconds),
+                                                  ", " + action.detail if action.detail else ""))
+            if action.ok:
+                steps.append(action.what + (" (%s)" % action.detail if action.detail else ""))
+        if run_.note:
+            healing.append("  - %s" % run_.note)
+        if run_.verification:
+            v = run_.verification
+            healing.append("  - verify: %s after %s: %s" % ("healthy" if v.ok else "NOT healthy",
+                                                              format_duration(v.seconds), v.summary()))
+            if v.ok:
+                steps.append("verified healthy: %s" % v.summary())
+    if not result.runs:
+        healing.append("No strategy was run.")
+    out += _section("HEALING", healing)
+    if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
+        if result.outcome is Outcome.RECOVERED and not any(r.actions for r in result.runs):
+            steps.insert(0, "systemd restarted it by itself; selfheal did not restart it again")
+        out += _section("HOW IT WAS FIXED", ["%d. %s" % (i, s) for i, s in enumerate(steps, 1)])
+    out += _section("ROOT CAUSE", [cause.summary, "Confidence: %s" % cause.confidence,
+                                   "Evidence: %s" % cause.evidence])
+    if result.healing_seconds is not None:
+        out += _section("HEALING TIME", ["%s from failure to verified healthy" % format_duration(result.healing_seconds)])
+    if result.escalation:
+        out += _section("WHY A HUMAN IS NEEDED", [result.escalation])
+    out += _section("RECOMMENDATION", [cause.recommendation])
+    post = result.post
+    out += _section("POST-HEALING STATUS", [
+        "State:   %s (%s)" % (post.get("ActiveState", "?"), post.get("SubState", "?")),
+        "Enabled: %s" % (post.get("UnitFileState") or "?"),
+        "Since:   %s" % (post.get("ActiveEnterTimestamp") or post.get("InactiveEnterTimestamp") or "?"),
+    ])
+    if result.outcome in (Outcome.FAILED, Outcome.ESCALATED):
+        out += _section("MANUAL STEPS", [
+            "ssh root@%s" % host,
+            "systemctl status %s" % svc.unit,
+            "journalctl -u %s -n 100 --no-pager" % svc.unit,
+            "free -h; df -h",
+            "systemctl reset-failed %s; systemctl restart %s" % (svc.unit, svc.unit),
+            "selfheal.py resume %s    # re-arm healing once it is fixed" % svc.name,
+        ])
+    if diag.journal:
+        out += _section("JOURNAL OF THE FAILED RUN (last %d lines)" % len(diag.journal), list(diag.journal))
+    out += ["", "-- ", "selfheal %s on %s; history: %s; log: %s" % (
+        VERSION, host, Path(STATE_DIR) / "history.jsonl", Path(LOG_DIR) / (svc.name + ".log"))]
+    return "\n".join(out) + "\n"
+
+
+def issue_text(result: HealResult) -> str:
+    diag, unit = result.diagnosis, result.service.unit
+    if result.outcome is Outcome.ESCALATED:
+        return "%s failed again; healing it is suspended (too many heals in the window)." % unit
+    if diag.exit_code == "killed" or diag.exit_code == "dumped":
+        return "%s failed: main process killed by signal %s (result: %s)." % (unit, diag.exit_status, diag.result)
+    if diag.exit_code == "exited" and diag.exit_status not in ("", "0"):
+        return "%s failed: main process exited with status %s (result: %s)." % (unit, diag.exit_status, diag.result)
+    if diag.active_state in ("failed", "activating") or diag.result not in ("", "success"):
+        return "%s failed (result: %s)." % (unit, diag.result or "unknown")
+    return "%s was %s (%s)." % (unit, diag.active_state or "in an unknown state", diag.sub_state or "?")
+
+
+# =============================================================================
+# Mail: build, send, queue, flush
+# =============================================================================
+
+
+def build_message(settings: Settings, result: HealResult, text: str) -> EmailMessage:
+    return make_message(settings, subject(settings, result), text)
+
+
+def make_message(settings: Settings, subject_text: str, body: str) -> EmailMessage:
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg["Subject"] = subject_text
+    msg["From"] = settings.email_from
+    msg["To"] = ", ".join(settings.email_to)
+    msg["Date"] = email.utils.formatdate(localtime=True)
+    domain = settings.email_from.rpartition("@")[2] or "localhost"
+    msg["Message-ID"] = email.utils.make_msgid("selfheal", domain=domain)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg["X-Mailer"] = "selfheal %s" % VERSION
+    msg.set_content(body, charset="utf-8", cte="quoted-printable")
+    return msg
+
+
+def read_password(path: str) -> str:
+    bad = check_trusted_file(path, "smtp_password_file")
+    if bad is None and os.geteuid() == 0 and os.stat(path).st_mode & 0o077:
+        bad = "%s: smtp_password_file must be mode 0600 or 0400" % path
+    if bad:
+        raise SelfhealError(bad)
+    with open(path, encoding="utf-8") as handle:
+        return handle.read().strip()
+
+
+def send(settings: Settings, msg: EmailMessage) -> None:
+    """Send one message over SMTP. Raises OSError/smtplib.SMTPException/SelfhealError."""
+    timeout = settings.smtp_timeout
+    if settings.smtp_security == "ssl":
+        smtp = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port, timeout=timeout,
+                                context=ssl.create_default_context())
+    else:
+        smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=timeout)
+    with smtp:
+        if settings.smtp_security == "starttls":
+            smtp.starttls(context=ssl.create_default_context())
+        if settings.smtp_user:
+            smtp.login(settings.smtp_user, read_password(settings.smtp_password_file))
+        smtp.send_message(msg, from_addr=settings.email_from, to_addrs=list(settings.email_to))
+
+
+def explain_mail_error(settings: Settings, exc: BaseException) -> str:
+    where = "%s:%d" % (settings.smtp_host, settings.smtp_port)
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve %s (DNS): %s" % (settings.smtp_host, exc.strerror or exc)
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection to %s refused: is the mail server running?" % where
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "no answer from %s within %s" % (where, format_duration(settings.smtp_timeout))
+    if isinstance(exc, ssl.SSLError):
+        return "TLS with %s failed (%s): check smtp_security and the port" % (where, exc.reason or exc)
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return "%s refused the login for %s: check smtp_user and smtp_password_file" % (where, settings.smtp_user)
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
+        return "%s does not offer that (%s): check smtp_security" % (where, exc)
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return "%s refused the recipients: %s" % (where, ", ".join(exc.recipients))
+    if isinstance(exc, smtplib.SMTPSenderRefused):
+        return "%s refused the sender %s: %s" % (where, settings.email_from, exc.smtp_error.decode("utf-8", "replace"))
+    if isinstance(exc, smtplib.SMTPException):
+        return "%s: SMTP error: %s" % (where, exc)
+    return "%s: %s" % (where, exc)
+
+
+MAIL_ERRORS = (OSError, smtplib.SMTPException, SelfhealError)
+
+
+def spool(paths: Paths, msg: EmailMessage) -> Path:
+    """Queue a message that could not be sent; flush_spool sends it later."""
+    name = "%d-%s.eml" % (time.time() * 1000, os.urandom(4).hex())
+    path = paths.spool / name
+    paths.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(path, msg.as_string(), mode=0o600)
+    return path
+
+
+def deliver(config: Config, paths: Paths, msg: EmailMessage) -> bool:
+    """Send now, or queue it. Never raises for a mail problem: the report is never lost."""
+    try:
+        send(config.settings, msg)
+        log.info("mailed %r to %s", str(msg["Subject"]), ", ".join(config.settings.email_to))
+        return True
+    except MAIL_ERRORS as exc:
+        reason = explain_mail_error(config.settings, exc)
+        try:
+            where = spool(paths, msg)
+        except OSError as spool_exc:
+            log.critical("could not mail %r (%s) nor queue it (%s); the report is in the log",
+                         str(msg["Subject"]), reason, spool_exc)
+            return False
+        log.warning("could not mail %r: %s; queued as %s", str(msg["Subject"]), reason, where)
+        return False
+
+
+def flush_spool(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, int]:
+    """Send queued messages, oldest first; stop at the first failure. Returns (sent, left)."""
+    try:
+        queued = sorted(p for p in paths.spool.glob("*.eml") if p.is_file() and not p.is_symlink())
+    except OSError:
+        return 0, 0
+    if not queued:
+        return 0, 0
+    lock = Lock(paths.run / "locks" / "spool.lock")
+    if not (lock.wait(wait) if wait else lock.acquire()):
+        return 0, len(queued)  # another run is flushing
+    sent = 0
+    try:
+        parser = email.parser.BytesParser(policy=email.policy.SMTP)
+        for path in queued:
+            try:
+                msg = parser.parsebytes(path.read_bytes())
+            except OSError:
+                continue
+            if not msg["Subject"]:  # damaged beyond use: keep it aside, do not retry forever
+                path.rename(path.with_suffix(".bad"))
+                log.error("queued mail %s is damaged; kept as %s", path, path.with_suffix(".bad"))
+                continue
+            try:
+                send(config.settings, msg)
+            except MAIL_ERRORS as exc:
+                log.warning("queued mail still not delivered: %s", explain_mail_error(config.settings, exc))
+                break
+            path.unlink()
+            sent += 1
+            log.info("delivered queued mail %r", str(msg["Subject"]))
+    finally:
+        lock.release()
+    return sent, len(queued) - sent
+
+
+
+# =============================================================================
+# Install: units, drop-ins, files (install.sh calls this too)
+# =============================================================================
+
+UNIT_TEMPLATES = {
+    "selfheal@.service": """\
+# selfheal@NAME.service heals the service [NAME] of /etc/selfheal/services.conf.
+# systemd starts it through the OnFailure= drop-in selfheal installs for that service.
+[Unit]
+Description=selfheal: heal %i and mail a report
+Documentation=file://@LIBDIR@/README.md
+# A trigger must never be dropped, and the healer never heals itself (no OnFailure=).
+StartLimitIntervalSec=0
+
+[Service]
+Type=oneshot
+# %i, not %I: the instance is the section name as written (story-stages stays story-stages).
+ExecStart=@PYTHON@ -I @LIBDIR@/selfheal.py heal --trigger onfailure %i
+# A heal has its own deadlines (verify_timeout, smtp_timeout); this is the last resort.
+TimeoutStartSec=10min
+""",
+    "selfheal-mail.service": """\
+# Delivers reports that could not be mailed when they were written (queued under
+# /var/lib/selfheal/spool). Started by selfheal-mail.timer.
+[Unit]
+Description=selfheal: deliver queued reports
+Documentation=file://@LIBDIR@/README.md
+After=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=@PYTHON@ -I @LIBDIR@/selfheal.py flush-mail --quiet
+TimeoutStartSec=5min
+""",
+    "selfheal-mail.timer": """\
+[Unit]
+Description=selfheal: retry queued reports every 30 s
+
+[Timer]
+OnBootSec=30s
+OnUnitActiveSec=30s
+AccuracySec=5s
+
+[Install]
+WantedBy=timers.target
+""",
+}
+
+
+def render_unit(name: str, libdir: str, python: str = PYTHON) -> str:
+    return UNIT_TEMPLATES[name].replace("@LIBDIR@", libdir).replace("@PYTHON@", python)
+
+
+# Installed as /etc/systemd/system/<unit>.d/selfheal.conf for every listed service.
+# OnFailure= in a drop-in adds to the unit's own OnFailure= list; it replaces nothing.
+DROPIN_TEMPLATE = """\
+# Installed by selfheal for [@NAME@] in @CONFIG@; removed by install.sh --uninstall.
+[Unit]
+OnFailure=selfheal@@NAME@.service
+"""
+
+
+def dropin_text(svc: Service, config_path: str) -> str:
+    # Both values were validated (NAME_RE, check_abs_path): no newline can reach the unit text.
+    return DROPIN_TEMPLATE.replace("@NAME@", svc.name).replace("@CONFIG@", config_path)
+
+
+MIRACLEMAX_STATUS = '''\
+#!/usr/bin/env python3
+"""miraclemax-status: what selfheal looks after, and how it is doing.
+
+A thin entry point into selfheal.py (`selfheal.py status`); options: --help.
+It finds selfheal.py beside itself (a checkout) or in ../lib/selfheal (installed).
+"""
+import os
+import sys
+
+here = os.path.dirname(os.path.realpath(__file__))
+for candidate in (here, os.path.join(os.path.dirname(here), "lib", "selfheal")):
+    if os.path.isfile(os.path.join(candidate, "selfheal.py")):
+        sys.path.insert(0, candidate)
+        break
+
+import selfheal  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(selfheal.main(["status"] + sys.argv[1:]))
+'''
+
+
+@dataclasses.dataclass
+class Installer:
+    """Install or uninstall selfheal; every path is DESTDIR + PREFIX-based or /etc."""
+
+    prefix: str = DEFAULT_PREFIX
+    destdir: str = ""
+    out: object = sys.stdout
+    created: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def libdir(self) -> str:
+        return self.prefix.rstrip("/") + "/lib/selfheal"
+
+    def host(self, path: str) -> Path:
+        return Path(self.destdir + path) if self.destdir else Path(path)
+
+    @property
+    def live(self) -> bool:
+        """Talk to systemd only when installing onto this host (no DESTDIR)."""
+        return not self.destdir
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out)
+
+    def put(self, path: str, text: str, mode: int) -> bool:
+        """Write a file when its content differs; remember it for the manifest."""
+        target = self.host(path)
+        self.created.append(path)
+        try:
+            if target.read_text(encoding="utf-8") == text and (target.stat().st_mode & 0o7777) == mode:
+                return False
+        except (OSError, UnicodeDecodeError):
+            pass
+        atomic_write(target, text, mode)
+        self.say("  installed %s" % path)
+        return True
+
+    def install(self, config: Config, config_text: str, self_text: str) -> int:
+        libdir, conf = self.libdir, CONFIG_PATH
+        self.put(libdir + "/selfheal.py", self_text, 0o755)
+        readme = Path(__file__).with_name("README.md")
+        if readme.is_file():
+            self.put(libdir + "/README.md", readme.read_text(encoding="utf-8"), 0o644)
+        self.put(self.prefix.rstrip("/") + "/bin/miraclemax-status", MIRACLEMAX_STATUS, 0o755)
+        link = self.host(self.prefix.rstrip("/") + "/sbin/selfheal")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not (link.is_symlink() and os.readlink(str(link)) == libdir + "/selfheal.py"):
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(libdir + "/selfheal.py")
+            self.say("  linked %s -> %s/selfheal.py" % (link, libdir))
+        self.created.append(self.prefix.rstrip("/") + "/sbin/selfheal")
+
+        target = self.host(conf)
+        try:
+            old = target.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            old = None
+        if old is not None and old != config_text:
+            atomic_write(target.with_name(target.name + ".bak"), old, 0o644)
+            self.say("  kept the previous %s as %s.bak" % (conf, conf))
+        if old != config_text:
+            atomic_write(target, config_text, 0o644)
+            self.say("  installed %s" % conf)
+
+        for name in UNIT_TEMPLATES:
+            self.put("%s/%s" % (UNIT_DIR, name), render_unit(name, libdir), 0o644)
+
+        units = [svc.unit for svc in config.services.values()]
+        loaded = show_units(units, ("Id", "LoadState")) if self.live else {}
+        wanted = set()
+        for svc in config.services.values():
+            state = loaded.get(svc.unit, {}).get("LoadState", "loaded") if self.live else "loaded"
+            if state in ("not-found", "") or state == "masked":
+                self.say("  warning: [%s] %s is %s here; no OnFailure= drop-in for it (fix the unit or "
+                         "the config, then run the install again)" % (svc.name, svc.unit, state or "unknown"))
+                continue
+            path = "%s/%s.d/%s" % (UNIT_DIR, svc.unit, DROPIN_NAME)
+            wanted.add(path)
+            self.put(path, dropin_text(svc, conf), 0o644)
+        self.remove_stale_dropins(wanted)
+        self.write_manifest()
+        if self.live:
+            for argv in ([SYSTEMCTL, "daemon-reload"], [SYSTEMCTL, "enable", "--now", "selfheal-mail.timer"]):
+                result = run(argv, timeout=60)
+                if not result.ok:
+                    self.say("  warning: %s: %s" % (" ".join(argv), result.brief()))
+        if self.live:
+            Paths.from_env().spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.say("selfheal %s installed: %d service(s) watched, %d without their unit."
+                 % (VERSION, len(wanted), len(config.services) - len(wanted)))
+        return EX_OK
+
+    def dropins(self) -> List[Path]:
+        return sorted(self.host(UNIT_DIR).glob("*.d/" + DROPIN_NAME))
+
+    def remove_stale_dropins(self, wanted: set) -> None:
+        for path in self.dropins():
+            logical = "/" + str(path.relative_to(self.host("/"))) if self.destdir else str(path)
+            if logical in wanted:
+                continue
+            try:
+                if not path.read_text(encoding="utf-8").startswith(DROPIN_MARK):
+                    continue  # somebody else's file with our name: not ours to remove
+            except OSError:
+                continue
+            path.unlink()
+            try:
+                path.parent.rmdir()
+            except OSError:
+                pass
+            self.say("  removed %s (no longer listed)" % logical)
+
+    def manifest_path(self) -> Path:
+        return self.host(STATE_DIR + "/" + MANIFEST_NAME)
+
+    def write_manifest(self) -> None:
+        atomic_write(self.manifest_path(), "".join(p + "\n" for p in sorted(set(self.created))), 0o644)
+
+    def uninstall(self, purge: bool = False) -> int:
+        if self.live:
+            run([SYSTEMCTL, "disable", "--now", "selfheal-mail.timer"], timeout=60)
+        try:
+            listed = self.manifest_path().read_text(encoding="utf-8").split()
+        except FileNotFoundError:
+            listed = []
+            self.say("  no install manifest; removing selfheal's known files only")
+        known = ["%s/%s" % (UNIT_DIR, name) for name in UNIT_TEMPLATES]
+        for path in sorted(set(listed + known)):
+            target = self.host(path)
+            if target.is_symlink() or target.is_file():
+                if target.name == DROPIN_NAME and not target.read_text(encoding="utf-8").startswith(DROPIN_MARK):
+                    continue
+                target.unlink()
+                self.say("  removed %s" % path)
+                if target.name == DROPIN_NAME or target.parent.name == "selfheal":
+                    try:
+                        target.parent.rmdir()
+                    except OSError:
+                        pass
+        self.remove_stale_dropins(set())
+        if self.manifest_path().exists():
+            self.manifest_path().unlink()
+        if purge:
+            for path in (self.host("/etc/selfheal"), self.host(STATE_DIR), self.host(LOG_DIR)):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(str(path))
+                    self.say("  purged %s" % path)
+        else:
+            self.say("  kept %s, %s and %s (history and queued mail); --purge removes them"
+                     % (CONFIG_PATH, STATE_DIR, LOG_DIR))
+        if self.live:
+            run([SYSTEMCTL, "daemon-reload"], timeout=60)
+        self.say("selfheal uninstalled; the services themselves were not touched.")
+        return EX_OK
+
+
+# =============================================================================
+# Status table (the full dashboard is built on this)
+# =============================================================================
+
+
+def status_rows(config: Config, paths: Paths) -> List[dict]:
+    units = show_units([svc.unit for svc in config.services.values()],
+                       ("Id", "LoadState", "ActiveState", "SubState"))
+    rows = []
+    for svc in config.services.values():
+        unit = units.get(svc.unit, {})
+        state = unit.get("ActiveState", "unknown")
+        if paused_until(paths, svc.name) is not None:
+            state = "paused"
+        history = read_history(paths, svc.name)
+        last = history[-1] if history else {}
+        rows.append({
+            "name": svc.name, "unit": svc.unit, "state": state, "sub_state": unit.get("SubState", ""),
+            "port": svc.port, "critical": svc.critical,
+            "last_heal": last.get("time", ""), "last_outcome": last.get("outcome", ""),
+        })
+    return rows
+
+
+def cmd_status(config: Config, paths: Paths, as_json: bool, out=sys.stdout) -> int:
+    rows = status_rows(config, paths)
+    if as_json:
+        json.dump({"name": config.settings.name, "services": rows}, out, indent=2)
+        out.write("\n")
+    else:
+        out.write("%s — selfheal %s\n" % (config.settings.name, VERSION))
+        fmt = "%-18s %-12s %-6s %-25s %s\n"
+        out.write(fmt % ("SERVICE", "STATE", "PORT", "LAST HEAL", "RESULT"))
+        for r in rows:
+            out.write(fmt % (r["name"] + (" *" if r["critical"] else ""), r["state"], r["port"] or "-",
+                             r["last_heal"] or "-", r["last_outcome"] or "-"))
+        out.write("(* critical)\n")
+    bad = [r for r in rows if r["state"] not in ("active", "paused")]
+    return EX_FAIL if bad else EX_OK
+
+
+# =============================================================================
+# CLI
+# =============================================================================
+
+
+class SyslogHandler(logging.Handler):
+    """Log records to syslog (the journal) under syslog_ident."""
+
+    PRIORITY = {logging.DEBUG: syslog.LOG_DEBUG, logging.INFO: syslog.LOG_INFO,
+                logging.WARNING: syslog.LOG_WARNING, logging.ERROR: syslog.LOG_ERR,
+                logging.CRITICAL: syslog.LOG_CRIT}
+
+    def __init__(self, ident: str):
+        super().__init__()
+        syslog.openlog(ident, syslog.LOG_PID, syslog.LOG_DAEMON)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            syslog.syslog(self.PRIORITY.get(record.levelno, syslog.LOG_INFO), self.format(record))
+        except Exception:  # logging must never break healing
+            self.handleError(record)
+
+
+def setup_logging(verbose: bool, quiet: bool, ident: Optional[str]) -> None:
+    log.handlers[:] = []
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setLevel(logging.DEBUG if verbose else (logging.ERROR if quiet else logging.WARNING))
+    stderr.setFormatter(logging.Formatter("selfheal: %(message)s"))
+    log.addHandler(stderr)
+    if ident:
+        handler = SyslogHandler(ident)
+        handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+        log.addHandler(handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfheal.py",
+        description="Heal systemd services when they fail, and mail a report of what happened.",
+        epilog="Config: %s (--config to use another). Exit status: 0 ok, 1 failure, 2 usage, "
+               "78 config error." % CONFIG_PATH)
+    parser.add_argument("--version", action="version", version="selfheal %s" % VERSION)
+    parser.add_argument("-c", "--config", default=None, help="services.conf to use (default %s)" % CONFIG_PATH)
+    parser.add_argument("-v", "--verbose", action="store_true", help="say more, on stderr")
+    # The same two options after the command too (miraclemax-status --config X); SUPPRESS
+    # keeps a value given before the command from being reset by the subcommand's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    p = add("heal", help="diagnose and heal one service now, then mail the report")
+    p.add_argument("name", help="the service's section name in services.conf")
+    p.add_argument("--dry-run", action="store_true", help="print the diagnosis and the plan; change nothing")
+    p.add_argument("--trigger", default="manual", help=argparse.SUPPRESS)
+
+    p = add("validate", help="check a services.conf and print every problem (like nginx -t)")
+    p.add_argument("file", nargs="?", help="the file to check (default: --config or %s)" % CONFIG_PATH)
+
+    p = add("install", help="install selfheal on this host (what install.sh runs)")
+    p.add_argument("--prefix", default=os.environ.get("PREFIX") or DEFAULT_PREFIX, help="default $PREFIX or /usr/local")
+    p.add_argument("--destdir", default=os.environ.get("DESTDIR", ""), help="stage into this root (packaging); "
+                   "systemd is not told")
+    p.add_argument("--uninstall", action="store_true", help="remove what install put there; services keep running")
+    p.add_argument("--purge", action="store_true", help="with --uninstall: also remove config, history and queue")
+
+    p = add("flush-mail", help="send reports that are queued because mail failed")
+    p.add_argument("--quiet", action="store_true", help="say nothing when the queue is empty")
+
+    add("test-email", help="send a test mail and say exactly what fails, if anything")
+
+    p = add("status", help="a table of the services and their last heal (miraclemax-status)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("pause", help="stop healing a service (maintenance), for a while or until resumed")
+    p.add_argument("name")
+    p.add_argument("duration", nargs="?", help="e.g. 30m, 2h (default: until resume)")
+
+    p = add("resume", help="heal a paused service again; also re-arms after an escalation")
+    p.add_argument("name")
+    return parser
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise UsageError("%s needs root (try: sudo %s)" % (what, " ".join(sys.argv)))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EX_USAGE
+    paths = Paths.from_env()
+    config_path = args.config or os.environ.get("SELFHEAL_CONFIG") or CONFIG_PATH
+    quiet = getattr(args, "quiet", False)
+    setup_logging(args.verbose, quiet, None)
+    try:
+        if args.command == "validate":
+            path = args.file or config_path
+            config = load_config(path, trusted=os.path.abspath(path) == CONFIG_PATH)
+            print("%s: ok, %d service(s): %s" % (path, len(config.services), ", ".join(config.services)))
+            return EX_OK
+        if args.command == "install":
+            return cmd_install(args, config_path)
+        if args.command == "status":
+            if not os.path.exists(config_path):
+                print("selfheal is not installed here (no %s). Install it with: sudo ./install.sh" % config_path)
+                return EX_USAGE
+            return cmd_status(load_config(config_path, trusted=False), paths, args.json)
+        config = load_config(config_path)
+        setup_logging(args.verbose, quiet, config.settings.syslog_ident)
+        if args.command == "heal":
+            if not args.dry_run:
+                require_root("heal")
+            return heal_service(config, args.name, paths, args.trigger, dry_run=args.dry_run)
+        if args.command == "flush-mail":
+            sent, left = flush_spool(config, paths, wait=30.0)
+            if sent or left or not quiet:
+                print("flush-mail: %d sent, %d still queued" % (sent, left))
+            return EX_OK if not left else EX_FAIL
+        if args.command == "test-email":
+            return cmd_test_email(config)
+        if args.command in ("pause", "resume"):
+            return cmd_pause(config, paths, args.command, args.name, getattr(args, "duration", None))
+    except SelfhealError as exc:
+        if isinstance(exc, ConfigError):
+            for line in exc.problems:
+                print(line, file=sys.stderr)
+            print("%d problem(s); nothing was changed." % len(exc.problems), file=sys.stderr)
+        else:
+            print("selfheal: %s" % exc, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    parser.error("unknown command %s" % args.command)
+    return EX_USAGE
+
+
+def cmd_install(args, config_path: str) -> int:
+    source = args.config or (str(Path(__file__).with_name("services.conf")) if not args.uninstall else config_path)
+    installer = Installer(prefix=args.prefix, destdir=args.destdir)
+    if not args.prefix.startswith("/") or not re.match(r"^[A-Za-z0-9_./+-]+$", args.prefix):
+        raise UsageError("PREFIX must be an absolute path of A-Z a-z 0-9 _ . / + -: %r" % args.prefix)
+    if not installer.destdir:
+        require_root("install")
+    if args.uninstall:
+        return installer.uninstall(purge=args.purge)
+    # The source config is the admin's own file in a checkout (not yet root's): check its
+    # content and that nobody else can write it; /etc/selfheal gets a root-owned copy.
+    config = load_config(source, trusted=False)
+    st = os.stat(source)
+    if st.st_mode & 0o022:
+        raise ConfigError(["%s: writable by group or others (chmod go-w %s)" % (source, source)])
+    with open(source, encoding="utf-8") as handle:
+        config_text = handle.read()
+    with open(os.path.realpath(__file__), encoding="utf-8") as handle:
+        self_text = handle.read()
+    print("installing selfheal %s from %s (prefix %s%s)" % (
+        VERSION, source, args.prefix, ", destdir " + args.destdir if args.destdir else ""))
+    return installer.install(config, config_text, self_text)
+
+
+def cmd_test_email(config: Config) -> int:
+    s = config.settings
+    body = ("This is a test from selfheal %s on %s.\n\nIf you can read this, reports about %s will reach you.\n"
+            % (VERSION, socket.getfqdn(), ", ".join(config.services)))
+    msg = make_message(s, "🧪 %s: selfheal test mail" % s.name, body)
+    try:
+        send(s, msg)
+    except MAIL_ERRORS as exc:
+        print("test-email: FAILED: %s" % explain_mail_error(s, exc), file=sys.stderr)
+        return EX_FAIL
+    print("test-email: sent to %s via %s:%d (%s)" % (", ".join(s.email_to), s.smtp_host, s.smtp_port, s.smtp_security))
+    return EX_OK
+
+
+def cmd_pause(config: Config, paths: Paths, verb: str, name: str, duration: Optional[str]) -> int:
+    if name not in config.services:
+        raise UsageError("%s is not listed in %s" % (name, config.path))
+    state = load_service_state(paths, name)
+    if verb == "pause":
+        until = 0.0
+        if duration:
+            try:
+                until = time.time() + positive_duration(duration)
+            except ValueError as exc:
+                raise UsageError("pause: %s: %r" % (exc, duration))
+        state["paused_until"] = until
+        save_service_state(paths, name, state)
+        print("%s paused %s" % (name, "until " + iso(until) if until else "until: selfheal.py resume %s" % name))
+        log.info("%s paused", name)
+    else:
+        state.pop("paused_until", None)
+        state.pop("escalated", None)
+        state["rearmed_at"] = time.time()
+        save_service_state(paths, name, state)
+        print("%s: healing resumed (heal count re-armed)" % name)
+        log.info("%s resumed", name)
+    return EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
