@@ -352,6 +352,7 @@ class HealResult:
     healing_seconds: Optional[float]  # failure (or heal start) to verified healthy
     post: Dict[str, str]  # systemctl show after healing
     escalation: str = ""  # why a human is needed
+    after: Optional[Diagnosis] = None  # the unit after a repair that did not work
 
     @property
     def strategy(self) -> str:
@@ -1342,11 +1343,22 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
 
     def finish(outcome: Outcome, escalation: str = "") -> HealResult:
         healed_mono = time.monotonic()
-        healing = None
+        healing, after, why = None, None, cause
         if outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
             healing = (healed_mono - start_mono) + (diag.detected_after or 0.0)
-        return HealResult(svc, outcome, trigger, started_at, diag, tuple(runs), cause,
-                          healing, show_unit(svc.unit), escalation)
+        elif any(r.actions for r in runs) and not dry_run:
+            # The repair started a new run that failed too: its own facts say more than the
+            # crash did (a restart that fails with 203/EXEC names the missing executable).
+            after = diagnose(svc, {})
+            new_run = after.unit.get("InvocationID") != diag.unit.get("InvocationID")
+            if new_run and after.result not in ("", "success"):
+                later = root_cause(svc, after)
+                why = RootCause("The repair failed: " + later.summary[0].lower() + later.summary[1:],
+                                later.confidence, later.evidence, later.recommendation)
+            else:
+                after = None
+        return HealResult(svc, outcome, trigger, started_at, diag, tuple(runs), why,
+                          healing, show_unit(svc.unit), escalation, after)
 
     window_start = max(started_at - settings.failure_window,
                        float(load_service_state(paths, svc.name).get("rearmed_at", 0.0)))
@@ -1572,6 +1584,11 @@ def render_report(settings: Settings, result: HealResult, host: Optional[str] = 
         ])
     if diag.journal:
         out += _section("JOURNAL OF THE FAILED RUN (last %d lines)" % len(diag.journal), list(diag.journal))
+    after = result.after
+    if after is not None:
+        lines = ["State: %s (%s), result %s%s" % (after.active_state, after.sub_state, after.result,
+                 ", main process %s %s" % (after.exit_code, after.exit_status) if after.exit_code else "")]
+        out += _section("JOURNAL OF THE REPAIR ATTEMPT", lines + [""] + list(after.journal))
     out += ["", "-- ", "selfheal %s on %s; history: %s; log: %s" % (
         VERSION, host, Path(STATE_DIR) / "history.jsonl", Path(LOG_DIR) / (svc.name + ".log"))]
     return "\n".join(out) + "\n"

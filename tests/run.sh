@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# tests/run.sh: run every test from a fresh clone, setting up what the tests need.
+#
+#   sudo tests/run.sh [PYTEST ARGS...]
+#
+# - pytest (the only package the tests use) is installed with pip when missing;
+# - as root: debootstrap and systemd-nspawn are installed with apt-get when missing, and
+#   the Debian root the drills boot is built once and cached (/var/cache/selfheal-bed);
+# - then pytest runs the fast layer and the real-systemd drills (tests/bed.py).
+# Not root: the drills are skipped (said so in the summary). CI=true: they are required,
+# and a drill that cannot run fails the run.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+python="${PYTHON:-python3}"
+
+if ! "$python" -c 'import pytest' 2>/dev/null; then
+    echo "tests/run.sh: installing pytest" >&2
+    "$python" -m pip install --quiet pytest
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+    missing=()
+    command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+    command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
+    command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "tests/run.sh: installing ${missing[*]}" >&2
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+    fi
+    "$python" tests/bed.py build
+elif [ "${CI:-}" = "true" ]; then
+    echo "tests/run.sh: CI=true needs root for the real-systemd drills" >&2
+    exit 1
+else
+    echo "tests/run.sh: not root: the real-systemd drills will be skipped (sudo $0 runs them)" >&2
+fi
+
+exec "$python" -m pytest tests -ra "$@"
