@@ -19,9 +19,6 @@ import configparser
 import dataclasses
 import datetime as dt
 import difflib
-import email.parser
-import email.policy
-import email.utils
 import enum
 import errno
 import fcntl
@@ -30,23 +27,26 @@ import json
 import logging
 import os
 import pwd
+import py_compile
 import re
 import shutil
 import signal
-import smtplib
 import socket
-import ssl
 import subprocess
 import sys
 import syslog
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from email.message import EmailMessage
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from email.message import EmailMessage
+
+# Not imported here: email, smtplib, ssl, urllib.request (about 50 ms together). Every
+# heal starts a fresh Python, so they are imported while it waits for the service to come
+# back (see preload), and where they are used.
 
 # =============================================================================
 # Constants: every host path and binary, so tests can point them elsewhere
@@ -245,8 +245,9 @@ class CmdResult:
         return self.rc == 0
 
     def brief(self) -> str:
+        """The first line of what it said: systemctl puts the reason there."""
         text = (self.err or self.out).strip().splitlines()
-        return text[-1] if text else "exit status %d" % self.rc
+        return text[0] if text else "exit status %d" % self.rc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +308,7 @@ class Verification:
     ok: bool
     seconds: float
     checks: Tuple[Check, ...]
+    unit: Dict[str, str] = dataclasses.field(default_factory=dict, compare=False)  # as last seen
 
     def summary(self) -> str:
         return "; ".join("%s: %s" % (c.name, c.detail) for c in self.checks)
@@ -906,18 +908,48 @@ def signal_name(number: str) -> str:
         return number
 
 
+def listening_ports(proc: Path = Path("/proc")) -> Optional[set]:
+    """TCP ports in LISTEN state, from /proc/net/tcp and tcp6 (no process started)."""
+    ports = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            text = (proc / "net" / name).read_text()
+        except FileNotFoundError:
+            continue  # no IPv6 here
+        except OSError:
+            return None
+        for line in text.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A":  # 0A is TCP_LISTEN
+                ports.add(int(fields[1].rpartition(":")[2], 16))
+    return ports
+
+
 def port_listening(port: int) -> bool:
-    return bool(listeners_on(port))
+    ports = listening_ports()
+    return port in ports if ports is not None else bool(listeners_on(port))
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None
+def preload() -> None:
+    """Import what mailing and HTTP checks need; heal calls it while it waits anyway."""
+    import email.message  # noqa: F401
+    import email.parser  # noqa: F401
+    import email.policy  # noqa: F401
+    import smtplib  # noqa: F401
+    import ssl  # noqa: F401
+    import urllib.request  # noqa: F401
 
 
 def http_check(url: str, timeout: float) -> Tuple[bool, str]:
-    """GET url; 2xx and 3xx count as healthy. Never raises."""
-    opener = urllib.request.build_opener(_NoRedirect)
+    """GET url; 2xx and 3xx count as healthy (redirects are not followed). Never raises."""
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
     request = urllib.request.Request(url, headers={"User-Agent": "selfheal/%s" % VERSION})
     try:
         with opener.open(request, timeout=timeout) as response:
@@ -936,18 +968,22 @@ def http_check(url: str, timeout: float) -> Tuple[bool, str]:
 # =============================================================================
 
 
-def probe(svc: Service) -> Tuple[Check, ...]:
-    """One look at the service: unit active, port listening, health URL answering."""
+def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
+    """One look at the service: unit active, then port listening, then health URL answering.
+
+    Each check runs only when the one before it passed. Returns the checks and the unit's
+    properties as seen.
+    """
     unit = show_unit(svc.unit)
     state = "%s (%s)" % (unit.get("ActiveState", "unknown"), unit.get("SubState", "unknown"))
     checks = [Check("unit", unit.get("ActiveState") == "active", state)]
-    if svc.port:
+    if svc.port and checks[-1].ok:
         listening = port_listening(svc.port)
         checks.append(Check("port", listening, "%d %s" % (svc.port, "listening" if listening else "not listening")))
     if svc.health_url and all(c.ok for c in checks):
         ok, detail = http_check(svc.health_url, svc.health_timeout)
         checks.append(Check("health", ok, "%s %s" % (svc.health_url, detail)))
-    return tuple(checks)
+    return tuple(checks), unit
 
 
 def verify(svc: Service, timeout: float, clock=time.monotonic, sleep=time.sleep) -> Verification:
@@ -957,15 +993,22 @@ def verify(svc: Service, timeout: float, clock=time.monotonic, sleep=time.sleep)
     with no job pending, so a unit that cannot start is not waited on for the full deadline.
     """
     start = clock()
+    preloaded = False
     while True:
-        checks = probe(svc)
+        checks, unit = probe(svc)
         elapsed = clock() - start
         if all(c.ok for c in checks):
-            return Verification(True, elapsed, checks)
-        state = checks[0].detail
-        given_up = state.startswith("failed") or (state.startswith("inactive") and elapsed > 1.0)
+            return Verification(True, elapsed, checks, unit)
+        state = unit.get("ActiveState", "")
+        given_up = state == "failed" or (state == "inactive" and elapsed > 1.0)
         if given_up or elapsed >= timeout:
-            return Verification(False, elapsed, checks)
+            return Verification(False, elapsed, checks, unit)
+        if not preloaded:  # the service is starting: a good moment for the slow imports
+            preloaded = True
+            before = clock()
+            preload()
+            if clock() - before >= POLL_INTERVAL:
+                continue
         sleep(POLL_INTERVAL)
 
 
@@ -1000,12 +1043,21 @@ class HealContext:
 
 def strategy_service_restart(ctx: HealContext) -> str:
     """Restart the unit; clear systemd's start limit first when it was hit."""
-    unit = show_unit(ctx.svc.unit)
+    unit = ctx.diag.unit
     if unit.get("Result") == "start-limit-hit" or ctx.diag.result == "start-limit-hit":
         ctx.systemctl("reset-failed", timeout=COMMAND_TIMEOUT)
     if unit.get("LoadState") in ("masked", "not-found"):
         return "not restarted: the unit is %s" % unit.get("LoadState")
-    ctx.systemctl("restart")
+    if not ctx.systemctl("restart"):
+        now = show_unit(ctx.svc.unit)
+        # Refused without a new run: systemd's start limit ("Start request repeated too
+        # quickly"; systemd 252 leaves Result= at the old failure, so the unchanged
+        # InvocationID is the tell). selfheal's own crash-loop guard is failure_threshold:
+        # clear systemd's counter and try once more.
+        if now.get("Result") == "start-limit-hit" or now.get("InvocationID") == unit.get("InvocationID"):
+            ctx.systemctl("reset-failed", timeout=COMMAND_TIMEOUT)
+            ctx.systemctl("restart")
+            return "systemd refused the first restart (start limit); reset-failed, then restarted"
     return ""
 
 
@@ -1357,8 +1409,10 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
                                 later.confidence, later.evidence, later.recommendation)
             else:
                 after = None
+        last_seen = runs[-1].verification.unit if runs and runs[-1].verification else {}
+        post = last_seen or (after.unit if after else show_unit(svc.unit))
         return HealResult(svc, outcome, trigger, started_at, diag, tuple(runs), why,
-                          healing, show_unit(svc.unit), escalation, after)
+                          healing, post, escalation, after)
 
     window_start = max(started_at - settings.failure_window,
                        float(load_service_state(paths, svc.name).get("rearmed_at", 0.0)))
@@ -1378,10 +1432,10 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
                                 "instead of restarting it a second time"))
         if verification and verification.ok:
             return finish(Outcome.RECOVERED)
-    else:
-        checks = probe(svc)
-        if all(c.ok for c in checks) and diag.active_state == "active":
-            runs.append(StrategyRun("none", (), Verification(True, 0.0, checks),
+    elif diag.active_state == "active":
+        checks, unit = probe(svc)
+        if all(c.ok for c in checks):
+            runs.append(StrategyRun("none", (), Verification(True, 0.0, checks, unit),
                                     "it was already running and healthy when selfheal looked"))
             recovered = diag.result not in ("", "success") or trigger == "onfailure"
             return finish(Outcome.RECOVERED if recovered else Outcome.HEALTHY)
@@ -1393,7 +1447,7 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
         except Escalation as exc:
             runs.append(StrategyRun(name, tuple(ctx.actions), None, str(exc)))
             return finish(Outcome.FAILED, str(exc))
-        acted = bool(ctx.actions) and all(a.ok for a in ctx.actions)
+        acted = bool(ctx.actions) and ctx.actions[-1].ok  # verification is the judge
         verification = verify(svc, settings.verify_timeout) if acted and not dry_run else None
         runs.append(StrategyRun(name, tuple(ctx.actions), verification, note))
         if verification and verification.ok:
@@ -1617,6 +1671,10 @@ def build_message(settings: Settings, result: HealResult, text: str) -> EmailMes
 
 
 def make_message(settings: Settings, subject_text: str, body: str) -> EmailMessage:
+    import email.policy
+    import email.utils
+    from email.message import EmailMessage
+
     msg = EmailMessage(policy=email.policy.SMTP)
     msg["Subject"] = subject_text
     msg["From"] = settings.email_from
@@ -1641,7 +1699,10 @@ def read_password(path: str) -> str:
 
 
 def send(settings: Settings, msg: EmailMessage) -> None:
-    """Send one message over SMTP. Raises OSError/smtplib.SMTPException/SelfhealError."""
+    """Send one message over SMTP. Raises one of mail_errors()."""
+    import smtplib
+    import ssl
+
     timeout = settings.smtp_timeout
     if settings.smtp_security == "ssl":
         smtp = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port, timeout=timeout,
@@ -1657,6 +1718,9 @@ def send(settings: Settings, msg: EmailMessage) -> None:
 
 
 def explain_mail_error(settings: Settings, exc: BaseException) -> str:
+    import smtplib
+    import ssl
+
     where = "%s:%d" % (settings.smtp_host, settings.smtp_port)
     if isinstance(exc, socket.gaierror):
         return "cannot resolve %s (DNS): %s" % (settings.smtp_host, exc.strerror or exc)
@@ -1679,7 +1743,11 @@ def explain_mail_error(settings: Settings, exc: BaseException) -> str:
     return "%s: %s" % (where, exc)
 
 
-MAIL_ERRORS = (OSError, smtplib.SMTPException, SelfhealError)
+def mail_errors() -> Tuple[type, ...]:
+    """What a failed send raises: the network, the SMTP server, or our own checks."""
+    import smtplib
+
+    return (OSError, smtplib.SMTPException, SelfhealError)
 
 
 def spool(paths: Paths, msg: EmailMessage) -> Path:
@@ -1697,7 +1765,7 @@ def deliver(config: Config, paths: Paths, msg: EmailMessage) -> bool:
         send(config.settings, msg)
         log.info("mailed %r to %s", str(msg["Subject"]), ", ".join(config.settings.email_to))
         return True
-    except MAIL_ERRORS as exc:
+    except mail_errors() as exc:
         reason = explain_mail_error(config.settings, exc)
         try:
             where = spool(paths, msg)
@@ -1722,6 +1790,9 @@ def flush_spool(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, i
         return 0, len(queued)  # another run is flushing
     sent = 0
     try:
+        import email.parser
+        import email.policy
+
         parser = email.parser.BytesParser(policy=email.policy.SMTP)
         for path in queued:
             try:
@@ -1734,7 +1805,7 @@ def flush_spool(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, i
                 continue
             try:
                 send(config.settings, msg)
-            except MAIL_ERRORS as exc:
+            except mail_errors() as exc:
                 log.warning("queued mail still not delivered: %s", explain_mail_error(config.settings, exc))
                 break
             path.unlink()
@@ -1763,7 +1834,8 @@ StartLimitIntervalSec=0
 [Service]
 Type=oneshot
 # %i, not %I: the instance is the section name as written (story-stages stays story-stages).
-ExecStart=@PYTHON@ -I @LIBDIR@/selfheal.py heal --trigger onfailure %i
+# Imported, not run as a script, so Python uses the compiled copy in __pycache__.
+ExecStart=@PYTHON@ -I -S -c "import sys; sys.path.insert(0, '@LIBDIR@'); import selfheal; sys.exit(selfheal.main())" heal --trigger onfailure %i
 # A heal has its own deadlines (verify_timeout, smtp_timeout); this is the last resort.
 TimeoutStartSec=10min
 """,
@@ -1777,7 +1849,7 @@ After=network-online.target
 
 [Service]
 Type=oneshot
-ExecStart=@PYTHON@ -I @LIBDIR@/selfheal.py flush-mail --quiet
+ExecStart=@PYTHON@ -I -S -c "import sys; sys.path.insert(0, '@LIBDIR@'); import selfheal; sys.exit(selfheal.main())" flush-mail --quiet
 TimeoutStartSec=5min
 """,
     "selfheal-mail.timer": """\
@@ -1875,7 +1947,10 @@ class Installer:
 
     def install(self, config: Config, config_text: str, self_text: str) -> int:
         libdir, conf = self.libdir, CONFIG_PATH
-        self.put(libdir + "/selfheal.py", self_text, 0o755)
+        if self.put(libdir + "/selfheal.py", self_text, 0o755) or not self.host(libdir + "/__pycache__").is_dir():
+            # Compiled now, so the first heal does not pay for compiling 2,000 lines.
+            py_compile.compile(str(self.host(libdir + "/selfheal.py")), doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
         readme = Path(__file__).with_name("README.md")
         if readme.is_file():
             self.put(libdir + "/README.md", readme.read_text(encoding="utf-8"), 0o644)
@@ -1964,6 +2039,9 @@ class Installer:
             listed = []
             self.say("  no install manifest; removing selfheal's known files only")
         known = ["%s/%s" % (UNIT_DIR, name) for name in UNIT_TEMPLATES]
+        cache = self.host(self.libdir + "/__pycache__")
+        if cache.is_dir() and not cache.is_symlink():
+            shutil.rmtree(str(cache))
         for path in sorted(set(listed + known)):
             target = self.host(path)
             if target.is_symlink() or target.is_file():
@@ -2210,7 +2288,7 @@ def cmd_test_email(config: Config) -> int:
     msg = make_message(s, "🧪 %s: selfheal test mail" % s.name, body)
     try:
         send(s, msg)
-    except MAIL_ERRORS as exc:
+    except mail_errors() as exc:
         print("test-email: FAILED: %s" % explain_mail_error(s, exc), file=sys.stderr)
         return EX_FAIL
     print("test-email: sent to %s via %s:%d (%s)" % (", ".join(s.email_to), s.smtp_host, s.smtp_port, s.smtp_security))
