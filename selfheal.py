@@ -486,7 +486,8 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         try:
             return convert(raw)
         except ValueError as exc:
-            problem(line_of(section, key), section, key, "%s: %r" % (exc, raw))
+            message = str(exc) if repr(raw) in str(exc) else "%s: %r" % (exc, raw)
+            problem(line_of(section, key), section, key, message)
             return default
 
     for key in raw_global:
