@@ -426,7 +426,7 @@ def _scan_lines(text: str):
             section = match.group(1)
             yield lineno, section, None
             continue
-        key = re.split(r"[=:]", stripped, 1)[0].strip().lower()
+        key = re.split(r"[=:]", stripped, maxsplit=1)[0].strip().lower()
         yield lineno, section, key
 
 

@@ -286,3 +286,18 @@ def test_uninstall_removes_what_install_put_there_and_services_keep_running(host
     assert show(host, "story-stages", "ActiveState") == "active"
     assert host.run(["test", "-e", "/usr/local/lib/selfheal/selfheal.py"], check=False).returncode == 1
     assert host.run(["test", "-e", "/etc/selfheal/services.conf"], check=False).returncode == 0
+
+
+def test_single_file_install_on_a_new_host_heals_too(host):
+    """Only selfheal.py and a services.conf: the units come out of the file itself."""
+    host.run(["mkdir", "-p", "/root/single"])
+    host.run(["cp", REPO_INSIDE + "/selfheal.py", "/root/single/selfheal.py"])
+    host.write("/root/single/services.conf", CONFIG)
+    out = host.run(["python3", "/root/single/selfheal.py", "install", "--config", "/root/single/services.conf"],
+                   timeout=120).stdout
+    assert "installed /etc/systemd/system/selfheal@.service" in out
+    assert show(host, "story-stages.service", "OnFailure") == "selfheal@story-stages.service"
+    clear_mailbox(host)
+    host.run(["systemctl", "kill", "-s", "KILL", "story-stages"])
+    host.wait_mail(about("story-stages", "RESOLVED"), timeout=30)
+    assert http_get(host, 5002) == "200"
