@@ -417,7 +417,7 @@ def _scan_lines(text: str):
     be reported with its line, duplicates included (configparser stops at the first one).
     """
     section = None
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # as configparser counts lines
         stripped = line.strip()
         if not stripped or stripped[0] in "#;" or line[0] in " \t":
             continue  # blank, comment or continuation
@@ -466,8 +466,9 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         problem(exc.lineno, None, None, "text before the first [section] header")
         raise ConfigError(problems) from None
     except configparser.ParsingError as exc:
-        for lineno, line in exc.errors:
-            problem(lineno, None, None, "cannot parse %r (expected key = value)" % line.strip())
+        source = text.split("\n")
+        for lineno, _ in exc.errors:
+            problem(lineno, None, None, "cannot parse %r (expected key = value)" % source[lineno - 1].strip())
         raise ConfigError(problems) from None
 
     def line_of(section, key=None):
@@ -512,7 +513,7 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         verify_timeout=take(s, g, "verify_timeout", positive_duration, 30.0),
         syslog_ident=take(s, g, "syslog_ident", check_ident, "miraclemax-self-heal"),
     )
-    if settings.smtp_user and not settings.smtp_password_file:
+    if settings.smtp_user and "smtp_password_file" not in g:
         problem(line_of(s, "smtp_user"), s, "smtp_user", "needs smtp_password_file as well")
 
     services: Dict[str, Service] = {}
@@ -533,7 +534,9 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         for key in values:
             if key not in SERVICE_KEYS:
                 problem(line_of(section, key), section, key, "unknown key" + _did_you_mean(key, SERVICE_KEYS))
-        unit = take(section, values, "unit", check_unit, section + ".service")
+        # The default unit goes through the same check: [sshd] must not wrap sshd.service.
+        unit = take(section, dict(values, unit=values.get("unit", section + ".service")), "unit",
+                    check_unit, section + ".service")
         if unit in units_seen:
             problem(line_of(section, "unit"), section, "unit",
                     "%s is already listed as [%s]" % (unit, units_seen[unit]))
@@ -627,10 +630,10 @@ def check_ident(value: str) -> str:
 
 
 def check_unit(value: str) -> str:
-    if not UNIT_RE.match(value) or ".." in value or len(value) > 255:
-        raise ValueError("not a service unit name like app.service or app@blue.service")
     if re.search(r"@\.service$", value):
         raise ValueError("a template needs an instance (app@blue.service, not app@.service)")
+    if not UNIT_RE.match(value) or ".." in value or len(value) > 255:
+        raise ValueError("not a service unit name like app.service or app@blue.service")
     if never_touch(value):
         raise ValueError("selfheal never touches %s (systemd's own, dbus, ssh and its own units)" % value)
     return value
@@ -820,11 +823,12 @@ def read_process(pid: int, proc: Path = Path("/proc")) -> Optional[Process]:
     try:
         cmdline = (base / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace").strip()
         uid = os.stat(base).st_uid
-        cgroup = ""
+        by_controller = {}
         for line in (base / "cgroup").read_text().splitlines():
-            hierarchy, _, path = line.split(":", 2)
-            if hierarchy == "0" or not cgroup:
-                cgroup = path
+            _, controllers, path = line.split(":", 2)
+            by_controller[controllers] = path
+        # cgroup v2 ("0::/..."), else systemd's own v1 hierarchy; never a resource controller's.
+        cgroup = by_controller.get("") or by_controller.get("name=systemd") or ""
         stat = (base / "stat").read_text()
         start_ticks = int(stat.rpartition(")")[2].split()[19])
     except (OSError, ValueError, IndexError):
@@ -843,10 +847,15 @@ def read_process(pid: int, proc: Path = Path("/proc")) -> Optional[Process]:
 def belongs_to_unit(process: Process, unit: str) -> bool:
     """Proof of ownership: the process sits in the unit's own cgroup (or one below it).
 
-    Only systemd (root) can place a process in a cgroup named after a unit, so a path
-    component equal to the unit's name is proof that the process is that unit's.
+    The unit's cgroup is reached from the root through slices only
+    (/system.slice/app.service, /system.slice/system-app.slice/app@blue.service): a
+    same-named cgroup inside another unit's subtree (a user manager's, a container's) is
+    not the system unit's, so it is no proof.
     """
-    return unit in process.cgroup.strip("/").split("/")
+    parts = process.cgroup.strip("/").split("/")
+    if unit not in parts:
+        return False
+    return all(part.endswith(".slice") for part in parts[:parts.index(unit)])
 
 
 def read_journal(invocation: str, unit: str, lines: int = JOURNAL_LINES) -> Tuple[str, ...]:
@@ -1147,7 +1156,7 @@ JOURNAL_HINTS = (
     (re.compile(r"address already in use|EADDRINUSE|bind\(\).*failed", re.I),
      "its port was already taken when it started", "high",
      "Find what holds the port (ss -tlnp) and make sure only one copy of the service runs."),
-    (re.compile(r"out of memory|MemoryError|Cannot allocate memory|oom", re.I),
+    (re.compile(r"out of memory|MemoryError|Cannot allocate memory|\boom(?:[_-]kill(?:er)?)?\b", re.I),
      "it ran out of memory", "medium", "Check its memory use and the host's free memory."),
     (re.compile(r"permission denied|EACCES", re.I),
      "it was denied access to a file or port", "medium",
@@ -1259,11 +1268,20 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append one line with a single write(2) on an O_APPEND file: a crash loses at most it."""
+    """Append one line to an O_APPEND file: a crash loses at most that line.
+
+    If an earlier writer died mid-line, a newline is put first so the torn line stays
+    alone (readers skip it) and this one is whole.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = os.open(str(path), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
-        os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8"))
+        data = (line.rstrip("\n") + "\n").encode("utf-8")
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        while data:
+            data = data[os.write(fd, data):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -1463,8 +1481,9 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
 
 
 def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.environ,
-                 dry_run: bool = False, out=sys.stdout) -> int:
+                 dry_run: bool = False, out=None) -> int:
     """The `heal` command: refuse, lock, heal, record, mail; loop if it failed again meanwhile."""
+    out = out or sys.stdout
     if name not in config.services:
         raise UsageError("%s is not listed in %s (listed: %s)"
                          % (name, config.path, ", ".join(config.services) or "none"))
@@ -1482,7 +1501,6 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
         print("a heal of %s is already running" % name, file=out)
         return EX_OK
     try:
-        flush_spool(config, paths)  # older reports first, if any are waiting
         outcome = Outcome.HEALTHY
         for _round in range(config.settings.failure_threshold + 1):
             result = heal(config, svc, paths, trigger, env, dry_run)
@@ -1505,7 +1523,8 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
                 else:  # the window passed: healing works again, a later storm escalates again
                     state.pop("escalated", None)
                 save_service_state(paths, name, state)
-            deliver(config, paths, build_message(config.settings, result, text))
+            if deliver(config, paths, build_message(config.settings, result, text)):
+                flush_spool(config, paths)  # the mail server answers: send what was queued
             if outcome is not Outcome.RESOLVED and outcome is not Outcome.RECOVERED:
                 break
             # A failure that came while we were busy was merged into this run by systemd:
@@ -1730,7 +1749,7 @@ def explain_mail_error(settings: Settings, exc: BaseException) -> str:
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "no answer from %s within %s" % (where, format_duration(settings.smtp_timeout))
     if isinstance(exc, ssl.SSLError):
-        return "TLS with %s failed (%s): check smtp_security and the port" % (where, exc.reason or exc)
+        return "TLS with %s failed (%s): check smtp_security and the port" % (where, getattr(exc, "reason", None) or exc)
     if isinstance(exc, smtplib.SMTPAuthenticationError):
         return "%s refused the login for %s: check smtp_user and smtp_password_file" % (where, settings.smtp_user)
     if isinstance(exc, smtplib.SMTPNotSupportedError):
@@ -1778,44 +1797,68 @@ def deliver(config: Config, paths: Paths, msg: EmailMessage) -> bool:
         return False
 
 
+def permanent_rejection(exc: BaseException) -> bool:
+    """A 5xx answer: the server will refuse this message every time (a 4xx may pass later)."""
+    import smtplib
+
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return all(code >= 500 for code, _ in exc.recipients.values())
+    if isinstance(exc, (smtplib.SMTPSenderRefused, smtplib.SMTPDataError)):
+        return exc.smtp_code >= 500
+    return False
+
+
 def flush_spool(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, int]:
-    """Send queued messages, oldest first; stop at the first failure. Returns (sent, left)."""
-    try:
-        queued = sorted(p for p in paths.spool.glob("*.eml") if p.is_file() and not p.is_symlink())
-    except OSError:
-        return 0, 0
-    if not queued:
+    """Send queued messages, oldest first. Returns (sent, still queued).
+
+    Stops at the first message the server cannot take now (it will not take the later ones
+    either). A message the server refuses for good (5xx), or one too damaged to send, is
+    set aside as .rejected / .bad, logged, and kept: a report is never deleted unsent.
+    """
+    def queued() -> List[Path]:
+        try:
+            return sorted(p for p in paths.spool.glob("*.eml") if p.is_file() and not p.is_symlink())
+        except OSError:
+            return []
+
+    waiting = queued()
+    if not waiting:
         return 0, 0
     lock = Lock(paths.run / "locks" / "spool.lock")
     if not (lock.wait(wait) if wait else lock.acquire()):
-        return 0, len(queued)  # another run is flushing
+        return 0, len(waiting)  # another run is flushing
     sent = 0
     try:
         import email.parser
         import email.policy
 
         parser = email.parser.BytesParser(policy=email.policy.SMTP)
-        for path in queued:
+        for path in waiting:
             try:
                 msg = parser.parsebytes(path.read_bytes())
             except OSError:
                 continue
-            if not msg["Subject"]:  # damaged beyond use: keep it aside, do not retry forever
+            if not msg["Subject"]:
                 path.rename(path.with_suffix(".bad"))
                 log.error("queued mail %s is damaged; kept as %s", path, path.with_suffix(".bad"))
                 continue
             try:
                 send(config.settings, msg)
             except mail_errors() as exc:
-                log.warning("queued mail still not delivered: %s", explain_mail_error(config.settings, exc))
+                reason = explain_mail_error(config.settings, exc)
+                if permanent_rejection(exc):
+                    path.rename(path.with_suffix(".rejected"))
+                    log.error("queued mail %r refused for good (%s); kept as %s", str(msg["Subject"]),
+                              reason, path.with_suffix(".rejected"))
+                    continue
+                log.warning("queued mail still not delivered: %s", reason)
                 break
             path.unlink()
             sent += 1
             log.info("delivered queued mail %r", str(msg["Subject"]))
     finally:
         lock.release()
-    return sent, len(queued) - sent
-
+    return sent, len(queued())
 
 
 # =============================================================================
@@ -1914,8 +1957,9 @@ class Installer:
     """Install or uninstall selfheal; every path is DESTDIR + PREFIX-based or /etc."""
 
     prefix: str = DEFAULT_PREFIX
+    python: str = PYTHON  # the interpreter the units run selfheal with
     destdir: str = ""
-    out: object = sys.stdout
+    out: object = None  # default: sys.stdout at the time of writing
     created: List[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -1931,7 +1975,7 @@ class Installer:
         return not self.destdir
 
     def say(self, text: str) -> None:
-        print(text, file=self.out)
+        print(text, file=self.out or sys.stdout)
 
     def put(self, path: str, text: str, mode: int) -> bool:
         """Write a file when its content differs; remember it for the manifest."""
@@ -1978,7 +2022,7 @@ class Installer:
             self.say("  installed %s" % conf)
 
         for name in UNIT_TEMPLATES:
-            self.put("%s/%s" % (UNIT_DIR, name), render_unit(name, libdir), 0o644)
+            self.put("%s/%s" % (UNIT_DIR, name), render_unit(name, libdir, self.python), 0o644)
 
         units = [svc.unit for svc in config.services.values()]
         loaded = show_units(units, ("Id", "LoadState")) if self.live else {}
@@ -2096,7 +2140,8 @@ def status_rows(config: Config, paths: Paths) -> List[dict]:
     return rows
 
 
-def cmd_status(config: Config, paths: Paths, as_json: bool, out=sys.stdout) -> int:
+def cmd_status(config: Config, paths: Paths, as_json: bool, out=None) -> int:
+    out = out or sys.stdout
     rows = status_rows(config, paths)
     if as_json:
         json.dump({"name": config.settings.name, "services": rows}, out, indent=2)
@@ -2260,9 +2305,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def cmd_install(args, config_path: str) -> int:
     source = args.config or (str(Path(__file__).with_name("services.conf")) if not args.uninstall else config_path)
-    installer = Installer(prefix=args.prefix, destdir=args.destdir)
-    if not args.prefix.startswith("/") or not re.match(r"^[A-Za-z0-9_./+-]+$", args.prefix):
-        raise UsageError("PREFIX must be an absolute path of A-Z a-z 0-9 _ . / + -: %r" % args.prefix)
+    # The units run selfheal with the interpreter that installs it (install.sh checked its
+    # version), unless staging for another root, where only the standard path makes sense.
+    python = sys.executable if (not args.destdir and os.path.isabs(sys.executable or "")
+                                and re.match(r"^[A-Za-z0-9_./+-]+$", sys.executable)) else PYTHON
+    installer = Installer(prefix=args.prefix, destdir=args.destdir, python=python)
+    if (not args.prefix.startswith("/") or not re.match(r"^[A-Za-z0-9_./+-]+$", args.prefix)
+            or any(part in (".", "..") for part in args.prefix.split("/"))):
+        raise UsageError("PREFIX must be an absolute path of A-Z a-z 0-9 _ . / + - without . or .. "
+                         "components: %r" % args.prefix)
     if not installer.destdir:
         require_root("install")
     if args.uninstall:

@@ -33,3 +33,393 @@ def bed_reason():
     if reason and os.environ.get("CI") == "true":
         pytest.fail("CI=true and the drill bed is unusable: " + reason)
     return reason
+
+
+# ======================================================================================
+# Fast layer (no root, no systemd): selfheal in-process, fake systemctl/ss/journalctl on
+# PATH (tests/fakes), temp state dirs, and an SMTP sink (tests/smtp_sink.py).
+# ======================================================================================
+
+import concurrent.futures  # noqa: E402
+import contextlib  # noqa: E402
+import hashlib  # noqa: E402
+import importlib.machinery  # noqa: E402
+import importlib.util  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+
+REPO = TESTS.parent
+SELFHEAL_PY = REPO / "selfheal.py"
+FAKES = TESTS / "fakes"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import selfheal  # noqa: E402
+from smtp_sink import SmtpSink  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("fakestate", str(FAKES / "fakestate.py"))
+fakestate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fakestate)
+
+# The config the heal tests run with; {placeholders} are filled in by the `bed` fixture.
+HEAL_CONF = """\
+[selfheal]
+name = MiracleMax
+email_to = owner@example.org
+email_from = selfheal@miraclemax.example.org
+smtp_host = 127.0.0.1
+smtp_port = {smtp_port}
+smtp_timeout = 5s
+failure_threshold = {failure_threshold}
+failure_window = 1h
+verify_timeout = {verify_timeout}
+
+[story-stages]
+port = 5002
+domain = books.jbyrd.org
+critical = yes
+strategies = port_conflict, service_restart
+
+[worker]
+critical = no
+"""
+
+
+def monotonic_usec(seconds_ago: float = 0.0) -> str:
+    """A systemd ...TimestampMonotonic value for `seconds_ago` (CLOCK_MONOTONIC is host-wide)."""
+    return str(int((time.monotonic() - seconds_ago) * 1e6))
+
+
+class _NoSyslog(logging.Handler):
+    """Stands in for selfheal.SyslogHandler: tests do not write to the host's journal."""
+
+    def __init__(self, ident):
+        super().__init__()
+        self.ident = ident
+
+    def emit(self, record):
+        pass
+
+
+@pytest.fixture
+def quiet_selfheal(monkeypatch):
+    """selfheal's logger as a test wants it: no syslog, records reach caplog; restored after."""
+    logger = selfheal.log
+    level = logger.level
+    monkeypatch.setattr(selfheal, "SyslogHandler", _NoSyslog)
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", True)
+    yield logger
+    logger.setLevel(level)
+
+
+class FakeHost:
+    """The pretend host the fakes read: edit units, listeners and journal; read the calls."""
+
+    def __init__(self, root):
+        self.root = root
+        self.state_file = root / "fake-systemd.json"
+        self.calls_file = root / "fake-calls.jsonl"
+        self.paths = selfheal.Paths(root / "state", root / "run", root / "log")
+        self.save({"units": {}, "listeners": [], "journal": []})
+
+    # -- state ------------------------------------------------------------------------
+    def load(self) -> dict:
+        return json.loads(self.state_file.read_text(encoding="utf-8"))
+
+    def save(self, state: dict) -> None:
+        fakestate.save(str(self.state_file), state)
+
+    @contextlib.contextmanager
+    def edit(self):
+        state = self.load()
+        yield state
+        self.save(state)
+
+    def unit(self, name, on_restart="active", listen=None, then=None, fail_status=None, **props):
+        """Create or replace a unit; props are `systemctl show` properties."""
+        with self.edit() as state:
+            unit = {"props": {k: str(v) for k, v in props.items()}, "on_restart": on_restart}
+            if listen:
+                unit["listen"] = listen
+            if then:
+                unit["then"] = then
+            if fail_status is not None:
+                unit["fail_status"] = str(fail_status)
+            state["units"][name] = unit
+
+    def failed(self, name, result="signal", code="2", status="9", seconds_ago=2.0, **kw):
+        """A unit systemd just marked failed (default: its main process got SIGKILL)."""
+        props = {"ActiveState": "failed", "SubState": "failed", "Result": result,
+                 "ExecMainCode": code, "ExecMainStatus": status, "ExecMainPID": "4100",
+                 "InvocationID": hashlib.md5(name.encode()).hexdigest(), "NRestarts": "0",
+                 "ExecMainExitTimestampMonotonic": monotonic_usec(seconds_ago)}
+        props.update({k: v for k, v in kw.items() if k[:1].isupper()})
+        options = {k: v for k, v in kw.items() if not k[:1].isupper()}
+        self.unit(name, **options, **props)
+
+    def listen(self, port, pid=None, comm="python3", address="0.0.0.0"):
+        with self.edit() as state:
+            entry = {"port": port, "address": address, "comm": comm}
+            if pid:
+                entry["pid"] = pid
+            state["listeners"].append(entry)
+
+    def journal(self, lines, invocation=None):
+        with self.edit() as state:
+            if invocation:
+                state.setdefault("journal_by_invocation", {})[invocation] = list(lines)
+            else:
+                state["journal"] = list(lines)
+
+    # -- calls ------------------------------------------------------------------------
+    def calls(self, prog=None) -> list:
+        try:
+            lines = self.calls_file.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        calls = [json.loads(line) for line in lines if line.strip()]
+        return [c for c in calls if prog is None or c[0] == prog]
+
+    def actions(self) -> list:
+        """What changed the host, in order: every call but reads ("show", ss, journalctl)."""
+        return [c for c in self.calls() if c[0] not in ("ss", "journalctl") and c[1:2] != ["show"]]
+
+    def log_call(self, argv) -> None:
+        """Put a test double's action (e.g. a pretend kill) into the same ordered call log."""
+        with open(str(self.calls_file), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(list(argv)) + "\n")
+
+    def clear_calls(self) -> None:
+        if self.calls_file.exists():
+            self.calls_file.unlink()
+
+    # -- /proc/net/tcp{,6} with the same listeners ss shows ----------------------------
+    def write_proc_net(self):
+        """Write fake-proc/net/tcp and tcp6 from the state's listeners; return fake-proc."""
+        proc = self.root / "fake-proc"
+        (proc / "net").mkdir(parents=True, exist_ok=True)
+        header = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt"
+                  "   uid  timeout inode\n")
+        tables = {"tcp": [header], "tcp6": [header]}
+        for i, lst in enumerate(self.load().get("listeners", [])):
+            if isinstance(lst, str):
+                address, _, port = lst.split()[3].rpartition(":")
+            else:
+                address, port = lst.get("address", "0.0.0.0"), lst["port"]
+            v6 = address.startswith("[") or address == "*"
+            zero = "0" * 32 if v6 else "0" * 8
+            tables["tcp6" if v6 else "tcp"].append(
+                "%4d: %s:%04X %s:0000 0A 00000000:00000000 00:00000000 00000000     0        0 %d 1 "
+                "0000000000000000 100 0 0 10 0\n" % (i, zero, int(port), zero, 20000 + i))
+        for name, lines in tables.items():
+            (proc / "net" / name).write_text("".join(lines))
+        return proc
+
+
+def _load_fake(name):
+    """A fake command (tests/fakes/NAME, no .py) loaded as a module, once."""
+    module = _FAKE_MODULES.get(name)
+    if module is None:
+        loader = importlib.machinery.SourceFileLoader("fake_" + name, str(FAKES / name))
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+        loader.exec_module(module)
+        _FAKE_MODULES[name] = module
+    return module
+
+
+_FAKE_MODULES: dict = {}
+sys.modules.setdefault("fakestate", fakestate)  # what the fakes import
+
+
+def _run_fakes_in_process(argv, *args, env=None, **kwargs):
+    """subprocess.run for selfheal: a command that PATH resolves to tests/fakes runs in-process
+    (same argv, output, exit status and call log as executing it, without ~50 ms of Python
+    start-up per call); anything else really runs."""
+    path = shutil.which(argv[0], path=(env if env is not None else os.environ).get("PATH"))
+    if not path or os.path.dirname(os.path.realpath(path)) != str(FAKES):
+        return subprocess.run(argv, *args, env=env, **kwargs)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = _load_fake(os.path.basename(path)).main(list(argv))
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(list(argv), rc, out.getvalue(), err.getvalue())
+
+
+def _subprocess_with_fakes_in_process():
+    proxy = types.ModuleType("subprocess")
+    proxy.__getattr__ = lambda name: getattr(subprocess, name)  # PEP 562: the rest is subprocess
+    proxy.run = _run_fakes_in_process
+    return proxy
+
+
+@pytest.fixture(scope="session")
+def python_dir(tmp_path_factory):
+    """A directory whose python3 is this interpreter: the fakes' `env python3` starts fast
+    (no pyenv-style shim) and install.sh uses the Python under test."""
+    path = tmp_path_factory.mktemp("python-bin")
+    (path / "python3").symlink_to(sys.executable)
+    return path
+
+
+@pytest.fixture
+def fake_host(tmp_path, monkeypatch, quiet_selfheal, python_dir):
+    """tests/fakes first on PATH, a fresh fake host state, selfheal's dirs under tmp_path."""
+    host = FakeHost(tmp_path)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(FAKES), str(python_dir), os.environ.get("PATH", "")]))
+    monkeypatch.setenv("FAKE_SYSTEMD_STATE", str(host.state_file))
+    monkeypatch.setenv("FAKE_SYSTEMD_CALLS", str(host.calls_file))
+    monkeypatch.setenv("SELFHEAL_STATE_DIR", str(host.paths.state))
+    monkeypatch.setenv("SELFHEAL_RUN_DIR", str(host.paths.run))
+    monkeypatch.setenv("SELFHEAL_LOG_DIR", str(host.paths.logs))
+    for name in list(os.environ):
+        if name.startswith("MONITOR_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(selfheal, "KILL_GRACE", 0.5)
+    # Fast by default: the fakes run in-process. Ask for `real_commands` to exec them.
+    monkeypatch.setattr(selfheal, "subprocess", _subprocess_with_fakes_in_process())
+    if hasattr(selfheal, "listening_ports"):  # reads /proc/net/tcp: give it the fake host's
+        real_listening_ports = selfheal.listening_ports
+        monkeypatch.setattr(selfheal, "listening_ports",
+                            lambda proc=None: real_listening_ports(host.write_proc_net()))
+    return host
+
+
+@pytest.fixture
+def real_commands(fake_host, monkeypatch):
+    """selfheal really executes tests/fakes/* (found on PATH) instead of running them in-process."""
+    monkeypatch.setattr(selfheal, "subprocess", subprocess)
+    return fake_host
+
+
+@pytest.fixture
+def smtp_sink():
+    """A running SMTP sink on 127.0.0.1; .messages, .wait(n), .mode = "close"/"554"/"auth-fail"."""
+    sink = SmtpSink()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture
+def closed_port():
+    """A 127.0.0.1 port nothing listens on (a mail server that is down)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def write_conf(tmp_path):
+    """write_conf(text, name="services.conf") -> str path of a 0644 file under tmp_path."""
+    def write(text, name="services.conf"):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        path.chmod(0o644)
+        return str(path)
+    return write
+
+
+class SelfhealCli:
+    """Runs `python3 selfheal.py ARGS` (or another script) -> CompletedProcess with text output.
+
+    -S: selfheal is stdlib-only, so it needs no site-packages (and each run starts faster).
+    """
+
+    def argv(self, args, script=None):
+        return [sys.executable, "-S", str(script or SELFHEAL_PY)] + [str(a) for a in args]
+
+    def env(self, env=None):
+        full = dict(os.environ if env is None else env)
+        full.pop("PYTHONPATH", None)
+        return full
+
+    def __call__(self, *args, env=None, cwd=None, script=None, timeout=60):
+        return subprocess.run(self.argv(args, script), env=self.env(env), cwd=str(cwd) if cwd else None,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=timeout)
+
+    def many(self, arg_lists, env=None, workers=None):
+        """Run several command lines at once (they are independent) -> results in order."""
+        workers = workers or min(8, 2 * (os.cpu_count() or 2))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda args: self(*args, env=env), arg_lists))
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """cli(*args, env=None, cwd=None, script=None) runs selfheal.py as a command; cli.many([...])."""
+    return SelfhealCli()
+
+
+class HealBed:
+    """fake_host + smtp_sink + a config pointing at the sink: heal services in-process."""
+
+    def __init__(self, host, sink, write_conf, monkeypatch):
+        self.host, self.sink, self._write, self._monkeypatch = host, sink, write_conf, monkeypatch
+        self.paths = host.paths
+        self.configure()
+
+    def configure(self, smtp_port=None, failure_threshold=3, verify_timeout="3s"):
+        text = HEAL_CONF.format(smtp_port=smtp_port or self.sink.port, failure_threshold=failure_threshold,
+                                verify_timeout=verify_timeout)
+        self.config_path = self._write(text)
+        self._monkeypatch.setenv("SELFHEAL_CONFIG", self.config_path)
+        self.config = selfheal.load_config(self.config_path, trusted=False)
+        return self.config
+
+    def heal(self, name, trigger="onfailure", env=None, dry_run=False):
+        """selfheal's `heal` command in-process -> (exit status, what it printed)."""
+        out = io.StringIO()
+        rc = selfheal.heal_service(self.config, name, self.paths, trigger, env=env or {},
+                                   dry_run=dry_run, out=out)
+        return rc, out.getvalue()
+
+    def history(self, name=None):
+        return selfheal.read_history(self.paths, name)
+
+    def spooled(self):
+        return sorted(self.paths.spool.glob("*.eml")) if self.paths.spool.is_dir() else []
+
+
+@pytest.fixture
+def bed(fake_host, smtp_sink, write_conf, monkeypatch):
+    return HealBed(fake_host, smtp_sink, write_conf, monkeypatch)
+
+
+def report_sections(text: str) -> list:
+    """Section titles of a report: a line followed by a line of as many dashes."""
+    lines = text.splitlines()
+    return [lines[i].strip() for i in range(len(lines) - 1)
+            if lines[i].strip() and lines[i + 1].strip() == "-" * len(lines[i].strip())]
+
+
+@pytest.fixture
+def sections():
+    return report_sections
+
+
+def report_section(text: str, title: str) -> str:
+    """The body of one report section (indented lines under its dashes), "" when absent."""
+    lines = text.splitlines()
+    for i in range(len(lines) - 1):
+        if lines[i].strip() == title and lines[i + 1].strip() == "-" * len(title):
+            body = []
+            for line in lines[i + 2:]:
+                if line and not line.startswith(" "):
+                    break
+                body.append(line.strip())
+            return "\n".join(body).strip()
+    return ""
+
+
+@pytest.fixture
+def section():
+    return report_section

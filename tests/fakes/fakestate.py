@@ -1,0 +1,129 @@
+"""The state the fake systemctl, ss and journalctl share (not a command itself).
+
+One JSON file, named by $FAKE_SYSTEMD_STATE, describes the pretend host:
+
+    {"units": {"story-stages.service": {
+         "props": {"ActiveState": "failed", "Result": "signal", ...},   # what `systemctl show` says
+         "on_restart": "active",     # or "fail", or a list consumed one per restart
+         "fail_status": "1",         # ExecMainStatus after a failed restart (e.g. "203")
+         "listen": {"port": 5002, "pid": 5555},   # the listener a successful start opens
+         "then": {"after": 0.3, "set": {...}, "listen": true}}},  # a change by itself, N s
+                                                  # after the unit was first shown
+     "listeners": [{"port": 5002, "pid": 4242, "comm": "python3", "address": "0.0.0.0"},
+                   "LISTEN 0 128 [::]:80 [::]:*"],                # or raw `ss -H` lines
+     "journal": ["line", ...],                                   # what journalctl prints
+     "journal_by_invocation": {"<id>": ["line", ...]},           # ... for one run
+     "system_state": "running",                                  # is-system-running
+     "ss_fail": false, "ss_fail_p": false}                       # ss exits 1 (always / with -p)
+
+Each command appends its argv (program name first) as one JSON line to $FAKE_SYSTEMD_CALLS.
+The scripts run with `python3 -S` and import only this and the standard library.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import time
+
+DEFAULT_PROPS = {
+    "LoadState": "loaded",
+    "ActiveState": "inactive",
+    "SubState": "dead",
+    "Result": "success",
+    "UnitFileState": "enabled",
+    "ExecMainCode": "0",
+    "ExecMainStatus": "0",
+    "ExecMainPID": "0",
+    "MainPID": "0",
+    "NRestarts": "0",
+    "MemoryCurrent": "[not set]",
+    "MemoryPeak": "[not set]",
+    "Restart": "no",
+    "User": "",
+}
+
+
+def state_path():
+    path = os.environ.get("FAKE_SYSTEMD_STATE")
+    if not path:
+        sys.stderr.write("%s: FAKE_SYSTEMD_STATE is not set\n" % os.path.basename(sys.argv[0]))
+        sys.exit(70)
+    return path
+
+
+@contextlib.contextmanager
+def locked_state(write=False):
+    """Yield the state dict under an exclusive lock; save it afterwards when write."""
+    path = state_path()
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                state = json.load(handle)
+        except FileNotFoundError:
+            state = {}
+        yield state
+        if write:
+            save(path, state)
+
+
+def save(path, state):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(state, handle, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def record_call(argv):
+    calls = os.environ.get("FAKE_SYSTEMD_CALLS")
+    if not calls:
+        return
+    line = (json.dumps([os.path.basename(argv[0])] + list(argv[1:])) + "\n").encode("utf-8")
+    fd = os.open(calls, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def unit_props(state, name):
+    """The unit's full property dict (defaults filled in), or None when it does not exist."""
+    unit = state.get("units", {}).get(name)
+    if unit is None:
+        return None
+    props = dict(DEFAULT_PROPS)
+    props.update({"Id": name, "Description": name, "FragmentPath": "/etc/systemd/system/" + name,
+                  "ControlGroup": ""})
+    props.update(unit.get("props", {}))
+    return props
+
+
+def apply_then(state, name, now=None):
+    """Apply the unit's scheduled change ("then") once its time has come."""
+    unit = state.get("units", {}).get(name)
+    if not unit or "then" not in unit:
+        return False
+    then = unit["then"]
+    now = time.time() if now is None else now
+    if "started" not in then:
+        then["started"] = now
+        return True
+    if now - then["started"] < float(then.get("after", 0)):
+        return False
+    unit.setdefault("props", {}).update(then.get("set", {}))
+    if then.get("listen"):
+        open_listener(state, unit)
+    del unit["then"]
+    return True
+
+
+def open_listener(state, unit):
+    listen = unit.get("listen")
+    if not listen:
+        return
+    port = int(listen["port"])
+    kept = [lst for lst in state.get("listeners", []) if not (isinstance(lst, dict) and int(lst["port"]) == port)]
+    kept.append(dict({"address": "0.0.0.0", "comm": "python3"}, **listen))
+    state["listeners"] = kept

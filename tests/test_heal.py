@@ -1,0 +1,611 @@
+"""Healing through the fakes (tests/fakes on PATH, no root, no systemd): diagnose, refuse or
+repair, verify, record, mail. Also the probes healing relies on (systemctl show, ss, /proc,
+cgroup ownership) and the state it keeps (history, status, locks, pauses)."""
+
+import email.utils
+import errno
+import json
+import os
+import pwd
+import re
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+import selfheal
+
+pytestmark = pytest.mark.usefixtures("quiet_selfheal")
+
+STORY = "story-stages.service"
+WORKER = "worker.service"
+
+
+def in_order(found, wanted):
+    """True when every title of wanted is in found, in that order."""
+    try:
+        positions = [found.index(title) for title in wanted]
+    except ValueError:
+        return False
+    return positions == sorted(positions)
+
+
+class FakeProcesses:
+    """Pretend processes for read_process and a kill that only ever signals them.
+
+    selfheal's `os` is swapped for a proxy whose kill() records the signal (and makes the
+    pretend process exit); the real os.kill is never reached, so no real process can be hit.
+    """
+
+    def __init__(self, monkeypatch, host):
+        self.host = host
+        self.table = {}
+        self.kills = []
+        self.exit_on = (signal.SIGTERM, signal.SIGKILL)
+        monkeypatch.setattr(selfheal, "read_process", lambda pid, proc=None: self.table.get(pid))
+        proxy = types.ModuleType("os")
+        proxy.__getattr__ = lambda name: getattr(os, name)  # PEP 562: everything else is os
+        proxy.kill = self.kill
+        monkeypatch.setattr(selfheal, "os", proxy)
+
+    def add(self, pid, cgroup, cmdline="/usr/bin/python3 app.py", user="www-data", port=None):
+        self.table[pid] = selfheal.Process(pid, user, cmdline, cgroup, 600.0)
+        if port:
+            self.host.listen(port, pid=pid)
+
+    def kill(self, pid, sig):
+        self.kills.append((pid, sig))
+        self.host.log_call(["kill", "-" + signal.Signals(sig).name.replace("SIG", ""), str(pid)])
+        if pid not in self.table:
+            raise ProcessLookupError(errno.ESRCH, "No such process")
+        if sig in self.exit_on:
+            del self.table[pid]
+            with self.host.edit() as state:
+                state["listeners"] = [lst for lst in state["listeners"] if lst.get("pid") != pid]
+
+
+# =============================================================================
+# Probes: systemctl show, ss, /proc, cgroup ownership
+# =============================================================================
+
+
+def test_parse_show_gives_one_dict_per_unit_and_keeps_equals_signs_in_values():
+    text = ("Id=a.service\nActiveState=failed\nResult=signal\nDescription=a=b c\n\n"
+            "Id=b.service\nActiveState=active\nStatusText=\n")
+    units = selfheal.parse_show(text)
+    assert units == [
+        {"Id": "a.service", "ActiveState": "failed", "Result": "signal", "Description": "a=b c"},
+        {"Id": "b.service", "ActiveState": "active", "StatusText": ""},
+    ]
+
+
+def test_parse_show_of_nothing_is_no_units():
+    assert selfheal.parse_show("") == []
+    assert selfheal.parse_show("\n\n") == []
+
+
+def test_show_units_asks_systemctl_once_for_many_units_and_maps_each(fake_host):
+    fake_host.unit(STORY, ActiveState="failed", Result="signal")
+    fake_host.unit(WORKER, ActiveState="active")
+    shown = selfheal.show_units([STORY, WORKER, "ghost.service"], ("Id", "LoadState", "ActiveState"))
+    assert len(fake_host.calls("systemctl")) == 1
+    assert shown[STORY]["ActiveState"] == "failed"
+    assert shown[WORKER]["ActiveState"] == "active"
+    assert shown["ghost.service"]["LoadState"] == "not-found"
+
+
+def test_run_gives_a_result_not_an_exception_for_expected_failures():
+    missing = selfheal.run(["selfheal-no-such-command-here"])
+    assert missing.rc == 127 and not missing.ok and "not found" in missing.brief()
+    slow = selfheal.run(["sleep", "5"], timeout=0.2)
+    assert slow.rc == 124 and "timed out" in slow.brief()
+    failed = selfheal.run([sys.executable, "-S", "-c", "import sys; sys.stderr.write('why it failed\\n'); sys.exit(3)"])
+    assert (failed.rc, failed.brief()) == (3, "why it failed")
+
+
+def test_run_uses_the_c_locale_and_no_stdin():
+    done = selfheal.run([sys.executable, "-S", "-c", "import os, sys; print(os.environ['LC_ALL'], repr(sys.stdin.read()))"])
+    assert done.out == "C ''\n"
+
+
+def test_listening_ports_reads_listen_sockets_of_tcp_and_tcp6(tmp_path):
+    (tmp_path / "net").mkdir()
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    rest = " 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0\n"
+    (tmp_path / "net" / "tcp").write_text(
+        header + "   0: 00000000:138A 00000000:0000 0A" + rest      # 0.0.0.0:5002 LISTEN
+        + "   1: 0100007F:1F90 0100007F:C350 01" + rest)         # 127.0.0.1:8080 ESTABLISHED
+    (tmp_path / "net" / "tcp6").write_text(
+        header + "   0: %s:0050 %s:0000 0A" % ("0" * 32, "0" * 32) + rest)  # [::]:80 LISTEN
+    assert selfheal.listening_ports(tmp_path) == {5002, 80}
+
+
+SS_LINES = [
+    ('LISTEN 0 128 0.0.0.0:5002 0.0.0.0:* users:(("python3",pid=4242,fd=3))',
+     selfheal.Listener(5002, "0.0.0.0", (4242,))),
+    ('LISTEN 0      4096            [::]:80             [::]:*    users:(("traefik",pid=900,fd=7))',
+     selfheal.Listener(80, "[::]", (900,))),
+    ('LISTEN 0 128 [::1]:5001 [::]:* users:(("passgo",pid=31,fd=4))',
+     selfheal.Listener(5001, "[::1]", (31,))),
+    ("LISTEN 0 128 *:5006 *:*", selfheal.Listener(5006, "*", ())),
+    ("LISTEN 0 128 127.0.0.53%lo:53 0.0.0.0:*", selfheal.Listener(53, "127.0.0.53%lo", ())),
+    ('LISTEN 0 511 0.0.0.0:8000 0.0.0.0:* users:(("gunicorn",pid=11,fd=5),("gunicorn",pid=10,fd=5),'
+     '("gunicorn",pid=11,fd=6))', selfheal.Listener(8000, "0.0.0.0", (10, 11))),
+    ('LISTEN 0 5 0.0.0.0:7000 0.0.0.0:* users:(("my \\"odd\\" app",pid=77,fd=3))',
+     selfheal.Listener(7000, "0.0.0.0", (77,))),
+]
+
+
+@pytest.mark.parametrize("line, expected", SS_LINES, ids=["ipv4", "ipv6-any", "ipv6-loopback", "star-no-process",
+                                                          "interface-suffix", "several-pids", "quoted-name"])
+def test_parse_ss_reads_port_address_and_pids(line, expected):
+    assert selfheal.parse_ss(line + "\n") == [expected]
+
+
+def test_parse_ss_skips_a_header_and_blank_lines():
+    text = "State Recv-Q Send-Q Local Address:Port Peer Address:Port Process\n\n" + SS_LINES[0][0] + "\n"
+    assert selfheal.parse_ss(text) == [SS_LINES[0][1]]
+
+
+def test_listeners_on_falls_back_to_ss_without_p_when_p_is_refused(fake_host):
+    fake_host.listen(5002, pid=4242)
+    with fake_host.edit() as state:
+        state["ss_fail_p"] = True
+    assert selfheal.listeners_on(5002) == (selfheal.Listener(5002, "0.0.0.0", ()),)
+    assert selfheal.listeners_on(5003) == ()
+
+
+def test_read_process_of_a_child_we_started_has_its_command_user_and_a_young_age():
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 5
+        proc = selfheal.read_process(child.pid)
+        while proc is not None and proc.cmdline != "sleep 30" and time.monotonic() < deadline:
+            time.sleep(0.01)  # between fork and exec the child has no command line yet
+            proc = selfheal.read_process(child.pid)
+        me = selfheal.read_process(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+    assert proc is not None and proc.pid == child.pid
+    assert proc.cmdline == "sleep 30"
+    assert proc.user == pwd.getpwuid(os.geteuid()).pw_name
+    assert proc.cgroup.startswith("/")
+    assert proc.age_seconds is not None and 0 <= proc.age_seconds < 10
+    assert me is not None and me.pid == os.getpid()
+    assert me.age_seconds >= proc.age_seconds
+
+
+def test_read_process_of_a_finished_process_is_none():
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert selfheal.read_process(child.pid) is None
+
+
+def fake_proc(tmp_path, pid, cgroup_text, cmdline=b"/usr/bin/python3\0app.py\0"):
+    base = tmp_path / "proc" / str(pid)
+    base.mkdir(parents=True)
+    (base / "cmdline").write_bytes(cmdline)
+    (base / "cgroup").write_text(cgroup_text)
+    after = ["S"] + ["0"] * 49
+    after[19] = "100"  # starttime, field 22 of stat
+    (base / "stat").write_text("%d (my app) %s\n" % (pid, " ".join(after)))
+    return tmp_path / "proc"
+
+
+def test_read_process_takes_the_unified_cgroup_line_on_a_hybrid_host(tmp_path):
+    proc = fake_proc(tmp_path, 4242, "12:memory:/system.slice/other.service\n"
+                                     "1:name=systemd:/system.slice/story-stages.service\n"
+                                     "0::/system.slice/story-stages.service\n")
+    process = selfheal.read_process(4242, proc)
+    assert process.cgroup == "/system.slice/story-stages.service"
+    assert process.cmdline == "/usr/bin/python3 app.py"
+
+
+def test_read_process_takes_the_systemd_hierarchy_on_a_legacy_cgroup_v1_host(tmp_path):
+    proc = fake_proc(tmp_path, 4242, "12:pids:/\n3:cpu,cpuacct:/\n"
+                                     "1:name=systemd:/system.slice/story-stages.service\n")
+    assert selfheal.read_process(4242, proc).cgroup == "/system.slice/story-stages.service"
+
+
+def _proc(cgroup):
+    return selfheal.Process(4242, "root", "python3 app.py", cgroup)
+
+
+@pytest.mark.parametrize("cgroup, belongs", [
+    ("/system.slice/story-stages.service", True),
+    ("/system.slice/story-stages.service/worker-1", True),
+    ("/system.slice/apps.slice/story-stages.service", True),
+    ("/system.slice/story-stages.service.d", False),
+    ("/system.slice/story-stages.service-other", False),
+    ("/system.slice/old-story-stages.service", False),
+    ("/system.slice/story-stages.socket", False),
+    ("/system.slice", False),
+    ("/", False),
+    ("", False),
+])
+def test_belongs_to_unit_needs_the_exact_unit_component(cgroup, belongs):
+    assert selfheal.belongs_to_unit(_proc(cgroup), STORY) is belongs
+
+
+@pytest.mark.parametrize("cgroup", [
+    "/user.slice/user-1000.slice/user@1000.service/app.slice/story-stages.service",
+    "/machine.slice/machine-box.scope/payload/system.slice/story-stages.service",
+])
+def test_a_delegated_subtree_named_like_the_unit_is_not_proof_of_ownership(cgroup):
+    assert selfheal.belongs_to_unit(_proc(cgroup), STORY) is False
+
+
+# =============================================================================
+# Healing: outcomes, mail, order of actions
+# =============================================================================
+
+STORY_JOURNAL = [
+    "2024-11-28T05:00:01+0000 vm python3[4100]: serving books on :5002",
+    "2024-11-28T05:00:09+0000 vm systemd[1]: story-stages.service: Main process exited, code=killed, status=9/KILL",
+    "2024-11-28T05:00:09+0000 vm systemd[1]: story-stages.service: Failed with result 'signal'.",
+]
+
+
+def test_sigkilled_unit_that_restarts_fine_is_resolved_with_one_restart_and_a_full_report(bed, sections, section):
+    bed.host.failed(STORY, listen={"port": 5002, "pid": 5555})
+    bed.host.journal(STORY_JOURNAL)
+    before = time.time()
+    rc, out = bed.heal("story-stages")
+
+    assert rc == 0
+    assert bed.host.actions() == [["systemctl", "restart", "--", STORY]]
+    (received,) = bed.sink.received
+    msg = received.message
+    assert msg["Subject"] == "✅ MiracleMax: story-stages - RESOLVED"
+    assert received.rcpt_to == ("owner@example.org",)
+    assert msg["Auto-Submitted"] == "auto-generated"
+    assert abs(email.utils.parsedate_to_datetime(msg["Date"]).timestamp() - before) < 60
+    assert re.fullmatch(r"<[^<>@\s]+@miraclemax\.example\.org>", msg["Message-ID"].strip())  # may be folded
+    body = msg.get_content()
+    assert in_order(sections(body), ["SERVICE", "ISSUE DETECTED", "DIAGNOSIS", "HEALING", "HOW IT WAS FIXED",
+                                     "ROOT CAUSE", "HEALING TIME", "RECOMMENDATION", "POST-HEALING STATUS"])
+    assert "MANUAL STEPS" not in sections(body)
+    assert "story-stages.service" in section(body, "SERVICE") and "5002" in section(body, "SERVICE")
+    assert "KILL" in section(body, "ISSUE DETECTED")
+    assert "SIGKILL" in section(body, "ROOT CAUSE")
+    assert "systemctl restart story-stages.service" in section(body, "HOW IT WAS FIXED")
+    assert "active" in section(body, "POST-HEALING STATUS")
+    (event,) = bed.history("story-stages")
+    assert event["outcome"] == "RESOLVED"
+    # the failure happened 2 s before the heal started: healing time counts from the failure
+    assert 2.0 <= event["healing_seconds"] < 2.0 + (time.time() - before) + 1
+    assert out.splitlines()[0] == msg["Subject"]
+
+
+def test_fakes_really_executed_from_path_give_the_same_heal(bed, real_commands):
+    assert selfheal.subprocess is subprocess  # selfheal.run starts tests/fakes/* as processes
+    bed.host.failed(STORY, listen={"port": 5002, "pid": 5555})
+    rc, _ = bed.heal("story-stages")
+    assert rc == 0
+    assert bed.host.actions() == [["systemctl", "restart", "--", STORY]]
+    assert {c[0] for c in bed.host.calls()} == {"systemctl", "journalctl", "ss"}
+    assert bed.sink.messages[0]["Subject"] == "✅ MiracleMax: story-stages - RESOLVED"
+
+
+def test_restart_that_fails_gives_a_failed_mail_with_manual_steps_and_the_journal(bed, sections, section):
+    bed.host.failed(WORKER, result="exit-code", code="1", status="1", on_restart="fail")
+    fatal = "2024-11-28T05:00:09+0000 vm worker[4100]: fatal: cannot open queue /srv/worker/q.db"
+    bed.host.journal(["2024-11-28T05:00:08+0000 vm worker[4100]: starting", fatal])
+    rc, _ = bed.heal("worker")
+
+    assert rc == 1
+    assert [c[1] for c in bed.host.actions()] == ["restart"]
+    (msg,) = bed.sink.messages
+    assert msg["Subject"] == "❌ MiracleMax: worker - FAILED"
+    body = msg.get_content()
+    titles = sections(body)
+    assert "HOW IT WAS FIXED" not in titles and "HEALING TIME" not in titles
+    assert WORKER in section(body, "MANUAL STEPS")
+    journal_titles = [t for t in titles if t.startswith("JOURNAL")]
+    assert journal_titles and fatal in section(body, journal_titles[0])
+    assert [e["outcome"] for e in bed.history("worker")] == ["FAILED"]
+
+
+def test_restart_failing_with_203_exec_names_the_executable_in_the_root_cause(bed, section):
+    bed.host.failed(WORKER, on_restart="fail", fail_status="203")
+    rc, _ = bed.heal("worker")
+    assert rc == 1
+    assert "executable" in section(bed.sink.messages[0].get_content(), "ROOT CAUSE")
+
+
+def test_start_limit_hit_is_reset_before_the_restart(bed):
+    bed.host.failed(WORKER, result="start-limit-hit", code="1", status="1")
+    rc, _ = bed.heal("worker")
+    assert rc == 0
+    assert [c[1] for c in bed.host.actions()] == ["reset-failed", "restart"]
+    assert [e["outcome"] for e in bed.history("worker")] == ["RESOLVED"]
+
+
+def test_systemd_auto_restart_pending_is_waited_for_and_not_restarted_a_second_time(bed):
+    bed.host.unit(WORKER, ActiveState="activating", SubState="auto-restart", Restart="on-failure",
+                  Result="exit-code", ExecMainCode="1", ExecMainStatus="1", NRestarts="1",
+                  then={"after": 0.3, "set": {"ActiveState": "active", "SubState": "running", "Result": "success"}})
+    rc, _ = bed.heal("worker")
+    assert rc == 0
+    assert bed.host.actions() == []
+    assert [e["outcome"] for e in bed.history("worker")] == ["RECOVERED"]
+    (msg,) = bed.sink.messages
+    assert msg["Subject"].startswith("✅ MiracleMax: worker - ")
+
+
+MONITOR = "0123456789abcdef0123456789abcdef"
+SHOWN = "fedcba9876543210fedcba9876543210"
+
+
+@pytest.mark.parametrize("monitor_unit, used", [(WORKER, True), ("other.service", False)],
+                         ids=["names-this-unit", "names-another-unit"])
+def test_monitor_env_is_used_only_when_monitor_unit_is_this_unit(bed, monitor_unit, used):
+    # systemctl show (the unit now): exited with 1. MONITOR_* (the run that failed): SIGKILL.
+    bed.host.failed(WORKER, result="exit-code", code="1", status="1", InvocationID=SHOWN)
+    bed.host.journal(["vm worker[1]: the run systemd reported"], invocation=MONITOR)
+    bed.host.journal(["vm worker[2]: the run systemctl shows"], invocation=SHOWN)
+    env = {"MONITOR_UNIT": monitor_unit, "MONITOR_SERVICE_RESULT": "signal", "MONITOR_EXIT_CODE": "killed",
+           "MONITOR_EXIT_STATUS": "KILL", "MONITOR_INVOCATION_ID": MONITOR}
+    rc, _ = bed.heal("worker", env=env)
+
+    assert rc == 0
+    first_query = bed.host.calls("journalctl")[0]
+    assert "_SYSTEMD_INVOCATION_ID=%s" % (MONITOR if used else SHOWN) in first_query
+    (event,) = bed.history("worker")
+    assert (event["result"], event["exit"]) == (("signal", "killed KILL") if used else ("exit-code", "exited 1"))
+    body = bed.sink.messages[0].get_content()
+    assert ("the run systemd reported" in body) is used
+    assert ("the run systemctl shows" in body) is not used
+
+
+def test_port_held_by_a_foreign_pid_fails_kills_nothing_and_the_report_names_the_holder(bed, monkeypatch):
+    procs = FakeProcesses(monkeypatch, bed.host)
+    bed.host.failed(STORY, result="exit-code", code="1", status="1", listen={"port": 5002, "pid": 5555})
+    procs.add(4242, "/system.slice/other-app.service", "/usr/bin/python3 -m http.server 5002", port=5002)
+    bed.host.journal(["vm python3[4100]: OSError: [Errno 98] Address already in use"])
+    rc, _ = bed.heal("story-stages")
+
+    assert rc == 1
+    assert procs.kills == []
+    assert bed.host.actions() == []
+    (msg,) = bed.sink.messages
+    assert msg["Subject"] == "❌ MiracleMax: story-stages - FAILED"
+    body = msg.get_content()
+    assert "pid 4242" in body and "/usr/bin/python3 -m http.server 5002" in body
+    assert [e["outcome"] for e in bed.history("story-stages")] == ["FAILED"]
+
+
+def test_stale_pid_of_the_unit_itself_gets_sigterm_and_then_the_unit_is_restarted(bed, monkeypatch):
+    procs = FakeProcesses(monkeypatch, bed.host)
+    bed.host.failed(STORY, result="exit-code", code="1", status="1", listen={"port": 5002, "pid": 5555})
+    procs.add(4343, "/system.slice/story-stages.service", "/usr/bin/python3 app.py --port 5002", port=5002)
+    rc, _ = bed.heal("story-stages")
+
+    assert rc == 0
+    assert procs.kills == [(4343, signal.SIGTERM)]
+    assert bed.host.actions() == [["kill", "-TERM", "4343"], ["systemctl", "restart", "--", STORY]]
+    (event,) = bed.history("story-stages")
+    assert (event["outcome"], event["strategy"]) == ("RESOLVED", "port_conflict")
+    assert "4343" in bed.sink.messages[0].get_content()
+
+
+def test_stale_pid_that_ignores_sigterm_gets_sigkill_after_the_grace(bed, monkeypatch):
+    procs = FakeProcesses(monkeypatch, bed.host)
+    procs.exit_on = (signal.SIGKILL,)
+    monkeypatch.setattr(selfheal, "KILL_GRACE", 0.2)
+    bed.host.failed(STORY, result="exit-code", code="1", status="1", listen={"port": 5002, "pid": 5555})
+    procs.add(4343, "/system.slice/story-stages.service", port=5002)
+    rc, _ = bed.heal("story-stages")
+    assert rc == 0
+    assert procs.kills == [(4343, signal.SIGTERM), (4343, signal.SIGKILL)]
+
+
+def test_circuit_breaker_escalates_with_exactly_one_mail_then_stays_quiet_until_resume(bed, section):
+    bed.configure(failure_threshold=2)
+    for _ in range(2):
+        bed.host.failed(WORKER)
+        assert bed.heal("worker")[0] == 0
+    assert len(bed.sink.messages) == 2
+
+    bed.host.failed(WORKER)
+    bed.host.clear_calls()
+    rc, _ = bed.heal("worker")
+    assert rc == 1
+    assert bed.host.actions() == []
+    assert len(bed.sink.messages) == 3
+    escalation = bed.sink.messages[2]
+    assert "ESCALATED" in escalation["Subject"]
+    assert "resume worker" in section(escalation.get_content(), "WHY A HUMAN IS NEEDED")
+
+    rc, _ = bed.heal("worker")
+    assert rc == 1
+    assert bed.host.actions() == []
+    assert len(bed.sink.messages) == 3
+
+    assert selfheal.main(["resume", "worker"]) == 0
+    rc, _ = bed.heal("worker")
+    assert rc == 0
+    assert [c[1] for c in bed.host.actions()] == ["restart"]
+    assert len(bed.sink.messages) == 4 and "RESOLVED" in bed.sink.messages[3]["Subject"]
+
+
+def test_paused_service_gets_no_systemctl_call_and_no_mail(bed):
+    bed.host.failed(WORKER)
+    assert selfheal.main(["pause", "worker"]) == 0
+    bed.host.clear_calls()
+    rc, out = bed.heal("worker")
+    assert rc == 0
+    assert bed.host.calls() == []
+    assert bed.sink.messages == []
+    assert "paused" in out
+    assert selfheal.main(["resume", "worker"]) == 0
+    assert bed.heal("worker")[0] == 0
+    assert [c[1] for c in bed.host.actions()] == ["restart"]
+
+
+def test_pause_for_a_while_ends_by_itself(fake_host):
+    selfheal.save_service_state(fake_host.paths, "worker", {"paused_until": 1000.0})
+    assert selfheal.paused_until(fake_host.paths, "worker", now=999.0) == 1000.0
+    assert selfheal.paused_until(fake_host.paths, "worker", now=1000.5) is None
+    selfheal.save_service_state(fake_host.paths, "worker", {"paused_until": 0.0})
+    assert selfheal.paused_until(fake_host.paths, "worker", now=1e12) == 0.0  # until resumed
+
+
+def test_heal_already_running_makes_a_second_trigger_join_it_without_restarting(bed):
+    bed.host.failed(WORKER)
+    other = selfheal.Lock(bed.paths.lock("worker"))
+    assert other.acquire()
+    try:
+        rc, out = bed.heal("worker")
+    finally:
+        other.release()
+    assert rc == 0
+    assert bed.host.actions() == []
+    assert bed.sink.messages == []
+    assert "already running" in out
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(bed):
+    bed.host.failed(WORKER, result="start-limit-hit", code="1", status="1")
+    rc, out = bed.heal("worker", dry_run=True)
+    assert rc == 0
+    assert bed.host.actions() == []
+    assert bed.sink.messages == []
+    assert not bed.paths.history.exists()
+    assert "systemctl reset-failed worker.service" in out
+    assert "systemctl restart worker.service" in out
+    assert "dry run" in out
+
+
+def test_dry_run_leaves_queued_mail_in_the_queue(bed):
+    selfheal.spool(bed.paths, selfheal.make_message(bed.config.settings, "queued earlier", "body\n"))
+    bed.host.failed(WORKER)
+    bed.heal("worker", dry_run=True)
+    assert len(bed.spooled()) == 1
+    assert bed.sink.messages == []
+
+
+def test_healthy_service_healed_by_hand_is_left_alone_without_mail(bed):
+    bed.host.unit(WORKER, ActiveState="active", SubState="running")
+    rc, out = bed.heal("worker", trigger="manual")
+    assert rc == 0
+    assert bed.host.actions() == []
+    assert bed.sink.messages == []
+    assert bed.history() == []
+
+
+def test_service_not_in_the_config_is_a_usage_error(bed):
+    with pytest.raises(selfheal.UsageError):
+        bed.heal("nope")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="as root, heal is allowed")
+def test_heal_without_dry_run_needs_root(bed, capsys):
+    bed.host.failed(WORKER)
+    assert selfheal.main(["heal", "worker"]) == selfheal.EX_USAGE
+    assert "root" in capsys.readouterr().err
+    assert bed.host.actions() == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: heal without --dry-run")
+def test_heal_command_as_root_heals_through_main(bed):
+    bed.host.failed(WORKER)
+    assert selfheal.main(["heal", "worker"]) == 0
+    assert [c[1] for c in bed.host.actions()] == ["restart"]
+
+
+def test_heal_dry_run_through_main_works_without_root_and_restarts_nothing(bed):
+    bed.host.failed(WORKER)
+    assert selfheal.main(["heal", "--dry-run", "worker"]) == 0
+    assert bed.host.actions() == []
+
+
+@pytest.mark.parametrize("argv, words", [(["heal", "--dry-run", "worker"], "systemctl restart worker.service"),
+                                         (["status", "--json"], '"services"')], ids=["heal-dry-run", "status"])
+def test_main_prints_to_the_current_stdout(bed, capsys, argv, words):
+    bed.host.failed(WORKER)
+    selfheal.main(argv)
+    assert words in capsys.readouterr().out
+
+
+# =============================================================================
+# State: history, status, service log
+# =============================================================================
+
+
+def test_heal_records_history_status_file_and_service_log(bed):
+    bed.host.failed(WORKER)
+    bed.heal("worker")
+    (event,) = bed.history("worker")
+    status = json.loads(bed.paths.status("worker").read_text())
+    assert status == event
+    assert event["service"] == "worker" and event["unit"] == WORKER
+    log_text = bed.paths.service_log("worker").read_text()
+    assert bed.sink.messages[0]["Subject"] in log_text
+
+
+def _event(ts, outcome="RESOLVED", service="worker"):
+    return json.dumps({"ts": ts, "service": service, "outcome": outcome})
+
+
+def test_read_history_skips_a_torn_last_line(tmp_path):
+    paths = selfheal.Paths(tmp_path, tmp_path, tmp_path)
+    paths.history.write_text(_event(1.0) + "\n" + _event(2.0, "FAILED") + "\n" + '{"ts": 3.0, "serv')
+    assert [e["outcome"] for e in selfheal.read_history(paths)] == ["RESOLVED", "FAILED"]
+
+
+def test_read_history_filters_by_service_and_time(tmp_path):
+    paths = selfheal.Paths(tmp_path, tmp_path, tmp_path)
+    paths.history.write_text("\n".join([_event(1.0), _event(5.0), _event(6.0, service="other"), "[1, 2]"]) + "\n")
+    assert [e["ts"] for e in selfheal.read_history(paths, "worker", since=2.0)] == [5.0]
+    assert selfheal.read_history(selfheal.Paths(tmp_path / "none", tmp_path, tmp_path)) == []
+
+
+def test_event_appended_after_a_torn_line_is_still_read(tmp_path):
+    paths = selfheal.Paths(tmp_path, tmp_path, tmp_path)
+    paths.history.write_text(_event(1.0) + "\n" + '{"ts": 2.0, "serv')
+    selfheal.append_line(paths.history, _event(3.0, "FAILED"))
+    assert [e["ts"] for e in selfheal.read_history(paths)] == [1.0, 3.0]
+
+
+def test_atomic_write_that_fails_leaves_the_old_content_and_no_temp_file(tmp_path):
+    target = tmp_path / "status.json"
+    selfheal.atomic_write(target, "old\n")
+    with pytest.raises(UnicodeEncodeError):
+        selfheal.atomic_write(target, "new \udcff\n")  # cannot be encoded: fails mid-write
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
+
+
+def test_atomic_write_replaces_content_and_sets_the_mode(tmp_path):
+    target = tmp_path / "sub" / "file"
+    selfheal.atomic_write(target, "one\n", mode=0o600)
+    selfheal.atomic_write(target, "two\n", mode=0o640)
+    assert target.read_text() == "two\n"
+    assert target.stat().st_mode & 0o777 == 0o640
+
+
+def test_record_heal_survives_an_unwritable_status_dir(bed, tmp_path, caplog):
+    bed.host.failed(WORKER)
+    run_dir = bed.paths.run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "worker.json").mkdir()  # the status file cannot be replaced by a file
+    rc, _ = bed.heal("worker")
+    assert rc == 0
+    assert [e["outcome"] for e in bed.history("worker")] == ["RESOLVED"]
+    assert len(bed.sink.messages) == 1
+    assert any("status file" in r.getMessage() for r in caplog.records)
+
+
+def test_lock_is_exclusive_and_released(tmp_path):
+    path = tmp_path / "locks" / "x.lock"
+    first, second = selfheal.Lock(path), selfheal.Lock(path)
+    assert first.acquire()
+    assert not second.acquire()
+    first.release()
+    assert second.acquire()
+    second.release()

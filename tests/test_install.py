@@ -1,0 +1,256 @@
+"""Install and uninstall into a DESTDIR (no root, systemd not told): the files, their modes,
+idempotence, drop-ins following the config, and an uninstall that removes exactly what
+install put there. install.sh does the same as `selfheal.py install`."""
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import selfheal
+
+pytestmark = pytest.mark.usefixtures("quiet_selfheal")
+
+REPO = Path(__file__).resolve().parent.parent
+INSTALL_SH = REPO / "install.sh"
+LIBDIR = "/usr/local/lib/selfheal"
+CONF = """\
+[selfheal]
+name = MiracleMax
+email_to = owner@example.org
+
+[story-stages]
+port = 5002
+strategies = port_conflict, service_restart
+
+[passgo]
+port = 5001
+
+[blue]
+unit = app@blue.service
+"""
+DROPINS = {
+    "story-stages": "etc/systemd/system/story-stages.service.d/selfheal.conf",
+    "passgo": "etc/systemd/system/passgo.service.d/selfheal.conf",
+    "blue": "etc/systemd/system/app@blue.service.d/selfheal.conf",
+}
+
+
+def snapshot(root):
+    """{relative path: (mode, bytes or symlink target)} of every file and link under root."""
+    found = {}
+    for path in sorted(Path(root).rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            found[rel] = ("link", os.readlink(str(path)))
+        elif path.is_file():
+            found[rel] = (stat.S_IMODE(path.stat().st_mode), path.read_bytes())
+    return found
+
+
+def without_bytecode(tree):
+    return {k: v for k, v in tree.items() if "__pycache__" not in k}
+
+
+@pytest.fixture
+def conf(write_conf):
+    return write_conf(CONF)
+
+
+def install(destdir, config, *more):
+    return selfheal.main(["install", "--destdir", str(destdir), "--prefix", "/usr/local", "--config", str(config)]
+                         + list(more))
+
+
+def test_install_into_destdir_puts_every_file_with_its_mode(tmp_path, conf):
+    root = tmp_path / "root"
+    assert install(root, conf) == 0
+    tree = snapshot(root)
+
+    assert tree[LIBDIR[1:] + "/selfheal.py"] == (0o755, (REPO / "selfheal.py").read_bytes())
+    assert tree["usr/local/bin/miraclemax-status"] == (0o755, selfheal.MIRACLEMAX_STATUS.encode())
+    assert tree["usr/local/sbin/selfheal"] == ("link", LIBDIR + "/selfheal.py")
+    assert tree["etc/selfheal/services.conf"] == (0o644, CONF.encode())
+    for name in selfheal.UNIT_TEMPLATES:
+        assert tree["etc/systemd/system/" + name] == (0o644, selfheal.render_unit(name, LIBDIR).encode())
+    for name, rel in DROPINS.items():
+        mode, text = tree[rel]
+        assert mode == 0o644
+        assert ("OnFailure=selfheal@%s.service" % name).encode() in text.splitlines()
+    manifest = tree["var/lib/selfheal/" + selfheal.MANIFEST_NAME][1].decode().split()
+    installed = {"/" + k for k in without_bytecode(tree)} - {"/etc/selfheal/services.conf",
+                                                            "/var/lib/selfheal/" + selfheal.MANIFEST_NAME}
+    assert set(manifest) == installed
+
+
+def test_second_install_says_nothing_installed_and_changes_nothing(tmp_path, conf, cli):
+    root = tmp_path / "root"
+    args = ("install", "--destdir", root, "--prefix", "/usr/local", "--config", conf)
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert any(line.startswith("  installed ") for line in first.stdout.splitlines())
+    before = snapshot(root)
+    second = cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert [line for line in second.stdout.splitlines() if line.strip().startswith(("installed", "linked"))] == []
+    assert snapshot(root) == before
+
+
+def test_changed_config_replaces_the_installed_one_and_keeps_the_previous_as_bak(tmp_path, write_conf):
+    root = tmp_path / "root"
+    assert install(root, write_conf(CONF, "one.conf")) == 0
+    changed = CONF.replace("name = MiracleMax", "name = MiracleMax2")
+    assert install(root, write_conf(changed, "two.conf")) == 0
+    assert (root / "etc/selfheal/services.conf").read_text() == changed
+    assert (root / "etc/selfheal/services.conf.bak").read_text() == CONF
+
+
+def test_same_config_again_makes_no_bak(tmp_path, conf):
+    root = tmp_path / "root"
+    install(root, conf)
+    install(root, conf)
+    assert not (root / "etc/selfheal/services.conf.bak").exists()
+
+
+def test_service_removed_from_the_config_loses_its_dropin_and_the_others_stay(tmp_path, write_conf):
+    root = tmp_path / "root"
+    assert install(root, write_conf(CONF, "one.conf")) == 0
+    assert install(root, write_conf(CONF.replace("[passgo]\nport = 5001\n", ""), "two.conf")) == 0
+    assert not (root / DROPINS["passgo"]).exists()
+    assert not (root / DROPINS["passgo"]).parent.exists()
+    assert (root / DROPINS["story-stages"]).is_file() and (root / DROPINS["blue"]).is_file()
+    assert "/" + DROPINS["passgo"] not in (root / "var/lib/selfheal" / selfheal.MANIFEST_NAME).read_text().split()
+
+
+def test_foreign_file_named_like_our_dropin_is_left_alone(tmp_path, conf):
+    root = tmp_path / "root"
+    foreign = root / "etc/systemd/system/other.service.d/selfheal.conf"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text("[Service]\nEnvironment=SELFHEAL=mine\n")
+    assert install(root, conf) == 0
+    assert foreign.read_text() == "[Service]\nEnvironment=SELFHEAL=mine\n"
+    assert install(root, conf, "--uninstall") == 0
+    assert foreign.read_text() == "[Service]\nEnvironment=SELFHEAL=mine\n"
+
+
+def test_uninstall_removes_exactly_what_install_put_there_and_keeps_the_config(tmp_path, conf):
+    root = tmp_path / "root"
+    own_unit = root / "etc/systemd/system/story-stages.service"
+    own_unit.parent.mkdir(parents=True)
+    own_unit.write_text("[Service]\nExecStart=/srv/story/run\n")
+    assert install(root, conf) == 0
+    before = snapshot(root)
+    manifest = (root / "var/lib/selfheal" / selfheal.MANIFEST_NAME).read_text().split()
+
+    assert selfheal.main(["install", "--uninstall", "--destdir", str(root), "--prefix", "/usr/local"]) == 0
+    after = snapshot(root)
+    removed = {"/" + k for k in without_bytecode(before)} - {"/" + k for k in after}
+    assert removed == set(manifest) | {"/var/lib/selfheal/" + selfheal.MANIFEST_NAME}
+    assert after["etc/selfheal/services.conf"] == before["etc/selfheal/services.conf"]
+    assert after["etc/systemd/system/story-stages.service"] == before["etc/systemd/system/story-stages.service"]
+    assert not any("__pycache__" in k for k in after)
+
+
+def test_broken_config_exits_78_lists_the_problem_and_creates_nothing(tmp_path, write_conf, cli):
+    root = tmp_path / "root"
+    root.mkdir()
+    bad = write_conf(CONF.replace("port = 5001", "prot = 5001"), "bad.conf")
+    done = cli("install", "--destdir", root, "--config", bad)
+    assert done.returncode == selfheal.EX_CONFIG
+    assert "prot" in done.stderr and "did you mean 'port'" in done.stderr
+    assert list(root.iterdir()) == []
+
+
+def test_config_writable_by_others_is_not_installed(tmp_path, write_conf):
+    root = tmp_path / "root"
+    root.mkdir()
+    path = write_conf(CONF, "loose.conf")
+    os.chmod(path, 0o666)
+    assert install(root, path) == selfheal.EX_CONFIG
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize("prefix", ["usr/local", "/usr/lo cal", "/opt/$(id)", "/opt/x;rm"])
+def test_bad_prefix_is_refused_before_anything_is_written(tmp_path, conf, prefix):
+    root = tmp_path / "root"
+    root.mkdir()
+    assert selfheal.main(["install", "--destdir", str(root), "--prefix", prefix, "--config", conf]) == 2
+    assert list(root.iterdir()) == []
+
+
+def test_prefix_with_dotdot_is_refused_and_nothing_lands_outside_destdir(tmp_path, conf):
+    root = tmp_path / "a" / "b" / "root"
+    root.mkdir(parents=True)
+    rc = selfheal.main(["install", "--destdir", str(root), "--prefix", "/../../escaped", "--config", conf])
+    outside = tmp_path / "a" / "escaped"
+    escaped = outside.exists()
+    shutil.rmtree(str(tmp_path / "a"), ignore_errors=True)
+    assert rc == 2 and not escaped
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="as root this would install onto the host")
+def test_install_onto_the_host_needs_root(conf, capsys):
+    assert selfheal.main(["install", "--config", conf]) == 2
+    assert "root" in capsys.readouterr().err
+
+
+# =============================================================================
+# install.sh
+# =============================================================================
+
+
+def install_sh(*args, env=None, python_dir=None):
+    full = dict(os.environ)
+    full.pop("PYTHONPATH", None)
+    if python_dir:
+        full["PATH"] = str(python_dir) + os.pathsep + full.get("PATH", "")
+    full.update(env or {})
+    return subprocess.run(["bash", str(INSTALL_SH)] + list(args), env=full, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+
+
+def test_install_sh_with_destdir_installs_the_same_tree_as_selfheal_install(tmp_path, conf, python_dir):
+    by_script, by_python = tmp_path / "by-script", tmp_path / "by-python"
+    done = install_sh(env={"DESTDIR": str(by_script), "PREFIX": "/usr/local", "CONFIG": conf},
+                      python_dir=python_dir)
+    assert done.returncode == 0, done.stderr
+    assert install(by_python, conf) == 0
+    script_tree, python_tree = snapshot(by_script), snapshot(by_python)
+    assert without_bytecode(script_tree) == without_bytecode(python_tree)
+    assert sorted(k for k in script_tree if "__pycache__" in k) == sorted(k for k in python_tree if "__pycache__" in k)
+
+
+def test_install_sh_refuses_a_bad_prefix(tmp_path, conf, python_dir):
+    root = tmp_path / "root"
+    root.mkdir()
+    done = install_sh(env={"DESTDIR": str(root), "PREFIX": "relative/prefix", "CONFIG": conf}, python_dir=python_dir)
+    assert done.returncode == 2
+    assert "PREFIX" in done.stderr
+    assert list(root.iterdir()) == []
+
+
+def test_install_sh_help_exits_0_and_an_unknown_option_exits_2():
+    helped = install_sh("--help")
+    assert helped.returncode == 0 and "DESTDIR" in helped.stdout and "--uninstall" in helped.stdout
+    wrong = install_sh("--frobnicate")
+    assert wrong.returncode == 2 and "--frobnicate" in wrong.stderr
+
+
+def test_install_sh_is_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck")
+    if not shellcheck:
+        pytest.skip("shellcheck is not installed")
+    done = subprocess.run([shellcheck, str(INSTALL_SH)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=60)
+    assert done.returncode == 0, done.stdout
+
+
+def test_installed_miraclemax_status_finds_its_installed_library(tmp_path, conf, cli):
+    root = tmp_path / "root"
+    assert install(root, conf) == 0
+    done = cli("--help", script=root / "usr/local/bin/miraclemax-status", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "usage" in done.stdout.lower()

@@ -1,0 +1,118 @@
+"""The unit files in units/ and miraclemax-status are the ones selfheal.py installs, and the
+units say what the design needs (oneshot handler with a deadline, never healing itself, %i)."""
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import selfheal
+
+REPO = Path(__file__).resolve().parent.parent
+UNITS = REPO / "units"
+DROPIN_FILE = "selfheal-dropin.conf"
+
+
+def directives(text):
+    """{section: {key: [values]}} of a unit file (comments and blank lines skipped)."""
+    found, section = {}, None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            found.setdefault(section, {})
+            continue
+        key, _, value = line.partition("=")
+        found[section].setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def selfheal_args(exec_start):
+    """The arguments an ExecStart= hands to selfheal's main()."""
+    argv = shlex.split(exec_start)
+    if "-c" in argv:  # python -c "...import selfheal; selfheal.main()" ARGS
+        return argv[argv.index("-c") + 2:]
+    script = next(i for i, a in enumerate(argv) if a.endswith("selfheal.py"))
+    return argv[script + 1:]
+
+
+def test_units_dir_holds_exactly_the_templates_and_the_dropin():
+    assert sorted(os.listdir(str(UNITS))) == sorted(list(selfheal.UNIT_TEMPLATES) + [DROPIN_FILE])
+
+
+@pytest.mark.parametrize("name", sorted(selfheal.UNIT_TEMPLATES))
+def test_unit_file_is_byte_identical_to_what_selfheal_installs(name):
+    assert (UNITS / name).read_bytes() == selfheal.UNIT_TEMPLATES[name].encode("utf-8")
+
+
+def test_dropin_file_is_byte_identical_to_what_selfheal_installs():
+    assert (UNITS / DROPIN_FILE).read_bytes() == selfheal.DROPIN_TEMPLATE.encode("utf-8")
+
+
+def test_miraclemax_status_is_byte_identical_and_executable():
+    path = REPO / "miraclemax-status"
+    assert path.read_bytes() == selfheal.MIRACLEMAX_STATUS.encode("utf-8")
+    assert os.access(str(path), os.X_OK)
+
+
+def test_handler_unit_is_a_oneshot_with_a_deadline_that_never_heals_itself():
+    unit = directives(selfheal.UNIT_TEMPLATES["selfheal@.service"])
+    assert unit["Service"]["Type"] == ["oneshot"]
+    (timeout,) = unit["Service"]["TimeoutStartSec"]
+    assert 0 < selfheal.parse_duration(timeout) <= 3600
+    assert all("OnFailure" not in keys for keys in unit.values())
+    assert unit["Unit"]["StartLimitIntervalSec"] == ["0"]  # a trigger is never dropped (in [Unit], not [Service])
+
+
+def test_handler_execstart_hands_the_escaped_instance_to_heal():
+    (exec_start,) = directives(selfheal.UNIT_TEMPLATES["selfheal@.service"])["Service"]["ExecStart"]
+    assert "%I" not in exec_start
+    args = selfheal_args(exec_start)
+    assert args[-1] == "%i"
+    parsed = selfheal.build_parser().parse_args(args[:-1] + ["story-stages"])
+    assert (parsed.command, parsed.name, parsed.trigger, parsed.dry_run) == ("heal", "story-stages", "onfailure",
+                                                                            False)
+
+
+def test_mail_service_flushes_quietly_and_its_timer_starts_it():
+    (exec_start,) = directives(selfheal.UNIT_TEMPLATES["selfheal-mail.service"])["Service"]["ExecStart"]
+    parsed = selfheal.build_parser().parse_args(selfheal_args(exec_start))
+    assert (parsed.command, parsed.quiet) == ("flush-mail", True)
+    timer = directives(selfheal.UNIT_TEMPLATES["selfheal-mail.timer"])
+    assert timer["Install"]["WantedBy"] == ["timers.target"]
+    assert timer["Timer"].get("Unit", ["selfheal-mail.service"]) == ["selfheal-mail.service"]
+    assert selfheal.parse_duration(timer["Timer"]["OnUnitActiveSec"][0]) <= 60
+
+
+@pytest.mark.parametrize("name", sorted(selfheal.UNIT_TEMPLATES))
+def test_rendered_unit_has_no_placeholder_left_and_points_at_the_libdir(name):
+    text = selfheal.render_unit(name, "/opt/sh/lib/selfheal")
+    assert "@LIBDIR@" not in text and "@PYTHON@" not in text
+    for exec_start in directives(text).get("Service", {}).get("ExecStart", []):
+        assert shlex.split(exec_start)[0] == selfheal.PYTHON
+        assert "/opt/sh/lib/selfheal" in exec_start
+
+
+def test_rendered_mail_unit_command_really_runs_selfheal(tmp_path):
+    # libdir = this checkout: run the unit's own command line as systemd would (no shell)
+    text = selfheal.render_unit("selfheal-mail.service", str(REPO), python=sys.executable)
+    (exec_start,) = directives(text)["Service"]["ExecStart"]
+    config = tmp_path / "services.conf"
+    config.write_text("[selfheal]\nemail_to = a@example.org\n\n[worker]\n")
+    env = dict(os.environ, SELFHEAL_CONFIG=str(config), SELFHEAL_STATE_DIR=str(tmp_path / "state"),
+               SELFHEAL_RUN_DIR=str(tmp_path / "run"), SELFHEAL_LOG_DIR=str(tmp_path / "log"))
+    done = subprocess.run(shlex.split(exec_start), env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("name, unit", [("story-stages", "story-stages.service"), ("blue", "app@blue.service")])
+def test_dropin_adds_onfailure_for_the_section_name(name, unit):
+    text = selfheal.dropin_text(selfheal.Service(name=name, unit=unit), "/etc/selfheal/services.conf")
+    assert text.startswith(selfheal.DROPIN_MARK)
+    assert directives(text) == {"Unit": {"OnFailure": ["selfheal@%s.service" % name]}}
