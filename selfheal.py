@@ -1381,6 +1381,9 @@ def record_heal(paths: Paths, result: HealResult, report_text: str) -> None:
         "result": result.diagnosis.result,
         "exit": ("%s %s" % (result.diagnosis.exit_code, result.diagnosis.exit_status)).strip(),
         "root_cause": result.root_cause.summary,
+        # The run selfheal brought back: a trigger that finds this run healthy is not news.
+        "healed_invocation": result.post.get("InvocationID", "")
+        if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED) else "",
     }
     steps = [
         (lambda: append_line(paths.history, json.dumps(event, sort_keys=True)), "history"),
@@ -1456,6 +1459,11 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
         if all(c.ok for c in checks):
             runs.append(StrategyRun("none", (), Verification(True, 0.0, checks, unit),
                                     "it was already running and healthy when selfheal looked"))
+            earlier = read_history(paths, svc.name)[-1:]
+            if earlier and earlier[0].get("healed_invocation") == unit.get("InvocationID"):
+                # A heal that ran while this trigger waited already brought back this very
+                # run of the service, and reported it: nothing new to do or to say.
+                return finish(Outcome.HEALTHY)
             recovered = diag.result not in ("", "success") or trigger == "onfailure"
             return finish(Outcome.RECOVERED if recovered else Outcome.HEALTHY)
 

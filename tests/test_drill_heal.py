@@ -6,17 +6,14 @@ with `./install.sh` exactly as the README says. Each drill breaks a real service
 reads the real mailbox (/var/mail/root, delivered by postfix).
 """
 
-import json
 import time
 
 import pytest
 
-from bed import Container
+from drillkit import (CLONE, REPO_INSIDE, about, body, clear_mailbox, history, http_get, installed_host,
+                      show)
 
 pytestmark = pytest.mark.drill
-
-REPO_INSIDE = "/src"
-CLONE = "/root/selfheal"
 
 UNITS = {
     "story-stages.service": """\
@@ -101,51 +98,12 @@ port = 5099
 def host(bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
-    with Container(binds_ro={str(repo_root): REPO_INSIDE}) as box:
-        box.run(["install", "-m", "0755", REPO_INSIDE + "/tests/standin.py", "/usr/local/bin/standin"])
+    def ghost_app(box):
         box.run(["install", "-D", "-m", "0755", REPO_INSIDE + "/tests/standin.py", "/opt/ghost/ghost-app"])
-        for name, text in UNITS.items():
-            box.write("/etc/systemd/system/" + name, text)
-        box.run(["systemctl", "daemon-reload"])
-        box.run(["systemctl", "enable", "--now", "story-stages", "ghost", "forky", "app@blue"])
-        for port in (5002, 5003, 5005, 5010):
-            box.wait_listening(port)
-        box.run(["cp", "-a", REPO_INSIDE, CLONE])
-        box.write(CLONE + "/services.conf", CONFIG)
-        install = box.run([CLONE + "/install.sh"], timeout=120)
-        box.install_output = install.stdout + install.stderr
+
+    with installed_host(repo_root, UNITS, CONFIG, start=("story-stages", "ghost", "forky", "app@blue"),
+                        ports=(5002, 5003, 5005, 5010), setup=ghost_app) as box:
         yield box
-
-
-def clear_mailbox(box):
-    box.sh(": > /var/mail/root")
-
-
-def about(service, outcome):
-    return lambda m: ("%s - %s" % (service, outcome)) in str(m["Subject"])
-
-
-def body(msg):
-    return msg.get_body(preferencelist=("plain",)).get_content()
-
-
-def http_get(box, port, path="/health"):
-    code = ("import urllib.request,sys\n"
-            "try:\n print(urllib.request.urlopen('http://127.0.0.1:%d%s', timeout=3).status)\n"
-            "except Exception as e:\n print('error', e)\n" % (port, path))
-    return box.run(["python3", "-c", code], check=False).stdout.strip()
-
-
-def show(box, unit, prop):
-    return box.run(["systemctl", "show", "-p", prop, "--value", unit]).stdout.strip()
-
-
-def history(box):
-    try:
-        text = box.read("/var/lib/selfheal/history.jsonl")
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def test_install_puts_a_dropin_on_each_listed_unit_and_warns_about_missing_ones(host):
@@ -175,7 +133,7 @@ def test_sigkilled_web_service_answers_again_and_resolved_mail_tells_the_truth(h
     assert "health: http://127.0.0.1:5002/health HTTP 200" in text
     assert "from failure to verified healthy" in text
     assert "State:   active (running)" in text
-    events = [e for e in history(host) if e["service"] == "story-stages"]
+    events = history(host, "story-stages")
     assert events[-1]["outcome"] == "RESOLVED" and events[-1]["exit"] == "killed KILL"
 
 
@@ -192,7 +150,7 @@ def test_missing_binary_gives_one_failed_mail_with_manual_steps_and_no_restart_s
     time.sleep(5)  # room for a storm to show itself
     assert len([m for m in host.mails() if "ghost" in str(m["Subject"])]) == 1
     assert show(host, "ghost", "ActiveState") == "failed"
-    assert len([e for e in history(host) if e["service"] == "ghost"]) == 1
+    assert len(history(host, "ghost")) == 1
     exec_failures = host.run(["journalctl", "-u", "ghost", "-o", "cat", "--no-pager"]).stdout.count(
         "Failed at step EXEC")
     assert exec_failures == 1, "selfheal should restart the broken service once, and only once"

@@ -469,6 +469,30 @@ def test_heal_already_running_makes_a_second_trigger_join_it_without_restarting(
     assert "already running" in out
 
 
+def test_trigger_that_waited_for_a_heal_finds_that_run_healthy_and_stays_silent(bed):
+    # A manual heal and systemd's OnFailure= trigger for the same crash: the one that got
+    # the lock first healed and mailed; the other finds the run it brought back.
+    bed.host.failed(WORKER)
+    assert bed.heal("worker", trigger="manual")[0] == 0
+    assert len(bed.sink.messages) == 1
+    rc, _ = bed.heal("worker", trigger="onfailure")
+    assert rc == 0
+    assert [c[1] for c in bed.host.actions()] == ["restart"]
+    assert len(bed.sink.messages) == 1
+    assert [e["outcome"] for e in bed.history("worker")] == ["RESOLVED"]
+
+
+def test_service_found_healthy_in_a_new_run_after_a_failure_is_reported_recovered(bed):
+    # Not the run selfheal brought back: someone (or systemd) restarted it. That is news.
+    bed.host.failed(WORKER)
+    bed.heal("worker", trigger="manual")
+    bed.host.unit(WORKER, ActiveState="active", SubState="running", InvocationID="another-run", Result="signal")
+    rc, _ = bed.heal("worker", trigger="onfailure")
+    assert rc == 0
+    assert [e["outcome"] for e in bed.history("worker")] == ["RESOLVED", "RECOVERED"]
+    assert len(bed.sink.messages) == 2
+
+
 def test_dry_run_prints_the_plan_and_changes_nothing(bed):
     bed.host.failed(WORKER, result="start-limit-hit", code="1", status="1")
     rc, out = bed.heal("worker", dry_run=True)

@@ -1,0 +1,84 @@
+"""What the drills share: a container with stand-in services and selfheal installed by
+./install.sh from a copy of the repo (as a user's clone), and small readers of its state."""
+
+import contextlib
+import json
+
+from bed import Container
+
+REPO_INSIDE = "/src"
+CLONE = "/root/selfheal"
+STANDIN = "/usr/local/bin/standin"
+
+
+def web_unit(port, extra=""):
+    """A stand-in web app on 127.0.0.1:PORT; `extra` adds [Service] lines."""
+    return ("[Unit]\nDescription=stand-in on %d\n[Service]\nExecStart=/usr/bin/python3 %s %d\n%s"
+            "[Install]\nWantedBy=multi-user.target\n" % (port, STANDIN, port, extra))
+
+
+@contextlib.contextmanager
+def installed_host(repo_root, units, config, start=(), ports=(), suite=None, setup=None):
+    """Boot a container, add `units` ({name: text}), run setup(box), start `start`, install."""
+    with Container(suite=suite, binds_ro={str(repo_root): REPO_INSIDE}) as box:
+        box.run(["install", "-m", "0755", REPO_INSIDE + "/tests/standin.py", STANDIN])
+        if setup:
+            setup(box)
+        for name, text in units.items():
+            box.write("/etc/systemd/system/" + name, text)
+        box.run(["systemctl", "daemon-reload"])
+        if start:
+            box.run(["systemctl", "enable", "--now", *start])
+        for port in ports:
+            box.wait_listening(port)
+        box.run(["cp", "-a", REPO_INSIDE, CLONE])
+        box.write(CLONE + "/services.conf", config)
+        install = box.run([CLONE + "/install.sh"], timeout=120)
+        box.install_output = install.stdout + install.stderr
+        yield box
+
+
+def clear_mailbox(box):
+    box.sh(": > /var/mail/root")
+
+
+def about(service, outcome):
+    return lambda m: ("%s - %s" % (service, outcome)) in str(m["Subject"])
+
+
+def body(msg):
+    return msg.get_body(preferencelist=("plain",)).get_content()
+
+
+def http_get(box, port, path="/health"):
+    code = ("import urllib.request,sys\n"
+            "try:\n print(urllib.request.urlopen('http://127.0.0.1:%d%s', timeout=3).status)\n"
+            "except Exception as e:\n print('error', e)\n" % (port, path))
+    return box.run(["python3", "-c", code], check=False).stdout.strip()
+
+
+def show(box, unit, prop):
+    return box.run(["systemctl", "show", "-p", prop, "--value", unit]).stdout.strip()
+
+
+def history(box, service=None):
+    try:
+        text = box.read("/var/lib/selfheal/history.jsonl")
+    except FileNotFoundError:
+        return []
+    events = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [e for e in events if service is None or e["service"] == service]
+
+
+def mails_about(box, service):
+    return [m for m in box.mails() if (": %s - " % service) in str(m["Subject"])]
+
+
+def wait_idle(box, name, timeout=30):
+    """Wait until selfheal@NAME.service is not running (a heal finished)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while box.run(["systemctl", "is-active", "selfheal@%s.service" % name], check=False).stdout.strip() in (
+            "activating", "active", "deactivating"):
+        assert time.monotonic() < deadline, "selfheal@%s.service still running" % name
+        time.sleep(0.05)
