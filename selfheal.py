@@ -6,7 +6,8 @@ service listed in services.conf fails. That unit runs ``selfheal.py heal NAME``:
 diagnose (systemctl show, the journal of the failed run, who holds the port),
 repair with the configured strategies in order, verify by polling against a
 deadline, then mail a report. A report that cannot be mailed is queued and
-delivered later by ``selfheal.py flush-mail`` (run by selfheal-mail.timer).
+delivered later by ``selfheal.py watch`` (selfheal-watch.timer) or ``flush-mail``.
+The watch also catches what OnFailure= never sees: hung, stopped, or auto-restarted services.
 
 Python standard library only; Python 3.9+, systemd 247+.
 Run ``selfheal.py --help`` for the commands.
@@ -174,6 +175,12 @@ class Paths:
     def service_log(self, name: str) -> Path:
         return self.logs / (name + ".log")
 
+    def finding(self, name: str) -> Path:
+        return self.run / "findings" / (name + ".json")
+
+    def watch_state(self, name: str) -> Path:
+        return self.run / "watch" / (name + ".json")
+
     @classmethod
     def from_env(cls, env=os.environ) -> "Paths":
         """SELFHEAL_STATE_DIR / _RUN_DIR / _LOG_DIR move the directories (tests, packaging)."""
@@ -201,6 +208,13 @@ class Settings:
     failure_window: float = 3600.0
     verify_timeout: float = 30.0
     syslog_ident: str = "miraclemax-self-heal"
+    watch_interval: float = 30.0  # selfheal-watch.timer
+    watch_confirm: int = 2  # failed probes in a row before acting
+    flap_threshold: int = 3  # failures within flap_window: one FLAPPING mail
+    flap_window: float = 900.0
+    reminder_interval: float = 86400.0  # re-send an unresolved FAILED/ESCALATED
+    incident_quiet: float = 600.0  # healthy this long: the incident is over
+    notify: str = "always"  # always | on-failure | never
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +229,10 @@ class Service:
     strategies: Tuple[str, ...] = ("service_restart",)
     health_url: str = ""
     health_timeout: float = 5.0
+    health_expect_status: Tuple[int, ...] = ()  # empty: any 2xx or 3xx
+    health_expect_text: str = ""  # must appear in the body
+    on_stopped: str = "heal"  # heal | report | ignore
+    notify: str = ""  # always | on-failure | never; empty: the global notify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,12 +242,24 @@ class Config:
     services: Dict[str, Service]
 
 
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """What the watch saw that made it start a heal (OnFailure= needs none)."""
+
+    kind: str  # unhealthy | stopped | failed | restarted
+    detail: str  # "port 5002 open but GET http://... no answer within 5 s"
+    at: float  # when the watch saw it
+    since: float = 0.0  # restarted: the last time the watch saw it healthy
+    nrestarts: Tuple[int, int] = (0, 0)  # restarted: systemd's NRestarts before and now
+
+
 class Outcome(str, enum.Enum):
     RESOLVED = "RESOLVED"  # selfheal repaired it and verified it works
     RECOVERED = "RECOVERED"  # systemd's own Restart= brought it back; selfheal verified
     FAILED = "FAILED"  # nothing worked: a human is needed
     ESCALATED = "ESCALATED"  # too many heals in the window: healing suspended
     HEALTHY = "HEALTHY"  # nothing was wrong when selfheal looked
+    STOPPED = "STOPPED"  # found stopped; on_stopped = report: left stopped, reported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +308,7 @@ class Diagnosis:
     holders: Tuple[Process, ...]  # processes behind those sockets
     failed_at: Optional[float]  # wall clock of the failure, when systemd says
     detected_after: Optional[float]  # seconds from failure to this diagnosis
+    finding: Optional[Finding] = None  # when the watch started this heal
 
     @property
     def active_state(self) -> str:
@@ -374,6 +405,9 @@ HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-
 ADDR_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 IDENT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,48}$")
 SMTP_SECURITY = ("none", "starttls", "ssl")
+NOTIFY = ("always", "on-failure", "never")
+ON_STOPPED = ("heal", "report", "ignore")
+MIN_WATCH_INTERVAL = 5.0
 
 
 def parse_duration(text: str) -> float:
@@ -512,6 +546,13 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         failure_window=take(s, g, "failure_window", positive_duration, 3600.0),
         verify_timeout=take(s, g, "verify_timeout", positive_duration, 30.0),
         syslog_ident=take(s, g, "syslog_ident", check_ident, "miraclemax-self-heal"),
+        watch_interval=take(s, g, "watch_interval", check_watch_interval, 30.0),
+        watch_confirm=take(s, g, "watch_confirm", positive_int, 2),
+        flap_threshold=take(s, g, "flap_threshold", check_flap_threshold, 3),
+        flap_window=take(s, g, "flap_window", positive_duration, 900.0),
+        reminder_interval=take(s, g, "reminder_interval", positive_duration, 86400.0),
+        incident_quiet=take(s, g, "incident_quiet", positive_duration, 600.0),
+        notify=take(s, g, "notify", choice(NOTIFY), "always"),
     )
     if settings.smtp_user and "smtp_password_file" not in g:
         problem(line_of(s, "smtp_user"), s, "smtp_user", "needs smtp_password_file as well")
@@ -550,7 +591,14 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
             strategies=take(section, values, "strategies", check_strategies, ("service_restart",)),
             health_url=take(section, values, "health_url", check_url, ""),
             health_timeout=take(section, values, "health_timeout", positive_duration, 5.0),
+            health_expect_status=take(section, values, "health_expect_status", check_statuses, ()),
+            health_expect_text=take(section, values, "health_expect_text", check_expect_text, ""),
+            on_stopped=take(section, values, "on_stopped", choice(ON_STOPPED), "heal"),
+            notify=take(section, values, "notify", choice(NOTIFY), ""),
         )
+        for key in ("health_expect_status", "health_expect_text", "health_timeout"):
+            if key in values and not svc.health_url:
+                problem(line_of(section, key), section, key, "needs health_url")
         if "port_conflict" in svc.strategies and svc.port is None:
             problem(line_of(section, "strategies"), section, "strategies", "port_conflict needs a port")
         services[section] = svc
@@ -608,6 +656,33 @@ def positive_duration(value: str) -> float:
     if seconds <= 0:
         raise ValueError("must be more than zero")
     return seconds
+
+
+def check_watch_interval(value: str) -> float:
+    seconds = parse_duration(value)
+    if seconds < MIN_WATCH_INTERVAL or seconds != int(seconds):
+        raise ValueError("must be whole seconds, %d s or more" % MIN_WATCH_INTERVAL)
+    return seconds
+
+
+def check_flap_threshold(value: str) -> int:
+    number = positive_int(value)
+    if number < 2:
+        raise ValueError("must be 2 or more (one failure is not flapping)")
+    return number
+
+
+def check_statuses(value: str) -> Tuple[int, ...]:
+    codes = split_list(value)
+    if not codes or not all(c.isdigit() and 100 <= int(c) <= 599 for c in codes):
+        raise ValueError("list HTTP status codes, e.g. 200 or 200, 204")
+    return tuple(int(c) for c in codes)
+
+
+def check_expect_text(value: str) -> str:
+    if not value or len(value) > 200 or any(ord(c) < 32 for c in value):
+        raise ValueError("must be 1-200 printable characters")
+    return value
 
 
 def check_bool(value: str) -> bool:
@@ -869,6 +944,13 @@ def read_journal(invocation: str, unit: str, lines: int = JOURNAL_LINES) -> Tupl
     return tuple(result.out.splitlines()[-lines:]) if result.ok else ()
 
 
+def read_journal_since(unit: str, since: float, lines: int = JOURNAL_LINES) -> Tuple[str, ...]:
+    argv = [JOURNALCTL, "--no-pager", "-q", "-o", "short-iso", "-n", str(lines), "-u", unit,
+            "--since", "@%d" % max(0, int(since) - 1)]
+    result = run(argv, timeout=10)
+    return tuple(result.out.splitlines()[-lines:]) if result.ok else ()
+
+
 def parse_usec_timestamp(value: str) -> Optional[float]:
     try:
         usec = int(value)
@@ -877,9 +959,34 @@ def parse_usec_timestamp(value: str) -> Optional[float]:
     return usec / 1e6 if usec > 0 else None
 
 
-def diagnose(svc: Service, env=os.environ) -> Diagnosis:
+CRASH_LINE_RE = re.compile(r"Main process exited, code=(\w+), status=(\d+)(?:/(\w+))?")
+RESULT_LINE_RE = re.compile(r"Failed with result '([\w-]+)'")
+
+
+def crash_from_journal(lines: Sequence[str]) -> Tuple[str, str, str]:
+    """(result, exit code, exit status) of the last crash systemd logged in these lines."""
+    result = code = status = ""
+    for line in lines:
+        match = CRASH_LINE_RE.search(line)
+        if match:
+            code, status = match.group(1), match.group(3) or match.group(2)
+            result = ""
+        match = RESULT_LINE_RE.search(line)
+        if match:
+            result = match.group(1)
+    return result, code, status
+
+
+def diagnose(svc: Service, env=os.environ, finding: Optional[Finding] = None) -> Diagnosis:
     """Everything known about the failure, gathered in a few fast calls."""
     unit = show_unit(svc.unit)
+    if finding and finding.kind == "restarted":
+        # systemd's Restart= already replaced the crashed run (no OnFailure= on systemd
+        # 252): the crash is only in the journal since the watch last saw it healthy.
+        journal = read_journal_since(svc.unit, finding.since)
+        result, exit_code, exit_status = crash_from_journal(journal)
+        return Diagnosis(unit, result or "unknown", exit_code, exit_status, False, journal, (), (),
+                         None, None, finding)
     from_env = env.get("MONITOR_UNIT") == svc.unit and bool(env.get("MONITOR_SERVICE_RESULT"))
     if from_env:  # systemd 251+: the failed run's facts, even if the unit moved on since
         result = env.get("MONITOR_SERVICE_RESULT", "")
@@ -907,8 +1014,10 @@ def diagnose(svc: Service, env=os.environ) -> Diagnosis:
     if failed_mono:
         detected_after = max(0.0, time.monotonic() - failed_mono)
         failed_at = time.time() - detected_after
+    if finding and finding.kind == "unhealthy":
+        failed_at = detected_after = None  # still running: systemd's timestamps say nothing of it
     return Diagnosis(unit, result, exit_code, exit_status, from_env, journal, listeners,
-                     tuple(holders), failed_at, detected_after)
+                     tuple(holders), failed_at, detected_after, finding)
 
 
 def signal_name(number: str) -> str:
@@ -950,8 +1059,10 @@ def preload() -> None:
     import urllib.request  # noqa: F401
 
 
-def http_check(url: str, timeout: float) -> Tuple[bool, str]:
-    """GET url; 2xx and 3xx count as healthy (redirects are not followed). Never raises."""
+def http_check(url: str, timeout: float, expect_status: Sequence[int] = (),
+               expect_text: str = "") -> Tuple[bool, str]:
+    """GET url. Healthy: the expected status (default any 2xx or 3xx; redirects are not
+    followed) and, when asked, the expected text in the first 64 KiB. Never raises."""
     import urllib.error
     import urllib.request
 
@@ -961,11 +1072,24 @@ def http_check(url: str, timeout: float) -> Tuple[bool, str]:
 
     opener = urllib.request.build_opener(NoRedirect)
     request = urllib.request.Request(url, headers={"User-Agent": "selfheal/%s" % VERSION})
+
+    def status_ok(code: int) -> bool:
+        return code in expect_status if expect_status else 200 <= code < 400
+
     try:
         with opener.open(request, timeout=timeout) as response:
-            return 200 <= response.status < 400, "HTTP %d" % response.status
+            status = response.status
+            if not status_ok(status):
+                return False, "HTTP %d, expected %s" % (status, "/".join(map(str, expect_status)) or "2xx/3xx")
+            if expect_text:
+                body = response.read(65536).decode("utf-8", "replace")
+                if expect_text not in body:
+                    return False, "HTTP %d but the body lacks %r" % (status, expect_text)
+            return True, "HTTP %d" % status
     except urllib.error.HTTPError as exc:
-        return 300 <= exc.code < 400, "HTTP %d" % exc.code
+        ok = status_ok(exc.code) and not expect_text
+        return ok, "HTTP %d" % exc.code if ok else "HTTP %d, expected %s" % (
+            exc.code, "/".join(map(str, expect_status)) or "2xx/3xx")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, socket.timeout) or "timed out" in str(reason):
@@ -991,7 +1115,8 @@ def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
         listening = port_listening(svc.port)
         checks.append(Check("port", listening, "%d %s" % (svc.port, "listening" if listening else "not listening")))
     if svc.health_url and all(c.ok for c in checks):
-        ok, detail = http_check(svc.health_url, svc.health_timeout)
+        ok, detail = http_check(svc.health_url, svc.health_timeout, svc.health_expect_status,
+                                svc.health_expect_text)
         checks.append(Check("health", ok, "%s %s" % (svc.health_url, detail)))
     return tuple(checks), unit
 
@@ -1167,7 +1292,32 @@ JOURNAL_HINTS = (
 
 
 def root_cause(svc: Service, diag: Diagnosis) -> RootCause:
-    """Explain the failure from systemd's result, the exit status and the journal."""
+    """Explain the failure from what the watch saw, systemd's result, the exit status and
+    the journal."""
+    finding = diag.finding
+    if finding and finding.kind == "unhealthy":
+        if "no answer" in finding.detail or "timed out" in finding.detail:
+            return RootCause("It hung: %s, while systemd still counted it as running." % finding.detail,
+                             "high", "watch: " + finding.detail,
+                             "A hang is a deadlock, an exhausted pool or a blocking call. Next time, "
+                             "before it is restarted, look at what it waits for (py-spy dump, gdb -p PID, "
+                             "/proc/PID/stack); pause selfheal for it to keep it in that state.")
+        return RootCause("It was running but not serving: %s." % finding.detail, "medium",
+                         "watch: " + finding.detail,
+                         "Read its journal for errors; check what it needs (database, disk, config).")
+    if finding and finding.kind == "stopped" and diag.active_state == "inactive" and diag.result in ("", "success"):
+        return RootCause("It was stopped cleanly (systemctl stop, or a unit it depends on stopped), not crashed.",
+                         "high", "systemd: inactive (dead), result success",
+                         "If that was maintenance, pause selfheal first next time: selfheal pause %s. "
+                         "To leave stopped services alone, set on_stopped = report or ignore." % svc.name)
+    cause = _failure_cause(svc, diag)
+    if finding and finding.kind == "restarted":
+        return RootCause("It crashed and systemd's Restart= brought it back by itself. " + cause.summary,
+                         cause.confidence, cause.evidence, cause.recommendation)
+    return cause
+
+
+def _failure_cause(svc: Service, diag: Diagnosis) -> RootCause:
     result, code, status = diag.result, diag.exit_code, diag.exit_status
     peak = diag.unit.get("MemoryPeak", "")
     evidence = "systemd result %r" % (result or "unknown")
@@ -1384,6 +1534,9 @@ def record_heal(paths: Paths, result: HealResult, report_text: str) -> None:
         # The run selfheal brought back: a trigger that finds this run healthy is not news.
         "healed_invocation": result.post.get("InvocationID", "")
         if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED) else "",
+        # The run selfheal last looked at: the watch does not act twice on a known problem.
+        "last_invocation": result.post.get("InvocationID", ""),
+        "trigger_detail": result.diagnosis.finding.detail if result.diagnosis.finding else "",
     }
     steps = [
         (lambda: append_line(paths.history, json.dumps(event, sort_keys=True)), "history"),
@@ -1407,11 +1560,11 @@ def iso(ts: float) -> str:
 
 
 def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
-         env=os.environ, dry_run: bool = False) -> HealResult:
+         env=os.environ, dry_run: bool = False, finding: Optional[Finding] = None) -> HealResult:
     """Heal one service once. The caller holds the service's lock."""
     settings = config.settings
     started_at, start_mono = time.time(), time.monotonic()
-    diag = diagnose(svc, env)
+    diag = diagnose(svc, env, finding)
     cause = root_cause(svc, diag)
     runs: List[StrategyRun] = []
 
@@ -1438,8 +1591,9 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
 
     window_start = max(started_at - settings.failure_window,
                        float(load_service_state(paths, svc.name).get("rearmed_at", 0.0)))
+    # selfheal's own repairs count; what systemd's Restart= repaired by itself does not.
     attempts = [e for e in read_history(paths, svc.name, since=window_start)
-                if e.get("outcome") in (Outcome.RESOLVED.value, Outcome.RECOVERED.value, Outcome.FAILED.value)]
+                if e.get("outcome") in (Outcome.RESOLVED.value, Outcome.FAILED.value)]
     if len(attempts) >= settings.failure_threshold and not dry_run:
         return finish(Outcome.ESCALATED,
                       "%d heals of %s within %s (failure_threshold = %d): selfheal stops healing it "
@@ -1447,7 +1601,20 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
                       % (len(attempts), svc.name, format_duration(settings.failure_window),
                          settings.failure_threshold, svc.name))
 
-    if diag.systemd_restarting:
+    if finding and finding.kind == "stopped" and svc.on_stopped == "report" and diag.active_state == "inactive":
+        runs.append(StrategyRun("none", (), None, "on_stopped = report: selfheal left it stopped"))
+        return finish(Outcome.STOPPED, "%s was found stopped and on_stopped = report, so selfheal left it "
+                      "stopped. If that is wrong: systemctl start %s" % (svc.unit, svc.unit))
+
+    if finding and finding.kind == "restarted" and diag.active_state == "active":
+        checks, unit = probe(svc)
+        before, now = finding.nrestarts
+        runs.append(StrategyRun("systemd_restart", (), Verification(all(c.ok for c in checks), 0.0, checks, unit),
+                                "systemd's Restart= restarted it by itself (restarts %d -> %d); selfheal "
+                                "verified it and did not restart it again" % (before, now)))
+        if all(c.ok for c in checks):
+            return finish(Outcome.RECOVERED)
+    elif diag.systemd_restarting:
         verification = verify(svc, settings.verify_timeout) if not dry_run else None
         runs.append(StrategyRun("systemd_restart", (), verification,
                                 "systemd's own Restart= was already restarting it; selfheal waited "
@@ -1464,7 +1631,7 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
                 # A heal that ran while this trigger waited already brought back this very
                 # run of the service, and reported it: nothing new to do or to say.
                 return finish(Outcome.HEALTHY)
-            recovered = diag.result not in ("", "success") or trigger == "onfailure"
+            recovered = diag.result not in ("", "success") or trigger == "onfailure" or finding is not None
             return finish(Outcome.RECOVERED if recovered else Outcome.HEALTHY)
 
     for name in svc.strategies:
@@ -1509,9 +1676,19 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
         print("a heal of %s is already running" % name, file=out)
         return EX_OK
     try:
+        # Started as selfheal@NAME.service: by OnFailure=, or by the watch, which leaves a
+        # finding. (systemd sets MONITOR_* in both cases: it describes the unit whose
+        # OnFailure= names this instance, whoever started it.)
+        finding = None
+        if trigger == "onfailure" and not dry_run:
+            finding = take_finding(paths, name, 3 * config.settings.watch_interval)
+            if finding:
+                trigger = "watch"
+                if finding.kind in ("unhealthy", "restarted"):
+                    env = {}  # MONITOR_* would describe an earlier run, not this problem
         outcome = Outcome.HEALTHY
         for _round in range(config.settings.failure_threshold + 1):
-            result = heal(config, svc, paths, trigger, env, dry_run)
+            result = heal(config, svc, paths, trigger, env, dry_run, finding)
             outcome = result.outcome
             text = render_report(config.settings, result)
             if dry_run:
@@ -1521,18 +1698,9 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
             print(text.splitlines()[0] + "\n" + summary_line(result), file=out)
             if outcome is Outcome.HEALTHY:
                 return EX_OK
-            state = load_service_state(paths, name)
-            if outcome is Outcome.ESCALATED and state.get("escalated"):
-                return EX_FAIL  # the one escalation mail was sent already
             record_heal(paths, result, text)
-            if (outcome is Outcome.ESCALATED) != bool(state.get("escalated")):
-                if outcome is Outcome.ESCALATED:
-                    state["escalated"] = result.started_at
-                else:  # the window passed: healing works again, a later storm escalates again
-                    state.pop("escalated", None)
-                save_service_state(paths, name, state)
-            if deliver(config, paths, build_message(config.settings, result, text)):
-                flush_spool(config, paths)  # the mail server answers: send what was queued
+            remember_restarts(paths, name, result.post)
+            notify_heal(config, paths, result, text)
             if outcome is not Outcome.RESOLVED and outcome is not Outcome.RECOVERED:
                 break
             # A failure that came while we were busy was merged into this run by systemd:
@@ -1540,7 +1708,7 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
             again = show_unit(svc.unit)
             if again.get("ActiveState") != "failed":
                 break
-            trigger, env = "failed again during the heal", {}
+            trigger, env, finding = "failed again during the heal", {}, None
         return EX_OK if outcome in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY) else EX_FAIL
     finally:
         lock.release()
@@ -1559,18 +1727,363 @@ def log_outcome(result: HealResult) -> None:
 
 
 # =============================================================================
+# Incidents: one mail thread per incident, flapping, reminders, notify policy
+# =============================================================================
+
+FAILURE_OUTCOMES = (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.FAILED, Outcome.ESCALATED, Outcome.STOPPED)
+PROBLEM_OUTCOMES = (Outcome.FAILED, Outcome.ESCALATED, Outcome.STOPPED)  # a human must act
+FAILURE_LABELS = ("FAILED", "ESCALATED", "FLAPPING", "STOPPED", "STILL FAILING")
+
+
+def should_mail(settings: Settings, svc: Service, label: str, closes_problem: bool = False) -> bool:
+    """The notify policy: always | on-failure | never (per service, else global)."""
+    policy = svc.notify or settings.notify
+    if policy == "never":
+        return False
+    if policy == "on-failure":
+        return label in FAILURE_LABELS or closes_problem  # "it is fixed" ends a failure thread
+    return True
+
+
+def open_incident(state: dict, now: float) -> dict:
+    incident = state.get("incident")
+    if not incident or incident.get("closed"):
+        incident = {"opened": now, "failures": [], "message_id": "", "flapping": False,
+                    "problem": "", "last_mail": 0.0, "mails": 0}
+        state["incident"] = incident
+    return incident
+
+
+def send_in_thread(config: Config, paths: Paths, incident: dict, subject_text: str, body: str) -> None:
+    """Mail one message of an incident: the first starts the thread, the rest reply to it."""
+    msg = make_message(config.settings, subject_text, body, thread=incident.get("message_id", ""))
+    if not incident.get("message_id"):
+        incident["message_id"] = str(msg["Message-ID"])
+    incident["last_mail"] = time.time()
+    incident["mails"] = incident.get("mails", 0) + 1
+    if deliver(config, paths, msg):
+        flush_spool(config, paths)  # the mail server answers: send what was queued
+
+
+def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> None:
+    """Decide what a heal's report becomes: a mail in the incident's thread, a FLAPPING mail
+    (once), nothing (later recoveries of a flapping service; the notify policy), and keep
+    the incident's state. Never raises for a mail problem."""
+    settings, svc, now = config.settings, result.service, result.started_at
+    state = load_service_state(paths, svc.name)
+    escalated_before = bool(state.get("escalated"))
+    if result.outcome is Outcome.ESCALATED:
+        state["escalated"] = now
+    else:
+        state.pop("escalated", None)  # healing works again: a later storm escalates again
+    incident = open_incident(state, now)
+    incident["failures"] = [t for t in incident["failures"] if t >= now - settings.flap_window] + [now]
+    incident["last_failure"] = now
+    label = subject_label(result)
+    send, body = True, text
+    if result.outcome is Outcome.ESCALATED and escalated_before:
+        send = False  # the one escalation mail was sent already
+    elif result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
+        incident["problem"] = ""
+        if len(incident["failures"]) >= settings.flap_threshold:
+            if incident.get("flapping"):
+                send = False  # one FLAPPING mail per incident; the history has every heal
+            else:
+                incident["flapping"] = True
+                label = "FLAPPING"
+                body = flapping_preface(settings, svc, incident["failures"]) + text
+    if result.outcome in PROBLEM_OUTCOMES:
+        incident["problem"] = result.outcome.value
+        incident["problem_since"] = incident.get("problem_since") or now
+    else:
+        incident.pop("problem_since", None)
+    if send and should_mail(settings, svc, label):
+        send_in_thread(config, paths, incident, make_subject(settings, result.outcome, svc.name, label), body)
+    elif send:
+        log.info("%s: %s not mailed (notify = %s)", svc.name, label, svc.notify or settings.notify)
+    else:
+        log.info("%s: %s not mailed (already told in this incident)", svc.name, label)
+    save_service_state(paths, svc.name, state)
+
+
+def flapping_preface(settings: Settings, svc: Service, failures: Sequence[float]) -> str:
+    times = ", ".join(time.strftime("%H:%M:%S", time.localtime(t)) for t in failures)
+    return ("FLAPPING: %s failed %d times within %s (%s).\n"
+            "selfheal keeps healing it up to failure_threshold = %d per %s; further recoveries in this\n"
+            "incident are recorded in the history but not mailed one by one.\n\n"
+            % (svc.name, len(failures), format_duration(settings.flap_window), times,
+               settings.failure_threshold, format_duration(settings.failure_window)))
+
+
+def incident_healthy(config: Config, paths: Paths, svc: Service, now: float) -> None:
+    """The watch found the service healthy: close a quiet incident; say when a problem a
+    human had to fix (FAILED, ESCALATED, STOPPED) is gone, and how long it lasted."""
+    state = load_service_state(paths, svc.name)
+    incident = state.get("incident")
+    if not incident or incident.get("closed"):
+        return
+    if incident.get("problem"):
+        down = now - float(incident.get("problem_since") or incident.get("opened") or now)
+        body = ("%s is healthy again: the watch found it active and answering at %s.\n"
+                "It was down (%s) for %s, since %s.\n\nselfheal did not repair it this time; "
+                "someone or something else did.\n" % (svc.name, iso(now), incident["problem"],
+                                                        format_duration(down), iso(now - down)))
+        subject_text = "%s %s: %s - RESOLVED (was down %s)" % (
+            SUBJECT_ICON[Outcome.RESOLVED], config.settings.name, svc.name, format_duration(down))
+        if should_mail(config.settings, svc, "RESOLVED", closes_problem=True):
+            send_in_thread(config, paths, incident, subject_text, body)
+        incident["closed"] = now
+        state.pop("escalated", None)
+    elif now - float(incident.get("last_failure", incident.get("opened", now))) >= config.settings.incident_quiet:
+        incident["closed"] = now
+    else:
+        return
+    save_service_state(paths, svc.name, state)
+
+
+def remind_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, str], now: float) -> None:
+    """An unresolved FAILED/ESCALATED/STOPPED incident is mailed again every reminder_interval."""
+    state = load_service_state(paths, svc.name)
+    incident = state.get("incident")
+    if not incident or incident.get("closed") or not incident.get("problem"):
+        return
+    if now - float(incident.get("last_mail") or 0.0) < config.settings.reminder_interval:
+        return
+    since = float(incident.get("problem_since") or incident.get("opened") or now)
+    body = ("Reminder: %s is still not healthy: %s (%s) since %s, %s ago.\n\n"
+            "The first mail of this thread has the diagnosis. Fix it, or pause selfheal for it:\n"
+            "  systemctl status %s\n  journalctl -u %s -n 100 --no-pager\n  selfheal.py pause %s\n"
+            % (svc.name, unit.get("ActiveState", "?"), unit.get("SubState", "?"), iso(since),
+               format_duration(now - since), svc.unit, svc.unit, svc.name))
+    subject_text = "⏰ %s: %s - STILL FAILING" % (config.settings.name, svc.name)
+    if should_mail(config.settings, svc, "STILL FAILING"):
+        send_in_thread(config, paths, incident, subject_text, body)
+    else:
+        incident["last_mail"] = now
+    save_service_state(paths, svc.name, state)
+
+
+# =============================================================================
+# Watch: the periodic path for what OnFailure= never sees
+# =============================================================================
+
+
+def write_finding(paths: Paths, name: str, finding: Finding) -> None:
+    atomic_write(paths.finding(name), json.dumps(dataclasses.asdict(finding)) + "\n", 0o600)
+
+
+def take_finding(paths: Paths, name: str, max_age: float) -> Optional[Finding]:
+    """The watch's finding for this heal, consumed; None when there is none or it is stale."""
+    path = paths.finding(name)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        path.unlink()
+        finding = Finding(kind=str(data["kind"]), detail=str(data["detail"]), at=float(data["at"]),
+                          since=float(data.get("since", 0.0)),
+                          nrestarts=tuple(int(n) for n in data.get("nrestarts", (0, 0)))[:2])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return finding if time.time() - finding.at <= max_age else None
+
+
+def load_watch_state(paths: Paths, name: str) -> dict:
+    try:
+        data = json.loads(paths.watch_state(name).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_watch_state(paths: Paths, name: str, data: dict) -> None:
+    atomic_write(paths.watch_state(name), json.dumps(data, sort_keys=True) + "\n")
+
+
+def remember_restarts(paths: Paths, name: str, unit: Dict[str, str]) -> None:
+    """After a heal, systemd's restart count as it is now is not news for the watch."""
+    try:
+        state = load_watch_state(paths, name)
+        state["nrestarts"] = int(unit.get("NRestarts") or 0)
+        save_watch_state(paths, name, state)
+    except (OSError, ValueError) as exc:
+        log.warning("could not update the watch state of %s: %s", name, exc)
+
+
+def health_checks(services: Sequence[Service]) -> Dict[str, Tuple[bool, str]]:
+    """GET every health_url at once (threads), so one slow service does not delay the rest."""
+    import concurrent.futures
+
+    todo = [svc for svc in services if svc.health_url]
+    if not todo:
+        return {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
+        futures = {svc.name: pool.submit(http_check, svc.health_url, svc.health_timeout,
+                                         svc.health_expect_status, svc.health_expect_text) for svc in todo}
+    return {name: future.result() for name, future in futures.items()}
+
+
+def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
+           health: Optional[Tuple[bool, str]], baseline: Optional[int]) -> Tuple[str, str]:
+    """What the watch makes of one service: (verdict, detail).
+
+    ok | restarted (systemd's Restart= repaired a crash since the last look) | unhealthy |
+    stopped | failed | transient (starting or stopping: look again next time) | missing.
+    """
+    active, sub = unit.get("ActiveState", ""), unit.get("SubState", "")
+    state = "%s (%s)" % (active or "unknown", sub or "unknown")
+    if unit.get("LoadState") in ("not-found", "masked", "bad-setting", "error") or not unit:
+        return "missing", "unit %s" % (unit.get("LoadState") or "unknown")  # install warned; not ours to start
+    if active == "active":
+        if svc.port and ports is not None and svc.port not in ports:
+            return "unhealthy", "port %d not listening while the unit is %s" % (svc.port, state)
+        if health is not None and not health[0]:
+            where = "port %d open but " % svc.port if svc.port else ""
+            return "unhealthy", "%sGET %s: %s" % (where, svc.health_url, health[1])
+        nrestarts = int(unit.get("NRestarts") or 0)
+        if baseline is not None and nrestarts > baseline:
+            return "restarted", "systemd restarted it by itself (restarts %d -> %d)" % (baseline, nrestarts)
+        return "ok", state
+    if active == "failed":
+        return "failed", "%s, result %s" % (state, unit.get("Result", "?"))
+    if active == "inactive":
+        if unit.get("Result", "success") not in ("", "success"):
+            return "failed", "%s, result %s" % (state, unit.get("Result"))
+        return "stopped", "found stopped: %s" % state
+    return "transient", state
+
+
+def known_problem(paths: Paths, svc: Service, unit: Dict[str, str]) -> bool:
+    """True when selfheal already reported this very run of the unit as a problem."""
+    last = read_history(paths, svc.name)[-1:]
+    return bool(last) and last[0].get("last_invocation") == unit.get("InvocationID") and \
+        last[0].get("outcome") in [o.value for o in PROBLEM_OUTCOMES]
+
+
+def heal_running(paths: Paths, name: str) -> bool:
+    lock = Lock(paths.lock(name))
+    if lock.acquire():
+        lock.release()
+        return False
+    return True
+
+
+def start_heal(paths: Paths, name: str, finding: Finding) -> None:
+    """Hand the finding to selfheal@NAME.service: the same path, lock and log as a crash."""
+    write_finding(paths, name, finding)
+    result = run([SYSTEMCTL, "start", "--no-block", "selfheal@%s.service" % name])
+    if not result.ok:
+        raise SelfhealError("could not start selfheal@%s.service: %s" % (name, result.brief()))
+    log.info("%s: %s; healing (selfheal@%s.service)", name, finding.detail, name)
+
+
+def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, str],
+                  ports: Optional[set], health: Optional[Tuple[bool, str]], now: float) -> str:
+    """One service, one watch run. Returns the verdict (for the summary)."""
+    state = load_watch_state(paths, svc.name)
+    if paused_until(paths, svc.name, now) is not None:
+        state.update(verdict="paused", detail="paused", checked=now, fails=0)
+        save_watch_state(paths, svc.name, state)
+        return "paused"
+    baseline = state.get("nrestarts")
+    verdict, detail = assess(svc, unit, ports, health, baseline)
+    if unit.get("NRestarts", "").isdigit():
+        state["nrestarts"] = int(unit["NRestarts"])
+    if verdict == "ok":
+        state["fails"] = 0
+        incident_healthy(config, paths, svc, now)
+    elif verdict == "restarted":
+        state["fails"] = 0
+        if not heal_running(paths, svc.name):
+            start_heal(paths, svc.name, Finding("restarted", detail, now, float(state.get("checked") or now - 60),
+                                                (int(baseline or 0), state["nrestarts"])))
+    elif verdict in ("unhealthy", "stopped", "failed"):
+        if heal_running(paths, svc.name):
+            state["fails"] = 0
+        elif known_problem(paths, svc, unit):
+            state["fails"] = 0
+            remind_if_due(config, paths, svc, unit, now)
+        elif verdict == "stopped" and svc.on_stopped == "ignore":
+            state["fails"] = 0
+        else:
+            state["fails"] = int(state.get("fails") or 0) + 1
+            if state["fails"] >= config.settings.watch_confirm:
+                detail += " (%d checks in a row, %s apart)" % (state["fails"], format_duration(config.settings.watch_interval))
+                start_heal(paths, svc.name, Finding(verdict, detail, now))
+                state["fails"] = 0
+    state.update(verdict=verdict, detail=detail, checked=now)
+    save_watch_state(paths, svc.name, state)
+    return verdict
+
+
+def watch(config: Config, paths: Paths) -> int:
+    """The `watch` command (selfheal-watch.timer): look at every service once, act on what
+    OnFailure= cannot see, retry queued mail. A broken run reports itself by mail."""
+    now = time.time()
+    services = list(config.services.values())
+    units = show_units([svc.unit for svc in services])
+    ports = listening_ports()
+    active = [svc for svc in services if units.get(svc.unit, {}).get("ActiveState") == "active"
+              and (not svc.port or ports is None or svc.port in ports)]
+    health = health_checks(active)
+    verdicts, errors = {}, []
+    for svc in services:
+        try:
+            verdicts[svc.name] = watch_service(config, paths, svc, units.get(svc.unit, {}), ports,
+                                               health.get(svc.name), now)
+        except Exception as exc:  # one broken service must not blind the watch to the others
+            log.exception("watch of %s failed", svc.name)
+            errors.append("%s: %s: %s" % (svc.name, type(exc).__name__, exc))
+    flush_spool(config, paths)
+    summary = ", ".join("%s %s" % (name, verdict) for name, verdict in verdicts.items())
+    log.debug("watch: %s", summary)
+    if errors:
+        report_watch_failure(config, paths, "\n".join(errors))
+        return EX_FAIL
+    return EX_OK
+
+
+def report_watch_failure(config: Config, paths: Paths, what: str) -> None:
+    """The healer itself is broken: say so by mail (at most once an hour), never silently."""
+    import traceback
+
+    marker = paths.state / "watch-failure.json"
+    try:
+        last = float(json.loads(marker.read_text(encoding="utf-8")).get("mailed", 0))
+    except (OSError, ValueError, AttributeError):
+        last = 0.0
+    if time.time() - last < 3600:
+        return
+    body = ("selfheal's watch run failed on %s at %s. Services may be unwatched until this is fixed.\n\n"
+            "%s\n\n%s\nLook at: journalctl -t %s -n 50; systemctl status selfheal-watch.service\n"
+            % (socket.getfqdn(), iso(time.time()), what, traceback.format_exc() if sys.exc_info()[0] else "",
+               config.settings.syslog_ident))
+    deliver(config, paths, make_message(config.settings, "❌ %s: selfheal - WATCH FAILED" % config.settings.name, body))
+    try:
+        atomic_write(marker, json.dumps({"mailed": time.time()}) + "\n")
+    except OSError:
+        pass
+
+
+# =============================================================================
 # Reporting (pure: a function of the data)
 # =============================================================================
 
 SUBJECT_ICON = {Outcome.RESOLVED: "✅", Outcome.RECOVERED: "✅", Outcome.FAILED: "❌",
-                Outcome.ESCALATED: "🛑", Outcome.HEALTHY: "ℹ️"}
+                Outcome.ESCALATED: "🛑", Outcome.HEALTHY: "ℹ️", Outcome.STOPPED: "⏸️"}
+
+
+def subject_label(result: HealResult) -> str:
+    if result.outcome is Outcome.RECOVERED:
+        return "RESOLVED (recovered by systemd)"
+    return result.outcome.value
+
+
+def make_subject(settings: Settings, outcome: Outcome, service: str, label: str) -> str:
+    icon = "⚠️" if label == "FLAPPING" else SUBJECT_ICON[outcome]
+    return "%s %s: %s - %s" % (icon, settings.name, service, label)
 
 
 def subject(settings: Settings, result: HealResult) -> str:
-    label = result.outcome.value
-    if result.outcome is Outcome.RECOVERED:
-        label = "RESOLVED (recovered by systemd)"
-    return "%s %s: %s - %s" % (SUBJECT_ICON[result.outcome], settings.name, result.service.name, label)
+    return make_subject(settings, result.outcome, result.service.name, subject_label(result))
 
 
 def _section(title: str, lines: Iterable[str]) -> List[str]:
@@ -1655,7 +2168,7 @@ def render_report(settings: Settings, result: HealResult, host: Optional[str] = 
         "Enabled: %s" % (post.get("UnitFileState") or "?"),
         "Since:   %s" % (post.get("ActiveEnterTimestamp") or post.get("InactiveEnterTimestamp") or "?"),
     ])
-    if result.outcome in (Outcome.FAILED, Outcome.ESCALATED):
+    if result.outcome in (Outcome.FAILED, Outcome.ESCALATED, Outcome.STOPPED):
         out += _section("MANUAL STEPS", [
             "ssh root@%s" % host,
             "systemctl status %s" % svc.unit,
@@ -1680,6 +2193,16 @@ def issue_text(result: HealResult) -> str:
     diag, unit = result.diagnosis, result.service.unit
     if result.outcome is Outcome.ESCALATED:
         return "%s failed again; healing it is suspended (too many heals in the window)." % unit
+    finding = diag.finding
+    if finding and finding.kind == "restarted":
+        crash = ""
+        if diag.exit_code:
+            crash = ": main process %s %s (result: %s)" % (diag.exit_code, diag.exit_status, diag.result)
+        return "%s crashed%s; systemd's Restart= restarted it before selfheal was called." % (unit, crash)
+    if finding:
+        return "The watch found %s %s: %s." % (unit, {"unhealthy": "unhealthy", "stopped": "stopped",
+                                                       "failed": "failed"}.get(finding.kind, finding.kind),
+                                             finding.detail)
     if diag.exit_code == "killed" or diag.exit_code == "dumped":
         return "%s failed: main process killed by signal %s (result: %s)." % (unit, diag.exit_status, diag.result)
     if diag.exit_code == "exited" and diag.exit_status not in ("", "0"):
@@ -1698,7 +2221,8 @@ def build_message(settings: Settings, result: HealResult, text: str) -> EmailMes
     return make_message(settings, subject(settings, result), text)
 
 
-def make_message(settings: Settings, subject_text: str, body: str) -> EmailMessage:
+def make_message(settings: Settings, subject_text: str, body: str, thread: str = "") -> EmailMessage:
+    """A plain-text UTF-8 report. thread: the Message-ID of the incident's first mail."""
     import email.policy
     import email.utils
     from email.message import EmailMessage
@@ -1710,6 +2234,9 @@ def make_message(settings: Settings, subject_text: str, body: str) -> EmailMessa
     msg["Date"] = email.utils.formatdate(localtime=True)
     domain = settings.email_from.rpartition("@")[2] or "localhost"
     msg["Message-ID"] = email.utils.make_msgid("selfheal", domain=domain)
+    if thread:
+        msg["In-Reply-To"] = thread
+        msg["References"] = thread
     msg["Auto-Submitted"] = "auto-generated"
     msg["X-Mailer"] = "selfheal %s" % VERSION
     msg.set_content(body, charset="utf-8", cte="quoted-printable")
@@ -1891,27 +2418,28 @@ ExecStart=@PYTHON@ -I -S -c "import sys; sys.path.insert(0, '@LIBDIR@'); import 
 # A heal has its own deadlines (verify_timeout, smtp_timeout); this is the last resort.
 TimeoutStartSec=10min
 """,
-    "selfheal-mail.service": """\
-# Delivers reports that could not be mailed when they were written (queued under
-# /var/lib/selfheal/spool). Started by selfheal-mail.timer.
+    "selfheal-watch.service": """\
+# The periodic look at every service in /etc/selfheal/services.conf: hung, stopped, or
+# restarted by systemd itself (none of which OnFailure= sees); also retries queued mail.
+# Started by selfheal-watch.timer; heals go through selfheal@NAME.service like crashes.
 [Unit]
-Description=selfheal: deliver queued reports
+Description=selfheal: watch the services and retry queued mail
 Documentation=file://@LIBDIR@/README.md
-After=network-online.target
 
 [Service]
 Type=oneshot
-ExecStart=@PYTHON@ -I -S -c "import sys; sys.path.insert(0, '@LIBDIR@'); import selfheal; sys.exit(selfheal.main())" flush-mail --quiet
+ExecStart=@PYTHON@ -I -S -c "import sys; sys.path.insert(0, '@LIBDIR@'); import selfheal; sys.exit(selfheal.main())" watch
 TimeoutStartSec=5min
 """,
-    "selfheal-mail.timer": """\
+    "selfheal-watch.timer": """\
+# Every watch_interval of services.conf (rendered at install time).
 [Unit]
-Description=selfheal: retry queued reports every 30 s
+Description=selfheal: watch the services every @WATCH_INTERVAL@
 
 [Timer]
-OnBootSec=30s
-OnUnitActiveSec=30s
-AccuracySec=5s
+OnBootSec=@WATCH_INTERVAL@
+OnUnitActiveSec=@WATCH_INTERVAL@
+AccuracySec=1s
 
 [Install]
 WantedBy=timers.target
@@ -1919,8 +2447,10 @@ WantedBy=timers.target
 }
 
 
-def render_unit(name: str, libdir: str, python: str = PYTHON) -> str:
-    return UNIT_TEMPLATES[name].replace("@LIBDIR@", libdir).replace("@PYTHON@", python)
+def render_unit(name: str, libdir: str, python: str = PYTHON, watch_interval: float = 30.0) -> str:
+    # Every value was validated: paths by pattern, the interval as whole seconds.
+    return (UNIT_TEMPLATES[name].replace("@LIBDIR@", libdir).replace("@PYTHON@", python)
+            .replace("@WATCH_INTERVAL@", "%ds" % int(watch_interval)))
 
 
 # Installed as /etc/systemd/system/<unit>.d/selfheal.conf for every listed service.
@@ -2030,7 +2560,7 @@ class Installer:
             self.say("  installed %s" % conf)
 
         for name in UNIT_TEMPLATES:
-            self.put("%s/%s" % (UNIT_DIR, name), render_unit(name, libdir, self.python), 0o644)
+            self.put("%s/%s" % (UNIT_DIR, name), render_unit(name, libdir, self.python, config.settings.watch_interval), 0o644)
 
         units = [svc.unit for svc in config.services.values()]
         loaded = show_units(units, ("Id", "LoadState")) if self.live else {}
@@ -2047,7 +2577,8 @@ class Installer:
         self.remove_stale_dropins(wanted)
         self.write_manifest()
         if self.live:
-            for argv in ([SYSTEMCTL, "daemon-reload"], [SYSTEMCTL, "enable", "--now", "selfheal-mail.timer"]):
+            for argv in ([SYSTEMCTL, "daemon-reload"], [SYSTEMCTL, "enable", "selfheal-watch.timer"],
+                         [SYSTEMCTL, "restart", "selfheal-watch.timer"]):  # restart: a new interval counts now
                 result = run(argv, timeout=60)
                 if not result.ok:
                     self.say("  warning: %s: %s" % (" ".join(argv), result.brief()))
@@ -2085,7 +2616,7 @@ class Installer:
 
     def uninstall(self, purge: bool = False) -> int:
         if self.live:
-            run([SYSTEMCTL, "disable", "--now", "selfheal-mail.timer"], timeout=60)
+            run([SYSTEMCTL, "disable", "--now", "selfheal-watch.timer"], timeout=60)
         try:
             listed = self.manifest_path().read_text(encoding="utf-8").split()
         except FileNotFoundError:
@@ -2136,8 +2667,12 @@ def status_rows(config: Config, paths: Paths) -> List[dict]:
     for svc in config.services.values():
         unit = units.get(svc.unit, {})
         state = unit.get("ActiveState", "unknown")
-        if paused_until(paths, svc.name) is not None:
+        if unit.get("LoadState") == "not-found":
+            state = "not-found"
+        elif paused_until(paths, svc.name) is not None:
             state = "paused"
+        elif state == "active" and load_watch_state(paths, svc.name).get("verdict") == "unhealthy":
+            state = "unhealthy"
         history = read_history(paths, svc.name)
         last = history[-1] if history else {}
         rows.append({
@@ -2237,6 +2772,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uninstall", action="store_true", help="remove what install put there; services keep running")
     p.add_argument("--purge", action="store_true", help="with --uninstall: also remove config, history and queue")
 
+    p = add("watch", help="look at every service once and act (what selfheal-watch.timer runs)")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+
     p = add("flush-mail", help="send reports that are queued because mail failed")
     p.add_argument("--quiet", action="store_true", help="say nothing when the queue is empty")
 
@@ -2288,6 +2826,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not args.dry_run:
                 require_root("heal")
             return heal_service(config, args.name, paths, args.trigger, dry_run=args.dry_run)
+        if args.command == "watch":
+            require_root("watch")
+            return watch(config, paths)
         if args.command == "flush-mail":
             sent, left = flush_spool(config, paths, wait=30.0)
             if sent or left or not quiet:
@@ -2374,6 +2915,8 @@ def cmd_pause(config: Config, paths: Paths, verb: str, name: str, duration: Opti
         state.pop("paused_until", None)
         state.pop("escalated", None)
         state["rearmed_at"] = time.time()
+        if state.get("incident") and not state["incident"].get("closed"):
+            state["incident"]["closed"] = state["rearmed_at"]  # a human stepped in: start afresh
         save_service_state(paths, name, state)
         print("%s: healing resumed (heal count re-armed)" % name)
         log.info("%s resumed", name)

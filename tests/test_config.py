@@ -228,7 +228,7 @@ def test_template_without_instance_is_explained_as_a_missing_instance():
     assert "instance" in caught.value.problems[0]
 
 
-@pytest.mark.parametrize("section", ["sshd", "dbus", "systemd-journald", "selfheal-mail"])
+@pytest.mark.parametrize("section", ["sshd", "dbus", "systemd-journald", "selfheal-watch"])
 def test_section_named_after_a_never_touch_unit_is_refused(section):
     with pytest.raises(selfheal.ConfigError) as caught:
         selfheal.parse_config(GLOBAL + "\n[%s]\nport = 22\n" % section, "f.conf")

@@ -84,6 +84,8 @@ strategies = port_conflict, service_restart
 [blocked]
 port = 5004
 strategies = port_conflict, service_restart
+# started (and broken) by a drill on purpose: the watch must not start it first
+on_stopped = ignore
 
 [app-blue]
 unit = app@blue.service
@@ -110,7 +112,7 @@ def test_install_puts_a_dropin_on_each_listed_unit_and_warns_about_missing_ones(
     assert "absent.service is not-found" in host.install_output
     for unit, name in (("story-stages.service", "story-stages"), ("app@blue.service", "app-blue")):
         assert show(host, unit, "OnFailure") == "selfheal@%s.service" % name
-    assert show(host, "selfheal-mail.timer", "ActiveState") == "active"
+    assert show(host, "selfheal-watch.timer", "ActiveState") == "active"
     again = host.run([CLONE + "/install.sh"], timeout=120).stdout
     assert "installed" not in again.replace("selfheal 0.1.0 installed", "")  # idempotent
 
@@ -169,7 +171,7 @@ def test_report_written_while_mail_server_is_down_arrives_when_it_is_back(host):
         assert host.mails() == []
     finally:
         host.run(["systemctl", "start", "postfix"])
-    # Nobody re-sends it: selfheal-mail.timer delivers the queue (every 30 s).
+    # Nobody re-sends it: the next watch run (selfheal-watch.timer, every 30 s) delivers the queue.
     host.wait_mail(about("story-stages", "RESOLVED"), timeout=90)
     assert not host.sh("ls /var/lib/selfheal/spool/*.eml 2>/dev/null", check=False).stdout.strip()
 
