@@ -1002,7 +1002,8 @@ def diagnose(svc: Service, env=os.environ, finding: Optional[Finding] = None) ->
     journal = read_journal(invocation, svc.unit)
     listeners: Tuple[Listener, ...] = ()
     holders: List[Process] = []
-    if svc.port:
+    ports = listening_ports() if svc.port else None
+    if svc.port and (ports is None or svc.port in ports):  # ss -p only when someone listens
         listeners = listeners_on(svc.port)
         for pid in sorted({pid for lst in listeners for pid in lst.pids}):
             process = read_process(pid)
@@ -1205,7 +1206,7 @@ def strategy_port_conflict(ctx: HealContext) -> str:
     svc = ctx.svc
     if not svc.port:
         return "no port configured"
-    listeners = listeners_on(svc.port)
+    listeners = ctx.diag.listeners  # who held the port when the diagnosis ran, moments ago
     pids = sorted({pid for lst in listeners for pid in lst.pids})
     if not listeners:
         return "port %d is free; nothing to do" % svc.port

@@ -287,7 +287,7 @@ def test_fakes_really_executed_from_path_give_the_same_heal(bed, real_commands):
     rc, _ = bed.heal("story-stages")
     assert rc == 0
     assert bed.host.actions() == [["systemctl", "restart", "--", STORY]]
-    assert {c[0] for c in bed.host.calls()} == {"systemctl", "journalctl", "ss"}
+    assert {"systemctl", "journalctl"} <= {c[0] for c in bed.host.calls()}  # ss only when the port is held
     assert bed.sink.messages[0]["Subject"] == "✅ MiracleMax: story-stages - RESOLVED"
 
 

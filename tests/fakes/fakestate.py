@@ -16,6 +16,9 @@ One JSON file, named by $FAKE_SYSTEMD_STATE, describes the pretend host:
      "system_state": "running",                                  # is-system-running
      "ss_fail": false, "ss_fail_p": false}                       # ss exits 1 (always / with -p)
 
+A template in "units" ("selfheal@.service") gives its instances ("selfheal@worker.service"):
+the first show or start of an instance that is not in the state copies the template's entry.
+
 Each command appends its argv (program name first) as one JSON line to $FAKE_SYSTEMD_CALLS.
 The scripts run with `python3 -S` and import only this and the standard library.
 """
@@ -98,6 +101,20 @@ def unit_props(state, name):
                   "ControlGroup": ""})
     props.update(unit.get("props", {}))
     return props
+
+
+def instantiate(state, name):
+    """The unit's entry; an instance of a template in the state gets a copy of the template's
+    entry first (systemd loads app@x.service from app@.service). None when neither exists."""
+    units = state.setdefault("units", {})
+    if name in units or "@" not in name:
+        return units.get(name)
+    prefix, _, rest = name.partition("@")
+    template = "%s@.%s" % (prefix, rest.rpartition(".")[2])
+    if template not in units:
+        return None
+    units[name] = json.loads(json.dumps(units[template]))
+    return units[name]
 
 
 def apply_then(state, name, now=None):
