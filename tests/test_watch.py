@@ -4,6 +4,7 @@ that way reports, and how heals become mail threads: one per incident, FLAPPING 
 reminders, "was down", the notify policy. Time is moved forward with the `clock` fixture."""
 
 import http.client
+import io
 import json
 import socket
 import threading
@@ -13,6 +14,7 @@ import types
 import pytest
 
 import selfheal
+from smtp_sink import SmtpSink
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
 
@@ -92,10 +94,10 @@ class Health:
 
 
 class WatchBed:
-    """bed (fake host, SMTP sink) with the watch's settings, a clock and fake health answers."""
+    """The fake host and an SMTP sink with the watch's settings, a clock and fake health answers."""
 
-    def __init__(self, bed, write_conf, monkeypatch, clock, health):
-        self.bed, self.host, self.sink, self.paths = bed, bed.host, bed.sink, bed.paths
+    def __init__(self, host, sink, write_conf, monkeypatch, clock, health):
+        self.host, self.sink, self.paths = host, sink, host.paths
         self.clock, self.health = clock, health
         self._write, self._monkeypatch = write_conf, monkeypatch
         self.host.unit("selfheal@.service")  # the template the watch starts selfheal@NAME.service from
@@ -106,7 +108,7 @@ class WatchBed:
                                              health_url=health_url, settings=settings, story=story,
                                              worker=worker, extra=extra))
         self._monkeypatch.setenv("SELFHEAL_CONFIG", path)
-        self.config = self.bed.config = selfheal.load_config(path, trusted=False)
+        self.config = selfheal.load_config(path, trusted=False)
         return self.config
 
     def look(self, name, health=None):
@@ -117,7 +119,9 @@ class WatchBed:
 
     def heal(self, name, trigger="onfailure"):
         """What selfheal@NAME.service runs (heal --trigger onfailure NAME) -> (rc, printed)."""
-        return self.bed.heal(name, trigger=trigger)
+        out = io.StringIO()
+        rc = selfheal.heal_service(self.config, name, self.paths, trigger, env={}, out=out)
+        return rc, out.getvalue()
 
     def triggers(self):
         """The heals the watch handed to systemd: `systemctl start ...` calls."""
@@ -154,9 +158,25 @@ def health(monkeypatch):
     return fake
 
 
+@pytest.fixture(scope="module")
+def module_sink():
+    sink = SmtpSink()
+    yield sink
+    sink.close()
+
+
 @pytest.fixture
-def wb(bed, write_conf, monkeypatch, clock, health):
-    return WatchBed(bed, write_conf, monkeypatch, clock, health)
+def sink(module_sink):
+    """One SMTP sink for this module (stopping one per test costs more than these tests), emptied."""
+    with module_sink.lock:
+        module_sink.received.clear()
+    module_sink.mode = "ok"
+    return module_sink
+
+
+@pytest.fixture
+def wb(fake_host, sink, write_conf, monkeypatch, clock, health):
+    return WatchBed(fake_host, sink, write_conf, monkeypatch, clock, health)
 
 
 def running(host, unit, invocation=RUN, **props):
@@ -748,7 +768,7 @@ def not_http():
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
-    server.settimeout(0.2)
+    server.settimeout(0.02)
     done = threading.Event()
 
     def serve():
