@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import contextlib
 import dataclasses
 import datetime as dt
 import difflib
@@ -38,6 +39,7 @@ import sys
 import syslog
 import tempfile
 import time
+import traceback
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -140,6 +142,10 @@ class ConfigError(SelfhealError):
 
 class UsageError(SelfhealError):
     exit_code = EX_USAGE
+
+
+class Escalation(SelfhealError):
+    """A strategy found something a human must decide; healing stops there."""
 
 
 # =============================================================================
@@ -251,6 +257,8 @@ class Finding:
     at: float  # when the watch saw it
     since: float = 0.0  # restarted: the last time the watch saw it healthy
     nrestarts: Tuple[int, int] = (0, 0)  # restarted: systemd's NRestarts before and now
+    invocation: str = ""  # the run the watch saw; a heal of another run ignores the finding
+    previous: str = ""  # restarted: the run the watch last saw healthy (the one that crashed)
 
 
 class Outcome(str, enum.Enum):
@@ -475,7 +483,7 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = None) -> Config:
     """Parse and validate services.conf text. Raises ConfigError listing every problem."""
-    problems: List[str] = []
+    problems: List[Tuple[int, str]] = []  # (line, message), reported in line order
     lines: Dict[Tuple[Optional[str], Optional[str]], int] = {}
 
     def problem(lineno, section, key, message):
@@ -484,26 +492,32 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
             where += " [%s]" % section
         if key:
             where += " %s" % key
-        problems.append("%s: %s" % (where, message))
+        problems.append((lineno or 0, "%s: %s" % (where, message)))
 
     for lineno, section, key in _scan_lines(text):
         if (section, key) in lines:
             what = "duplicate section" if key is None else "duplicate key"
             problem(lineno, section, key, "%s (first at line %d)" % (what, lines[(section, key)]))
+            if key is not None:
+                lines[(section, key)] = lineno  # configparser keeps the last value: point at it
         else:
             lines[(section, key)] = lineno
 
-    parser = configparser.ConfigParser(interpolation=None, strict=False, default_section="\0none")
-    try:
-        parser.read_string(text, source=path)
-    except configparser.MissingSectionHeaderError as exc:
-        problem(exc.lineno, None, None, "text before the first [section] header")
-        raise ConfigError(problems) from None
-    except configparser.ParsingError as exc:
-        source = text.split("\n")
-        for lineno, _ in exc.errors:
-            problem(lineno, None, None, "cannot parse %r (expected key = value)" % source[lineno - 1].strip())
-        raise ConfigError(problems) from None
+    # A line configparser cannot read is reported and blanked, and the rest is read and
+    # checked too: every problem in one pass.
+    source = text.split("\n")
+    for _attempt in range(len(source) + 1):
+        parser = configparser.ConfigParser(interpolation=None, strict=False, default_section="\0none")
+        try:
+            parser.read_string("\n".join(source), source=path)
+            break
+        except configparser.MissingSectionHeaderError as exc:
+            problem(exc.lineno, None, None, "text before the first [section] header")
+            source[exc.lineno - 1] = ""
+        except configparser.ParsingError as exc:
+            for lineno, _ in exc.errors:
+                problem(lineno, None, None, "cannot parse %r (expected key = value)" % source[lineno - 1].strip())
+                source[lineno - 1] = ""
 
     def line_of(section, key=None):
         return lines.get((section, key)) or lines.get((section, None))
@@ -605,7 +619,7 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
     if not services and not problems:
         problem(None, None, None, "no services listed: add one [section] per service")
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([text for _, text in sorted(problems, key=lambda p: p[0])])
     return Config(path=path, settings=settings, services=services)
 
 
@@ -983,7 +997,8 @@ def diagnose(svc: Service, env=os.environ, finding: Optional[Finding] = None) ->
     if finding and finding.kind == "restarted":
         # systemd's Restart= already replaced the crashed run (no OnFailure= on systemd
         # 252): the crash is only in the journal since the watch last saw it healthy.
-        journal = read_journal_since(svc.unit, finding.since)
+        journal = (read_journal(finding.previous, svc.unit) if finding.previous
+                   else read_journal_since(svc.unit, finding.since))
         result, exit_code, exit_status = crash_from_journal(journal)
         return Diagnosis(unit, result or "unknown", exit_code, exit_status, False, journal, (), (),
                          None, None, finding)
@@ -1064,6 +1079,7 @@ def http_check(url: str, timeout: float, expect_status: Sequence[int] = (),
                expect_text: str = "") -> Tuple[bool, str]:
     """GET url. Healthy: the expected status (default any 2xx or 3xx; redirects are not
     followed) and, when asked, the expected text in the first 64 KiB. Never raises."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -1091,6 +1107,8 @@ def http_check(url: str, timeout: float, expect_status: Sequence[int] = (),
         ok = status_ok(exc.code) and not expect_text
         return ok, "HTTP %d" % exc.code if ok else "HTTP %d, expected %s" % (
             exc.code, "/".join(map(str, expect_status)) or "2xx/3xx")
+    except http.client.HTTPException as exc:
+        return False, "not an HTTP answer (%s: %.80s)" % (type(exc).__name__, exc)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, socket.timeout) or "timed out" in str(reason):
@@ -1252,7 +1270,8 @@ def terminate(ctx: HealContext, process: Process) -> None:
         if not belongs_to_unit(current, ctx.svc.unit):  # pid reused: not ours any more
             ctx.record(what, False, time.monotonic() - start, "pid %d left the unit's cgroup; not signalled" % process.pid)
             return
-        os.kill(process.pid, sig)
+        if not send_signal(process.pid, sig, ctx.svc.unit):
+            break  # it ended by itself meanwhile
         deadline = time.monotonic() + KILL_GRACE
         while time.monotonic() < deadline and read_process(process.pid) is not None:
             time.sleep(POLL_INTERVAL)
@@ -1263,8 +1282,34 @@ def terminate(ctx: HealContext, process: Process) -> None:
     ctx.record(what, gone, time.monotonic() - start, "ended" if gone else "still running after SIGKILL")
 
 
-class Escalation(SelfhealError):
-    """A strategy found something a human must decide; healing stops there."""
+def send_signal(pid: int, sig: int, unit: str) -> bool:
+    """Signal pid if it still belongs to unit. False when it is gone.
+
+    With a pidfd (Linux 5.3+), ownership is checked on the very process that gets the
+    signal, so a pid reused in between cannot be hit; otherwise the check is a moment older.
+    """
+    pidfd = None
+    try:
+        if hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal"):
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError as exc:
+                if exc.errno == errno.ESRCH:
+                    return False
+                pidfd = None  # no pidfd here (old kernel, seccomp): fall back
+        current = read_process(pid)
+        if current is None or not belongs_to_unit(current, unit):
+            return False
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, sig)
+        else:
+            os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 STRATEGIES: Dict[str, Callable[[HealContext], str]] = {
@@ -1471,6 +1516,21 @@ def save_service_state(paths: Paths, name: str, data: dict) -> None:
     atomic_write(paths.service_state(name), json.dumps(data, sort_keys=True) + "\n")
 
 
+@contextlib.contextmanager
+def service_state(paths: Paths, name: str):
+    """Load, change and save a service's state under its own lock, so a pause, a heal and
+    the watch never overwrite each other's changes. Saved only if the block succeeds."""
+    lock = Lock(paths.service_state(name).with_suffix(".lock"))
+    if not lock.wait(10.0):
+        raise SelfhealError("the state of %s stayed locked for 10 s" % name)
+    try:
+        state = load_service_state(paths, name)
+        yield state
+        save_service_state(paths, name, state)
+    finally:
+        lock.release()
+
+
 def paused_until(paths: Paths, name: str, now: Optional[float] = None) -> Optional[float]:
     """None when not paused; 0.0 when paused until resumed; else the end of the pause."""
     now = time.time() if now is None else now
@@ -1590,8 +1650,13 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
         return HealResult(svc, outcome, trigger, started_at, diag, tuple(runs), why,
                           healing, post, escalation, after)
 
-    window_start = max(started_at - settings.failure_window,
-                       float(load_service_state(paths, svc.name).get("rearmed_at", 0.0)))
+    service_state_now = load_service_state(paths, svc.name)
+    if service_state_now.get("escalated") and not dry_run:
+        return finish(Outcome.ESCALATED,
+                      "healing %s was suspended at %s after too many heals; it stays suspended until "
+                      "someone re-arms it: selfheal.py resume %s" % (svc.name, iso(float(service_state_now["escalated"])),
+                                                                   svc.name))
+    window_start = max(started_at - settings.failure_window, float(service_state_now.get("rearmed_at", 0.0)))
     # selfheal's own repairs count; what systemd's Restart= repaired by itself does not.
     attempts = [e for e in read_history(paths, svc.name, since=window_start)
                 if e.get("outcome") in (Outcome.RESOLVED.value, Outcome.FAILED.value)]
@@ -1607,13 +1672,15 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
         return finish(Outcome.STOPPED, "%s was found stopped and on_stopped = report, so selfheal left it "
                       "stopped. If that is wrong: systemctl start %s" % (svc.unit, svc.unit))
 
-    if finding and finding.kind == "restarted" and diag.active_state == "active":
-        checks, unit = probe(svc)
+    if finding and finding.kind == "restarted" and diag.active_state in ("active", "activating"):
+        # Give systemd's new run its verify_timeout, as after our own restart: never a
+        # second restart on top of systemd's unless that run does not become healthy.
+        verification = verify(svc, settings.verify_timeout) if not dry_run else None
         before, now = finding.nrestarts
-        runs.append(StrategyRun("systemd_restart", (), Verification(all(c.ok for c in checks), 0.0, checks, unit),
+        runs.append(StrategyRun("systemd_restart", (), verification,
                                 "systemd's Restart= restarted it by itself (restarts %d -> %d); selfheal "
                                 "verified it and did not restart it again" % (before, now)))
-        if all(c.ok for c in checks):
+        if verification and verification.ok:
             return finish(Outcome.RECOVERED)
     elif diag.systemd_restarting:
         verification = verify(svc, settings.verify_timeout) if not dry_run else None
@@ -1672,8 +1739,12 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
         print("%s is paused; not healing (selfheal.py resume %s)" % (name, name), file=out)
         return EX_OK
     lock = Lock(paths.lock(name))
-    if not dry_run and not lock.acquire():
-        log.info("a heal of %s is already running; this trigger joins it", name)
+    # A trigger that comes during a heal waits for it, then finds that run healthy and says
+    # nothing (see heal); it is never lost, and never a second restart.
+    patience = 2 * config.settings.verify_timeout + 2 * config.settings.smtp_timeout + 10
+    if not dry_run and not lock.wait(patience):
+        log.warning("a heal of %s has been running for over %s; this trigger gives up", name,
+                    format_duration(patience))
         print("a heal of %s is already running" % name, file=out)
         return EX_OK
     try:
@@ -1683,12 +1754,16 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
         finding = None
         if trigger == "onfailure" and not dry_run:
             finding = take_finding(paths, name, 3 * config.settings.watch_interval)
+            if finding and finding.invocation and finding.invocation != show_unit(svc.unit).get("InvocationID"):
+                finding = None  # about a run that is gone: this heal is for something newer
             if finding:
                 trigger = "watch"
                 if finding.kind in ("unhealthy", "restarted"):
                     env = {}  # MONITOR_* would describe an earlier run, not this problem
         outcome = Outcome.HEALTHY
         for _round in range(config.settings.failure_threshold + 1):
+            if _round and paused_until(paths, name) is not None:
+                break  # paused while we were busy: stop here
             result = heal(config, svc, paths, trigger, env, dry_run, finding)
             outcome = result.outcome
             text = render_report(config.settings, result)
@@ -1710,7 +1785,8 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
             if again.get("ActiveState") != "failed":
                 break
             trigger, env, finding = "failed again during the heal", {}, None
-        return EX_OK if outcome in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY) else EX_FAIL
+        ok = (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY, Outcome.STOPPED)  # STOPPED: as configured
+        return EX_OK if outcome in ok else EX_FAIL
     finally:
         lock.release()
 
@@ -1755,15 +1831,14 @@ def open_incident(state: dict, now: float) -> dict:
     return incident
 
 
-def send_in_thread(config: Config, paths: Paths, incident: dict, subject_text: str, body: str) -> None:
-    """Mail one message of an incident: the first starts the thread, the rest reply to it."""
+def thread_message(config: Config, incident: dict, subject_text: str, body: str) -> EmailMessage:
+    """One message of an incident: the first starts the thread, the rest reply to it."""
     msg = make_message(config.settings, subject_text, body, thread=incident.get("message_id", ""))
     if not incident.get("message_id"):
         incident["message_id"] = str(msg["Message-ID"])
     incident["last_mail"] = time.time()
     incident["mails"] = incident.get("mails", 0) + 1
-    if deliver(config, paths, msg):
-        flush_spool(config, paths)  # the mail server answers: send what was queued
+    return msg
 
 
 def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> None:
@@ -1771,40 +1846,41 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> 
     (once), nothing (later recoveries of a flapping service; the notify policy), and keep
     the incident's state. Never raises for a mail problem."""
     settings, svc, now = config.settings, result.service, result.started_at
-    state = load_service_state(paths, svc.name)
-    escalated_before = bool(state.get("escalated"))
-    if result.outcome is Outcome.ESCALATED:
-        state["escalated"] = now
-    else:
-        state.pop("escalated", None)  # healing works again: a later storm escalates again
-    incident = open_incident(state, now)
-    incident["failures"] = [t for t in incident["failures"] if t >= now - settings.flap_window] + [now]
-    incident["last_failure"] = now
-    label = subject_label(result)
-    send, body = True, text
-    if result.outcome is Outcome.ESCALATED and escalated_before:
-        send = False  # the one escalation mail was sent already
-    elif result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
-        incident["problem"] = ""
-        if len(incident["failures"]) >= settings.flap_threshold:
-            if incident.get("flapping"):
-                send = False  # one FLAPPING mail per incident; the history has every heal
-            else:
-                incident["flapping"] = True
-                label = "FLAPPING"
-                body = flapping_preface(settings, svc, incident["failures"]) + text
-    if result.outcome in PROBLEM_OUTCOMES:
-        incident["problem"] = result.outcome.value
-        incident["problem_since"] = incident.get("problem_since") or now
-    else:
-        incident.pop("problem_since", None)
-    if send and should_mail(settings, svc, label):
-        send_in_thread(config, paths, incident, make_subject(settings, result.outcome, svc.name, label), body)
-    elif send:
-        log.info("%s: %s not mailed (notify = %s)", svc.name, label, svc.notify or settings.notify)
-    else:
-        log.info("%s: %s not mailed (already told in this incident)", svc.name, label)
-    save_service_state(paths, svc.name, state)
+    msg = None
+    with service_state(paths, svc.name) as state:
+        escalated_before = bool(state.get("escalated"))
+        if result.outcome is Outcome.ESCALATED:
+            state["escalated"] = state.get("escalated") or now
+        incident = open_incident(state, now)
+        incident["failures"] = [t for t in incident["failures"] if t >= now - settings.flap_window] + [now]
+        incident["last_failure"] = now
+        label = subject_label(result)
+        send, body, closes_problem = True, text, False
+        if result.outcome is Outcome.ESCALATED and escalated_before:
+            send = False  # the one escalation mail was sent already
+        elif result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
+            closes_problem = bool(incident.get("problem"))
+            incident["problem"] = ""
+            if len(incident["failures"]) >= settings.flap_threshold:
+                if incident.get("flapping"):
+                    send = False  # one FLAPPING mail per incident; the history has every heal
+                else:
+                    incident["flapping"] = True
+                    label = "FLAPPING"
+                    body = flapping_preface(settings, svc, incident["failures"]) + text
+        if result.outcome in PROBLEM_OUTCOMES:
+            incident["problem"] = result.outcome.value
+            incident["problem_since"] = incident.get("problem_since") or now
+        else:
+            incident.pop("problem_since", None)
+        if send and should_mail(settings, svc, label, closes_problem):
+            msg = thread_message(config, incident, make_subject(settings, result.outcome, svc.name, label), body)
+        elif send:
+            log.info("%s: %s not mailed (notify = %s)", svc.name, label, svc.notify or settings.notify)
+        else:
+            log.info("%s: %s not mailed (already told in this incident)", svc.name, label)
+    if msg is not None:  # sent after the state is saved: a slow mail server holds no lock
+        deliver(config, paths, msg)
 
 
 def flapping_preface(settings: Settings, svc: Service, failures: Sequence[float]) -> str:
@@ -1819,49 +1895,54 @@ def flapping_preface(settings: Settings, svc: Service, failures: Sequence[float]
 def incident_healthy(config: Config, paths: Paths, svc: Service, now: float) -> None:
     """The watch found the service healthy: close a quiet incident; say when a problem a
     human had to fix (FAILED, ESCALATED, STOPPED) is gone, and how long it lasted."""
-    state = load_service_state(paths, svc.name)
-    incident = state.get("incident")
+    incident = load_service_state(paths, svc.name).get("incident")
     if not incident or incident.get("closed"):
-        return
-    if incident.get("problem"):
-        down = now - float(incident.get("problem_since") or incident.get("opened") or now)
-        body = ("%s is healthy again: the watch found it active and answering at %s.\n"
-                "It was down (%s) for %s, since %s.\n\nselfheal did not repair it this time; "
-                "someone or something else did.\n" % (svc.name, iso(now), incident["problem"],
-                                                        format_duration(down), iso(now - down)))
-        subject_text = "%s %s: %s - RESOLVED (was down %s)" % (
-            SUBJECT_ICON[Outcome.RESOLVED], config.settings.name, svc.name, format_duration(down))
-        if should_mail(config.settings, svc, "RESOLVED", closes_problem=True):
-            send_in_thread(config, paths, incident, subject_text, body)
-        incident["closed"] = now
-        state.pop("escalated", None)
-    elif now - float(incident.get("last_failure", incident.get("opened", now))) >= config.settings.incident_quiet:
-        incident["closed"] = now
-    else:
-        return
-    save_service_state(paths, svc.name, state)
+        return  # the common case, decided without the lock
+    msg = None
+    with service_state(paths, svc.name) as state:
+        incident = state.get("incident")
+        if not incident or incident.get("closed"):
+            return
+        if incident.get("problem"):
+            down = now - float(incident.get("problem_since") or incident.get("opened") or now)
+            body = ("%s is healthy again: the watch found it active and answering at %s.\n"
+                    "It was down (%s) for %s, since %s.\n\nselfheal did not repair it this time; "
+                    "someone or something else did. Healing is armed again.\n"
+                    % (svc.name, iso(now), incident["problem"], format_duration(down), iso(now - down)))
+            subject_text = "%s %s: %s - RESOLVED (was down %s)" % (
+                SUBJECT_ICON[Outcome.RESOLVED], config.settings.name, svc.name, format_duration(down))
+            if should_mail(config.settings, svc, "RESOLVED", closes_problem=True):
+                msg = thread_message(config, incident, subject_text, body)
+            incident["closed"] = now
+            state.pop("escalated", None)
+        elif now - float(incident.get("last_failure", incident.get("opened", now))) >= config.settings.incident_quiet:
+            incident["closed"] = now
+    if msg is not None:
+        deliver(config, paths, msg)
 
 
 def remind_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, str], now: float) -> None:
     """An unresolved FAILED/ESCALATED/STOPPED incident is mailed again every reminder_interval."""
-    state = load_service_state(paths, svc.name)
-    incident = state.get("incident")
-    if not incident or incident.get("closed") or not incident.get("problem"):
-        return
-    if now - float(incident.get("last_mail") or 0.0) < config.settings.reminder_interval:
-        return
-    since = float(incident.get("problem_since") or incident.get("opened") or now)
-    body = ("Reminder: %s is still not healthy: %s (%s) since %s, %s ago.\n\n"
-            "The first mail of this thread has the diagnosis. Fix it, or pause selfheal for it:\n"
-            "  systemctl status %s\n  journalctl -u %s -n 100 --no-pager\n  selfheal.py pause %s\n"
-            % (svc.name, unit.get("ActiveState", "?"), unit.get("SubState", "?"), iso(since),
-               format_duration(now - since), svc.unit, svc.unit, svc.name))
-    subject_text = "⏰ %s: %s - STILL FAILING" % (config.settings.name, svc.name)
-    if should_mail(config.settings, svc, "STILL FAILING"):
-        send_in_thread(config, paths, incident, subject_text, body)
-    else:
-        incident["last_mail"] = now
-    save_service_state(paths, svc.name, state)
+    msg = None
+    with service_state(paths, svc.name) as state:
+        incident = state.get("incident")
+        if not incident or incident.get("closed") or not incident.get("problem"):
+            return
+        if now - float(incident.get("last_mail") or 0.0) < config.settings.reminder_interval:
+            return
+        since = float(incident.get("problem_since") or incident.get("opened") or now)
+        body = ("Reminder: %s is still not healthy: %s (%s) since %s, %s ago.\n\n"
+                "The first mail of this thread has the diagnosis. Fix it, or pause selfheal for it:\n"
+                "  systemctl status %s\n  journalctl -u %s -n 100 --no-pager\n  selfheal.py pause %s\n"
+                % (svc.name, unit.get("ActiveState", "?"), unit.get("SubState", "?"), iso(since),
+                   format_duration(now - since), svc.unit, svc.unit, svc.name))
+        subject_text = "⏰ %s: %s - STILL FAILING" % (config.settings.name, svc.name)
+        if should_mail(config.settings, svc, "STILL FAILING"):
+            msg = thread_message(config, incident, subject_text, body)
+        else:
+            incident["last_mail"] = now
+    if msg is not None:
+        deliver(config, paths, msg)
 
 
 # =============================================================================
@@ -1881,7 +1962,8 @@ def take_finding(paths: Paths, name: str, max_age: float) -> Optional[Finding]:
         path.unlink()
         finding = Finding(kind=str(data["kind"]), detail=str(data["detail"]), at=float(data["at"]),
                           since=float(data.get("since", 0.0)),
-                          nrestarts=tuple(int(n) for n in data.get("nrestarts", (0, 0)))[:2])
+                          nrestarts=tuple(int(n) for n in data.get("nrestarts", (0, 0)))[:2],
+                          invocation=str(data.get("invocation", "")), previous=str(data.get("previous", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return finding if time.time() - finding.at <= max_age else None
@@ -1955,16 +2037,10 @@ def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
 def known_problem(paths: Paths, svc: Service, unit: Dict[str, str]) -> bool:
     """True when selfheal already reported this very run of the unit as a problem."""
     last = read_history(paths, svc.name)[-1:]
-    return bool(last) and last[0].get("last_invocation") == unit.get("InvocationID") and \
+    rearmed = float(load_service_state(paths, svc.name).get("rearmed_at", 0.0))
+    return bool(last) and float(last[0].get("ts", 0)) >= rearmed and \
+        last[0].get("last_invocation") == unit.get("InvocationID") and \
         last[0].get("outcome") in [o.value for o in PROBLEM_OUTCOMES]
-
-
-def heal_running(paths: Paths, name: str) -> bool:
-    lock = Lock(paths.lock(name))
-    if lock.acquire():
-        lock.release()
-        return False
-    return True
 
 
 def start_heal(paths: Paths, name: str, finding: Finding) -> None:
@@ -1972,46 +2048,78 @@ def start_heal(paths: Paths, name: str, finding: Finding) -> None:
     write_finding(paths, name, finding)
     result = run([SYSTEMCTL, "start", "--no-block", "selfheal@%s.service" % name])
     if not result.ok:
+        try:
+            paths.finding(name).unlink()  # no heal will read it; a later one must not
+        except OSError:
+            pass
         raise SelfhealError("could not start selfheal@%s.service: %s" % (name, result.brief()))
     log.info("%s: %s; healing (selfheal@%s.service)", name, finding.detail, name)
 
 
 def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, str],
                   ports: Optional[set], health: Optional[Tuple[bool, str]], now: float) -> str:
-    """One service, one watch run. Returns the verdict (for the summary)."""
-    state = load_watch_state(paths, svc.name)
-    if paused_until(paths, svc.name, now) is not None:
-        state.update(verdict="paused", detail="paused", checked=now, fails=0)
-        save_watch_state(paths, svc.name, state)
-        return "paused"
-    baseline = state.get("nrestarts")
-    verdict, detail = assess(svc, unit, ports, health, baseline)
-    if unit.get("NRestarts", "").isdigit():
-        state["nrestarts"] = int(unit["NRestarts"])
-    if verdict == "ok":
-        state["fails"] = 0
-        incident_healthy(config, paths, svc, now)
-    elif verdict == "restarted":
-        state["fails"] = 0
-        if not heal_running(paths, svc.name):
-            start_heal(paths, svc.name, Finding("restarted", detail, now, float(state.get("checked") or now - 60),
-                                                (int(baseline or 0), state["nrestarts"])))
-    elif verdict in ("unhealthy", "stopped", "failed"):
-        if heal_running(paths, svc.name):
+    """One service, one watch run. Returns the verdict (for the summary).
+
+    Holds the service's heal lock while it decides, so it never decides on a heal's
+    half-done work; a heal that is running owns the service until the next look.
+    """
+    lock = Lock(paths.lock(svc.name))
+    if not lock.acquire():
+        return "healing"
+    finding = None
+    try:
+        state = load_watch_state(paths, svc.name)
+        baseline = state.get("nrestarts")
+        nrestarts = int(unit["NRestarts"]) if unit.get("NRestarts", "").isdigit() else None
+        if nrestarts is not None and baseline is not None and nrestarts < baseline:
+            # A heal saw a newer count than this run's snapshot, or systemd reset it (a
+            # manual start): ask again, for this one service.
+            unit = show_unit(svc.unit)
+            nrestarts = int(unit["NRestarts"]) if unit.get("NRestarts", "").isdigit() else None
+            if nrestarts is not None and nrestarts < baseline:
+                baseline = nrestarts
+        if paused_until(paths, svc.name, now) is not None:
+            # Restarts during maintenance are not news after it.
+            state.update(verdict="paused", detail="paused", checked=now, fails=0,
+                         nrestarts=nrestarts if nrestarts is not None else baseline)
+            save_watch_state(paths, svc.name, state)
+            return "paused"
+        verdict, detail = assess(svc, unit, ports, health, baseline)
+        # The restart count moves on only when it was seen healthy or reported: a look that
+        # lands while systemd's new run is still starting does not swallow the crash.
+        if nrestarts is not None and (baseline is None or verdict in ("ok", "restarted", "missing")):
+            state["nrestarts"] = nrestarts
+        invocation = unit.get("InvocationID", "")
+        if verdict == "ok":
             state["fails"] = 0
-        elif known_problem(paths, svc, unit):
+            state["healthy_invocation"] = invocation
+            incident_healthy(config, paths, svc, now)
+        elif verdict == "restarted":
             state["fails"] = 0
-            remind_if_due(config, paths, svc, unit, now)
-        elif verdict == "stopped" and svc.on_stopped == "ignore":
-            state["fails"] = 0
-        else:
-            state["fails"] = int(state.get("fails") or 0) + 1
-            if state["fails"] >= config.settings.watch_confirm:
-                detail += " (%d checks in a row, %s apart)" % (state["fails"], format_duration(config.settings.watch_interval))
-                start_heal(paths, svc.name, Finding(verdict, detail, now))
+            finding = Finding("restarted", detail, now, float(state.get("checked") or now - 60),
+                              (int(baseline or 0), int(nrestarts or 0)), invocation,
+                              state.get("healthy_invocation", ""))
+        elif verdict in ("unhealthy", "stopped", "failed"):
+            if known_problem(paths, svc, unit):
                 state["fails"] = 0
-    state.update(verdict=verdict, detail=detail, checked=now)
-    save_watch_state(paths, svc.name, state)
+                remind_if_due(config, paths, svc, unit, now)
+            elif verdict == "stopped" and svc.on_stopped == "ignore":
+                state["fails"] = 0
+            else:
+                state["fails"] = int(state.get("fails") or 0) + 1
+                if state["fails"] >= config.settings.watch_confirm:
+                    detail += " (%d checks in a row, %s apart)" % (
+                        state["fails"], format_duration(config.settings.watch_interval))
+                    finding = Finding(verdict, detail, now, invocation=invocation)
+                    state["fails"] = 0
+        else:
+            state["fails"] = 0  # starting, stopping or missing: "in a row" starts again
+        state.update(verdict=verdict, detail=detail, checked=now)
+        save_watch_state(paths, svc.name, state)
+    finally:
+        lock.release()
+    if finding is not None:  # the heal takes the lock we just let go
+        start_heal(paths, svc.name, finding)
     return verdict
 
 
@@ -2030,9 +2138,9 @@ def watch(config: Config, paths: Paths) -> int:
         try:
             verdicts[svc.name] = watch_service(config, paths, svc, units.get(svc.unit, {}), ports,
                                                health.get(svc.name), now)
-        except Exception as exc:  # one broken service must not blind the watch to the others
+        except Exception:  # one broken service must not blind the watch to the others
             log.exception("watch of %s failed", svc.name)
-            errors.append("%s: %s: %s" % (svc.name, type(exc).__name__, exc))
+            errors.append("%s:\n%s" % (svc.name, traceback.format_exc()))
     flush_spool(config, paths)
     summary = ", ".join("%s %s" % (name, verdict) for name, verdict in verdicts.items())
     log.debug("watch: %s", summary)
@@ -2044,8 +2152,6 @@ def watch(config: Config, paths: Paths) -> int:
 
 def report_watch_failure(config: Config, paths: Paths, what: str) -> None:
     """The healer itself is broken: say so by mail (at most once an hour), never silently."""
-    import traceback
-
     marker = paths.state / "watch-failure.json"
     try:
         last = float(json.loads(marker.read_text(encoding="utf-8")).get("mailed", 0))
@@ -2054,9 +2160,8 @@ def report_watch_failure(config: Config, paths: Paths, what: str) -> None:
     if time.time() - last < 3600:
         return
     body = ("selfheal's watch run failed on %s at %s. Services may be unwatched until this is fixed.\n\n"
-            "%s\n\n%s\nLook at: journalctl -t %s -n 50; systemctl status selfheal-watch.service\n"
-            % (socket.getfqdn(), iso(time.time()), what, traceback.format_exc() if sys.exc_info()[0] else "",
-               config.settings.syslog_ident))
+            "%s\n\nLook at: journalctl -t %s -n 50; systemctl status selfheal-watch.service\n"
+            % (socket.gethostname(), iso(time.time()), what, config.settings.syslog_ident))
     deliver(config, paths, make_message(config.settings, "❌ %s: selfheal - WATCH FAILED" % config.settings.name, body))
     try:
         atomic_write(marker, json.dumps({"mailed": time.time()}) + "\n")
@@ -2093,7 +2198,7 @@ def _section(title: str, lines: Iterable[str]) -> List[str]:
 
 def render_report(settings: Settings, result: HealResult, host: Optional[str] = None) -> str:
     svc, diag, cause = result.service, result.diagnosis, result.root_cause
-    host = host or socket.getfqdn() or short_hostname()
+    host = host or socket.gethostname() or "localhost"  # no DNS on the way to the report
     out = [subject(settings, result), ""]
     out += _section("SERVICE", [
         "Service:   %s (%s)" % (svc.name, svc.unit),
@@ -2250,8 +2355,11 @@ def read_password(path: str) -> str:
         bad = "%s: smtp_password_file must be mode 0600 or 0400" % path
     if bad:
         raise SelfhealError(bad)
-    with open(path, encoding="utf-8") as handle:
-        return handle.read().strip()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SelfhealError("%s: cannot read the SMTP password: %s" % (path, exc))
 
 
 def send(settings: Settings, msg: EmailMessage) -> None:
@@ -2316,12 +2424,24 @@ def spool(paths: Paths, msg: EmailMessage) -> Path:
 
 
 def deliver(config: Config, paths: Paths, msg: EmailMessage) -> bool:
-    """Send now, or queue it. Never raises for a mail problem: the report is never lost."""
+    """Send now, or queue it. Never raises for a mail problem: the report is never lost.
+
+    Reports queued earlier go first, so a thread arrives in order; while they cannot be
+    sent, this one waits behind them.
+    """
+    _, left = flush_spool(config, paths, wait=5.0)
+    if left:
+        try:
+            log.warning("queued %r behind %d older report(s) (queued as %s)", str(msg["Subject"]), left,
+                        spool(paths, msg))
+        except OSError as exc:
+            log.critical("could not queue %r (%s); the report is in the log", str(msg["Subject"]), exc)
+        return False
     try:
         send(config.settings, msg)
         log.info("mailed %r to %s", str(msg["Subject"]), ", ".join(config.settings.email_to))
         return True
-    except mail_errors() as exc:
+    except Exception as exc:  # whatever went wrong, the report goes to the queue
         reason = explain_mail_error(config.settings, exc)
         try:
             where = spool(paths, msg)
@@ -2380,7 +2500,7 @@ def flush_spool(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, i
                 continue
             try:
                 send(config.settings, msg)
-            except mail_errors() as exc:
+            except Exception as exc:  # a surprise is treated as "not now": kept, retried
                 reason = explain_mail_error(config.settings, exc)
                 if permanent_rejection(exc):
                     path.rename(path.with_suffix(".rejected"))
@@ -2829,7 +2949,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return heal_service(config, args.name, paths, args.trigger, dry_run=args.dry_run)
         if args.command == "watch":
             require_root("watch")
-            return watch(config, paths)
+            try:
+                return watch(config, paths)
+            except Exception:  # the healer itself is broken: say so, never die silently
+                log.exception("the watch run failed")
+                report_watch_failure(config, paths, traceback.format_exc())
+                return EX_FAIL
         if args.command == "flush-mail":
             sent, left = flush_spool(config, paths, wait=30.0)
             if sent or left or not quiet:
@@ -2838,6 +2963,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "test-email":
             return cmd_test_email(config)
         if args.command in ("pause", "resume"):
+            require_root(args.command)
             return cmd_pause(config, paths, args.command, args.name, getattr(args, "duration", None))
     except SelfhealError as exc:
         if isinstance(exc, ConfigError):
@@ -2886,7 +3012,7 @@ def cmd_install(args, config_path: str) -> int:
 def cmd_test_email(config: Config) -> int:
     s = config.settings
     body = ("This is a test from selfheal %s on %s.\n\nIf you can read this, reports about %s will reach you.\n"
-            % (VERSION, socket.getfqdn(), ", ".join(config.services)))
+            % (VERSION, socket.gethostname(), ", ".join(config.services)))
     msg = make_message(s, "🧪 %s: selfheal test mail" % s.name, body)
     try:
         send(s, msg)
@@ -2900,25 +3026,25 @@ def cmd_test_email(config: Config) -> int:
 def cmd_pause(config: Config, paths: Paths, verb: str, name: str, duration: Optional[str]) -> int:
     if name not in config.services:
         raise UsageError("%s is not listed in %s" % (name, config.path))
-    state = load_service_state(paths, name)
+    until = 0.0
+    if verb == "pause" and duration:
+        try:
+            until = time.time() + positive_duration(duration)
+        except ValueError as exc:
+            raise UsageError("pause: %s: %r" % (exc, duration))
+    with service_state(paths, name) as state:
+        if verb == "pause":
+            state["paused_until"] = until
+        else:
+            state.pop("paused_until", None)
+            state.pop("escalated", None)
+            state["rearmed_at"] = time.time()
+            if state.get("incident") and not state["incident"].get("closed"):
+                state["incident"]["closed"] = state["rearmed_at"]  # a human stepped in: start afresh
     if verb == "pause":
-        until = 0.0
-        if duration:
-            try:
-                until = time.time() + positive_duration(duration)
-            except ValueError as exc:
-                raise UsageError("pause: %s: %r" % (exc, duration))
-        state["paused_until"] = until
-        save_service_state(paths, name, state)
         print("%s paused %s" % (name, "until " + iso(until) if until else "until: selfheal.py resume %s" % name))
         log.info("%s paused", name)
     else:
-        state.pop("paused_until", None)
-        state.pop("escalated", None)
-        state["rearmed_at"] = time.time()
-        if state.get("incident") and not state["incident"].get("closed"):
-            state["incident"]["closed"] = state["rearmed_at"]  # a human stepped in: start afresh
-        save_service_state(paths, name, state)
         print("%s: healing resumed (heal count re-armed)" % name)
         log.info("%s resumed", name)
     return EX_OK

@@ -47,7 +47,13 @@ class FakeProcesses:
         self.exit_on = (signal.SIGTERM, signal.SIGKILL)
         monkeypatch.setattr(selfheal, "read_process", lambda pid, proc=None: self.table.get(pid))
         proxy = types.ModuleType("os")
-        proxy.__getattr__ = lambda name: getattr(os, name)  # PEP 562: everything else is os
+
+        def everything_else(name):  # PEP 562: everything else is the real os ...
+            if name == "pidfd_open":  # ... but no pidfd: the signal must go through kill()
+                raise AttributeError(name)
+            return getattr(os, name)
+
+        proxy.__getattr__ = everything_else
         proxy.kill = self.kill
         monkeypatch.setattr(selfheal, "os", proxy)
 
@@ -633,3 +639,28 @@ def test_lock_is_exclusive_and_released(tmp_path):
     first.release()
     assert second.acquire()
     second.release()
+
+
+def test_send_signal_reaches_a_real_process_of_the_unit_through_its_pidfd(monkeypatch):
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        me = selfheal.Process(child.pid, "root", "sleep 30", "/system.slice/story-stages.service")
+        monkeypatch.setattr(selfheal, "read_process", lambda pid, proc=None: me if pid == child.pid else None)
+        assert selfheal.send_signal(child.pid, signal.SIGTERM, STORY) is True
+        assert child.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_send_signal_refuses_a_process_outside_the_unit_and_reports_a_gone_one(monkeypatch):
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        other = selfheal.Process(child.pid, "root", "sleep 30", "/system.slice/other.service")
+        monkeypatch.setattr(selfheal, "read_process", lambda pid, proc=None: other if pid == child.pid else None)
+        assert selfheal.send_signal(child.pid, signal.SIGTERM, STORY) is False
+        assert child.poll() is None  # not signalled
+    finally:
+        child.kill()
+        child.wait()
+    assert selfheal.send_signal(child.pid, signal.SIGTERM, STORY) is False  # gone: no error

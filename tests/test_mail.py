@@ -58,14 +58,23 @@ def test_flush_sends_the_oldest_first(bed):
     assert [m["Subject"] for m in bed.sink.messages] == ["first", "second", "third"]
 
 
-def test_next_heal_sends_its_own_report_first_then_the_queued_one(bed):
-    # Its own report first: the queue must never delay news of the current incident.
+def test_next_heal_sends_the_queued_report_first_then_its_own(bed):
+    # Oldest first: a mail thread must not arrive with its replies before its first mail.
     queue(bed, "report written while the mail server was down")
     bed.host.failed(WORKER)
     assert bed.heal("worker")[0] == 0
     assert [m["Subject"] for m in bed.sink.messages] == [
-        "✅ MiracleMax: worker - RESOLVED", "report written while the mail server was down"]
+        "report written while the mail server was down", "✅ MiracleMax: worker - RESOLVED"]
     assert bed.spooled() == []
+
+
+def test_new_report_waits_behind_queued_ones_while_the_server_still_refuses(bed, closed_port):
+    queue(bed, "older report")
+    bed.configure(smtp_port=closed_port)
+    bed.host.failed(WORKER)
+    bed.heal("worker")
+    assert len(bed.spooled()) == 2
+    assert b"older report" in bed.spooled()[0].read_bytes()
 
 
 def test_flush_stops_at_the_first_failure_and_keeps_every_message(bed, closed_port):
