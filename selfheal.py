@@ -72,6 +72,7 @@ SS = "ss"
 COMMAND_TIMEOUT = 15.0  # seconds for any external command unless said otherwise
 POLL_INTERVAL = 0.05  # seconds between verification probes
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale process
+MAX_JOB_SECONDS = 600.0  # the longest a systemctl job may take (selfheal@.service allows 10 min)
 JOURNAL_LINES = 30
 
 EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
@@ -96,7 +97,8 @@ UNIT_PROPERTIES = (
     "NRestarts", "MemoryCurrent", "MemoryPeak", "ControlGroup", "Restart",
     "ActiveEnterTimestamp", "InactiveEnterTimestamp", "ExecMainExitTimestamp",
     "ExecMainExitTimestampMonotonic", "InactiveEnterTimestampMonotonic",
-    "StateChangeTimestampMonotonic", "FragmentPath", "User", "Description",
+    "StateChangeTimestampMonotonic", "FragmentPath", "User", "Description", "Names",
+    "TimeoutStartUSec", "TimeoutStopUSec",
 )
 
 # systemd's own exit statuses for a process that never got to run its code
@@ -408,7 +410,7 @@ class HealResult:
 GLOBAL_SECTION = "selfheal"
 DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]+)?\.service$")
+UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.@\\-]+)?\.service$")
 HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$")
 ADDR_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 IDENT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,48}$")
@@ -481,8 +483,11 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     return " (did you mean %r?)" % close[0] if close else ""
 
 
-def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = None) -> Config:
-    """Parse and validate services.conf text. Raises ConfigError listing every problem."""
+def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = None,
+                 check_files: bool = False) -> Config:
+    """Parse and validate services.conf text. Raises ConfigError listing every problem.
+
+    check_files: also check the files it names on this host (the SMTP password file)."""
     problems: List[Tuple[int, str]] = []  # (line, message), reported in line order
     lines: Dict[Tuple[Optional[str], Optional[str]], int] = {}
 
@@ -570,6 +575,10 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
     )
     if settings.smtp_user and "smtp_password_file" not in g:
         problem(line_of(s, "smtp_user"), s, "smtp_user", "needs smtp_password_file as well")
+    if check_files and settings.smtp_password_file:
+        bad = secret_file_problem(settings.smtp_password_file)
+        if bad:
+            problem(line_of(s, "smtp_password_file"), s, "smtp_password_file", bad)
 
     services: Dict[str, Service] = {}
     units_seen: Dict[str, str] = {}
@@ -765,6 +774,15 @@ def never_touch(unit: str) -> bool:
     return any(fnmatch.fnmatchcase(unit, pattern) for pattern in NEVER_TOUCH)
 
 
+def never_touch_loaded(props: Dict[str, str]) -> str:
+    """The protected name a loaded unit really has, through any alias (dbus-org.* ->
+    systemd-logind.service), or ""."""
+    for name in [props.get("Id", "")] + props.get("Names", "").split():
+        if name and never_touch(name):
+            return name
+    return ""
+
+
 def check_trusted_file(path: str, what: str) -> Optional[str]:
     """When running as root, a file that decides what root does must be root's alone."""
     if os.geteuid() != 0:
@@ -779,6 +797,19 @@ def check_trusted_file(path: str, what: str) -> Optional[str]:
     if st.st_mode & 0o022:
         return "%s: %s is writable by group or others (chmod go-w %s)" % (path, what, path)
     return None
+
+
+def secret_file_problem(path: str) -> str:
+    """What is wrong with a file holding a secret, or "" (checked as root only)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return "cannot read %s: %s" % (path, exc.strerror)
+    if os.geteuid() == 0 and st.st_uid != 0:
+        return "%s is owned by uid %d; it must be root's (chown root: %s)" % (path, st.st_uid, path)
+    if os.geteuid() == 0 and st.st_mode & 0o077:
+        return "%s is mode %o; it must be 0600 or 0400 (chmod 600 %s)" % (path, st.st_mode & 0o777, path)
+    return ""
 
 
 def load_config(path: str, trusted: bool = True) -> Config:
@@ -796,7 +827,7 @@ def load_config(path: str, trusted: bool = True) -> Config:
         if bad:
             problems.append(bad)
     try:
-        config = parse_config(text, path)
+        config = parse_config(text, path, check_files=trusted)
     except ConfigError as exc:
         raise ConfigError(problems + exc.problems)
     if problems:
@@ -963,6 +994,21 @@ def read_journal_since(unit: str, since: float, lines: int = JOURNAL_LINES) -> T
             "--since", "@%d" % max(0, int(since) - 1)]
     result = run(argv, timeout=10)
     return tuple(result.out.splitlines()[-lines:]) if result.ok else ()
+
+
+TIMESPAN_UNITS = {"us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3, "s": 1, "sec": 1, "min": 60,
+                  "m": 60, "h": 3600, "hr": 3600, "d": 86400, "w": 604800, "M": 2629800, "y": 31557600}
+
+
+def parse_timespan(text: str) -> float:
+    """systemd's "1min 30s", "100ms", "infinity" -> seconds (infinity: MAX_JOB_SECONDS)."""
+    text = text.strip()
+    if text == "infinity":
+        return MAX_JOB_SECONDS
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", text):
+        total += float(number) * TIMESPAN_UNITS.get(unit or "s", 0.0)
+    return total
 
 
 def parse_usec_timestamp(value: str) -> Optional[float]:
@@ -1187,9 +1233,16 @@ class HealContext:
         if self.dry_run:
             self.actions.append(Action(what, True, 0.0, "dry run: not done"))
             return True
-        result = run(argv, timeout=timeout or self.settings.verify_timeout)
+        result = run(argv, timeout=timeout or self.job_timeout())
         self.actions.append(Action(what, result.ok, result.seconds, "" if result.ok else result.brief()))
         return result.ok
+
+    def job_timeout(self) -> float:
+        """How long a restart job may take: the unit's own stop and start timeouts (a unit
+        that ignores SIGTERM takes TimeoutStopSec=), at least verify_timeout, at most 10 min."""
+        unit = self.diag.unit
+        own = parse_timespan(unit.get("TimeoutStopUSec", "")) + parse_timespan(unit.get("TimeoutStartUSec", ""))
+        return min(MAX_JOB_SECONDS, max(self.settings.verify_timeout, own + 5.0))
 
     def record(self, what: str, ok: bool, seconds: float = 0.0, detail: str = "") -> None:
         self.actions.append(Action(what, ok, seconds, detail))
@@ -1242,11 +1295,16 @@ def strategy_port_conflict(ctx: HealContext) -> str:
     if foreign:
         raise Escalation("port %d is held by %s; selfheal only stops processes of %s"
                          % (svc.port, "; ".join(describe_process(p) for p in foreign), svc.unit))
-    if show_unit(svc.unit).get("ActiveState") in ("active", "activating", "reloading"):
-        # A running service's own processes (its workers share the socket) are not stale.
-        return "port %d is held by the running %s itself; nothing to free" % (svc.port, svc.unit)
+    unit = show_unit(svc.unit)
+    main_pid = int(unit.get("MainPID") or 0)
+    if main_pid and read_process(main_pid) is not None:
+        # A live main process: the others holding the socket are its workers, not leftovers.
+        return "port %d is held by the running %s itself (main pid %d); nothing to free" % (
+            svc.port, svc.unit, main_pid)
     for process in stale:
         terminate(ctx, process)
+    if unit.get("Result") == "start-limit-hit":
+        ctx.systemctl("reset-failed", timeout=COMMAND_TIMEOUT)
     ctx.systemctl("restart")
     return ""
 
@@ -1626,6 +1684,9 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
     settings = config.settings
     started_at, start_mono = time.time(), time.monotonic()
     diag = diagnose(svc, env, finding)
+    protected = never_touch_loaded(diag.unit)  # an alias of a protected unit
+    if protected:
+        raise UsageError("selfheal never touches %s: it is %s" % (svc.unit, protected))
     cause = root_cause(svc, diag)
     runs: List[StrategyRun] = []
 
@@ -1764,7 +1825,15 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
         for _round in range(config.settings.failure_threshold + 1):
             if _round and paused_until(paths, name) is not None:
                 break  # paused while we were busy: stop here
-            result = heal(config, svc, paths, trigger, env, dry_run, finding)
+            try:
+                result = heal(config, svc, paths, trigger, env, dry_run, finding)
+            except SelfhealError:
+                raise
+            except Exception:  # a bug in selfheal must not leave the failure unreported
+                log.exception("selfheal crashed while healing %s", name)
+                if not dry_run:
+                    report_heal_crash(config, paths, svc, traceback.format_exc())
+                return EX_FAIL
             outcome = result.outcome
             text = render_report(config.settings, result)
             if dry_run:
@@ -1789,6 +1858,21 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
         return EX_OK if outcome in ok else EX_FAIL
     finally:
         lock.release()
+
+
+def report_heal_crash(config: Config, paths: Paths, svc: Service, trace: str) -> None:
+    body = ("selfheal crashed while healing %s (%s) on %s, so it may still be broken.\n\n"
+            "Look at it now:\n  systemctl status %s\n  journalctl -u %s -n 100 --no-pager\n\n"
+            "What selfheal hit (please report it):\n\n%s" % (
+                svc.name, svc.unit, socket.gethostname(), svc.unit, svc.unit, trace))
+    try:
+        append_line(paths.history, json.dumps({"ts": round(time.time(), 3), "time": iso(time.time()),
+                                               "service": svc.name, "unit": svc.unit, "outcome": "FAILED",
+                                               "trigger": "selfheal crashed", "root_cause": trace.splitlines()[-1]}))
+    except OSError:
+        pass
+    deliver(config, paths, make_message(config.settings, "❌ %s: %s - FAILED (selfheal crashed)" % (
+        config.settings.name, svc.name), body))
 
 
 def summary_line(result: HealResult) -> str:
@@ -2148,6 +2232,39 @@ def watch(config: Config, paths: Paths) -> int:
         report_watch_failure(config, paths, "\n".join(errors))
         return EX_FAIL
     return EX_OK
+
+
+def keep_last_good(paths: Paths, config_path: str) -> None:
+    """Keep a copy of the config that last loaded, so a broken edit can still be reported."""
+    try:
+        text = Path(config_path).read_text(encoding="utf-8")
+        copy = paths.state / "last-good.conf"
+        if not copy.exists() or copy.read_text(encoding="utf-8") != text:
+            atomic_write(copy, text, 0o600)
+    except OSError as exc:
+        log.debug("could not keep a copy of the config: %s", exc)
+
+
+def report_broken_config(paths: Paths, exc: ConfigError) -> None:
+    """The config stopped loading: heals and the watch are off. Mail it (at most hourly)
+    with the mail settings of the last config that loaded."""
+    try:
+        good = load_config(str(paths.state / "last-good.conf"), trusted=False)
+    except SelfhealError:
+        return  # never had a good one: nobody to tell but the journal
+    marker = paths.state / "config-broken.json"
+    try:
+        if time.time() - float(json.loads(marker.read_text(encoding="utf-8")).get("mailed", 0)) < 3600:
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    body = ("selfheal on %s cannot load its config, so it heals nothing until this is fixed:\n\n%s\n\n"
+            "Fix it, then check with: selfheal validate\n" % (socket.gethostname(), "\n".join(exc.problems)))
+    deliver(good, paths, make_message(good.settings, "❌ %s: selfheal - CONFIG BROKEN" % good.settings.name, body))
+    try:
+        atomic_write(marker, json.dumps({"mailed": time.time()}) + "\n")
+    except OSError:
+        pass
 
 
 def report_watch_failure(config: Config, paths: Paths, what: str) -> None:
@@ -2651,11 +2768,18 @@ class Installer:
 
     def install(self, config: Config, config_text: str, self_text: str) -> int:
         libdir, conf = self.libdir, CONFIG_PATH
+        units = [svc.unit for svc in config.services.values()]
+        loaded = show_units(units, ("Id", "LoadState", "Names")) if self.live else {}
+        protected = ["%s [%s] unit: %s is %s here, which selfheal never touches" % (
+            config.path, svc.name, svc.unit, never_touch_loaded(loaded.get(svc.unit, {})))
+            for svc in config.services.values() if never_touch_loaded(loaded.get(svc.unit, {}))]
+        if protected:  # found only on this host (an alias): refuse before changing anything
+            raise ConfigError(protected)
         if self.put(libdir + "/selfheal.py", self_text, 0o755) or not self.host(libdir + "/__pycache__").is_dir():
             # Compiled now, so the first heal does not pay for compiling 2,000 lines.
             py_compile.compile(str(self.host(libdir + "/selfheal.py")), doraise=True,
                                invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
-        readme = Path(__file__).with_name("README.md")
+        readme = Path(os.path.realpath(__file__)).with_name("README.md")
         if readme.is_file():
             self.put(libdir + "/README.md", readme.read_text(encoding="utf-8"), 0o644)
         self.put(self.prefix.rstrip("/") + "/bin/miraclemax-status", MIRACLEMAX_STATUS, 0o755)
@@ -2679,12 +2803,11 @@ class Installer:
         if old != config_text:
             atomic_write(target, config_text, 0o644)
             self.say("  installed %s" % conf)
+        atomic_write(self.host(STATE_DIR + "/last-good.conf"), config_text, 0o600)
 
         for name in UNIT_TEMPLATES:
             self.put("%s/%s" % (UNIT_DIR, name), render_unit(name, libdir, self.python, config.settings.watch_interval), 0o644)
 
-        units = [svc.unit for svc in config.services.values()]
-        loaded = show_units(units, ("Id", "LoadState")) if self.live else {}
         wanted = set()
         for svc in config.services.values():
             state = loaded.get(svc.unit, {}).get("LoadState", "loaded") if self.live else "loaded"
@@ -2941,8 +3064,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print("selfheal is not installed here (no %s). Install it with: sudo ./install.sh" % config_path)
                 return EX_USAGE
             return cmd_status(load_config(config_path, trusted=False), paths, args.json)
-        config = load_config(config_path)
+        try:
+            config = load_config(config_path)
+        except ConfigError as exc:
+            if args.command in ("heal", "watch") and not getattr(args, "dry_run", False):
+                report_broken_config(paths, exc)  # the healer is blind: say so by mail
+            raise
         setup_logging(args.verbose, quiet, config.settings.syslog_ident)
+        if args.command in ("heal", "watch"):
+            keep_last_good(paths, config_path)
         if args.command == "heal":
             if not args.dry_run:
                 require_root("heal")

@@ -274,3 +274,20 @@ def test_parse_duration_accepts_systemd_like_units(text, seconds):
 def test_parse_duration_refuses_what_is_not_a_duration(text):
     with pytest.raises(ValueError):
         selfheal.parse_duration(text)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership and mode are checked as root")
+def test_smtp_password_file_that_is_missing_or_readable_by_others_is_a_config_error(tmp_path):
+    secret = tmp_path / "pw"
+    text = "[selfheal]\nsmtp_user = me\nsmtp_password_file = %s\n\n[worker]\n" % secret
+    with pytest.raises(selfheal.ConfigError) as missing:
+        selfheal.parse_config(text, "services.conf", check_files=True)
+    assert missing.value.problems == ["services.conf:3 [selfheal] smtp_password_file: cannot read %s: "
+                                      "No such file or directory" % secret]
+    secret.write_text("hunter2\n")
+    os.chmod(str(secret), 0o644)
+    with pytest.raises(selfheal.ConfigError) as loose:
+        selfheal.parse_config(text, "services.conf", check_files=True)
+    assert "must be 0600 or 0400" in loose.value.problems[0]
+    os.chmod(str(secret), 0o600)
+    assert selfheal.parse_config(text, "services.conf", check_files=True).settings.smtp_user == "me"

@@ -461,18 +461,31 @@ def test_pause_for_a_while_ends_by_itself(fake_host):
     assert selfheal.paused_until(fake_host.paths, "worker", now=1e12) == 0.0  # until resumed
 
 
-def test_heal_already_running_makes_a_second_trigger_join_it_without_restarting(bed):
+def test_two_triggers_at_once_give_one_restart_and_one_mail(bed):
+    # OnFailure= and a manual heal (or the watch) for the same crash, at the same moment:
+    # the second waits for the first, then finds the run it brought back and says nothing.
+    import threading
+
     bed.host.failed(WORKER)
-    other = selfheal.Lock(bed.paths.lock("worker"))
-    assert other.acquire()
-    try:
-        rc, out = bed.heal("worker")
-    finally:
-        other.release()
-    assert rc == 0
-    assert bed.host.actions() == []
-    assert bed.sink.messages == []
-    assert "already running" in out
+    results = []
+    threads = [threading.Thread(target=lambda t=t: results.append(bed.heal("worker", trigger=t)[0]))
+               for t in ("onfailure", "manual")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == [0, 0]
+    assert [c[1] for c in bed.host.actions()] == ["restart"]
+    assert len(bed.sink.messages) == 1
+    assert [e["outcome"] for e in bed.history("worker")] == ["RESOLVED"]
+
+
+def test_trigger_gives_up_when_a_heal_holds_the_lock_beyond_its_patience(bed, monkeypatch):
+    bed.host.failed(WORKER)
+    monkeypatch.setattr(selfheal.Lock, "wait", lambda self, timeout: False)
+    rc, out = bed.heal("worker")
+    assert rc == 0 and "already running" in out
+    assert bed.host.actions() == [] and bed.sink.messages == []
 
 
 def test_trigger_that_waited_for_a_heal_finds_that_run_healthy_and_stays_silent(bed):
@@ -664,3 +677,53 @@ def test_send_signal_refuses_a_process_outside_the_unit_and_reports_a_gone_one(m
         child.kill()
         child.wait()
     assert selfheal.send_signal(child.pid, signal.SIGTERM, STORY) is False  # gone: no error
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("1min 30s", 90.0), ("90s", 90.0), ("100ms", 0.1), ("5min", 300.0), ("1h 2min 3s", 3723.0),
+    ("infinity", selfheal.MAX_JOB_SECONDS), ("", 0.0)])
+def test_parse_timespan_reads_systemds_own_format(text, seconds):
+    assert selfheal.parse_timespan(text) == pytest.approx(seconds)
+
+
+def test_restart_job_gets_the_units_own_stop_and_start_timeouts(bed):
+    diag = selfheal.Diagnosis({"TimeoutStopUSec": "1min 30s", "TimeoutStartUSec": "1min 30s"},
+                              "signal", "killed", "KILL", False, (), (), (), None, None)
+    ctx = selfheal.HealContext(bed.config.services["worker"], diag, bed.config.settings)
+    assert ctx.job_timeout() == 185.0  # 90 + 90 + 5: a unit that ignores SIGTERM still restarts
+    quick = selfheal.Diagnosis({"TimeoutStopUSec": "1s", "TimeoutStartUSec": "1s"},
+                               "signal", "killed", "KILL", False, (), (), (), None, None)
+    ctx = selfheal.HealContext(bed.config.services["worker"], quick, bed.config.settings)
+    assert ctx.job_timeout() == max(bed.config.settings.verify_timeout, 7.0)  # never less than verify_timeout
+
+
+def test_a_crash_inside_selfheal_is_mailed_as_failed_with_its_traceback(bed, monkeypatch):
+    bed.host.failed(WORKER)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug in a strategy")
+
+    monkeypatch.setattr(selfheal, "heal", broken)
+    rc, _ = bed.heal("worker")
+    assert rc == 1
+    (msg,) = bed.sink.messages
+    assert msg["Subject"] == "❌ MiracleMax: worker - FAILED (selfheal crashed)"
+    assert "RuntimeError: bug in a strategy" in msg.get_content()
+    assert "systemctl status worker.service" in msg.get_content()
+    assert [e["outcome"] for e in bed.history("worker")] == ["FAILED"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="watch needs root")
+def test_a_broken_config_is_mailed_once_an_hour_with_the_last_good_settings(bed, tmp_path, monkeypatch):
+    bed.paths.state.mkdir(parents=True, exist_ok=True)
+    (bed.paths.state / "last-good.conf").write_text(open(bed.config_path).read())
+    broken = tmp_path / "broken.conf"
+    broken.write_text("[selfheal]\nemail_to = nobody\n\n[worker]\nprot = 1\n")
+    os.chmod(str(broken), 0o644)
+    monkeypatch.setenv("SELFHEAL_CONFIG", str(broken))
+    monkeypatch.setattr(selfheal, "check_trusted_file", lambda path, what: None)
+    assert selfheal.main(["watch"]) == 78
+    assert selfheal.main(["watch"]) == 78
+    (msg,) = bed.sink.messages
+    assert msg["Subject"] == "❌ MiracleMax: selfheal - CONFIG BROKEN"
+    assert "prot: unknown key" in msg.get_content()

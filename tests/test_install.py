@@ -81,8 +81,10 @@ def test_install_into_destdir_puts_every_file_with_its_mode(tmp_path, conf):
         assert mode == 0o644
         assert ("OnFailure=selfheal@%s.service" % name).encode() in text.splitlines()
     manifest = tree["var/lib/selfheal/" + selfheal.MANIFEST_NAME][1].decode().split()
+    # config and state (the last config that loaded) are kept by an uninstall: not in the manifest
     installed = {"/" + k for k in without_bytecode(tree)} - {"/etc/selfheal/services.conf",
-                                                            "/var/lib/selfheal/" + selfheal.MANIFEST_NAME}
+                                                            "/var/lib/selfheal/" + selfheal.MANIFEST_NAME,
+                                                            "/var/lib/selfheal/last-good.conf"}
     assert set(manifest) == installed
 
 
