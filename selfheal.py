@@ -436,7 +436,7 @@ def parse_duration(text: str) -> float:
 
 def format_duration(seconds: float) -> str:
     if seconds < 10:
-        return "%.2f s" % seconds
+        return "%d s" % seconds if seconds == int(seconds) else "%.2f s" % seconds
     if seconds < 120:
         return "%.0f s" % seconds
     minutes = seconds / 60
@@ -1835,7 +1835,7 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
                     report_heal_crash(config, paths, svc, traceback.format_exc())
                 return EX_FAIL
             outcome = result.outcome
-            text = render_report(config.settings, result)
+            text = render_report(config.settings, result, paths=paths)
             if dry_run:
                 print(text, file=out)
                 return EX_OK
@@ -2313,7 +2313,8 @@ def _section(title: str, lines: Iterable[str]) -> List[str]:
     return ["", title, "-" * len(title)] + ["  " + line if line else "" for line in lines]
 
 
-def render_report(settings: Settings, result: HealResult, host: Optional[str] = None) -> str:
+def render_report(settings: Settings, result: HealResult, host: Optional[str] = None,
+                  paths: Optional[Paths] = None) -> str:
     svc, diag, cause = result.service, result.diagnosis, result.root_cause
     host = host or socket.gethostname() or "localhost"  # no DNS on the way to the report
     out = [subject(settings, result), ""]
@@ -2407,8 +2408,9 @@ def render_report(settings: Settings, result: HealResult, host: Optional[str] = 
         lines = ["State: %s (%s), result %s%s" % (after.active_state, after.sub_state, after.result,
                  ", main process %s %s" % (after.exit_code, after.exit_status) if after.exit_code else "")]
         out += _section("JOURNAL OF THE REPAIR ATTEMPT", lines + [""] + list(after.journal))
+    paths = paths or Paths()
     out += ["", "-- ", "selfheal %s on %s; history: %s; log: %s" % (
-        VERSION, host, Path(STATE_DIR) / "history.jsonl", Path(LOG_DIR) / (svc.name + ".log"))]
+        VERSION, host, paths.history, paths.service_log(svc.name))]
     return "\n".join(out) + "\n"
 
 
@@ -2805,8 +2807,10 @@ class Installer:
             self.say("  installed %s" % conf)
         atomic_write(self.host(STATE_DIR + "/last-good.conf"), config_text, 0o600)
 
-        for name in UNIT_TEMPLATES:
-            self.put("%s/%s" % (UNIT_DIR, name), render_unit(name, libdir, self.python, config.settings.watch_interval), 0o644)
+        changed = [self.put("%s/%s" % (UNIT_DIR, name),
+                            render_unit(name, libdir, self.python, config.settings.watch_interval), 0o644)
+                   for name in UNIT_TEMPLATES]
+        timer_changed = any(changed)
 
         wanted = set()
         for svc in config.services.values():
@@ -2821,8 +2825,9 @@ class Installer:
         self.remove_stale_dropins(wanted)
         self.write_manifest()
         if self.live:
-            for argv in ([SYSTEMCTL, "daemon-reload"], [SYSTEMCTL, "enable", "selfheal-watch.timer"],
-                         [SYSTEMCTL, "restart", "selfheal-watch.timer"]):  # restart: a new interval counts now
+            # restart the timer only when a unit changed: a new interval counts from now on
+            timer = [SYSTEMCTL, "restart" if timer_changed else "start", "selfheal-watch.timer"]
+            for argv in ([SYSTEMCTL, "daemon-reload"], [SYSTEMCTL, "enable", "selfheal-watch.timer"], timer):
                 result = run(argv, timeout=60)
                 if not result.ok:
                     self.say("  warning: %s: %s" % (" ".join(argv), result.brief()))
