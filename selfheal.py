@@ -476,6 +476,9 @@ def _scan_lines(text: str):
 
 GLOBAL_KEYS = {f.name for f in dataclasses.fields(Settings)}
 SERVICE_KEYS = {f.name for f in dataclasses.fields(Service)} - {"name"}
+# The defaults live in the dataclasses only (and, documented, in the shipped services.conf).
+GLOBAL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING}
+SERVICE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Service) if f.default is not dataclasses.MISSING}
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -555,23 +558,23 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         email_to=take(s, g, "email_to", check_addresses, ("root@localhost",)),
         email_from=take(s, g, "email_from", check_address, "selfheal@%s" % hostname
                         if HOST_RE.match(hostname) else "selfheal@localhost"),
-        smtp_host=take(s, g, "smtp_host", check_host, "localhost"),
-        smtp_port=take(s, g, "smtp_port", check_port, 25),
-        smtp_security=take(s, g, "smtp_security", choice(SMTP_SECURITY), "none"),
-        smtp_user=take(s, g, "smtp_user", check_header_text, ""),
-        smtp_password_file=take(s, g, "smtp_password_file", check_abs_path, ""),
-        smtp_timeout=take(s, g, "smtp_timeout", positive_duration, 10.0),
-        failure_threshold=take(s, g, "failure_threshold", positive_int, 3),
-        failure_window=take(s, g, "failure_window", positive_duration, 3600.0),
-        verify_timeout=take(s, g, "verify_timeout", positive_duration, 30.0),
-        syslog_ident=take(s, g, "syslog_ident", check_ident, "miraclemax-self-heal"),
-        watch_interval=take(s, g, "watch_interval", check_watch_interval, 30.0),
-        watch_confirm=take(s, g, "watch_confirm", positive_int, 2),
-        flap_threshold=take(s, g, "flap_threshold", check_flap_threshold, 3),
-        flap_window=take(s, g, "flap_window", positive_duration, 900.0),
-        reminder_interval=take(s, g, "reminder_interval", positive_duration, 86400.0),
-        incident_quiet=take(s, g, "incident_quiet", positive_duration, 600.0),
-        notify=take(s, g, "notify", choice(NOTIFY), "always"),
+        smtp_host=take(s, g, "smtp_host", check_host, GLOBAL_DEFAULTS["smtp_host"]),
+        smtp_port=take(s, g, "smtp_port", check_port, GLOBAL_DEFAULTS["smtp_port"]),
+        smtp_security=take(s, g, "smtp_security", choice(SMTP_SECURITY), GLOBAL_DEFAULTS["smtp_security"]),
+        smtp_user=take(s, g, "smtp_user", check_header_text, GLOBAL_DEFAULTS["smtp_user"]),
+        smtp_password_file=take(s, g, "smtp_password_file", check_abs_path, GLOBAL_DEFAULTS["smtp_password_file"]),
+        smtp_timeout=take(s, g, "smtp_timeout", positive_duration, GLOBAL_DEFAULTS["smtp_timeout"]),
+        failure_threshold=take(s, g, "failure_threshold", positive_int, GLOBAL_DEFAULTS["failure_threshold"]),
+        failure_window=take(s, g, "failure_window", positive_duration, GLOBAL_DEFAULTS["failure_window"]),
+        verify_timeout=take(s, g, "verify_timeout", positive_duration, GLOBAL_DEFAULTS["verify_timeout"]),
+        syslog_ident=take(s, g, "syslog_ident", check_ident, GLOBAL_DEFAULTS["syslog_ident"]),
+        watch_interval=take(s, g, "watch_interval", check_watch_interval, GLOBAL_DEFAULTS["watch_interval"]),
+        watch_confirm=take(s, g, "watch_confirm", positive_int, GLOBAL_DEFAULTS["watch_confirm"]),
+        flap_threshold=take(s, g, "flap_threshold", check_flap_threshold, GLOBAL_DEFAULTS["flap_threshold"]),
+        flap_window=take(s, g, "flap_window", positive_duration, GLOBAL_DEFAULTS["flap_window"]),
+        reminder_interval=take(s, g, "reminder_interval", positive_duration, GLOBAL_DEFAULTS["reminder_interval"]),
+        incident_quiet=take(s, g, "incident_quiet", positive_duration, GLOBAL_DEFAULTS["incident_quiet"]),
+        notify=take(s, g, "notify", choice(NOTIFY), GLOBAL_DEFAULTS["notify"]),
     )
     if settings.smtp_user and "smtp_password_file" not in g:
         problem(line_of(s, "smtp_user"), s, "smtp_user", "needs smtp_password_file as well")
@@ -608,16 +611,16 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         svc = Service(
             name=section,
             unit=unit,
-            port=take(section, values, "port", check_port, None),
-            domain=take(section, values, "domain", check_host, ""),
-            critical=take(section, values, "critical", check_bool, False),
-            strategies=take(section, values, "strategies", check_strategies, ("service_restart",)),
-            health_url=take(section, values, "health_url", check_url, ""),
-            health_timeout=take(section, values, "health_timeout", positive_duration, 5.0),
-            health_expect_status=take(section, values, "health_expect_status", check_statuses, ()),
-            health_expect_text=take(section, values, "health_expect_text", check_expect_text, ""),
-            on_stopped=take(section, values, "on_stopped", choice(ON_STOPPED), "heal"),
-            notify=take(section, values, "notify", choice(NOTIFY), ""),
+            port=take(section, values, "port", check_port, SERVICE_DEFAULTS["port"]),
+            domain=take(section, values, "domain", check_host, SERVICE_DEFAULTS["domain"]),
+            critical=take(section, values, "critical", check_bool, SERVICE_DEFAULTS["critical"]),
+            strategies=take(section, values, "strategies", check_strategies, SERVICE_DEFAULTS["strategies"]),
+            health_url=take(section, values, "health_url", check_url, SERVICE_DEFAULTS["health_url"]),
+            health_timeout=take(section, values, "health_timeout", positive_duration, SERVICE_DEFAULTS["health_timeout"]),
+            health_expect_status=take(section, values, "health_expect_status", check_statuses, SERVICE_DEFAULTS["health_expect_status"]),
+            health_expect_text=take(section, values, "health_expect_text", check_expect_text, SERVICE_DEFAULTS["health_expect_text"]),
+            on_stopped=take(section, values, "on_stopped", choice(ON_STOPPED), SERVICE_DEFAULTS["on_stopped"]),
+            notify=take(section, values, "notify", choice(NOTIFY), SERVICE_DEFAULTS["notify"]),
         )
         for key in ("health_expect_status", "health_expect_text", "health_timeout"):
             if key in values and not svc.health_url:
