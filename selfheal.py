@@ -25,6 +25,7 @@ import enum
 import errno
 import fcntl
 import fnmatch
+import grp
 import json
 import logging
 import os
@@ -98,7 +99,7 @@ UNIT_PROPERTIES = (
     "ActiveEnterTimestamp", "InactiveEnterTimestamp", "ExecMainExitTimestamp",
     "ExecMainExitTimestampMonotonic", "InactiveEnterTimestampMonotonic",
     "StateChangeTimestampMonotonic", "FragmentPath", "User", "Description", "Names",
-    "TimeoutStartUSec", "TimeoutStopUSec",
+    "TimeoutStartUSec", "TimeoutStopUSec", "Environment", "EnvironmentFiles", "ActiveEnterTimestampMonotonic",
 )
 
 # systemd's own exit statuses for a process that never got to run its code
@@ -241,6 +242,14 @@ class Service:
     health_expect_text: str = ""  # must appear in the body
     on_stopped: str = "heal"  # heal | report | ignore
     notify: str = ""  # always | on-failure | never; empty: the global notify
+    config_check: Tuple[str, ...] = ()  # config_validation: a checker, as an argument list
+    config_files: Tuple[str, ...] = ()  # config_validation: shown when changed since a healthy start
+    env_file: Tuple[str, ...] = ()  # environment_check: besides the unit's EnvironmentFile=
+    required_env: Tuple[str, ...] = ()  # environment_check: names that must be set, non-empty
+    db_path: str = ""  # database_check: a file or directory
+    db_owner: str = ""  # database_check: user or user:group (default: the unit's User=)
+    db_mode: Optional[int] = None  # database_check: e.g. 0640
+    symlinks: Tuple[Tuple[str, str], ...] = ()  # database_check: (link, target) pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,6 +378,7 @@ class StrategyRun:
     actions: Tuple[Action, ...]
     verification: Optional[Verification]
     note: str = ""  # why it did nothing, or what it found
+    found: Tuple[str, ...] = ()  # what a check looked at, line by line
 
     @property
     def healed(self) -> bool:
@@ -396,6 +406,7 @@ class HealResult:
     post: Dict[str, str]  # systemctl show after healing
     escalation: str = ""  # why a human is needed
     after: Optional[Diagnosis] = None  # the unit after a repair that did not work
+    plan: str = ""  # triage: what the evidence says and the order the strategies ran in
 
     @property
     def strategy(self) -> str:
@@ -621,12 +632,25 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
             health_expect_text=take(section, values, "health_expect_text", check_expect_text, SERVICE_DEFAULTS["health_expect_text"]),
             on_stopped=take(section, values, "on_stopped", choice(ON_STOPPED), SERVICE_DEFAULTS["on_stopped"]),
             notify=take(section, values, "notify", choice(NOTIFY), SERVICE_DEFAULTS["notify"]),
+            config_check=take(section, values, "config_check", check_command, SERVICE_DEFAULTS["config_check"]),
+            config_files=take(section, values, "config_files", check_paths, SERVICE_DEFAULTS["config_files"]),
+            env_file=take(section, values, "env_file", check_paths, SERVICE_DEFAULTS["env_file"]),
+            required_env=take(section, values, "required_env", check_env_names, SERVICE_DEFAULTS["required_env"]),
+            db_path=take(section, values, "db_path", check_abs_path, SERVICE_DEFAULTS["db_path"]),
+            db_owner=take(section, values, "db_owner", check_owner, SERVICE_DEFAULTS["db_owner"]),
+            db_mode=take(section, values, "db_mode", check_mode, SERVICE_DEFAULTS["db_mode"]),
+            symlinks=take(section, values, "symlinks", check_symlinks, SERVICE_DEFAULTS["symlinks"]),
         )
         for key in ("health_expect_status", "health_expect_text", "health_timeout"):
             if key in values and not svc.health_url:
                 problem(line_of(section, key), section, key, "needs health_url")
-        if "port_conflict" in svc.strategies and svc.port is None:
-            problem(line_of(section, "strategies"), section, "strategies", "port_conflict needs a port")
+        for strategy, needs in STRATEGY_NEEDS.items():
+            if strategy in svc.strategies and not any(getattr(svc, key) or key in values for key in needs):
+                problem(line_of(section, "strategies"), section, "strategies",
+                        "%s needs %s" % (strategy, " or ".join(needs)))
+        for key, strategy in STRATEGY_KEYS.items():
+            if key in values and strategy not in svc.strategies:
+                problem(line_of(section, key), section, key, "is used by %s, which is not in strategies" % strategy)
         services[section] = svc
     if not services and not problems:
         problem(None, None, None, "no services listed: add one [section] per service")
@@ -709,6 +733,65 @@ def check_expect_text(value: str) -> str:
     if not value or len(value) > 200 or any(ord(c) < 32 for c in value):
         raise ValueError("must be 1-200 printable characters")
     return value
+
+
+def check_command(value: str) -> Tuple[str, ...]:
+    """An argument list, split like a shell would but never run by one. The program is an
+    absolute path or a plain name looked up on PATH when it runs."""
+    import shlex
+
+    if any(ord(c) < 32 for c in value):
+        raise ValueError("must be one line without control characters")
+    try:
+        argv = tuple(shlex.split(value))
+    except ValueError as exc:
+        raise ValueError("cannot split into arguments (%s)" % exc)
+    if not argv:
+        raise ValueError("needs a command, e.g. /usr/sbin/nginx -t")
+    if not (argv[0].startswith("/") or re.match(r"^[A-Za-z0-9._+-]+$", argv[0])):
+        raise ValueError("the program must be an absolute path or a plain command name")
+    return argv
+
+
+def check_paths(value: str) -> Tuple[str, ...]:
+    paths = tuple(p.strip() for p in value.split(",") if p.strip())
+    if not paths:
+        raise ValueError("list at least one absolute path")
+    for path in paths:
+        check_abs_path(path)
+    return paths
+
+
+def check_env_names(value: str) -> Tuple[str, ...]:
+    names = tuple(split_list(value))
+    bad = [n for n in names if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", n)]
+    if not names or bad:
+        raise ValueError("list variable names like DATABASE_URL%s" % (": not %s" % ", ".join(map(repr, bad)) if bad else ""))
+    return names
+
+
+def check_owner(value: str) -> str:
+    if not re.match(r"^[a-z_][a-z0-9_.-]*(:[a-z_][a-z0-9_.-]*)?$", value, re.I):
+        raise ValueError("must be user or user:group")
+    return value
+
+
+def check_mode(value: str) -> int:
+    if not re.match(r"^0?[0-7]{3,4}$", value):
+        raise ValueError("must be an octal mode like 0640")
+    return int(value, 8)
+
+
+def check_symlinks(value: str) -> Tuple[Tuple[str, str], ...]:
+    pairs = []
+    for item in (i.strip() for i in value.split(",") if i.strip()):
+        link, arrow, target = item.partition("->")
+        if not arrow:
+            raise ValueError("write each as /path/link -> /path/target, separated by commas")
+        pairs.append((check_abs_path(link.strip()), check_abs_path(target.strip())))
+    if not pairs:
+        raise ValueError("list at least one /path/link -> /path/target")
+    return tuple(pairs)
 
 
 def check_bool(value: str) -> bool:
@@ -1223,12 +1306,15 @@ def verify(svc: Service, timeout: float, clock=time.monotonic, sleep=time.sleep)
 class HealContext:
     """What a strategy needs: the service, its diagnosis, the settings; collects actions."""
 
-    def __init__(self, svc: Service, diag: Diagnosis, settings: Settings, dry_run: bool = False):
+    def __init__(self, svc: Service, diag: Diagnosis, settings: Settings, dry_run: bool = False,
+                 paths: Optional[Paths] = None):
         self.svc = svc
         self.diag = diag
         self.settings = settings
         self.dry_run = dry_run
+        self.paths = paths or Paths()
         self.actions: List[Action] = []
+        self.found: List[str] = []  # what a check saw, for the report, whether or not it acted
 
     def systemctl(self, verb: str, timeout: Optional[float] = None) -> bool:
         argv = [SYSTEMCTL, verb, "--", self.svc.unit]
@@ -1373,16 +1459,393 @@ def send_signal(pid: int, sig: int, unit: str) -> bool:
             os.close(pidfd)
 
 
+# --- config_validation -------------------------------------------------------
+
+
+def strategy_config_validation(ctx: HealContext) -> str:
+    """Run the service's own config checker: a config it rejects is never restarted into a
+    loop; one it accepts is restarted. Shows what changed in config_files since the last
+    healthy start."""
+    svc = ctx.svc
+    ctx.found.extend(config_changes(ctx.paths, svc))
+    if svc.config_check:
+        argv = list(svc.config_check)
+        if not argv[0].startswith("/"):
+            argv[0] = shutil.which(argv[0]) or argv[0]
+        what = "config check: %s" % " ".join(svc.config_check)
+        result = run(argv, timeout=60)
+        output = (result.out + result.err).strip().splitlines()[-20:]
+        ctx.record(what, result.ok, result.seconds, "\n".join(output) or "exit status %d" % result.rc)
+        if not result.ok:
+            raise Escalation("the config check `%s` failed (exit status %d), so %s was not restarted: a "
+                             "restart cannot fix a config its own checker rejects. Fix the config, then: "
+                             "selfheal.py heal %s" % (" ".join(svc.config_check), result.rc, svc.unit, svc.name))
+    restart(ctx)
+    return ""
+
+
+def restart(ctx: HealContext) -> None:
+    """The restart that ends a repair; clears systemd's start limit first when it was hit."""
+    if show_unit(ctx.svc.unit).get("Result") == "start-limit-hit":
+        ctx.systemctl("reset-failed", timeout=COMMAND_TIMEOUT)
+    ctx.systemctl("restart")
+
+
+SECRET_RE = re.compile(r"(pass|secret|token|key|credential)\w*\s*[=:]", re.I)
+
+
+def baseline_dir(paths: Paths, name: str) -> Path:
+    return paths.state / "baseline" / name
+
+
+def remember_config_files(paths: Paths, svc: Service, unit: Dict[str, str]) -> None:
+    """Keep a copy of each config file the running service started with (its mtime is older
+    than the start), so a later failure can show what changed since the last healthy start."""
+    started = parse_usec_timestamp(unit.get("ActiveEnterTimestampMonotonic", ""))
+    if not svc.config_files or not started:
+        return
+    started_wall = time.time() - (time.monotonic() - started)
+    meta_path = baseline_dir(paths, svc.name) / "index.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = {}
+    changed = False
+    for number, path in enumerate(svc.config_files):
+        try:
+            st = os.stat(path)
+            if st.st_mtime > started_wall or st.st_size > 1 << 20:
+                continue  # changed after the start (not what it runs with), or too big to keep
+            known = meta.get(path, {})
+            if known.get("mtime") == st.st_mtime and known.get("size") == st.st_size:
+                continue
+            copy = baseline_dir(paths, svc.name) / ("%d.copy" % number)
+            atomic_write(copy, Path(path).read_text(encoding="utf-8", errors="replace"), 0o600)
+        except OSError:
+            continue
+        meta[path] = {"mtime": st.st_mtime, "size": st.st_size, "copy": str(copy), "kept": time.time()}
+        changed = True
+    if changed:
+        atomic_write(meta_path, json.dumps(meta, sort_keys=True) + "\n", 0o600)
+
+
+def config_changes(paths: Paths, svc: Service) -> List[str]:
+    """config_files changed since the last healthy start: name, mtime, size, and a diff (lines
+    that look like secrets masked)."""
+    import difflib
+
+    try:
+        meta = json.loads((baseline_dir(paths, svc.name) / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = {}
+    lines = []
+    for path in svc.config_files:
+        known = meta.get(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            lines.append("%s: %s" % (path, exc.strerror))
+            continue
+        if not known:
+            lines.append("%s: modified %s, %d bytes (no copy from a healthy start to compare)" % (
+                path, iso(st.st_mtime), st.st_size))
+            continue
+        if known["mtime"] == st.st_mtime and known["size"] == st.st_size:
+            lines.append("%s: unchanged since the last healthy start" % path)
+            continue
+        lines.append("%s: CHANGED since the last healthy start: modified %s (was %s), %d bytes (was %d)" % (
+            path, iso(st.st_mtime), iso(known["mtime"]), st.st_size, known["size"]))
+        try:
+            old = Path(known["copy"]).read_text(encoding="utf-8", errors="replace").splitlines()
+            new = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        diff = list(difflib.unified_diff(old, new, "%s (healthy start)" % path, "%s (now)" % path, lineterm="", n=2))
+        for line in diff[:40]:
+            lines.append("    " + (line[:1] + " [a line that looks like a secret]" if SECRET_RE.search(line[1:])
+                                   and line[:1] in "+- " and not line.startswith(("---", "+++")) else line))
+        if len(diff) > 40:
+            lines.append("    ... (%d more lines)" % (len(diff) - 40))
+    return lines
+
+
+# --- environment_check -------------------------------------------------------
+
+
+def parse_env_file(text: str) -> Tuple[Dict[str, Tuple[int, str]], List[str]]:
+    """systemd's EnvironmentFile= syntax -> ({name: (line, value)}, problems)."""
+    names: Dict[str, Tuple[int, str]] = {}
+    problems = []
+    lines = text.split("\n")
+    number = 0
+    while number < len(lines):
+        start = number + 1
+        line = lines[number]
+        number += 1
+        while line.endswith("\\") and number < len(lines):  # continued on the next line
+            line = line[:-1] + lines[number]
+            number += 1
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        if stripped.startswith("export "):
+            stripped = stripped[len("export "):].lstrip()
+        key, sep, value = stripped.partition("=")
+        key = key.strip()
+        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            problems.append("line %d: not NAME=value: %r" % (start, stripped[:60]))
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif value[:1] in "'\"":
+            problems.append("line %d: %s: the quote is not closed" % (start, key))
+            continue
+        names[key] = (start, value)
+    return names, problems
+
+
+def unit_env_files(unit: Dict[str, str]) -> List[Tuple[str, bool]]:
+    """EnvironmentFiles= of `systemctl show`: [(path, may be missing)]."""
+    files = []
+    for entry in re.findall(r"(\S+) \(ignore_errors=(yes|no)\)", unit.get("EnvironmentFiles", "")):
+        files.append((entry[0], entry[1] == "yes"))
+    return files
+
+
+def strategy_environment_check(ctx: HealContext) -> str:
+    """Check the environment the unit starts with: its EnvironmentFile= entries and env_file,
+    and that every required_env name is set and not empty. Reports file, line and name;
+    never writes or invents a value. Acts on nothing: a problem stops the heal with a report."""
+    svc = ctx.svc
+    unit = show_unit(svc.unit)
+    files = unit_env_files(unit) + [(path, False) for path in svc.env_file if path not in
+                                    [f for f, _ in unit_env_files(unit)]]
+    problems, warnings, seen = [], [], {}
+    for name in re.findall(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*)=", unit.get("Environment", "")):
+        seen.setdefault(name, "Environment= in %s" % svc.unit)
+    for path, optional in files:
+        try:
+            st = os.stat(path)
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            if not optional:
+                problems.append("%s: missing (the unit's EnvironmentFile= needs it)" % path)
+            continue
+        except OSError as exc:
+            problems.append("%s: cannot read: %s" % (path, exc.strerror))
+            continue
+        names, bad = parse_env_file(text)
+        problems.extend("%s: %s" % (path, b) for b in bad)
+        for name, (line, value) in names.items():
+            seen[name] = "%s:%d" % (path, line)
+            if value == "" and name in svc.required_env:
+                problems.append("%s:%d: %s is empty" % (path, line, name))
+        secrets = [n for n in names if re.search(r"PASS|SECRET|TOKEN|KEY", n, re.I)]
+        if st.st_mode & 0o004 and secrets:
+            warnings.append("%s is readable by everyone and holds %s (chmod o-r %s)" % (
+                path, ", ".join(sorted(secrets)), path))
+    for name in svc.required_env:
+        if name not in seen:
+            where = ", ".join(path for path, _ in files) or "no environment file"
+            problems.append("%s is not set (looked in %s and the unit's Environment=)" % (name, where))
+    ctx.found.extend(problems + ["warning: " + w for w in warnings])
+    checked = ", ".join(path for path, _ in files) or "no environment files"
+    ctx.record("environment check: %s" % checked, not problems, 0.0,
+               "%d problem(s)" % len(problems) if problems else "%d name(s) set, required ones present" % len(seen))
+    if problems:
+        raise Escalation("the environment of %s is broken, so it was not restarted: %s. Fix it (selfheal "
+                         "never writes values), then: selfheal.py heal %s" % (svc.unit, "; ".join(problems), svc.name))
+    ctx.actions.pop()  # only a check: nothing was changed, the next strategy restarts
+    return "environment ok: %s" % checked
+
+
+# --- database_check ----------------------------------------------------------
+
+
+def strategy_database_check(ctx: HealContext) -> str:
+    """Check the service's data: it exists, owner and mode, free space and inodes, SQLite's
+    quick_check (read-only). Repairs only what the config declares: a declared symlink whose
+    target exists, the declared owner and mode. Never deletes, moves or truncates data."""
+    svc = ctx.svc
+    problems, repaired = [], False
+    for link, target in svc.symlinks:
+        current = os.readlink(link) if os.path.islink(link) else None
+        if current == target and os.path.exists(link):
+            ctx.found.append("symlink %s -> %s: ok" % (link, target))
+            continue
+        if not os.path.exists(target):
+            problems.append("symlink %s should point to %s, which does not exist" % (link, target))
+            continue
+        if os.path.lexists(link) and not os.path.islink(link):
+            problems.append("%s should be a symlink to %s but is a real file or directory; not touched" % (link, target))
+            continue
+        what = "recreate symlink %s -> %s%s" % (link, target, " (it pointed to %s)" % current if current else "")
+        if ctx.dry_run:
+            ctx.record(what, True, 0.0, "dry run: not done")
+        else:
+            try:
+                tmp = "%s.selfheal-%d" % (link, os.getpid())
+                os.symlink(target, tmp)
+                os.replace(tmp, link)  # atomic: never a moment without the link
+                ctx.record(what, True)
+                repaired = True
+            except OSError as exc:
+                ctx.record(what, False, 0.0, exc.strerror)
+                problems.append("could not recreate %s: %s" % (link, exc.strerror))
+    if svc.db_path:
+        problems.extend(check_db_path(ctx))
+        repaired = repaired or any(a.ok and a.what.startswith(("chown", "chmod")) for a in ctx.actions)
+    if problems:
+        raise Escalation("the data of %s needs a human: %s" % (svc.unit, "; ".join(problems)))
+    if repaired:
+        restart(ctx)
+        return ""
+    return "data ok: %s" % ("; ".join(ctx.found) or "nothing declared")
+
+
+def check_db_path(ctx: HealContext) -> List[str]:
+    svc, path, problems = ctx.svc, ctx.svc.db_path, []
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ["%s is missing; selfheal never creates or restores data" % path]
+    except OSError as exc:
+        return ["%s: %s" % (path, exc.strerror)]
+    owner = svc.db_owner or show_unit(svc.unit).get("User", "")
+    if owner:
+        user, _, group = owner.partition(":")
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+            gid = grp.getgrnam(group).gr_gid if group else -1
+        except KeyError:
+            problems.append("owner %s of %s does not exist on this host" % (owner, path))
+        else:
+            if st.st_uid != uid or (gid != -1 and st.st_gid != gid):
+                fix_attr(ctx, "chown %s %s" % (owner, path), lambda: os.chown(path, uid, gid), bool(svc.db_owner),
+                         problems, "%s is owned by uid %d, not %s" % (path, st.st_uid, owner))
+    if svc.db_mode is not None and (st.st_mode & 0o7777) != svc.db_mode:
+        fix_attr(ctx, "chmod %04o %s" % (svc.db_mode, path), lambda: os.chmod(path, svc.db_mode), True,
+                 problems, "%s is mode %04o, not %04o" % (path, st.st_mode & 0o7777, svc.db_mode))
+    fs = os.statvfs(path)
+    if fs.f_blocks and fs.f_bavail * fs.f_frsize < min(100 << 20, fs.f_blocks * fs.f_frsize // 100):
+        problems.append("the filesystem of %s is full: %s free" % (path, format_bytes(str(fs.f_bavail * fs.f_frsize))))
+    if fs.f_files and fs.f_favail < max(1, fs.f_files // 100):
+        problems.append("the filesystem of %s has no free inodes (%d left)" % (path, fs.f_favail))
+    ctx.found.append("%s: owner uid %d, mode %04o, %s free" % (path, st.st_uid, st.st_mode & 0o7777,
+                                                              format_bytes(str(fs.f_bavail * fs.f_frsize)) or "0 B"))
+    verdict = sqlite_quick_check(path)
+    if verdict:
+        ctx.found.append("SQLite quick_check: %s" % verdict)
+        if verdict != "ok":
+            problems.append("SQLite says %s is damaged: %s" % (path, verdict))
+    return problems
+
+
+def fix_attr(ctx: HealContext, what: str, change: Callable[[], None], declared: bool,
+             problems: List[str], problem: str) -> None:
+    """Restore an owner or mode the config declares; only report one it does not."""
+    if not declared:
+        problems.append(problem + " (declare db_owner to let selfheal restore it)")
+        return
+    if ctx.dry_run:
+        ctx.record(what, True, 0.0, "dry run: not done")
+        return
+    try:
+        change()
+        ctx.record(what, True, 0.0, "was: " + problem)
+    except OSError as exc:
+        ctx.record(what, False, 0.0, exc.strerror)
+        problems.append(problem)
+
+
+def sqlite_quick_check(path: str) -> str:
+    """SQLite's PRAGMA quick_check, read-only, when path is an SQLite file; else ""."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(16) != b"SQLite format 3\0":
+                return ""
+    except OSError:
+        return ""
+    import sqlite3
+
+    try:
+        db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(path), uri=True, timeout=5)
+        try:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return "cannot check: %s" % exc
+    return "; ".join(str(r[0]) for r in rows[:5]) or "ok"
+
+
+
 STRATEGIES: Dict[str, Callable[[HealContext], str]] = {
     "service_restart": strategy_service_restart,
     "port_conflict": strategy_port_conflict,
+    "config_validation": strategy_config_validation,
+    "environment_check": strategy_environment_check,
+    "database_check": strategy_database_check,
 }
-PLANNED_STRATEGIES = ("config_validation", "environment_check", "database_check")
+PLANNED_STRATEGIES: Tuple[str, ...] = ()  # named in the design, not available yet
+# What a strategy needs in its section (any one of), and which keys belong to which strategy.
+STRATEGY_NEEDS = {"port_conflict": ("port",), "config_validation": ("config_check", "config_files"),
+                  "database_check": ("db_path", "symlinks")}
+STRATEGY_KEYS = {"config_check": "config_validation", "config_files": "config_validation",
+                 "env_file": "environment_check", "required_env": "environment_check",
+                 "db_path": "database_check", "db_owner": "database_check", "db_mode": "database_check",
+                 "symlinks": "database_check"}
+# Which failure each strategy can fix: triage tries it first when the evidence says so.
+STRATEGY_FITS = {"port_conflict": ("port_in_use",), "config_validation": ("bad_config",),
+                 "environment_check": ("missing_env",),
+                 "database_check": ("database", "missing_file", "permission", "disk_full")}
 
 
 # =============================================================================
 # Diagnosis -> root cause (pure)
 # =============================================================================
+
+TRIAGE_PATTERNS = tuple((kind, re.compile(pattern, re.I)) for kind, pattern in (
+    ("port_in_use", r"address already in use|EADDRINUSE|bind\(\).*failed"),
+    ("missing_env", r"KeyError: '[A-Za-z_][A-Za-z0-9_]*'|environment variable\W+[A-Za-z_][A-Za-z0-9_]*\W+(is )?"
+                    r"(not set|missing|required|unset|empty)|\b[A-Z_][A-Z0-9_]{2,} (is )?(not set|unset|missing|required)\b"),
+    ("bad_config", r"\bconfig(uration)?\b.{0,40}\b(error|invalid|failed)|syntax error|parse error|"
+                   r"invalid (option|directive|value)|unknown (directive|option)"),
+    ("database", r"database (disk image )?is malformed|unable to open database|no such table|database is locked"),
+    ("disk_full", r"no space left on device|ENOSPC|disk quota exceeded"),
+    ("permission", r"permission denied|EACCES|operation not permitted"),
+    ("missing_file", r"no such file or directory|ENOENT"),
+    ("oom", r"out of memory|MemoryError|Cannot allocate memory|\boom(?:[_-]kill(?:er)?)?\b"),
+))
+
+
+def triage(diag: Diagnosis) -> Tuple[str, str]:
+    """What kind of failure this is, and the evidence: (kind, the line or fact that says so)."""
+    if diag.finding and diag.finding.kind in ("unhealthy", "stopped"):
+        return {"unhealthy": "hang", "stopped": "stopped"}[diag.finding.kind], diag.finding.detail
+    if diag.result == "oom-kill":
+        return "oom", "systemd result oom-kill"
+    if diag.result == "start-limit-hit":
+        return "start_limit", "systemd result start-limit-hit"
+    if diag.result in ("timeout", "watchdog"):
+        return "hang", "systemd result %s" % diag.result
+    if diag.exit_code == "exited" and diag.exit_status == "203":
+        return "exec", "exit status 203/EXEC"
+    for line in reversed(diag.journal):
+        for kind, pattern in TRIAGE_PATTERNS:
+            if pattern.search(line):
+                return kind, line
+    if diag.exit_code in ("killed", "dumped"):
+        return ("crash" if diag.exit_code == "dumped" else "killed"), "signal %s" % diag.exit_status
+    return ("exit" if diag.exit_code == "exited" else "unknown"), ""
+
+
+def plan_strategies(configured: Sequence[str], kind: str) -> List[str]:
+    """The configured strategies, the ones that fit the evidence first (in their order)."""
+    fitting = [name for name in configured if kind in STRATEGY_FITS.get(name, ())]
+    return fitting + [name for name in configured if name not in fitting]
+
 
 JOURNAL_HINTS = (
     (re.compile(r"address already in use|EADDRINUSE|bind\(\).*failed", re.I),
@@ -1390,6 +1853,13 @@ JOURNAL_HINTS = (
      "Find what holds the port (ss -tlnp) and make sure only one copy of the service runs."),
     (re.compile(r"out of memory|MemoryError|Cannot allocate memory|\boom(?:[_-]kill(?:er)?)?\b", re.I),
      "it ran out of memory", "medium", "Check its memory use and the host's free memory."),
+    (dict(TRIAGE_PATTERNS)["missing_env"], "a required environment variable is missing or empty", "high",
+     "Set it in the service's environment file (selfheal never invents values); environment_check names it."),
+    (dict(TRIAGE_PATTERNS)["bad_config"], "its configuration is invalid", "high",
+     "Fix the configuration; a config_check lets selfheal verify it before restarting."),
+    (dict(TRIAGE_PATTERNS)["database"], "its database is damaged or unreachable", "high",
+     "Check the database file (sqlite3 FILE 'PRAGMA integrity_check') and restore it from a backup."),
+    (dict(TRIAGE_PATTERNS)["disk_full"], "its disk is full", "high", "Free space on the filesystem it writes to."),
     (re.compile(r"permission denied|EACCES", re.I),
      "it was denied access to a file or port", "medium",
      "Check the owner and mode of the files it uses, and its User= in the unit."),
@@ -1691,6 +2161,12 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
     if protected:
         raise UsageError("selfheal never touches %s: it is %s" % (svc.unit, protected))
     cause = root_cause(svc, diag)
+    kind, evidence = triage(diag)
+    order = plan_strategies(svc.strategies, kind)
+    plan = "%s%s; strategies in this order: %s" % (
+        kind, " (%s)" % evidence.strip()[:160] if evidence else "", ", ".join(order))
+    if order != list(svc.strategies):
+        plan += " (%s moved first: it fits the evidence)" % order[0]
     runs: List[StrategyRun] = []
 
     def finish(outcome: Outcome, escalation: str = "") -> HealResult:
@@ -1712,7 +2188,7 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
         last_seen = runs[-1].verification.unit if runs and runs[-1].verification else {}
         post = last_seen or (after.unit if after else show_unit(svc.unit))
         return HealResult(svc, outcome, trigger, started_at, diag, tuple(runs), why,
-                          healing, post, escalation, after)
+                          healing, post, escalation, after, plan)
 
     service_state_now = load_service_state(paths, svc.name)
     if service_state_now.get("escalated") and not dry_run:
@@ -1766,16 +2242,16 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
             recovered = diag.result not in ("", "success") or trigger == "onfailure" or finding is not None
             return finish(Outcome.RECOVERED if recovered else Outcome.HEALTHY)
 
-    for name in svc.strategies:
-        ctx = HealContext(svc, diag, settings, dry_run)
+    for name in order:
+        ctx = HealContext(svc, diag, settings, dry_run, paths)
         try:
             note = STRATEGIES[name](ctx)
         except Escalation as exc:
-            runs.append(StrategyRun(name, tuple(ctx.actions), None, str(exc)))
+            runs.append(StrategyRun(name, tuple(ctx.actions), None, str(exc), tuple(ctx.found)))
             return finish(Outcome.FAILED, str(exc))
         acted = bool(ctx.actions) and ctx.actions[-1].ok  # verification is the judge
         verification = verify(svc, settings.verify_timeout) if acted and not dry_run else None
-        runs.append(StrategyRun(name, tuple(ctx.actions), verification, note))
+        runs.append(StrategyRun(name, tuple(ctx.actions), verification, note, tuple(ctx.found)))
         if verification and verification.ok:
             return finish(Outcome.RESOLVED)
     last = runs[-1] if runs else None
@@ -2355,18 +2831,23 @@ def render_report(settings: Settings, result: HealResult, host: Optional[str] = 
             format_duration(diag.detected_after), "systemd OnFailure=" if result.trigger == "onfailure" else result.trigger))
     diagnosis.append("Facts from: %s" % ("systemd's MONITOR_* variables and systemctl show"
                                          if diag.from_monitor_env else "systemctl show"))
+    if result.plan:
+        diagnosis.append("Triage: %s" % result.plan)
     out += _section("DIAGNOSIS", diagnosis)
 
     healing: List[str] = []
     steps: List[str] = []
     for run_ in result.runs:
         healing.append("Strategy: %s" % run_.name)
+        for line in run_.found:
+            healing.append("  · %s" % line)
         for action in run_.actions:
+            first, _, more = action.detail.partition("\n")
             healing.append("  - %s: %s (%s)%s" % (action.what, "ok" if action.ok else "FAILED",
-                                                  format_duration(action.seconds),
-                                                  ", " + action.detail if action.detail else ""))
+                                                  format_duration(action.seconds), ", " + first if first else ""))
+            healing.extend("      " + line for line in more.splitlines())
             if action.ok:
-                steps.append(action.what + (" (%s)" % action.detail if action.detail else ""))
+                steps.append(action.what + (" (%s)" % first if first else ""))
         if run_.note:
             healing.append("  - %s" % run_.note)
         if run_.verification:
