@@ -2656,6 +2656,7 @@ def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
         if verdict == "ok":
             state["fails"] = 0
             state["healthy_invocation"] = invocation
+            remember_config_files(paths, svc, unit)
             incident_healthy(config, paths, svc, now)
         elif verdict == "restarted":
             state["fails"] = 0

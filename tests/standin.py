@@ -5,6 +5,10 @@
     standin.py PORT --fork-child    also fork a child that keeps the listening socket
                                     (with KillMode=process it outlives a killed main
                                     process: a stale holder of the port, as after a crash)
+    standin.py PORT --config FILE   refuse to start unless FILE says "valid" (a config error)
+    standin.py PORT --require-env NAME   refuse to start without $NAME (like a Python KeyError)
+    standin.py PORT --data PATH     refuse to start unless PATH can be opened (a database file,
+                                    often reached through a symlink)
 
 Prints "listening" once the socket is bound, so the journal shows it.
 """
@@ -28,8 +32,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def option(argv, name):
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def refuse_if_broken(argv):
+    config, env, data = option(argv, "--config"), option(argv, "--require-env"), option(argv, "--data")
+    if config and "valid" not in open(config).read():
+        sys.exit("config error in %s: unknown directive" % config)
+    if env:
+        os.environ[env]  # KeyError: 'NAME' in the journal, as a Python app would say it
+    if data:
+        open(data).close()  # FileNotFoundError: No such file or directory
+
+
 def main(argv):
     port = int(argv[1])
+    refuse_if_broken(argv)
     server = http.server.HTTPServer(("127.0.0.1", port), Handler, bind_and_activate=False)
     server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.server_bind()
