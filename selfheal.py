@@ -961,7 +961,7 @@ def parse_show(text: str) -> List[Dict[str, str]]:
             continue
         key, sep, value = line.partition("=")
         if sep:
-            current[key] = value
+            current[key] = current[key] + "\n" + value if key in current else value
     if current:
         units.append(current)
     return units
@@ -1476,6 +1476,10 @@ def strategy_config_validation(ctx: HealContext) -> str:
         result = run(argv, timeout=60)
         output = (result.out + result.err).strip().splitlines()[-20:]
         ctx.record(what, result.ok, result.seconds, "\n".join(output) or "exit status %d" % result.rc)
+        if result.rc in (124, 126, 127):  # not found, not executable, timed out: no verdict
+            raise Escalation("the config check `%s` could not run (%s), so %s was not restarted. Fix "
+                             "config_check, then: selfheal.py heal %s" % (" ".join(svc.config_check),
+                                                                         result.brief(), svc.unit, svc.name))
         if not result.ok:
             raise Escalation("the config check `%s` failed (exit status %d), so %s was not restarted: a "
                              "restart cannot fix a config its own checker rejects. Fix the config, then: "
@@ -1491,7 +1495,7 @@ def restart(ctx: HealContext) -> None:
     ctx.systemctl("restart")
 
 
-SECRET_RE = re.compile(r"(pass|secret|token|key|credential)\w*\s*[=:]", re.I)
+SECRET_RE = re.compile(r"(pass|secret|token|key|credential)\w*(\s*[=:]|\s+\S)", re.I)
 
 
 def baseline_dir(paths: Paths, name: str) -> Path:
@@ -1596,9 +1600,13 @@ def parse_env_file(text: str) -> Tuple[Dict[str, Tuple[int, str]], List[str]]:
             problems.append("line %d: not NAME=value: %r" % (start, stripped[:60]))
             continue
         value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        quote = value[:1] if value[:1] in ("'", '"') else ""
+        while quote and not (len(value) >= 2 and value.endswith(quote)) and number < len(lines):
+            value = value + "\n" + lines[number].rstrip()  # a quoted value may span lines
+            number += 1
+        if quote and len(value) >= 2 and value.endswith(quote):
             value = value[1:-1]
-        elif value[:1] in "'\"":
+        elif quote:
             problems.append("line %d: %s: the quote is not closed" % (start, key))
             continue
         names[key] = (start, value)
@@ -1622,8 +1630,10 @@ def strategy_environment_check(ctx: HealContext) -> str:
     files = unit_env_files(unit) + [(path, False) for path in svc.env_file if path not in
                                     [f for f, _ in unit_env_files(unit)]]
     problems, warnings, seen = [], [], {}
-    for name in re.findall(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*)=", unit.get("Environment", "")):
+    env_values = {}
+    for name, value in re.findall(r'(?:^|\s)"?([A-Za-z_][A-Za-z0-9_]*)=([^\s"]*)', unit.get("Environment", "")):
         seen.setdefault(name, "Environment= in %s" % svc.unit)
+        env_values[name] = value
     for path, optional in files:
         try:
             st = os.stat(path)
@@ -1646,6 +1656,8 @@ def strategy_environment_check(ctx: HealContext) -> str:
             warnings.append("%s is readable by everyone and holds %s (chmod o-r %s)" % (
                 path, ", ".join(sorted(secrets)), path))
     for name in svc.required_env:
+        if seen.get(name, "").startswith("Environment=") and env_values.get(name) == "":
+            problems.append("%s is empty (Environment= in %s)" % (name, svc.unit))
         if name not in seen:
             where = ", ".join(path for path, _ in files) or "no environment file"
             problems.append("%s is not set (looked in %s and the unit's Environment=)" % (name, where))
@@ -1737,7 +1749,7 @@ def check_db_path(ctx: HealContext) -> List[str]:
     verdict = sqlite_quick_check(path)
     if verdict:
         ctx.found.append("SQLite quick_check: %s" % verdict)
-        if verdict != "ok":
+        if verdict != "ok" and not verdict.startswith("cannot check"):
             problems.append("SQLite says %s is damaged: %s" % (path, verdict))
     return problems
 
@@ -1776,7 +1788,9 @@ def sqlite_quick_check(path: str) -> str:
         finally:
             db.close()
     except sqlite3.Error as exc:
-        return "cannot check: %s" % exc
+        if re.search(r"malformed|not a database|corrupt", str(exc), re.I):
+            return str(exc)  # that is the damage itself
+        return "cannot check: %s" % exc  # locked, unreadable: no verdict
     return "; ".join(str(r[0]) for r in rows[:5]) or "ok"
 
 
@@ -1808,8 +1822,8 @@ STRATEGY_FITS = {"port_conflict": ("port_in_use",), "config_validation": ("bad_c
 
 TRIAGE_PATTERNS = tuple((kind, re.compile(pattern, re.I)) for kind, pattern in (
     ("port_in_use", r"address already in use|EADDRINUSE|bind\(\).*failed"),
-    ("missing_env", r"KeyError: '[A-Za-z_][A-Za-z0-9_]*'|environment variable\W+[A-Za-z_][A-Za-z0-9_]*\W+(is )?"
-                    r"(not set|missing|required|unset|empty)|\b[A-Z_][A-Z0-9_]{2,} (is )?(not set|unset|missing|required)\b"),
+    ("missing_env", r"KeyError: '(?-i:[A-Z_][A-Z0-9_]*)'|environment variable\W+[A-Za-z_][A-Za-z0-9_]*\W+(is )?"
+                    r"(not set|missing|required|unset|empty)|\b(?-i:[A-Z_][A-Z0-9_]{2,}) (is )?(not set|unset|missing|required)\b"),
     ("bad_config", r"\bconfig(uration)?\b.{0,40}\b(error|invalid|failed)|syntax error|parse error|"
                    r"invalid (option|directive|value)|unknown (directive|option)"),
     ("database", r"database (disk image )?is malformed|unable to open database|no such table|database is locked"),
@@ -1832,6 +1846,9 @@ def triage(diag: Diagnosis) -> Tuple[str, str]:
         return "hang", "systemd result %s" % diag.result
     if diag.exit_code == "exited" and diag.exit_status == "203":
         return "exec", "exit status 203/EXEC"
+    for line in reversed(diag.journal):
+        if "Failed to load environment files" in line:  # systemd's own: a missing EnvironmentFile=
+            return "missing_env", line
     for line in reversed(diag.journal):
         for kind, pattern in TRIAGE_PATTERNS:
             if pattern.search(line):
@@ -2316,6 +2333,8 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
             outcome = result.outcome
             text = render_report(config.settings, result, paths=paths)
             if dry_run:
+                print("DRY RUN: nothing was changed. Below: the diagnosis and the plan; the outcome is\n"
+                      "what the plan alone would reach, not a result.\n", file=out)
                 print(text, file=out)
                 return EX_OK
             log_outcome(result)
