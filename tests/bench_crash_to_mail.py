@@ -95,7 +95,7 @@ def main(argv=None):
                 time.sleep(0.05)
             size = mbox.stat().st_size if mbox.exists() else 0
             start = time.monotonic()
-            box.run(["systemctl", "kill", "-s", "KILL", "story-stages"])
+            box.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "story-stages"])
             while not (mbox.exists() and mbox.stat().st_size > size and
                        b"\n\n" in mbox.read_bytes()[size:]):
                 if time.monotonic() - start > 60:

@@ -45,7 +45,7 @@ def host(bed_reason, repo_root):
 
 def crash(box, unit, port):
     box.wait_listening(port)
-    box.run(["systemctl", "kill", "-s", "KILL", unit])
+    box.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", unit])
 
 
 def test_more_heals_than_the_threshold_escalate_once_and_resume_rearms(host):

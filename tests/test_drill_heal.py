@@ -122,7 +122,7 @@ def test_install_puts_a_dropin_on_each_listed_unit_and_warns_about_missing_ones(
 def test_sigkilled_web_service_answers_again_and_resolved_mail_tells_the_truth(host):
     clear_mailbox(host)
     old_pid = show(host, "story-stages", "MainPID")
-    host.run(["systemctl", "kill", "-s", "KILL", "story-stages"])
+    host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "story-stages"])
     [mail] = host.wait_mail(about("story-stages", "RESOLVED"), timeout=30)
     assert http_get(host, 5002) == "200"
     assert show(host, "story-stages", "MainPID") not in ("0", old_pid)
@@ -144,7 +144,7 @@ def test_sigkilled_web_service_answers_again_and_resolved_mail_tells_the_truth(h
 def test_missing_binary_gives_one_failed_mail_with_manual_steps_and_no_restart_storm(host):
     clear_mailbox(host)
     host.run(["rm", "/opt/ghost/ghost-app"])
-    host.run(["systemctl", "kill", "-s", "KILL", "ghost"])
+    host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "ghost"])
     [mail] = host.wait_mail(about("ghost", "FAILED"), timeout=30)
     text = body(mail)
     assert "MANUAL STEPS" in text and "systemctl status ghost.service" in text
@@ -164,7 +164,7 @@ def test_report_written_while_mail_server_is_down_arrives_when_it_is_back(host):
     clear_mailbox(host)
     host.run(["systemctl", "stop", "postfix"])
     try:
-        host.run(["systemctl", "kill", "-s", "KILL", "story-stages"])
+        host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "story-stages"])
         deadline = time.monotonic() + 30
         while not host.sh("ls /var/lib/selfheal/spool/*.eml 2>/dev/null", check=False).stdout.strip():
             assert time.monotonic() < deadline, "the report was not queued"
@@ -208,7 +208,7 @@ def test_port_held_by_another_units_process_is_never_killed_and_failed_mail_name
 
 def test_template_instance_heals_under_its_section_name(host):
     clear_mailbox(host)
-    host.run(["systemctl", "kill", "-s", "KILL", "app@blue.service"])
+    host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "app@blue.service"])
     [mail] = host.wait_mail(about("app-blue", "RESOLVED"), timeout=30)
     assert "app@blue.service" in body(mail)
     assert http_get(host, 5005) == "200"
@@ -260,6 +260,6 @@ def test_single_file_install_on_a_new_host_heals_too(host):
     assert "installed /etc/systemd/system/selfheal@.service" in out
     assert show(host, "story-stages.service", "OnFailure") == "selfheal@story-stages.service"
     clear_mailbox(host)
-    host.run(["systemctl", "kill", "-s", "KILL", "story-stages"])
+    host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "story-stages"])
     host.wait_mail(about("story-stages", "RESOLVED"), timeout=30)
     assert http_get(host, 5002) == "200"

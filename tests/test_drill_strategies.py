@@ -126,7 +126,7 @@ def test_deleted_database_symlink_is_recreated_and_the_mail_names_it(host):
     dry = host.run(["selfheal", "heal", "linked", "--dry-run"]).stdout
     assert "Triage:" in dry
     host.run(["rm", "/var/lib/linked/db.sqlite"])
-    host.run(["systemctl", "kill", "-s", "KILL", "linked"])
+    host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "linked"])
     [mail] = host.wait_mail(about("linked", "RESOLVED"), timeout=30)
     text = body(mail)
     assert "recreate symlink /var/lib/linked/db.sqlite -> /srv/data/db.sqlite: ok" in text

@@ -110,7 +110,7 @@ def test_crash_repaired_by_systemds_restart_gets_exactly_one_restart_and_one_mai
     clear_mailbox(host)
     journal = ["journalctl", "-u", "autorestart", "-o", "cat", "--no-pager"]
     started = host.run(journal).stdout.count("Started")
-    host.run(["systemctl", "kill", "-s", "KILL", "autorestart"])
+    host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "autorestart"])
     [mail] = host.wait_mail(about("autorestart", "RESOLVED (recovered by systemd)"), timeout=CONFIRM * INTERVAL + 20)
     time.sleep(2 * INTERVAL + 2)  # the watch looks again: it must not report or restart it twice
     assert host.run(journal).stdout.count("Started") - started == 1
