@@ -727,3 +727,22 @@ def test_a_broken_config_is_mailed_once_an_hour_with_the_last_good_settings(bed,
     (msg,) = bed.sink.messages
     assert msg["Subject"] == "❌ MiracleMax: selfheal - CONFIG BROKEN"
     assert "prot: unknown key" in msg.get_content()
+
+
+def test_oom_killed_service_is_healed_and_the_root_cause_says_out_of_memory_with_the_peak(bed, section):
+    # systemd's own words and result for an OOM kill (the drill containers have no memory
+    # controller, so this is proven here, from what systemd 252+ really says).
+    bed.host.failed(WORKER, result="oom-kill", code="2", status="9", MemoryPeak=str(512 * 1024 * 1024))
+    bed.host.journal([
+        "2026-11-28T05:00:00+0000 vm systemd[1]: worker.service: A process of this unit has been killed by "
+        "the OOM killer.",
+        "2026-11-28T05:00:00+0000 vm systemd[1]: worker.service: Main process exited, code=killed, status=9/KILL",
+        "2026-11-28T05:00:00+0000 vm systemd[1]: worker.service: Failed with result 'oom-kill'.",
+    ])
+    rc, _ = bed.heal("worker")
+    assert rc == 0
+    body = bed.sink.messages[0].get_content()
+    cause = section(body, "ROOT CAUSE")
+    assert "out-of-memory killer" in cause and "peak memory 512.0 MiB" in cause
+    assert "Triage: oom (systemd result oom-kill)" in section(body, "DIAGNOSIS")
+    assert "killed by the OOM killer" in section(body, "JOURNAL OF THE FAILED RUN (last 3 lines)")
