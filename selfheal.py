@@ -3409,49 +3409,943 @@ class Installer:
 
 
 # =============================================================================
-# Status table (the full dashboard is built on this)
+# Dashboard: miraclemax-status (collect once, then render: a pure function of the data)
 # =============================================================================
+
+# The "version" of `status --json`. Fields may be added within a version; it goes up only
+# when a field is removed or changes its meaning or type (README: "status --json").
+STATUS_SCHEMA = 1
+WATCH_TIMER = "selfheal-watch.timer"
+DEFAULT_SINCE = 86400.0  # the activity window without --since
+RECENT_EVENTS = 8  # activity lines shown (and in the JSON)
+DEFAULT_WATCH = 2.0  # --watch without SECONDS
+# The states of every service and the timer come from ONE D-Bus call, ListUnitsByNames through
+# busctl: about 25 ms for 200 units, where one `systemctl show` of 200 takes 400 ms (a round
+# trip per unit). `systemctl show` then asks only about the units that need more (failed ones,
+# and active ones the watch last found unhealthy), or about all at once when busctl cannot.
+BUSCTL = "busctl"
+STATUS_PROPERTIES = ("Id", "LoadState", "ActiveState", "SubState", "Result", "ActiveEnterTimestampMonotonic")
+RUNNING_STATES = ("active", "reloading")
+# state -> (emoji, ASCII tag, colour)
+STATE_LOOK = {
+    "active": ("✅", "[ OK ]", "green"), "reloading": ("🔄", "[ OK ]", "green"),
+    "failed": ("❌", "[FAIL]", "red"), "unhealthy": ("🟠", "[WARN]", "yellow"),
+    "inactive": ("⚪", "[STOP]", "dim"), "activating": ("🔄", "[ .. ]", "yellow"),
+    "deactivating": ("🔄", "[ .. ]", "yellow"), "paused": ("🚧", "[PAUS]", "cyan"),
+    "not-found": ("❓", "[ ?? ]", "red"), "masked": ("❓", "[ ?? ]", "red"),
+    "error": ("❓", "[ ?? ]", "red"), "unknown": ("❔", "[ ?? ]", "yellow"),
+}
+OUTCOME_COLOUR = {"RESOLVED": "green", "RECOVERED": "green", "FAILED": "red", "ESCALATED": "red",
+                  "STOPPED": "yellow"}
+ANSI = {"green": "32", "red": "31", "yellow": "33", "cyan": "36", "dim": "2", "bold": "1"}
+GLYPHS = {
+    True: {"box": "╭╮╰╯─│", "rule": "─", "arrow": "↳", "dot": "·", "critical": "★ critical",
+           "title": "🏥", "system": "📊", "services": "🩺", "summary": "📈", "activity": "🩹", "config": "🔧",
+           "ok": "✅", "bad": "❌", "warn": "🟠", "unknown": "❔", "ellipsis": "…"},
+    False: {"box": "++++-|", "rule": "-", "arrow": "->", "dot": "-", "critical": "* critical",
+            "title": "", "system": "", "services": "", "summary": "", "activity": "", "config": "",
+            "ok": "", "bad": "", "warn": "", "unknown": "", "ellipsis": "..."},
+}
+# What Python puts in LC_CTYPE when it coerces a C locale (PEP 538): not the user's choice.
+COERCED_CTYPES = ("C.UTF-8", "C.utf8", "UTF-8")
+
+# The records below are NamedTuples, not frozen dataclasses: every heal imports this file, and
+# a frozen dataclass costs 1-2 ms to create at import (six of them: 7 ms), a NamedTuple 0.2 ms.
+# They are just as immutable and typed.
+from typing import NamedTuple  # noqa: E402
+
+
+class DiskUsage(NamedTuple):
+    path: str  # what was asked about: "/" or a service's db_path
+    mount: str  # the mount point of the filesystem holding it
+    total: int  # bytes
+    used: int  # total - free, as df's Used
+    available: int  # free for unprivileged users, as df's Avail
+    services: Tuple[str, ...] = ()  # whose db_path lives there
+
+    @property
+    def percent(self) -> float:
+        """As df's Use%: used / (used + available), so root's reserve does not count as free."""
+        usable = self.used + self.available
+        return 100.0 * self.used / usable if usable else 0.0
+
+
+class SystemOverview(NamedTuple):
+    time: float
+    host: str
+    uptime: Optional[float] = None  # seconds since boot (/proc/uptime)
+    load: Optional[Tuple[float, float, float]] = None  # /proc/loadavg
+    cpus: Optional[int] = None
+    memory_total: Optional[int] = None  # bytes (/proc/meminfo MemTotal)
+    memory_available: Optional[int] = None  # MemAvailable: used = total - available
+    disks: Tuple[DiskUsage, ...] = ()
+
+
+class ServiceStatus(NamedTuple):
+    name: str
+    unit: str
+    # active reloading failed inactive activating deactivating paused unhealthy not-found
+    # masked error unknown
+    state: str
+    active_state: str = ""  # systemd's own words
+    sub_state: str = ""
+    result: str = ""
+    port: Optional[int] = None
+    listening: Optional[bool] = None  # None: no port, not running, or /proc/net/tcp unreadable
+    domain: str = ""
+    critical: bool = False
+    paused_until: Optional[float] = None  # None: not paused; 0.0: until resumed
+    escalated: bool = False  # healing suspended until `selfheal resume`
+    hooked: Optional[bool] = None  # selfheal's OnFailure= drop-in is installed; None: unit not loaded
+    watch_detail: str = ""  # what the watch last said, when it said unhealthy
+    watch_checked: Optional[float] = None  # when the watch last looked at it
+    last_heal: Optional[dict] = None  # its newest history event
+    stop_is_fine: bool = False  # on_stopped = ignore
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_until is not None
+
+    @property
+    def problem(self) -> bool:
+        """Counts against exit status 0: anything but running, paused, or stopped as configured."""
+        if self.state in RUNNING_STATES or self.state == "paused":
+            return False
+        return not (self.state == "inactive" and self.stop_is_fine)
+
+
+class Activity(NamedTuple):
+    since: float  # the window's start (unix time)
+    heals: int  # heal events in the window
+    by_outcome: Dict[str, int]
+    events: Tuple[dict, ...]  # the newest RECENT_EVENTS of the window, newest first
+    damaged: int = 0  # history lines that could not be read (a crash mid-write)
+    error: str = ""  # why the history could not be read at all ("" when it could)
+
+
+class SelfhealSetup(NamedTuple):
+    config_path: str
+    units_installed: bool
+    timer: str  # the timer's ActiveState, "not-found", or "unknown" (systemd could not be asked)
+    watch_interval: float
+    last_watch: Optional[float]  # the newest look of the watch at any service shown
+    monitored: int
+    critical: int
+    email_to: Tuple[str, ...]
+    failure_threshold: int
+    failure_window: float
+    mail_queue: Optional[int]  # None: not known (the spool is root's)
+    mail_queue_error: str = ""
+    systemd_error: str = ""  # why the states are unknown
+
+    @property
+    def enabled(self) -> bool:
+        return self.units_installed and self.timer == "active"
+
+
+class Dashboard(NamedTuple):
+    name: str
+    system: SystemOverview
+    services: Tuple[ServiceStatus, ...]
+    activity: Activity
+    setup: SelfhealSetup
+    only: Tuple[str, ...] = ()  # --service: the services asked for; () = all
+
+    @property
+    def healthy(self) -> bool:
+        return not any(s.problem for s in self.services)
+
+    @property
+    def exit_code(self) -> int:
+        return EX_OK if self.healthy else EX_FAIL
+
+    def summary(self) -> Dict[str, int]:
+        """Every service shown in exactly one bucket."""
+        buckets = {"running": RUNNING_STATES, "failed": ("failed",), "inactive": ("inactive",),
+                   "activating": ("activating", "deactivating"), "paused": ("paused",),
+                   "unhealthy": ("unhealthy",), "missing": ("not-found", "masked", "error"),
+                   "unknown": ("unknown",)}
+        counts = {"total": len(self.services)}
+        for bucket, states in buckets.items():
+            counts[bucket] = sum(1 for s in self.services if s.state in states)
+        return counts
+
+
+# -- collecting: what the host says, once ----------------------------------------
+
+
+def _unreadable(exc: OSError) -> str:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "not readable without root"
+    return exc.strerror or str(exc)
+
+
+def read_meminfo(proc: Path = Path("/proc")) -> Tuple[Optional[int], Optional[int]]:
+    """(MemTotal, MemAvailable) in bytes; MemFree + Buffers + Cached before Linux 3.14."""
+    fields = {}
+    try:
+        for line in (proc / "meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                fields[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    except OSError:
+        return None, None
+    total = fields.get("MemTotal")
+    available = fields.get("MemAvailable")
+    if available is None and total is not None:
+        available = sum(fields.get(k, 0) for k in ("MemFree", "Buffers", "Cached"))
+    return total, available
+
+
+def read_uptime(proc: Path = Path("/proc")) -> Optional[float]:
+    try:
+        return float((proc / "uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def read_loadavg(proc: Path = Path("/proc")) -> Optional[Tuple[float, float, float]]:
+    try:
+        one, five, fifteen = (proc / "loadavg").read_text().split()[:3]
+        return float(one), float(five), float(fifteen)
+    except (OSError, ValueError):
+        return None
+
+
+def mount_point(path: str) -> str:
+    """The mount point of the filesystem holding path: the highest directory on its device."""
+    path = os.path.realpath(path)
+    try:
+        device = os.stat(path).st_dev
+        while path != "/":
+            parent = os.path.dirname(path)
+            if os.stat(parent).st_dev != device:
+                break
+            path = parent
+    except OSError:
+        pass
+    return path
+
+
+def disk_usages(wanted: Sequence[Tuple[str, str]]) -> Tuple[DiskUsage, ...]:
+    """statvfs of each (path, service) once per filesystem. A path that is not there (a missing
+    database) counts for the filesystem of the nearest directory above it that is."""
+    found: Dict[int, DiskUsage] = {}
+    for path, service in wanted:
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        try:
+            device = os.stat(path).st_dev
+            if device in found:
+                old = found[device]
+                if service and service not in old.services:
+                    found[device] = old._replace(services=old.services + (service,))
+                continue
+            st = os.statvfs(path)
+        except OSError:
+            continue
+        size = st.f_frsize or st.f_bsize
+        found[device] = DiskUsage(path, mount_point(path), st.f_blocks * size,
+                                  (st.f_blocks - st.f_bfree) * size, st.f_bavail * size,
+                                  (service,) if service else ())
+    return tuple(found.values())
+
+
+def collect_system(config: Config, now: float, services: Sequence[Service] = (),
+                   proc: Path = Path("/proc")) -> SystemOverview:
+    total, available = read_meminfo(proc)
+    # A service's db_path names a filesystem worth watching (database_check watches it too).
+    wanted = [("/", "")] + [(svc.db_path, svc.name) for svc in services if svc.db_path]
+    return SystemOverview(now, socket.gethostname(), read_uptime(proc), read_loadavg(proc), os.cpu_count(),
+                          total, available, disk_usages(wanted))
+
+
+def list_units(units: Sequence[str]) -> Tuple[Optional[Dict[str, Dict[str, str]]], str]:
+    """Load, active and sub state of every unit in ONE D-Bus call (systemd's ListUnitsByNames,
+    through busctl). systemd loads a unit it had unloaded to answer, and says not-found for one
+    that does not exist. (None, why) when busctl cannot answer."""
+    result = run([BUSCTL, "--json=short", "--", "call", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                  "org.freedesktop.systemd1.Manager", "ListUnitsByNames", "as", str(len(units)), *units])
+    if not result.ok:
+        return None, "busctl: %s" % result.brief()
+    try:
+        rows = json.loads(result.out)["data"][0]
+        if len(rows) != len(units):
+            raise ValueError("%d answers for %d units" % (len(rows), len(units)))
+        # a(ssssssouso): name, description, load state, active state, sub state, following, ...
+        return {unit: {"Id": str(row[0]), "LoadState": str(row[2]), "ActiveState": str(row[3]),
+                       "SubState": str(row[4])} for unit, row in zip(units, rows)}, ""
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        return None, "busctl: unexpected answer (%s)" % exc
+
+
+def show_units_once(units: Sequence[str]) -> Tuple[Dict[str, Dict[str, str]], str]:
+    """One `systemctl show` for these units -> ({unit: properties}, error or "").
+
+    Never one call per unit, also not when it fails: the states are then unknown.
+    """
+    result = run([SYSTEMCTL, "show", "-p", ",".join(STATUS_PROPERTIES), "--", *units])
+    if not result.ok:
+        return {}, "systemctl show: %s" % result.brief()
+    blocks = parse_show(result.out)
+    if len(blocks) != len(units):
+        return {}, "systemctl show answered for %d of %d units" % (len(blocks), len(units))
+    return dict(zip(units, blocks)), ""
+
+
+def unit_states(units: Sequence[str], wants_detail: Callable[[str, Dict[str, str]], bool]
+                ) -> Tuple[Dict[str, Dict[str, str]], str]:
+    """The state of every unit from at most two processes, whatever their number: busctl for
+    all, then one `systemctl show` for those wants_detail picks (or for all, when busctl
+    cannot answer). -> ({unit: properties}, why they are unknown or "")."""
+    states, why = list_units(units)
+    if states is None:
+        log.debug("%s; asking systemctl show instead", why)
+        return show_units_once(units)
+    more = [unit for unit in units if wants_detail(unit, states[unit])]
+    if more:
+        details, error = show_units_once(more)
+        if error:
+            log.debug("%s (the states are known; the details are not)", error)
+        for unit in more:
+            states[unit].update(details.get(unit, {}))
+    return states, ""
+
+
+def read_heal_events(paths: Paths) -> Tuple[List[dict], int, str]:
+    """Every heal event, oldest first, read once: (events, damaged lines, error).
+
+    A damaged line (a crash mid-write, or a hand edit) is counted and skipped, never fatal;
+    an unreadable history (not root) is an error string, not an exception.
+    """
+    try:
+        with open(str(paths.history), "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return [], 0, ""
+    except OSError as exc:
+        return [], 0, _unreadable(exc)
+    events, damaged = [], 0
+    for line in data.decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+            event["ts"] = float(event["ts"])
+            if not 0 < event["ts"] < 1e11:  # also NaN
+                raise ValueError("not a time")
+            if not isinstance(event["service"], str) or not isinstance(event.get("outcome", ""), str):
+                raise TypeError("not a heal event")
+        except (ValueError, KeyError, TypeError, IndexError):
+            damaged += 1
+            continue
+        events.append(event)
+    return events, damaged, ""
+
+
+def mail_queue_length(paths: Paths) -> Tuple[Optional[int], str]:
+    """Queued reports (the spool is root's: (None, why) for anyone else)."""
+    try:
+        with os.scandir(str(paths.spool)) as entries:
+            return sum(1 for e in entries if e.name.endswith(".eml") and e.is_file(follow_symlinks=False)), ""
+    except FileNotFoundError:
+        return 0, ""
+    except OSError as exc:
+        return None, _unreadable(exc)
+
+
+def service_status(svc: Service, unit: Dict[str, str], paths: Paths, state: dict, watch: dict,
+                   ports: Optional[set], last: Optional[dict], btime: float, now: float) -> ServiceStatus:
+    """One service from what systemd says (unit), its selfheal state and the watch's last look."""
+    load, active = unit.get("LoadState", ""), unit.get("ActiveState", "")
+    paused = paused_until(paths, svc.name, now) if "paused_until" in state else None
+    try:
+        checked = float(watch["checked"]) if watch.get("checked") is not None else None
+    except (TypeError, ValueError):
+        checked = None
+    unhealthy = watch.get("verdict") == "unhealthy"
+    entered = parse_usec_timestamp(unit.get("ActiveEnterTimestampMonotonic", ""))
+    if unhealthy and entered and btime and checked is not None and checked < btime + entered - 2:
+        unhealthy = False  # said of an earlier run: this one started after that look
+    if load == "not-found":
+        state_name = "not-found"
+    elif load == "masked":
+        state_name = "masked"
+    elif load in ("bad-setting", "error"):
+        state_name = "error"
+    elif paused is not None:
+        state_name = "paused"
+    elif not active:
+        state_name = "unknown"
+    elif active == "active" and unhealthy:
+        state_name = "unhealthy"
+    elif active in STATE_LOOK:
+        state_name = active
+    else:
+        state_name = "unknown"
+    listening = None
+    if svc.port and ports is not None and active in RUNNING_STATES:
+        listening = svc.port in ports
+    # Hooked: the OnFailure= drop-in selfheal installs for the unit is there.
+    hooked = os.path.isfile(os.path.join(UNIT_DIR, svc.unit + ".d", DROPIN_NAME)) if load == "loaded" else None
+    return ServiceStatus(
+        svc.name, svc.unit, state_name, active, unit.get("SubState", ""), unit.get("Result", ""), svc.port,
+        listening, svc.domain, svc.critical, paused, bool(state.get("escalated")), hooked,
+        str(watch.get("detail", "")) if state_name == "unhealthy" else "", checked, last,
+        svc.on_stopped == "ignore")
+
+
+def collect_dashboard(config: Config, paths: Paths, only: Sequence[str] = (), since: float = DEFAULT_SINCE,
+                      now: Optional[float] = None, proc: Path = Path("/proc")) -> Dashboard:
+    """Everything the dashboard shows, asked once: the states of all services and the timer
+    from at most two processes (unit_states), /proc, statvfs, and selfheal's own files."""
+    now = time.time() if now is None else now
+    services = [svc for svc in config.services.values() if not only or svc.name in only]
+    watch = {svc.name: load_watch_state(paths, svc.name) for svc in services}
+    by_unit = {svc.unit: svc for svc in services}
+
+    def wants_detail(unit: str, props: Dict[str, str]) -> bool:
+        """systemd's Result of a failed unit; when the run began of one the watch found unhealthy."""
+        svc, active = by_unit.get(unit), props.get("ActiveState")
+        return svc is not None and (active == "failed" or (
+            active == "active" and watch[svc.name].get("verdict") == "unhealthy"))
+
+    units, systemd_error = unit_states([svc.unit for svc in services] + [WATCH_TIMER], wants_detail)
+    ports = listening_ports(proc) if any(svc.port for svc in services) else None
+    events, damaged, history_error = read_heal_events(paths)
+    events.sort(key=lambda e: e["ts"])  # a hand edit or a clock step may have mixed the lines
+    last: Dict[str, dict] = {}
+    for event in events:
+        last[event["service"]] = event
+    btime = boot_time()
+    rows = tuple(service_status(svc, units.get(svc.unit, {}), paths, load_service_state(paths, svc.name),
+                                watch[svc.name], ports, last.get(svc.name), btime, now) for svc in services)
+
+    names = {svc.name for svc in services}
+    window = [e for e in events if e["ts"] >= now - since and (not only or e["service"] in names)]
+    by_outcome: Dict[str, int] = {}
+    for event in window:
+        outcome = event.get("outcome") or "?"
+        by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+    activity = Activity(now - since, len(window), by_outcome, tuple(reversed(window[-RECENT_EVENTS:])),
+                        damaged, history_error)
+
+    timer = units.get(WATCH_TIMER, {})
+    queue, queue_error = mail_queue_length(paths)
+    checks = [s.watch_checked for s in rows if s.watch_checked]
+    s = config.settings
+    setup = SelfhealSetup(
+        config.path, all(os.path.isfile(os.path.join(UNIT_DIR, name)) for name in UNIT_TEMPLATES),
+        "unknown" if not timer else ("not-found" if timer.get("LoadState") == "not-found"
+                                     else timer.get("ActiveState") or "unknown"),
+        s.watch_interval, max(checks) if checks else None, len(config.services),
+        sum(1 for svc in config.services.values() if svc.critical), s.email_to, s.failure_threshold,
+        s.failure_window, queue, queue_error, systemd_error)
+    return Dashboard(s.name, collect_system(config, now, services, proc), rows, activity, setup, tuple(only))
+
+
+# -- JSON: the documented shape (README, "status --json") -------------------------
+
+
+def _round(value: Optional[float], digits: int = 3) -> Optional[float]:
+    return None if value is None else round(float(value), digits)
+
+
+def service_json(s: ServiceStatus) -> dict:
+    last = s.last_heal or {}
+    seconds = last.get("healing_seconds")
+    return {
+        "name": s.name, "unit": s.unit, "state": s.state, "active_state": s.active_state,
+        "sub_state": s.sub_state, "result": s.result, "port": s.port, "listening": s.listening,
+        "domain": s.domain, "critical": s.critical, "problem": s.problem, "paused": s.paused,
+        "paused_until": s.paused_until or None, "escalated": s.escalated, "hooked": s.hooked,
+        "watch_detail": s.watch_detail, "watch_checked": _round(s.watch_checked),
+        "last_heal": str(last.get("time", "")), "last_heal_ts": _round(last.get("ts")),
+        "last_outcome": str(last.get("outcome", "")),
+        "last_healing_seconds": _round(seconds) if isinstance(seconds, (int, float)) else None,
+    }
+
+
+def event_json(event: dict) -> dict:
+    seconds = event.get("healing_seconds")
+    return {"ts": _round(event["ts"]), "time": iso(event["ts"]), "service": event["service"],
+            "outcome": str(event.get("outcome", "")), "trigger": str(event.get("trigger", "")),
+            "healing_seconds": _round(seconds) if isinstance(seconds, (int, float)) else None,
+            "root_cause": str(event.get("root_cause", ""))}
+
+
+def dashboard_json(d: Dashboard) -> dict:
+    sysv, act, setup = d.system, d.activity, d.setup
+    memory = None
+    if sysv.memory_total and sysv.memory_available is not None:
+        used = sysv.memory_total - sysv.memory_available
+        memory = {"total_bytes": sysv.memory_total, "used_bytes": used, "available_bytes": sysv.memory_available,
+                  "percent": round(100.0 * used / sysv.memory_total, 1)}
+    return {
+        "version": STATUS_SCHEMA,
+        "selfheal": VERSION,
+        "name": d.name,
+        "host": sysv.host,
+        "ts": _round(sysv.time),
+        "time": iso(sysv.time),
+        "healthy": d.healthy,
+        "only": list(d.only),
+        "system": {
+            "uptime_seconds": _round(sysv.uptime, 1),
+            "load": list(sysv.load) if sysv.load else None,
+            "cpus": sysv.cpus,
+            "memory": memory,
+            "disks": [{"path": k.path, "mount": k.mount, "total_bytes": k.total, "used_bytes": k.used,
+                       "available_bytes": k.available, "percent": round(k.percent, 1),
+                       "services": list(k.services)} for k in sysv.disks],
+        },
+        "services": [service_json(s) for s in d.services],
+        "summary": d.summary(),
+        "activity": {
+            "since_ts": _round(act.since), "since": iso(act.since), "count": act.heals,
+            "by_outcome": dict(act.by_outcome), "events": [event_json(e) for e in act.events],
+            "damaged_lines": act.damaged, "error": act.error,
+        },
+        "config": {
+            "path": setup.config_path, "enabled": setup.enabled, "units_installed": setup.units_installed,
+            "timer": setup.timer, "watch_interval_seconds": setup.watch_interval,
+            "last_watch_ts": _round(setup.last_watch), "services_monitored": setup.monitored,
+            "critical": setup.critical, "email_to": list(setup.email_to),
+            "failure_threshold": setup.failure_threshold, "failure_window_seconds": setup.failure_window,
+            "mail_queue": setup.mail_queue, "mail_queue_error": setup.mail_queue_error,
+            "systemd_error": setup.systemd_error,
+        },
+    }
 
 
 def status_rows(config: Config, paths: Paths) -> List[dict]:
-    units = show_units([svc.unit for svc in config.services.values()],
-                       ("Id", "LoadState", "ActiveState", "SubState"))
-    rows = []
-    for svc in config.services.values():
-        unit = units.get(svc.unit, {})
-        state = unit.get("ActiveState", "unknown")
-        if unit.get("LoadState") == "not-found":
-            state = "not-found"
-        elif paused_until(paths, svc.name) is not None:
-            state = "paused"
-        elif state == "active" and load_watch_state(paths, svc.name).get("verdict") == "unhealthy":
-            state = "unhealthy"
-        history = read_history(paths, svc.name)
-        last = history[-1] if history else {}
-        rows.append({
-            "name": svc.name, "unit": svc.unit, "state": state, "sub_state": unit.get("SubState", ""),
-            "port": svc.port, "critical": svc.critical,
-            "last_heal": last.get("time", ""), "last_outcome": last.get("outcome", ""),
-        })
-    return rows
+    """The services as `status --json` lists them."""
+    return [service_json(s) for s in collect_dashboard(config, paths).services]
 
 
-def cmd_status(config: Config, paths: Paths, as_json: bool, out=None) -> int:
-    out = out or sys.stdout
-    rows = status_rows(config, paths)
-    if as_json:
-        json.dump({"name": config.settings.name, "services": rows}, out, indent=2)
-        out.write("\n")
+# -- text: a pure function of the Dashboard -----------------------------------------
+
+
+def text_width(text: str) -> int:
+    """Terminal columns: emoji and East Asian wide characters take two, combining marks none."""
+    if text.isascii():
+        return len(text)
+    import unicodedata
+
+    width = 0
+    for ch in text:
+        if ch in "\u200d\ufe0e\ufe0f" or unicodedata.combining(ch):
+            continue
+        width += 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+    return width
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - text_width(text))
+
+
+def _clip(text: str, width: int, ellipsis: str) -> str:
+    if text_width(text) <= width:
+        return text
+    while text and text_width(text + ellipsis) > width:
+        text = text[:-1]
+    return text + ellipsis
+
+
+def _paint(text: str, colour: str, on: bool) -> str:
+    return "\033[%sm%s\033[0m" % (ANSI[colour], text) if on and colour else text
+
+
+def human_bytes(number: Optional[float]) -> str:
+    if number is None:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(number) < 1024 or unit == "TiB":
+            return "%d %s" % (number, unit) if unit == "B" else "%.1f %s" % (number, unit)
+        number /= 1024.0
+    return ""
+
+
+def human_uptime(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    days, minutes = divmod(minutes, 1440)
+    hours, minutes = divmod(minutes, 60)
+    return ("%dd %dh %dm" % (days, hours, minutes) if days else
+            "%dh %dm" % (hours, minutes) if hours else "%dm" % minutes)
+
+
+def ago(seconds: float) -> str:
+    """'45s ago', '12m ago', '2h ago', '3d ago' (whole units, rounded down)."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return "%ds ago" % seconds
+    if seconds < 90 * 60:
+        return "%dm ago" % (seconds // 60)
+    if seconds < 36 * 3600:
+        return "%dh ago" % (seconds // 3600)
+    return "%dd ago" % (seconds // 86400)
+
+
+def human_span(seconds: float) -> str:
+    """A configured span in its own unit: '30 s', '15 min', '1 h', '24 h', '7 d'."""
+    if seconds >= 2 * 86400 and seconds % 86400 == 0:
+        return "%d d" % (seconds // 86400)
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return "%d h" % (seconds // 3600)
+    if seconds >= 60 and seconds % 60 == 0:
+        return "%d min" % (seconds // 60)
+    return format_duration(seconds)
+
+
+def local_time(ts: float, fmt: str = "%Y-%m-%d %H:%M") -> str:
+    return dt.datetime.fromtimestamp(ts).strftime(fmt)
+
+
+def _heading(title: str, icon: str, g: dict, color: bool, width: int) -> List[str]:
+    text = "%s %s " % (icon, title) if icon else "%s %s " % (g["rule"] * 2, title)
+    return ["", _paint(text, "bold", color) + g["rule"] * max(3, width - text_width(text))]
+
+
+def _service_notes(s: ServiceStatus, d: Dashboard) -> List[str]:
+    now, notes = d.system.time, []
+    resume = "sudo selfheal resume %s" % s.name
+    if s.state == "paused":
+        now_is = "; systemd says %s (%s)" % (s.active_state, s.sub_state) if s.active_state else ""
+        notes.append("Paused %s (%s)%s" % ("until " + local_time(s.paused_until) if s.paused_until
+                                           else "until resumed", resume, now_is))
+    if s.escalated:
+        notes.append("Healing suspended after too many heals (re-arm: %s)" % resume)
+    if s.state == "unhealthy":
+        when = " (%s)" % ago(now - s.watch_checked) if s.watch_checked else ""
+        notes.append("Unhealthy%s: %s" % (when, s.watch_detail or "the watch's last look failed"))
+    if s.state == "failed" and s.result not in ("", "success"):
+        notes.append("systemd says: %s (%s)" % (s.active_state, s.result))
+    if s.state == "inactive" and s.stop_is_fine:
+        notes.append("Stopped, as configured (on_stopped = ignore)")
+    if s.state in ("not-found", "masked", "error"):
+        words = {"not-found": "not found", "error": "broken"}.get(s.state, s.state)
+        notes.append("Unit %s is %s on this host" % (s.unit, words))
+    if s.listening is False:
+        notes.append("Port %d is not listening" % s.port)
+    if s.hooked is False and d.setup.units_installed:
+        notes.append("No OnFailure= hook: crashes are not healed at once (apply the config: "
+                     "sudo selfheal install --config %s)" % d.setup.config_path)
+    if s.last_heal:
+        seconds = s.last_heal.get("healing_seconds")
+        took = " in %s" % format_duration(seconds) if isinstance(seconds, (int, float)) else ""
+        notes.append("Last healing: %s - %s%s" % (ago(now - s.last_heal["ts"]), s.last_heal.get("outcome", "?"), took))
+    return notes
+
+
+def _system_lines(d: Dashboard, g: dict) -> List[str]:
+    sysv = d.system
+    rows = [("Time", iso(sysv.time)),
+            ("Uptime", human_uptime(sysv.uptime) if sysv.uptime is not None else "unknown"),
+            ("Load", ("%.2f %.2f %.2f" % sysv.load + (" (%d CPUs)" % sysv.cpus if sysv.cpus else ""))
+             if sysv.load else "unknown")]
+    if sysv.memory_total and sysv.memory_available is not None:
+        used = sysv.memory_total - sysv.memory_available
+        rows.append(("Memory", "%s / %s (%d%%)" % (human_bytes(used), human_bytes(sysv.memory_total),
+                                                    round(100.0 * used / sysv.memory_total))))
     else:
-        out.write("%s — selfheal %s\n" % (config.settings.name, VERSION))
-        fmt = "%-18s %-12s %-6s %-25s %s\n"
-        out.write(fmt % ("SERVICE", "STATE", "PORT", "LAST HEAL", "RESULT"))
-        for r in rows:
-            out.write(fmt % (r["name"] + (" *" if r["critical"] else ""), r["state"], r["port"] or "-",
-                             r["last_heal"] or "-", r["last_outcome"] or "-"))
-        out.write("(* critical)\n")
-    bad = [r for r in rows if r["state"] not in ("active", "paused")]
-    return EX_FAIL if bad else EX_OK
+        rows.append(("Memory", "unknown"))
+    for disk in sysv.disks:
+        whose = " (%s)" % ", ".join(disk.services) if disk.services else ""
+        rows.append(("Disk " + disk.mount, "%s / %s (%d%%), %s free%s" % (
+            human_bytes(disk.used), human_bytes(disk.total), round(disk.percent), human_bytes(disk.available),
+            whose)))
+    if not sysv.disks:
+        rows.append(("Disk /", "unknown"))
+    label = max(text_width(r[0]) for r in rows)
+    return ["   %s  %s" % (_pad(k, label), v) for k, v in rows]
+
+
+def _service_lines(d: Dashboard, g: dict, unicode: bool, color: bool) -> List[str]:
+    if not d.services:
+        return ["   No services configured in %s." % d.setup.config_path]
+    ports = {s.name: ":%d" % s.port if s.port else "-" for s in d.services}
+    labels = {s.name: s.state.upper().replace("-", " ") for s in d.services}
+    name_w = max(text_width(s.name) for s in d.services)
+    state_w = max(len(v) for v in labels.values())
+    port_w = max(len(v) for v in ports.values())
+    domain_w = max(len(s.domain or "-") for s in d.services)
+    lines = []
+    for s in d.services:
+        icon, tag, colour = STATE_LOOK.get(s.state, STATE_LOOK["unknown"])
+        mark = icon if unicode else tag
+        cells = [_pad(s.name, name_w), _paint(_pad(labels[s.name], state_w), colour, color),
+                 _pad(ports[s.name], port_w), _pad(s.domain or "-", domain_w)]
+        if s.critical:
+            cells.append(_paint(g["critical"], "bold", color))
+        lines.append(("   %s %s" % (mark, "  ".join(cells))).rstrip())
+        indent = " " * (4 + text_width(mark))  # notes start under the name
+        lines += ["%s%s %s" % (indent, g["arrow"], note) for note in _service_notes(s, d)]
+    if d.setup.systemd_error:
+        lines.append("   %s states unknown: %s" % (g["unknown"] or "!", d.setup.systemd_error))
+    return lines
+
+
+def _summary_line(d: Dashboard) -> str:
+    c = d.summary()
+    parts = ["%d running" % c["running"], "%d failed" % c["failed"], "%d inactive" % c["inactive"]]
+    for key, words in (("activating", "starting or stopping"), ("paused", "paused"), ("unhealthy", "unhealthy"),
+                       ("missing", "missing"), ("unknown", "unknown")):
+        if c[key]:
+            parts.append("%d %s" % (c[key], words))
+    return "   %d service%s: %s" % (c["total"], "" if c["total"] == 1 else "s", ", ".join(parts))
+
+
+def _activity_lines(d: Dashboard, g: dict, color: bool, width: int) -> List[str]:
+    act, window = d.activity, human_span(round(d.system.time - d.activity.since))
+    if act.error:
+        return ["   Heal history: unknown (%s)" % act.error]
+    if not act.heals:
+        lines = ["   No self-healing in the last %s." % window]
+    else:
+        outcomes = ", ".join("%d %s" % (n, o) for o, n in sorted(act.by_outcome.items(), key=lambda i: -i[1]))
+        lines = ["   %d heal%s in the last %s: %s" % (act.heals, "" if act.heals == 1 else "s", window, outcomes)]
+        name_w = max(text_width(e["service"]) for e in act.events)
+        out_w = max(len(str(e.get("outcome", ""))) for e in act.events)
+        for event in act.events:
+            seconds = event.get("healing_seconds")
+            took = format_duration(seconds) if isinstance(seconds, (int, float)) else "-"
+            outcome = str(event.get("outcome", "") or "?")
+            head = "   %s  %s  " % (local_time(event["ts"]), _pad(event["service"], name_w))
+            tail = "  %7s" % took
+            line = head + _paint(_pad(outcome, out_w), OUTCOME_COLOUR.get(outcome, ""), color) + tail
+            room = width - text_width(head + _pad(outcome, out_w) + tail) - 2
+            cause = str(event.get("root_cause", "") or "")
+            if cause and room > 10:
+                line += "  " + _clip(cause, room, g["ellipsis"])
+            lines.append(line)
+        if act.heals > len(act.events):
+            lines.append("   (and %d earlier in this window)" % (act.heals - len(act.events)))
+    if act.damaged:
+        lines.append("   (%d damaged history line%s skipped)" % (act.damaged, "" if act.damaged == 1 else "s"))
+    return lines
+
+
+def _config_lines(d: Dashboard, g: dict, color: bool) -> List[str]:
+    setup = d.setup
+    every = "every %s" % human_span(setup.watch_interval)
+    if setup.last_watch:
+        every += ", last look %s" % ago(d.system.time - setup.last_watch)
+    if not setup.units_installed:
+        mark, colour, text = g["bad"], "red", "NOT ENABLED: selfheal's units are not installed here (sudo ./install.sh)"
+    elif setup.timer == "active":
+        mark, colour, text = g["ok"], "green", "ENABLED: units installed, %s active (%s)" % (WATCH_TIMER, every)
+    elif setup.timer == "unknown":
+        mark, colour, text = g["unknown"], "yellow", "UNKNOWN: units installed; %s: %s" % (
+            WATCH_TIMER, setup.systemd_error or "state unknown")
+    else:
+        mark, colour, text = g["warn"], "yellow", (
+            "PARTLY: units installed, but %s is %s: crashes are healed, hangs and stops are not seen "
+            "(sudo systemctl enable --now %s)" % (WATCH_TIMER, setup.timer, WATCH_TIMER))
+    hooked = [s for s in d.services if s.hooked is False] if setup.units_installed else []
+    services = "%d monitored, %d critical" % (setup.monitored, setup.critical)
+    if hooked:
+        services += "; no OnFailure= hook: %s" % ", ".join(s.name for s in hooked)
+    rows = [("Self-healing", ((mark + " ") if mark else "") + _paint(text, colour, color)),
+            ("Services", services),
+            ("Owner mail", ", ".join(setup.email_to)),
+            ("Threshold", "%d heal%s of one service within %s, then escalate" % (
+                setup.failure_threshold, "" if setup.failure_threshold == 1 else "s",
+                human_span(setup.failure_window)))]
+    if setup.mail_queue is None:
+        rows.append(("Mail queue", "unknown (%s)" % setup.mail_queue_error))
+    elif setup.mail_queue:
+        rows.append(("Mail queue", _paint("%d waiting" % setup.mail_queue, "yellow", color)
+                     + " (sent by the next watch; now: sudo selfheal flush-mail)"))
+    rows.append(("Config", "%s %s selfheal %s" % (setup.config_path, g["dot"], VERSION)))
+    label = max(text_width(r[0]) for r in rows)
+    return ["   %s  %s" % (_pad(k, label), v) for k, v in rows]
+
+
+def render_dashboard(d: Dashboard, unicode: bool = True, color: bool = False, width: int = 78) -> str:
+    """The dashboard as text: Unicode box drawing and emoji, or plain ASCII; ANSI colour or none."""
+    g = GLYPHS[bool(unicode)]
+    width = max(60, width)
+    box = g["box"]
+    title = "%s%s %s self-healing status" % (g["title"] + " " if g["title"] else "", d.name, g["dot"])
+    host = "host %s" % d.system.host
+    inner = width - 4
+    gap = max(1, inner - text_width(title) - text_width(host))
+    lines = [box[0] + box[4] * (width - 2) + box[1],
+             "%s %s%s%s %s" % (box[5], _paint(title, "bold", color), " " * gap, host,
+                               box[5] if text_width(title) + gap + text_width(host) <= inner else ""),
+             box[2] + box[4] * (width - 2) + box[3]]
+    lines[1] = lines[1].rstrip()
+    lines += _heading("SYSTEM OVERVIEW", g["system"], g, color, width) + _system_lines(d, g)
+    lines += _heading("SERVICE HEALTH", g["services"], g, color, width) + _service_lines(d, g, unicode, color)
+    lines += _heading("SUMMARY", g["summary"], g, color, width) + [_summary_line(d)]
+    lines += (_heading("RECENT SELF-HEALING ACTIVITY", g["activity"], g, color, width)
+              + _activity_lines(d, g, color, width))
+    lines += _heading("SELF-HEALING CONFIGURATION", g["config"], g, color, width) + _config_lines(d, g, color)
+    return "\n".join(lines) + "\n"
+
+
+# -- the command ------------------------------------------------------------------
+
+
+def terminal_wants_unicode(out, env=os.environ) -> bool:
+    """UTF-8 output and a UTF-8 locale the user chose (LC_ALL, LC_CTYPE, LANG, in that order)."""
+    encoding = (getattr(out, "encoding", "") or "").lower().replace("-", "").replace("_", "")
+    if encoding != "utf8":
+        return False
+    for name in ("LC_ALL", "LC_CTYPE", "LANG"):
+        value = env.get(name, "")
+        if name == "LC_CTYPE" and value in COERCED_CTYPES:
+            continue  # Python itself may have put it there for a C locale (PEP 538): ask LANG
+        if value:
+            return "utf8" in value.lower().replace("-", "")
+    return False
+
+
+def terminal_wants_colour(out, env=os.environ) -> bool:
+    """Only on a terminal, never with NO_COLOR (https://no-color.org) or TERM=dumb."""
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty and isatty()) and not env.get("NO_COLOR") and env.get("TERM", "") != "dumb"
+
+
+def cmd_status(config: Config, paths: Paths, as_json: bool = False, out=None, only: Sequence[str] = (),
+               since: float = DEFAULT_SINCE, unicode: Optional[bool] = None, color: Optional[bool] = None,
+               width: Optional[int] = None, compact: bool = False) -> int:
+    """Print the dashboard once; exit status 0 all healthy, 1 something failed or unhealthy."""
+    out = out or sys.stdout
+    d = collect_dashboard(config, paths, only, since)
+    if as_json:
+        text = json.dumps(dashboard_json(d), indent=None if compact else 2) + "\n"
+    else:
+        if width is None:
+            width = min(100, shutil.get_terminal_size((80, 24)).columns)
+        text = render_dashboard(d, terminal_wants_unicode(out) if unicode is None else unicode,
+                                terminal_wants_colour(out) if color is None else color, width)
+    try:
+        out.write(text)
+        out.flush()
+    except BrokenPipeError:  # `miraclemax-status | head`: the reader has what it wanted
+        silence_stdout()
+    return d.exit_code
+
+
+def silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so Python's exit does not complain."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+
+
+def status_since(text: str) -> float:
+    """--since: a duration such as 90m, 24h or 7d (argparse type)."""
+    try:
+        return positive_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("%s: %r" % (exc, text))
+
+
+def status_interval(text: str) -> float:
+    """--watch SECONDS: 5, 0.5 or 1m; at least 0.2 s (argparse type)."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("%s: %r" % (exc, text))
+    if seconds < 0.2:
+        raise argparse.ArgumentTypeError("at least 0.2 s: %r" % text)
+    return seconds
+
+
+def status_command(args, config_path: str, paths: Paths, out=None) -> int:
+    """`status` / miraclemax-status: 0 all healthy, 1 something failed or unhealthy,
+    2 not installed, a config it cannot read, or a bad command line."""
+    out = out or sys.stdout
+    if not os.path.exists(config_path):
+        text = ("selfheal is not installed here (no %s). Install it with: sudo ./install.sh "
+                "(from a clone), or: sudo python3 selfheal.py install --config services.conf" % config_path)
+        print(text, file=sys.stderr if args.json else out)
+        return EX_USAGE
+    only = tuple(dict.fromkeys(args.service or ()))
+
+    def load() -> Config:
+        config = load_config(config_path, trusted=False)
+        unknown = [name for name in only if name not in config.services]
+        if unknown:
+            raise UsageError("--service %s: not in %s%s" % (unknown[0], config_path,
+                                                           _did_you_mean(unknown[0], config.services)))
+        return config
+
+    try:
+        config = load()
+        if args.watch is None:
+            return cmd_status(config, paths, args.json, out, only, args.since)
+        return status_watch(load, paths, args, out, only)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        print("%d problem(s) in the config; the dashboard needs one that loads." % len(exc.problems),
+              file=sys.stderr)
+        return EX_USAGE
+
+
+def status_watch(load: Callable[[], Config], paths: Paths, args, out, only: Sequence[str]) -> int:
+    """Redraw every args.watch seconds until Ctrl-C (exit 0): in place on a terminal, else one
+    frame after another (with --json: one JSON document per line)."""
+    import io
+
+    tty = bool(getattr(out, "isatty", None) and out.isatty()) and not args.json
+    unicode, colour = terminal_wants_unicode(out), terminal_wants_colour(out)
+    footer = "Every %s %s Ctrl-C to quit" % (human_span(args.watch), GLYPHS[unicode]["dot"])
+
+    def interrupted(signum, frame):
+        # Ctrl-C reaches the whole process group (and `timeout -s INT` signals the child and
+        # then the group): a second copy must not break the clean exit of the first, so
+        # SIGINT stays ignored from here on (the program is ending).
+        nonlocal previous
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous = None
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, interrupted)
+    except ValueError:  # not the main thread: Python's own handler stays
+        previous = None
+    try:
+        if tty:
+            out.write("\033[?25l\033[2J")  # hide the cursor, clear the screen once
+        while True:
+            frame = io.StringIO()
+            try:
+                config = load()
+                width = min(100, shutil.get_terminal_size((80, 24)).columns)
+                cmd_status(config, paths, args.json, frame, only, args.since, unicode, colour, width,
+                           compact=True)
+                if not args.json:
+                    frame.write("\n" + footer + "\n")
+            except ConfigError as exc:  # an edit in progress: say so, and look again
+                if args.json:
+                    print("\n".join(exc.problems), file=sys.stderr)
+                else:
+                    frame.write("\n".join(exc.problems) + "\n" + footer + "\n")
+            text = frame.getvalue()
+            if tty:  # home, each line over the old one, then clear what is left below
+                out.write("\033[H" + "".join(line + "\033[K\n" for line in text.splitlines()) + "\033[J")
+            else:
+                out.write(text if args.json else text + "\n")
+            out.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return EX_OK
+    except BrokenPipeError:
+        silence_stdout()
+        return EX_OK
+    finally:
+        if tty:
+            with contextlib.suppress(OSError):
+                out.write("\033[?25h")
+                out.flush()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 # =============================================================================
@@ -3533,8 +4427,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("test-email", help="send a test mail and say exactly what fails, if anything")
 
-    p = add("status", help="a table of the services and their last heal (miraclemax-status)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("status", help="the dashboard: system, services, last heals, activity, setup (miraclemax-status)")
+    p.description = ("The dashboard: system overview, every service with its health and last heal, recent "
+                     "self-healing activity and the configuration. Works without root (what needs root "
+                     "shows as unknown).")
+    p.epilog = "Exit status: 0 all healthy, 1 something failed or unhealthy, 2 not installed, bad config or usage."
+    if os.path.basename(sys.argv[0] or "") == "miraclemax-status":
+        p.prog = "miraclemax-status"
+    p.add_argument("--json", action="store_true",
+                   help="one JSON document for scripts and monitors (shape: README, 'status --json')")
+    p.add_argument("--watch", nargs="?", type=status_interval, const=DEFAULT_WATCH, default=None,
+                   metavar="SECONDS", help="redraw every SECONDS (default %g) until Ctrl-C" % DEFAULT_WATCH)
+    p.add_argument("--service", action="append", metavar="NAME",
+                   help="only this service (repeat for more); the exit status is about these only")
+    p.add_argument("--since", type=status_since, default=DEFAULT_SINCE, metavar="DURATION",
+                   help="the activity window, e.g. 90m, 7d (default 24h)")
 
     p = add("pause", help="stop healing a service (maintenance), for a while or until resumed")
     p.add_argument("name")
@@ -3569,10 +4476,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "install":
             return cmd_install(args, config_path)
         if args.command == "status":
-            if not os.path.exists(config_path):
-                print("selfheal is not installed here (no %s). Install it with: sudo ./install.sh" % config_path)
-                return EX_USAGE
-            return cmd_status(load_config(config_path, trusted=False), paths, args.json)
+            return status_command(args, config_path, paths)
         try:
             config = load_config(config_path)
         except ConfigError as exc:
