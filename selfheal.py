@@ -43,7 +43,7 @@ import time
 import traceback
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:
     from email.message import EmailMessage
@@ -3452,7 +3452,6 @@ COERCED_CTYPES = ("C.UTF-8", "C.utf8", "UTF-8")
 # The records below are NamedTuples, not frozen dataclasses: every heal imports this file, and
 # a frozen dataclass costs 1-2 ms to create at import (six of them: 7 ms), a NamedTuple 0.2 ms.
 # They are just as immutable and typed.
-from typing import NamedTuple  # noqa: E402
 
 
 class DiskUsage(NamedTuple):
