@@ -17,7 +17,6 @@ Prints each run, then p50/p95/max. Goal: p50 <= 0.5 s, p95 <= 1 s.
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -26,16 +25,8 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from bed import Container, skip_or_fail_reason  # noqa: E402
-
-UNIT = """\
-[Unit]
-Description=story-stages stand-in
-[Service]
-ExecStart=/usr/bin/python3 /usr/local/bin/standin 5002
-[Install]
-WantedBy=multi-user.target
-"""
+from bed import skip_or_fail_reason  # noqa: E402
+from drillkit import installed_host, web_unit  # noqa: E402
 
 CONFIG = """\
 [selfheal]
@@ -71,15 +62,8 @@ def main(argv=None):
         print("cannot run: %s" % reason, file=sys.stderr)
         return 2
     repo = TESTS.parent
-    with Container(suite=args.suite, binds_ro={str(repo): "/src"}) as box:
-        box.run(["install", "-m", "0755", "/src/tests/standin.py", "/usr/local/bin/standin"])
-        box.write("/etc/systemd/system/story-stages.service", UNIT)
-        box.run(["systemctl", "daemon-reload"])
-        box.run(["systemctl", "enable", "--now", "story-stages"])
-        box.wait_listening(5002)
-        box.run(["cp", "-a", "/src", "/root/selfheal"])
-        box.write("/root/selfheal/services.conf", CONFIG)
-        box.run(["/root/selfheal/install.sh"], timeout=120)
+    with installed_host(repo, {"story-stages.service": web_unit(5002)}, CONFIG, suite=args.suite,
+                        start=("story-stages",), ports=(5002,)) as box:
         version = box.run(["systemctl", "--version"]).stdout.splitlines()[0]
         mbox = box.host_path("/var/mail/root")
         history = box.host_path("/var/lib/selfheal/history.jsonl")
