@@ -2246,11 +2246,20 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
                                 "instead of restarting it a second time"))
         if verification and verification.ok:
             return finish(Outcome.RECOVERED)
-    elif diag.active_state == "active":
-        checks, unit = probe(svc)
+    elif diag.active_state in ("active", "activating") and not (finding and finding.kind == "unhealthy"):
+        # Someone (systemd's Restart=, a human) already started a new run. One that started
+        # moments ago gets the rest of verify_timeout to become healthy, as after our own
+        # restart: never a second restart on top of one that is still coming up.
+        started = parse_usec_timestamp(diag.unit.get("ActiveEnterTimestampMonotonic", ""))
+        age = time.monotonic() - started if started else settings.verify_timeout
+        if not dry_run and (diag.active_state == "activating" or age < settings.verify_timeout):
+            seen = verify(svc, max(1.0, settings.verify_timeout - age))
+            checks, unit = seen.checks, seen.unit
+        else:
+            checks, unit = probe(svc)
         if all(c.ok for c in checks):
             runs.append(StrategyRun("none", (), Verification(True, 0.0, checks, unit),
-                                    "it was already running and healthy when selfheal looked"))
+                                    "it was already running again and healthy when selfheal looked"))
             earlier = read_history(paths, svc.name)[-1:]
             if earlier and earlier[0].get("healed_invocation") == unit.get("InvocationID"):
                 # A heal that ran while this trigger waited already brought back this very

@@ -746,3 +746,20 @@ def test_oom_killed_service_is_healed_and_the_root_cause_says_out_of_memory_with
     assert "out-of-memory killer" in cause and "peak memory 512.0 MiB" in cause
     assert "Triage: oom (systemd result oom-kill)" in section(body, "DIAGNOSIS")
     assert "killed by the OOM killer" in section(body, "JOURNAL OF THE FAILED RUN (last 3 lines)")
+
+
+def test_run_systemd_started_moments_ago_gets_time_to_come_up_and_is_not_restarted_again(bed):
+    # systemd 257: OnFailure= may find systemd's new run already active but not yet listening.
+    # Restarting it then would be a second restart on top of systemd's.
+    from conftest import monotonic_usec
+
+    bed.host.unit(STORY, ActiveState="active", SubState="running", Result="success", NRestarts="1",
+                  ActiveEnterTimestampMonotonic=monotonic_usec(0.1),
+                  listen={"port": 5002, "pid": 4321}, then={"after": 0.4, "listen": True})
+    env = {"MONITOR_UNIT": STORY, "MONITOR_SERVICE_RESULT": "signal", "MONITOR_EXIT_CODE": "killed",
+           "MONITOR_EXIT_STATUS": "KILL", "MONITOR_INVOCATION_ID": "crashed-run"}
+    rc, _ = bed.heal("story-stages", env=env)
+    assert rc == 0
+    assert bed.host.actions() == []
+    assert [e["outcome"] for e in bed.history("story-stages")] == ["RECOVERED"]
+    assert "recovered by systemd" in bed.sink.messages[0]["Subject"]
