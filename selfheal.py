@@ -4,8 +4,8 @@
 systemd starts ``selfheal@NAME.service`` through an ``OnFailure=`` drop-in when a
 service listed in services.conf fails. That unit runs ``selfheal.py heal NAME``:
 diagnose (systemctl show, the journal of the failed run, who holds the port),
-repair with the configured strategies in order, verify by polling against a
-deadline, then mail a report. A report that cannot be mailed is queued and
+triage the failure and repair with the configured strategies (the one that fits the
+evidence first), verify by polling against a deadline, then mail a report. A report that cannot be mailed is queued and
 delivered later by ``selfheal.py watch`` (selfheal-watch.timer) or ``flush-mail``.
 The watch also catches what OnFailure= never sees: hung, stopped, or auto-restarted services.
 
@@ -837,9 +837,6 @@ def check_strategies(value: str) -> Tuple[str, ...]:
     if not names:
         raise ValueError("list at least one strategy")
     for name in names:
-        if name in PLANNED_STRATEGIES:
-            raise ValueError("strategy %r is not available in selfheal %s yet (available: %s)"
-                             % (name, VERSION, ", ".join(STRATEGIES)))
         if name not in STRATEGIES:
             raise ValueError("unknown strategy %r%s (available: %s)"
                              % (name, _did_you_mean(name, STRATEGIES), ", ".join(STRATEGIES)))
@@ -1802,7 +1799,6 @@ STRATEGIES: Dict[str, Callable[[HealContext], str]] = {
     "environment_check": strategy_environment_check,
     "database_check": strategy_database_check,
 }
-PLANNED_STRATEGIES: Tuple[str, ...] = ()  # named in the design, not available yet
 # What a strategy needs in its section (any one of), and which keys belong to which strategy.
 STRATEGY_NEEDS = {"port_conflict": ("port",), "config_validation": ("config_check", "config_files"),
                   "database_check": ("db_path", "symlinks")}
