@@ -1,8 +1,10 @@
 """Drills for triage and the repair strategies on a real systemd and postfix: a config its
 checker rejects, a required variable gone from the env file, a declared database symlink
-deleted. (Port conflicts: tests/test_drill_heal.py. OOM: the containers here get no memory
+deleted; a FAILED incident reminded in its thread; a config that stops loading mailed with
+the last good settings. (Port conflicts: tests/test_drill_heal.py. OOM: the containers here get no memory
 controller, so it is proven in the fast layer from systemd's oom-kill result.)"""
 
+import json
 import time
 
 import pytest
@@ -39,6 +41,8 @@ email_to = root@localhost
 email_from = selfheal@miraclemax.localdomain
 watch_interval = 5s
 verify_timeout = 10s
+# short, so the reminder drill below sees one
+reminder_interval = 20s
 
 [checked]
 port = 5030
@@ -133,3 +137,25 @@ def test_deleted_database_symlink_is_recreated_and_the_mail_names_it(host):
     assert "SQLite quick_check: ok" in text
     assert host.run(["readlink", "/var/lib/linked/db.sqlite"]).stdout.strip() == "/srv/data/db.sqlite"
     assert http_get(host, 5032) == "200"
+
+
+def test_unresolved_failure_is_reminded_in_its_thread(host):
+    # envy was left FAILED by the drill above: the watch reminds, replying to that mail
+    # (the first of the incident's thread).
+    thread = json.loads(host.read("/var/lib/selfheal/services/envy.json"))["incident"]["message_id"]
+    [reminder] = host.wait_mail(about("envy", "STILL FAILING"), timeout=45)
+    assert reminder["In-Reply-To"].strip() == thread  # a long id may be folded onto its own line
+    assert "journalctl -u envy.service" in body(reminder)
+
+
+def test_a_config_that_stops_loading_is_mailed_with_the_last_good_settings(host):
+    clear_mailbox(host)
+    good = host.read("/etc/selfheal/services.conf")
+    host.write("/etc/selfheal/services.conf", good.replace("[envy]", "[envy]\nprot = 5031"))
+    try:
+        [mail] = host.wait_mail(lambda m: "selfheal - CONFIG BROKEN" in str(m["Subject"]), timeout=30)
+        assert "[envy] prot: unknown key (did you mean 'port'?)" in body(mail)
+        time.sleep(12)  # more watch runs: still one mail (hourly at most)
+        assert len([m for m in host.mails() if "CONFIG BROKEN" in str(m["Subject"])]) == 1
+    finally:
+        host.write("/etc/selfheal/services.conf", good)
