@@ -3,8 +3,24 @@
 
 import contextlib
 import json
+import os
 
 from bed import Container
+
+# The systemd versions the drills prove: Debian 11 (247, Python 3.9), 12 (252, 3.11),
+# 13 (257, 3.13).  SELFHEAL_BED_SUITES="bookworm" narrows a run while working on a drill.
+ALL_SUITES = ("bullseye", "bookworm", "trixie")
+
+
+def drill_suites():
+    """The suites each drill module runs on (module fixtures take them as params)."""
+    wanted = os.environ.get("SELFHEAL_BED_SUITES", "").split()
+    unknown = [s for s in wanted if s not in ALL_SUITES]
+    if unknown:
+        raise ValueError("SELFHEAL_BED_SUITES: unknown suite(s) %s (known: %s)"
+                         % (" ".join(unknown), " ".join(ALL_SUITES)))
+    return list(wanted or ALL_SUITES)
+
 
 REPO_INSIDE = "/src"
 CLONE = "/root/selfheal"

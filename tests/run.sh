@@ -5,7 +5,8 @@
 #
 # - pytest (the only package the tests use) is installed with pip when missing;
 # - as root: debootstrap and systemd-nspawn are installed with apt-get when missing, and
-#   the Debian root the drills boot is built once and cached (/var/cache/selfheal-bed);
+#   the Debian roots the drills boot (11, 12, 13) are built once and cached
+#   (/var/cache/selfheal-bed);
 # - then pytest runs the fast layer and the real-systemd drills (tests/bed.py).
 # Not root: the drills are skipped (said so in the summary). CI=true: they are required,
 # and a drill that cannot run fails the run.
@@ -29,7 +30,11 @@ if [ "$(id -u)" -eq 0 ]; then
         apt-get update -q >/dev/null
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
     fi
-    "$python" tests/bed.py build
+    # The drills run on every suite in SELFHEAL_BED_SUITES (default: all three, i.e.
+    # systemd 247, 252 and 257); each root is built once and cached.
+    for suite in ${SELFHEAL_BED_SUITES:-bullseye bookworm trixie}; do
+        "$python" tests/bed.py build "$suite"
+    done
 elif [ "${CI:-}" = "true" ]; then
     echo "tests/run.sh: CI=true needs root for the real-systemd drills" >&2
     exit 1

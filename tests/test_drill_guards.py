@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from drillkit import about, body, clear_mailbox, history, http_get, installed_host, mails_about, show, wait_idle, web_unit
+from drillkit import drill_suites, about, body, clear_mailbox, history, http_get, installed_host, mails_about, show, wait_idle, web_unit
 
 pytestmark = pytest.mark.drill
 
@@ -34,11 +34,11 @@ port = 5008
 """
 
 
-@pytest.fixture(scope="module")
-def host(bed_reason, repo_root):
+@pytest.fixture(scope="module", params=drill_suites())
+def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
-    with installed_host(repo_root, UNITS, CONFIG, start=("flappy", "calm", "busy"),
+    with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("flappy", "calm", "busy"),
                         ports=(5006, 5007, 5008)) as box:
         yield box
 

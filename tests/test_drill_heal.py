@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from drillkit import (CLONE, REPO_INSIDE, about, body, clear_mailbox, history, http_get, installed_host,
+from drillkit import (drill_suites, CLONE, REPO_INSIDE, about, body, clear_mailbox, history, http_get, installed_host,
                       show)
 
 pytestmark = pytest.mark.drill
@@ -98,14 +98,14 @@ port = 5099
 """
 
 
-@pytest.fixture(scope="module")
-def host(bed_reason, repo_root):
+@pytest.fixture(scope="module", params=drill_suites())
+def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
     def ghost_app(box):
         box.run(["install", "-D", "-m", "0755", REPO_INSIDE + "/tests/standin.py", "/opt/ghost/ghost-app"])
 
-    with installed_host(repo_root, UNITS, CONFIG, start=("story-stages", "ghost", "forky", "app@blue"),
+    with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("story-stages", "ghost", "forky", "app@blue"),
                         ports=(5002, 5003, 5005, 5010), setup=ghost_app) as box:
         yield box
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from drillkit import REPO_INSIDE, history, installed_host, show, wait_idle, web_unit
+from drillkit import drill_suites, REPO_INSIDE, history, installed_host, show, wait_idle, web_unit
 from test_status import check_shape
 
 pytestmark = pytest.mark.drill
@@ -59,15 +59,15 @@ def wait_for_heal(box, name, outcome, timeout=60):
     wait_idle(box, name)
 
 
-@pytest.fixture(scope="module")
-def host(bed_reason, repo_root):
+@pytest.fixture(scope="module", params=drill_suites())
+def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
 
     def setup(box):
         box.run(["install", "-D", "-m", "0755", REPO_INSIDE + "/tests/standin.py", PASSGO])
 
-    with installed_host(repo_root, UNITS, CONFIG, start=["%s.service" % n for n in NAMES],
+    with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=["%s.service" % n for n in NAMES],
                         ports=(5002, 5001, 80, 5006), setup=setup) as box:
         box.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "story-stages"])  # a crash, healed
         wait_for_heal(box, "story-stages", "RESOLVED")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from drillkit import STANDIN, about, body, clear_mailbox, http_get, installed_host, mails_about, show
+from drillkit import drill_suites, STANDIN, about, body, clear_mailbox, http_get, installed_host, mails_about, show
 
 pytestmark = pytest.mark.drill
 
@@ -73,11 +73,11 @@ def setup(box):
     box.run(["ln", "-s", "/srv/data/db.sqlite", "/var/lib/linked/db.sqlite"])
 
 
-@pytest.fixture(scope="module")
-def host(bed_reason, repo_root):
+@pytest.fixture(scope="module", params=drill_suites())
+def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
-    with installed_host(repo_root, UNITS, CONFIG, start=("checked", "envy", "linked"),
+    with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("checked", "envy", "linked"),
                         ports=(5030, 5031, 5032), setup=setup) as box:
         yield box
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from drillkit import about, body, clear_mailbox, history, http_get, installed_host, mails_about, show, web_unit
+from drillkit import drill_suites, about, body, clear_mailbox, history, http_get, installed_host, mails_about, show, web_unit
 
 pytestmark = pytest.mark.drill
 
@@ -59,7 +59,7 @@ on_stopped = report
 """ % (INTERVAL, CONFIRM)
 
 
-@pytest.fixture(scope="module", params=["bookworm", "trixie"])
+@pytest.fixture(scope="module", params=drill_suites())
 def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
