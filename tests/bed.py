@@ -454,6 +454,17 @@ class Container:
         self._teardown()
         return False
 
+    def reboot(self):
+        """Power the container off cleanly and boot it again on the same root: what was
+        written inside (state, queues, mailboxes) survives, as on a real host; /run and
+        /tmp do not.  `pid` and `boot_seconds` are those of the new boot."""
+        self._poweroff()
+        self._proc = None
+        self._log.close()
+        self._log = None
+        self.pid = None
+        self._boot(mode="ab")
+
     def _prepare_root(self):
         """A private, writable root: an overlay on the cached root, else a full copy.
 
@@ -501,9 +512,9 @@ class Container:
             argv.append(f"--bind-ro={host}:{inside}")
         return argv + ["-b"]
 
-    def _boot(self):
+    def _boot(self, mode="wb"):
         self.log_path = self.dir / "nspawn.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, mode)
         started = time.monotonic()
         self._proc = subprocess.Popen(
             self._nspawn_argv(), stdin=subprocess.DEVNULL, stdout=self._log,
