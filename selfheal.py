@@ -148,7 +148,15 @@ class UsageError(SelfhealError):
 
 
 class Escalation(SelfhealError):
-    """A strategy found something a human must decide; healing stops there."""
+    """A strategy found something a human must decide; healing stops there.
+
+    `cause` (a RootCause), when the strategy's finding explains the failure better than
+    systemd's result does; `steps`, the manual steps that finding calls for."""
+
+    def __init__(self, message: str, cause=None, steps: Sequence[str] = ()):
+        super().__init__(message)
+        self.cause = cause
+        self.steps = tuple(steps)
 
 
 # =============================================================================
@@ -407,6 +415,7 @@ class HealResult:
     escalation: str = ""  # why a human is needed
     after: Optional[Diagnosis] = None  # the unit after a repair that did not work
     plan: str = ""  # triage: what the evidence says and the order the strategies ran in
+    manual: Tuple[str, ...] = ()  # manual steps a strategy's finding calls for
 
     @property
     def strategy(self) -> str:
@@ -1706,11 +1715,33 @@ def strategy_database_check(ctx: HealContext) -> str:
         problems.extend(check_db_path(ctx))
         repaired = repaired or any(a.ok and a.what.startswith(("chown", "chmod")) for a in ctx.actions)
     if problems:
-        raise Escalation("the data of %s needs a human: %s" % (svc.unit, "; ".join(problems)))
+        raise data_escalation(svc, problems)
     if repaired:
         restart(ctx)
         return ""
     return "data ok: %s" % ("; ".join(ctx.found) or "nothing declared")
+
+
+def data_escalation(svc: Service, problems: List[str]) -> Escalation:
+    """The data needs a human: that is the root cause, whatever ended the process."""
+    message = "the data of %s needs a human: %s" % (svc.unit, "; ".join(problems))
+    damaged = next((p for p in problems if p.startswith("SQLite says")), "")
+    if damaged:
+        path = svc.db_path
+        cause = RootCause("Its database is damaged: %s." % damaged, "high", "SQLite quick_check (read-only) on %s" % path,
+                          "Do not run it on this file: keep a copy of the damaged file, then restore the "
+                          "last good backup (or salvage with sqlite3's .recover into a new file).")
+        steps = ("systemctl stop %s" % svc.unit,
+                 "cp -a %s %s.damaged    # keep the evidence" % (path, path),
+                 "sqlite3 %s 'PRAGMA integrity_check'" % path,
+                 "restore %s from a backup (or: sqlite3 %s .recover | sqlite3 %s.recovered)" % (path, path, path))
+    else:
+        cause = RootCause("Its data needs a human: %s." % "; ".join(problems), "high", problems[0],
+                          "Fix what is listed: selfheal restores only a declared symlink, owner and mode, "
+                          "and never creates, moves or deletes data.")
+        steps = ("ls -l %s" % " ".join([svc.db_path] * bool(svc.db_path) + [link for link, _ in svc.symlinks]),
+                 "df -h %s; df -i %s" % ((svc.db_path or "/",) * 2)) if svc.db_path or svc.symlinks else ()
+    return Escalation(message, cause, steps)
 
 
 def check_db_path(ctx: HealContext) -> List[str]:
@@ -2182,12 +2213,12 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
         plan += " (%s moved first: it fits the evidence)" % order[0]
     runs: List[StrategyRun] = []
 
-    def finish(outcome: Outcome, escalation: str = "") -> HealResult:
+    def finish(outcome: Outcome, escalation: str = "", found: Optional[Escalation] = None) -> HealResult:
         healed_mono = time.monotonic()
-        healing, after, why = None, None, cause
+        healing, after, why = None, None, (found.cause if found and found.cause else cause)
         if outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
             healing = (healed_mono - start_mono) + (diag.detected_after or 0.0)
-        elif any(r.actions for r in runs) and not dry_run:
+        elif any(r.actions for r in runs) and not dry_run and not (found and found.cause):
             # The repair started a new run that failed too: its own facts say more than the
             # crash did (a restart that fails with 203/EXEC names the missing executable).
             after = diagnose(svc, {})
@@ -2201,7 +2232,7 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
         last_seen = runs[-1].verification.unit if runs and runs[-1].verification else {}
         post = last_seen or (after.unit if after else show_unit(svc.unit))
         return HealResult(svc, outcome, trigger, started_at, diag, tuple(runs), why,
-                          healing, post, escalation, after, plan)
+                          healing, post, escalation, after, plan, found.steps if found else ())
 
     service_state_now = load_service_state(paths, svc.name)
     if service_state_now.get("escalated") and not dry_run:
@@ -2270,7 +2301,7 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
             note = STRATEGIES[name](ctx)
         except Escalation as exc:
             runs.append(StrategyRun(name, tuple(ctx.actions), None, str(exc), tuple(ctx.found)))
-            return finish(Outcome.FAILED, str(exc))
+            return finish(Outcome.FAILED, str(exc), exc)
         acted = bool(ctx.actions) and ctx.actions[-1].ok  # verification is the judge
         verification = verify(svc, settings.verify_timeout) if acted and not dry_run else None
         runs.append(StrategyRun(name, tuple(ctx.actions), verification, note, tuple(ctx.found)))
@@ -2904,6 +2935,7 @@ def render_report(settings: Settings, result: HealResult, host: Optional[str] = 
     if result.outcome in (Outcome.FAILED, Outcome.ESCALATED, Outcome.STOPPED):
         out += _section("MANUAL STEPS", [
             "ssh root@%s" % host,
+            *result.manual,
             "systemctl status %s" % svc.unit,
             "journalctl -u %s -n 100 --no-pager" % svc.unit,
             "free -h; df -h",

@@ -757,6 +757,21 @@ def test_corrupted_sqlite_database_fails_untouched_without_a_restart(bed, data, 
     assert "SQLite says %s is damaged" % db in section(body_of(bed), "WHY A HUMAN IS NEEDED")
 
 
+def test_damaged_sqlite_is_the_root_cause_even_after_a_kill_and_manual_steps_say_how_to_restore(bed, data, section):
+    db, _ = data
+    corrupt(db)
+    add_services(bed, "[app]\nstrategies = database_check, service_restart\ndb_path = %s\n" % db)
+    bed.host.failed(APP, result="signal", code="killed", status="KILL")
+    assert bed.heal("app")[0] == 1
+    text = body_of(bed)
+    cause = section(text, "ROOT CAUSE")
+    assert "Its database is damaged: SQLite says %s is damaged" % db in cause
+    assert "SIGKILL" not in cause
+    assert "restore the last good backup" in section(text, "RECOMMENDATION")
+    steps = section(text, "MANUAL STEPS")
+    assert "systemctl stop app.service" in steps and "sqlite3 %s 'PRAGMA integrity_check'" % db in steps
+
+
 def test_missing_db_path_fails_and_nothing_is_created(bed, tmp_path):
     gone = tmp_path / "data" / "gone.db"
     add_services(bed, "[app]\nstrategies = database_check, service_restart\ndb_path = %s\n" % gone)
