@@ -74,6 +74,7 @@ class Fleet:
         self.names = host_names()
         self.inventory = tmp / "inventory.json"  # JSON is YAML: the yaml inventory plugin reads it
         self.hostvars = {}
+        self.runs = 0
         for i, (name, box) in enumerate(zip(self.names, boxes)):
             self.hostvars[name] = {
                 "ansible_connection": "nsenter",
@@ -112,7 +113,11 @@ class Fleet:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
                               timeout=PLAYBOOK_TIMEOUT)
         seconds = time.monotonic() - started
-        print("ansible-playbook %s %s: exit %d in %.1f s" % (playbook, " ".join(args), done.returncode, seconds))
+        self.runs += 1
+        log = self.tmp / ("%02d-%s.log" % (self.runs, playbook))
+        log.write_text(done.stdout)
+        print("ansible-playbook %s %s: exit %d in %.1f s (%s)" % (playbook, " ".join(args), done.returncode,
+                                                                 seconds, log))
         return done, recap(done.stdout), seconds
 
     def box(self, name):
@@ -230,6 +235,27 @@ def test_real_run_applies_the_changed_var_to_that_host_only_and_keeps_the_old_co
     assert "on_stopped" not in box.run(["cat", "/etc/selfheal/services.conf.bak"]).stdout
     for other in fleet.boxes[1:]:
         assert not exists(other, "/etc/selfheal/services.conf.bak")
+
+
+def test_config_selfheal_rejects_fails_that_host_only_and_replaces_nothing(fleet):
+    first = fleet.names[0]
+    box = fleet.box(first)
+    paths = (STAGE + "/services.conf", "/etc/selfheal/services.conf")
+    before = {path: sha(box, path) for path in paths}
+    svc = listed(0)[0]
+    fleet.hostvars[first]["selfheal_services"][svc]["port"] = "http"
+    fleet.write_inventory()
+    try:
+        done, counts, _ = fleet.run("site.yml")
+    finally:
+        fleet.hostvars[first]["selfheal_services"][svc]["port"] = PORTS[svc]
+        fleet.write_inventory()
+    assert done.returncode != 0
+    assert counts[first]["failed"] == 1
+    assert "failed to validate" in done.stdout and "[%s] port" % svc in done.stdout
+    assert {path: sha(box, path) for path in paths} == before
+    for other in fleet.names[1:]:
+        assert counts[other]["failed"] == 0 and counts[other]["changed"] == 0, counts
 
 
 def test_sigkilled_service_on_each_host_is_healed_and_mailed_resolved(fleet):
