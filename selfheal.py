@@ -3280,6 +3280,7 @@ class Installer:
     destdir: str = ""
     out: object = None  # default: sys.stdout at the time of writing
     created: List[str] = dataclasses.field(default_factory=list)
+    changes: int = 0  # files written, linked or removed: said last, for deploy tools (Ansible)
 
     @property
     def libdir(self) -> str:
@@ -3306,6 +3307,7 @@ class Installer:
         except (OSError, UnicodeDecodeError):
             pass
         atomic_write(target, text, mode)
+        self.changes += 1
         self.say("  installed %s" % path)
         return True
 
@@ -3332,6 +3334,7 @@ class Installer:
             if link.is_symlink() or link.exists():
                 link.unlink()
             link.symlink_to(libdir + "/selfheal.py")
+            self.changes += 1
             self.say("  linked %s -> %s/selfheal.py" % (link, libdir))
         self.created.append(self.prefix.rstrip("/") + "/sbin/selfheal")
 
@@ -3345,6 +3348,7 @@ class Installer:
             self.say("  kept the previous %s as %s.bak" % (conf, conf))
         if old != config_text:
             atomic_write(target, config_text, 0o644)
+            self.changes += 1
             self.say("  installed %s" % conf)
         atomic_write(self.host(STATE_DIR + "/last-good.conf"), config_text, 0o600)
 
@@ -3376,7 +3380,12 @@ class Installer:
             Paths.from_env().spool.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.say("selfheal %s installed: %d service(s) watched, %d without their unit."
                  % (VERSION, len(wanted), len(config.services) - len(wanted)))
+        self.say_changes()
         return EX_OK
+
+    def say_changes(self) -> None:
+        """The last line: whether this run changed any file (a second run says "nothing")."""
+        self.say("%d file(s) changed." % self.changes if self.changes else "nothing changed.")
 
     def dropins(self) -> List[Path]:
         return sorted(self.host(UNIT_DIR).glob("*.d/" + DROPIN_NAME))
@@ -3392,6 +3401,7 @@ class Installer:
             except OSError:
                 continue
             path.unlink()
+            self.changes += 1
             try:
                 path.parent.rmdir()
             except OSError:
@@ -3422,6 +3432,7 @@ class Installer:
                 if target.name == DROPIN_NAME and not target.read_text(encoding="utf-8").startswith(DROPIN_MARK):
                     continue
                 target.unlink()
+                self.changes += 1
                 self.say("  removed %s" % path)
                 if target.name == DROPIN_NAME or target.parent.name == "selfheal":
                     try:
@@ -3435,6 +3446,7 @@ class Installer:
             for path in (self.host("/etc/selfheal"), self.host(STATE_DIR), self.host(LOG_DIR)):
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(str(path))
+                    self.changes += 1
                     self.say("  purged %s" % path)
         else:
             self.say("  kept %s, %s and %s (history and queued mail); --purge removes them"
@@ -3442,6 +3454,7 @@ class Installer:
         if self.live:
             run([SYSTEMCTL, "daemon-reload"], timeout=60)
         self.say("selfheal uninstalled; the services themselves were not touched.")
+        self.say_changes()
         return EX_OK
 
 

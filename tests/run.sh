@@ -4,9 +4,10 @@
 #   sudo tests/run.sh [PYTEST ARGS...]
 #
 # - pytest (the only package the tests use) is installed with pip when missing;
-# - as root: debootstrap and systemd-nspawn are installed with apt-get when missing, and
-#   the Debian roots the drills boot (11, 12, 13) are built once and cached
-#   (/var/cache/selfheal-bed);
+# - as root: debootstrap, systemd-nspawn, shellcheck and ansible-core (the deploy/ansible
+#   drill runs ansible-playbook; selfheal itself never needs it) are installed with apt-get
+#   when missing, and the Debian roots the drills boot (11, 12, 13) are built once and
+#   cached (/var/cache/selfheal-bed);
 # - then pytest runs the fast layer and the real-systemd drills (tests/bed.py).
 # Not root: the drills are skipped (said so in the summary). CI=true: they are required,
 # and a drill that cannot run fails the run.
@@ -25,6 +26,7 @@ if [ "$(id -u)" -eq 0 ]; then
     command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
     command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
     command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+    command -v ansible-playbook >/dev/null 2>&1 || missing+=(ansible-core)
     if [ "${#missing[@]}" -gt 0 ]; then
         echo "tests/run.sh: installing ${missing[*]}" >&2
         apt-get update -q >/dev/null

@@ -101,6 +101,26 @@ def test_second_install_says_nothing_installed_and_changes_nothing(tmp_path, con
     assert snapshot(root) == before
 
 
+def test_install_and_uninstall_say_last_how_many_files_they_changed_and_a_rerun_says_nothing(
+        tmp_path, write_conf, cli):
+    """The last line is what a deploy tool (deploy/ansible) reads to report changed or ok."""
+    root = tmp_path / "root"
+    one, two = write_conf(CONF, "one.conf"), write_conf(CONF.replace("[passgo]\nport = 5001\n", ""), "two.conf")
+
+    def last_line(*args):
+        done = cli("install", "--destdir", root, "--prefix", "/usr/local", *args)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()[-1]
+
+    first = last_line("--config", one)
+    # selfheal.py, README.md, miraclemax-status, 3 units, 3 drop-ins, the link and the config
+    assert first == "%d file(s) changed." % (len(selfheal.UNIT_TEMPLATES) + len(DROPINS) + 5)
+    assert last_line("--config", one) == "nothing changed."
+    assert last_line("--config", two) == "2 file(s) changed."  # the config, passgo's drop-in gone
+    assert last_line("--uninstall").endswith(" file(s) changed.")
+    assert last_line("--uninstall") == "nothing changed."
+
+
 def test_changed_config_replaces_the_installed_one_and_keeps_the_previous_as_bak(tmp_path, write_conf):
     root = tmp_path / "root"
     assert install(root, write_conf(CONF, "one.conf")) == 0

@@ -1,0 +1,54 @@
+"""deploy/ansible without a host: the playbooks parse, and the example inventory renders a
+services.conf that selfheal accepts for every host (the drill, test_drill_ansible.py, runs
+the playbooks against booted hosts). Skipped where Ansible is not installed (a failure
+under CI=true, where tests/run.sh has installed it)."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy" / "ansible"
+EXAMPLE = DEPLOY / "inventory.example.yml"
+
+
+def ansible(tool, *args, tmp_path):
+    path = shutil.which(tool)
+    if not path:
+        reason = "%s is missing (tests/run.sh installs ansible-core as root)" % tool
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true and " + reason)
+        pytest.skip(reason)
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
+               ANSIBLE_CONFIG=str(tmp_path / "no-ansible.cfg"))
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([path] + [str(a) for a in args], env=env, cwd=str(DEPLOY), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+
+
+def test_both_playbooks_pass_ansible_syntax_check(tmp_path):
+    done = ansible("ansible-playbook", "-i", EXAMPLE, "--syntax-check", "site.yml", "uninstall.yml", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_example_inventory_renders_a_config_selfheal_validates_for_every_host(tmp_path, cli):
+    listed = ansible("ansible-inventory", "-i", EXAMPLE, "--list", tmp_path=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    inventory = json.loads(listed.stdout)
+    hosts = inventory["selfheal"]["hosts"]
+    assert len(hosts) >= 2
+    done = ansible("ansible", "selfheal", "-i", EXAMPLE, "-c", "local", "-m", "ansible.builtin.template",
+                   "-a", "src=roles/selfheal/templates/services.conf.j2 dest=%s/{{ inventory_hostname }}.conf "
+                   "mode=0644" % tmp_path, "-e", "ansible_python_interpreter=/usr/bin/python3", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for host in hosts:
+        out = tmp_path / (host + ".conf")
+        checked = cli("validate", out)
+        assert checked.returncode == 0, out.read_text() + checked.stderr
+        found = checked.stdout.strip().split(" service(s): ", 1)[1].split(", ")
+        services = inventory["_meta"]["hostvars"][host]["selfheal_services"]
+        assert sorted(found) == sorted(services)  # every service of the host, none of another's
