@@ -542,6 +542,10 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         return lines.get((section, key)) or lines.get((section, None))
 
     hostname = hostname or short_hostname()
+    try:
+        default_name = check_header_text(hostname)
+    except ValueError:
+        default_name = "localhost"  # a host name that cannot go into a mail header as it is
     raw_global = dict(parser.items(GLOBAL_SECTION)) if parser.has_section(GLOBAL_SECTION) else {}
     if not parser.has_section(GLOBAL_SECTION):
         problem(None, None, None, "no [selfheal] section (it says where reports are mailed)")
@@ -565,7 +569,7 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
     g = raw_global
     s = GLOBAL_SECTION
     settings = Settings(
-        name=take(s, g, "name", check_header_text, hostname),
+        name=take(s, g, "name", check_header_text, default_name),
         email_to=take(s, g, "email_to", check_addresses, ("root@localhost",)),
         email_from=take(s, g, "email_from", check_address, "selfheal@%s" % hostname
                         if HOST_RE.match(hostname) else "selfheal@localhost"),
@@ -884,6 +888,8 @@ def check_trusted_file(path: str, what: str) -> Optional[str]:
 
 def secret_file_problem(path: str) -> str:
     """What is wrong with a file holding a secret, or "" (checked as root only)."""
+    if os.path.islink(path):
+        return "%s is a symlink; name the file itself (a link can be pointed anywhere)" % path
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -1988,9 +1994,22 @@ def format_bytes(value: str) -> str:
 # =============================================================================
 
 
+def ensure_dir(path: Path, mode: int = 0o755) -> None:
+    """Create a directory selfheal writes into, and refuse one that is a symlink: it could
+    point anywhere, and selfheal (root) never writes through it. A missing directory is
+    refused when the nearest existing one above it is a symlink (state/ for state/spool/)."""
+    existing = path
+    while not os.path.lexists(str(existing)) and existing.parent != existing:
+        existing = existing.parent
+    if existing.is_symlink():
+        raise OSError(errno.ELOOP, "%s is a symlink, not a directory; selfheal does not write through it "
+                      "(remove the link)" % existing)
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+
+
 def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
     """Write a whole file so a crash leaves the old or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix="." + path.name + ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -2013,7 +2032,7 @@ def append_line(path: Path, line: str) -> None:
     If an earlier writer died mid-line, a newline is put first so the torn line stays
     alone (readers skip it) and this one is whole.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     fd = os.open(str(path), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         data = (line.rstrip("\n") + "\n").encode("utf-8")
@@ -2041,7 +2060,11 @@ def read_history(paths: Paths, service: Optional[str] = None, since: float = 0.0
                     continue
                 if service and event.get("service") != service:
                     continue
-                if float(event.get("ts", 0)) >= since:
+                try:
+                    ts = float(event.get("ts", 0))
+                except (TypeError, ValueError):
+                    continue  # a hand edit: not a heal event
+                if ts >= since:
                     events.append(event)
     except FileNotFoundError:
         pass
@@ -2061,16 +2084,31 @@ def save_service_state(paths: Paths, name: str, data: dict) -> None:
 
 
 @contextlib.contextmanager
-def service_state(paths: Paths, name: str):
+def service_state(paths: Paths, name: str, best_effort: bool = False):
     """Load, change and save a service's state under its own lock, so a pause, a heal and
-    the watch never overwrite each other's changes. Saved only if the block succeeds."""
+    the watch never overwrite each other's changes. Saved only if the block succeeds.
+
+    best_effort: a state that cannot be locked or saved (a full disk) is logged, not raised,
+    so what the caller does next (mail a report) still happens; unlocked, it is not saved."""
     lock = Lock(paths.service_state(name).with_suffix(".lock"))
-    if not lock.wait(10.0):
+    try:
+        locked = lock.wait(10.0)
+    except OSError as exc:
+        if not best_effort:
+            raise
+        log.error("could not lock the state of %s: %s", name, exc)
+        locked = False
+    if not locked and not best_effort:
         raise SelfhealError("the state of %s stayed locked for 10 s" % name)
     try:
         state = load_service_state(paths, name)
         yield state
-        save_service_state(paths, name, state)
+        if locked:
+            save_service_state(paths, name, state)
+    except OSError as exc:
+        if not best_effort:
+            raise
+        log.error("could not save the state of %s: %s", name, exc)
     finally:
         lock.release()
 
@@ -2081,7 +2119,10 @@ def paused_until(paths: Paths, name: str, now: Optional[float] = None) -> Option
     state = load_service_state(paths, name)
     if "paused_until" not in state:
         return None
-    until = float(state["paused_until"] or 0.0)
+    try:
+        until = float(state["paused_until"] or 0.0)
+    except (TypeError, ValueError):
+        until = 0.0  # paused; a value that is not a time means until resumed
     if until and until <= now:
         return None
     return until
@@ -2095,7 +2136,7 @@ class Lock:
         self.fd: Optional[int] = None
 
     def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.path.parent)
         self.fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2290,7 +2331,7 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
     """The `heal` command: refuse, lock, heal, record, mail; loop if it failed again meanwhile."""
     out = out or sys.stdout
     if name not in config.services:
-        raise UsageError("%s is not listed in %s (listed: %s)"
+        raise UsageError("%r is not listed in %s (listed: %s)"
                          % (name, config.path, ", ".join(config.services) or "none"))
     svc = config.services[name]
     if never_touch(svc.unit):
@@ -2434,7 +2475,7 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> 
     the incident's state. Never raises for a mail problem."""
     settings, svc, now = config.settings, result.service, result.started_at
     msg = None
-    with service_state(paths, svc.name) as state:
+    with service_state(paths, svc.name, best_effort=True) as state:
         escalated_before = bool(state.get("escalated"))
         if result.outcome is Outcome.ESCALATED:
             state["escalated"] = state.get("escalated") or now
@@ -2962,13 +3003,15 @@ def make_message(settings: Settings, subject_text: str, body: str, thread: str =
     from email.message import EmailMessage
 
     msg = EmailMessage(policy=email.policy.SMTP)
-    msg["Subject"] = subject_text
+    # Nothing that reaches a header may end it: control characters become spaces, and a
+    # thread id that is not one <id@host> is left out (the mail still goes, unthreaded).
+    msg["Subject"] = re.sub(r"[\x00-\x1f\x7f]+", " ", subject_text)
     msg["From"] = settings.email_from
     msg["To"] = ", ".join(settings.email_to)
     msg["Date"] = email.utils.formatdate(localtime=True)
     domain = settings.email_from.rpartition("@")[2] or "localhost"
     msg["Message-ID"] = email.utils.make_msgid("selfheal", domain=domain)
-    if thread:
+    if thread and re.match(r"^<[!-;=?-~]+>$", thread):
         msg["In-Reply-To"] = thread
         msg["References"] = thread
     msg["Auto-Submitted"] = "auto-generated"
@@ -2978,13 +3021,13 @@ def make_message(settings: Settings, subject_text: str, body: str, thread: str =
 
 
 def read_password(path: str) -> str:
-    bad = check_trusted_file(path, "smtp_password_file")
+    bad = secret_file_problem(path) if os.path.islink(path) else check_trusted_file(path, "smtp_password_file")
     if bad is None and os.geteuid() == 0 and os.stat(path).st_mode & 0o077:
         bad = "%s: smtp_password_file must be mode 0600 or 0400" % path
     if bad:
         raise SelfhealError(bad)
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), encoding="utf-8") as handle:
             return handle.read().strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise SelfhealError("%s: cannot read the SMTP password: %s" % (path, exc))
@@ -3046,7 +3089,7 @@ def spool(paths: Paths, msg: EmailMessage) -> Path:
     """Queue a message that could not be sent; flush_spool sends it later."""
     name = "%d-%s.eml" % (time.time() * 1000, os.urandom(4).hex())
     path = paths.spool / name
-    paths.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_dir(paths.spool, mode=0o700)
     atomic_write(path, msg.as_string(), mode=0o600)
     return path
 
@@ -3105,6 +3148,10 @@ def flush_spool(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, i
         except OSError:
             return []
 
+    if paths.spool.is_symlink():
+        log.error("the mail queue %s is a symlink; selfheal neither sends nor removes what it points at "
+                  "(remove the link)", paths.spool)
+        return 0, 0
     waiting = queued()
     if not waiting:
         return 0, 0
@@ -3119,10 +3166,14 @@ def flush_spool(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, i
         parser = email.parser.BytesParser(policy=email.policy.SMTP)
         for path in waiting:
             try:
-                msg = parser.parsebytes(path.read_bytes())
+                data = path.read_bytes()
+                msg = parser.parsebytes(data)
             except OSError:
                 continue
-            if not msg["Subject"]:
+            # What spool() writes is 7-bit text with headers, a blank line and a body: a
+            # file without that is damaged (a cut-off write, a disk error), not a report.
+            if (not msg["Subject"] or re.search(rb"[^\t\r\n\x20-\x7e]", data)
+                    or not re.search(rb"\n\r?\n", data)):
                 path.rename(path.with_suffix(".bad"))
                 log.error("queued mail %s is damaged; kept as %s", path, path.with_suffix(".bad"))
                 continue
@@ -4275,7 +4326,7 @@ def status_command(args, config_path: str, paths: Paths, out=None) -> int:
         config = load_config(config_path, trusted=False)
         unknown = [name for name in only if name not in config.services]
         if unknown:
-            raise UsageError("--service %s: not in %s%s" % (unknown[0], config_path,
+            raise UsageError("--service %r: not in %s%s" % (unknown[0], config_path,
                                                            _did_you_mean(unknown[0], config.services)))
         return config
 
@@ -4488,8 +4539,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 report_broken_config(paths, exc)  # the healer is blind: say so by mail
             raise
         setup_logging(args.verbose, quiet, config.settings.syslog_ident)
-        if args.command in ("heal", "watch"):
-            keep_last_good(paths, config_path)
+        if args.command == "watch" or (args.command == "heal" and args.name in config.services):
+            keep_last_good(paths, config_path)  # (a name from the command line is checked first)
         if args.command == "heal":
             if not args.dry_run:
                 require_root("heal")
@@ -4572,22 +4623,25 @@ def cmd_test_email(config: Config) -> int:
 
 def cmd_pause(config: Config, paths: Paths, verb: str, name: str, duration: Optional[str]) -> int:
     if name not in config.services:
-        raise UsageError("%s is not listed in %s" % (name, config.path))
+        raise UsageError("%r is not listed in %s" % (name, config.path))
     until = 0.0
     if verb == "pause" and duration:
         try:
             until = time.time() + positive_duration(duration)
         except ValueError as exc:
             raise UsageError("pause: %s: %r" % (exc, duration))
-    with service_state(paths, name) as state:
-        if verb == "pause":
-            state["paused_until"] = until
-        else:
-            state.pop("paused_until", None)
-            state.pop("escalated", None)
-            state["rearmed_at"] = time.time()
-            if state.get("incident") and not state["incident"].get("closed"):
-                state["incident"]["closed"] = state["rearmed_at"]  # a human stepped in: start afresh
+    try:
+        with service_state(paths, name) as state:
+            if verb == "pause":
+                state["paused_until"] = until
+            else:
+                state.pop("paused_until", None)
+                state.pop("escalated", None)
+                state["rearmed_at"] = time.time()
+                if state.get("incident") and not state["incident"].get("closed"):
+                    state["incident"]["closed"] = state["rearmed_at"]  # a human stepped in: start afresh
+    except OSError as exc:
+        raise SelfhealError("could not %s %s: %s" % (verb, name, exc))
     if verb == "pause":
         print("%s paused %s" % (name, "until " + iso(until) if until else "until: selfheal.py resume %s" % name))
         log.info("%s paused", name)
