@@ -3094,6 +3094,14 @@ def spool(paths: Paths, msg: EmailMessage) -> Path:
     return path
 
 
+def message_text(msg: EmailMessage) -> str:
+    """The plain text of a message (what the journal gets when it can be neither sent nor queued)."""
+    try:
+        return msg.get_body(preferencelist=("plain",)).get_content()
+    except (AttributeError, KeyError, LookupError, ValueError):
+        return str(msg)
+
+
 def deliver(config: Config, paths: Paths, msg: EmailMessage) -> bool:
     """Send now, or queue it. Never raises for a mail problem: the report is never lost.
 
@@ -3106,7 +3114,7 @@ def deliver(config: Config, paths: Paths, msg: EmailMessage) -> bool:
             log.warning("queued %r behind %d older report(s) (queued as %s)", str(msg["Subject"]), left,
                         spool(paths, msg))
         except OSError as exc:
-            log.critical("could not queue %r (%s); the report is in the log", str(msg["Subject"]), exc)
+            log.critical("could not queue %r (%s); the report follows:\n%s", str(msg["Subject"]), exc, message_text(msg))
         return False
     try:
         send(config.settings, msg)
@@ -3117,8 +3125,8 @@ def deliver(config: Config, paths: Paths, msg: EmailMessage) -> bool:
         try:
             where = spool(paths, msg)
         except OSError as spool_exc:
-            log.critical("could not mail %r (%s) nor queue it (%s); the report is in the log",
-                         str(msg["Subject"]), reason, spool_exc)
+            log.critical("could not mail %r (%s) nor queue it (%s); the report follows:\n%s",
+                         str(msg["Subject"]), reason, spool_exc, message_text(msg))
             return False
         log.warning("could not mail %r: %s; queued as %s", str(msg["Subject"]), reason, where)
         return False
