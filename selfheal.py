@@ -2790,6 +2790,27 @@ def keep_last_good(paths: Paths, config_path: str) -> None:
         log.debug("could not keep a copy of the config: %s", exc)
 
 
+def last_mailed(paths: Paths, name: str) -> float:
+    """When a rate-limited mail (NAME.json) last went out: kept in the state directory, or
+    in the run directory while the state's disk is full."""
+    last = 0.0
+    for marker in (paths.state / name, paths.run / name):
+        try:
+            last = max(last, float(json.loads(marker.read_text(encoding="utf-8")).get("mailed", 0)))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+    return last
+
+
+def remember_mailed(paths: Paths, name: str) -> None:
+    for marker in (paths.state / name, paths.run / name):
+        try:
+            atomic_write(marker, json.dumps({"mailed": time.time()}) + "\n")
+            return
+        except OSError as exc:
+            log.error("could not note that %s was mailed in %s: %s", name, marker, exc)
+
+
 def report_broken_config(paths: Paths, exc: ConfigError) -> None:
     """The config stopped loading: heals and the watch are off. Mail it (at most hourly)
     with the mail settings of the last config that loaded."""
@@ -2797,38 +2818,23 @@ def report_broken_config(paths: Paths, exc: ConfigError) -> None:
         good = load_config(str(paths.state / "last-good.conf"), trusted=False)
     except SelfhealError:
         return  # never had a good one: nobody to tell but the journal
-    marker = paths.state / "config-broken.json"
-    try:
-        if time.time() - float(json.loads(marker.read_text(encoding="utf-8")).get("mailed", 0)) < 3600:
-            return
-    except (OSError, ValueError, AttributeError):
-        pass
+    if time.time() - last_mailed(paths, "config-broken.json") < 3600:
+        return
     body = ("selfheal on %s cannot load its config, so it heals nothing until this is fixed:\n\n%s\n\n"
             "Fix it, then check with: selfheal validate\n" % (socket.gethostname(), "\n".join(exc.problems)))
     deliver(good, paths, make_message(good.settings, "❌ %s: selfheal - CONFIG BROKEN" % good.settings.name, body))
-    try:
-        atomic_write(marker, json.dumps({"mailed": time.time()}) + "\n")
-    except OSError:
-        pass
+    remember_mailed(paths, "config-broken.json")
 
 
 def report_watch_failure(config: Config, paths: Paths, what: str) -> None:
     """The healer itself is broken: say so by mail (at most once an hour), never silently."""
-    marker = paths.state / "watch-failure.json"
-    try:
-        last = float(json.loads(marker.read_text(encoding="utf-8")).get("mailed", 0))
-    except (OSError, ValueError, AttributeError):
-        last = 0.0
-    if time.time() - last < 3600:
+    if time.time() - last_mailed(paths, "watch-failure.json") < 3600:
         return
     body = ("selfheal's watch run failed on %s at %s. Services may be unwatched until this is fixed.\n\n"
             "%s\n\nLook at: journalctl -t %s -n 50; systemctl status selfheal-watch.service\n"
             % (socket.gethostname(), iso(time.time()), what, config.settings.syslog_ident))
     deliver(config, paths, make_message(config.settings, "❌ %s: selfheal - WATCH FAILED" % config.settings.name, body))
-    try:
-        atomic_write(marker, json.dumps({"mailed": time.time()}) + "\n")
-    except OSError:
-        pass
+    remember_mailed(paths, "watch-failure.json")
 
 
 # =============================================================================

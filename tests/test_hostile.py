@@ -352,6 +352,16 @@ def disk_full_smtp_down(h):
     h.bed.configure(smtp_port=h.closed_port)
 
 
+def watch_failing_twice(h):
+    for _ in range(2):
+        selfheal.report_watch_failure(h.bed.config, h.paths, "OSError: [Errno 28] No space left on device")
+    return None, h.said()
+
+
+def one_watch_failure_mail(h):
+    assert [s for s in h.subjects() if "WATCH FAILED" in s] == ["❌ MiracleMax: selfheal - WATCH FAILED"]
+
+
 def healed_report_in_the_log(h):
     healed_but_not_queued_through_the_link(h)
     assert "the report follows:" in h.caplog.text and "ROOT CAUSE" in h.caplog.text
@@ -453,6 +463,8 @@ ROWS = [
         then=healed_and_mailed),
     Row("disk-full-and-smtp-down-heals-and-logs-the-whole-report", lambda h: h.heal(), 0,
         "nor queue it", setup=disk_full_smtp_down, then=healed_report_in_the_log),
+    Row("disk-full-watch-failure-mailed-once-not-every-run", watch_failing_twice, None, "could not note that",
+        setup=lambda h: h.disk_full(h.paths.state), then=one_watch_failure_mail),
 ]
 
 
