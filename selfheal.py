@@ -665,8 +665,11 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
 
 # Value checkers: return the converted value or raise ValueError with the reason.
 
+HEADER_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # controls, and what str.splitlines splits at
+
+
 def check_header_text(value: str) -> str:
-    if not value or len(value) > 78 or any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if not value or len(value) > 78 or HEADER_BREAKS.search(value):
         raise ValueError("must be 1-78 printable characters on one line")
     return value
 
@@ -883,6 +886,15 @@ def check_trusted_file(path: str, what: str) -> Optional[str]:
             path, what, st.st_uid, path)
     if st.st_mode & 0o022:
         return "%s: %s is writable by group or others (chmod go-w %s)" % (path, what, path)
+    # Whoever can write its directory can replace it (unless the directory is sticky).
+    folder = os.path.dirname(os.path.realpath(path))
+    try:
+        dst = os.stat(folder)
+    except OSError as exc:
+        return "%s: cannot read %s: %s" % (folder, what, exc.strerror)
+    if dst.st_uid != 0 or (dst.st_mode & 0o022 and not dst.st_mode & 0o1000):
+        return "%s: %s is in %s, which someone besides root can write (chown root: %s; chmod go-w %s)" % (
+            path, what, folder, folder, folder)
     return None
 
 
@@ -3011,7 +3023,7 @@ def make_message(settings: Settings, subject_text: str, body: str, thread: str =
     msg = EmailMessage(policy=email.policy.SMTP)
     # Nothing that reaches a header may end it: control characters become spaces, and a
     # thread id that is not one <id@host> is left out (the mail still goes, unthreaded).
-    msg["Subject"] = re.sub(r"[\x00-\x1f\x7f]+", " ", subject_text)
+    msg["Subject"] = re.sub(HEADER_BREAKS.pattern + "+", " ", subject_text)
     msg["From"] = settings.email_from
     msg["To"] = ", ".join(settings.email_to)
     msg["Date"] = email.utils.formatdate(localtime=True)

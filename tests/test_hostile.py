@@ -175,9 +175,13 @@ def password_file(mode=0o600, owner=0, link=False):
     return setup
 
 
-def trusted_config(mode=0o644, owner=0):
+def trusted_config(mode=0o644, owner=0, folder_mode=None, folder_owner=0):
     def setup(h):
-        os.chown(h.conf(GLOBAL + "\n[worker]\n", mode=mode), owner, owner)
+        folder = h.tmp / "etc-selfheal"
+        folder.mkdir()
+        os.chown(h.conf(GLOBAL + "\n[worker]\n", name="etc-selfheal/services.conf", mode=mode), owner, owner)
+        os.chown(str(folder), folder_owner, folder_owner)
+        folder.chmod(folder_mode or 0o755)
     return setup
 
 
@@ -337,7 +341,8 @@ def hostile_hostname(h):
 
 
 def hostile_subject(h):
-    msg = selfheal.make_message(h.bed.config.settings, "worker - RESOLVED\r\nBcc: victim@example.org", "body\n")
+    msg = selfheal.make_message(h.bed.config.settings, "worker - RESOLVED\r\nBcc: victim@example.org\x85\u2028",
+                                "body\n")
     parsed = email.message_from_bytes(msg.as_bytes(), policy=email.policy.default)
     return None, "%s|%s" % (parsed["Subject"], parsed["Bcc"])
 
@@ -394,6 +399,10 @@ ROWS = [
                + "\n[worker]\n", "1-78 printable characters on one line"),
     config_row("name-with-escape-character", GLOBAL.replace("MiracleMax", "Miracle\x1b[2JMax") + "\n[worker]\n",
                "1-78 printable characters on one line"),
+    config_row("name-with-unicode-line-separator", GLOBAL.replace("MiracleMax", "MiracleMax\u2028Bcc: v@example.org")
+               + "\n[worker]\n", "1-78 printable characters on one line"),
+    config_row("smtp-user-with-next-line-character", GLOBAL + "smtp_user = alice\x85AUTH\nsmtp_password_file = /p\n"
+               "\n[worker]\n", "1-78 printable characters on one line"),
     config_row("email-to-with-bcc-continuation", GLOBAL.replace("owner@example.org", "owner@example.org\n"
                "  Bcc: victim@example.org") + "\n[worker]\n", "is not a mail address"),
     config_row("email-from-with-angle-brackets", GLOBAL.replace("selfheal@example.org",
@@ -402,7 +411,8 @@ ROWS = [
                "\n[worker]\n", "1-78 printable characters on one line"),
     Row("host-name-with-crlf-is-not-the-subject", hostile_hostname, None, "localhost|✅ localhost: worker - "
         "RESOLVED|None"),
-    Row("subject-with-crlf-stays-one-header", hostile_subject, None, "worker - RESOLVED Bcc: victim@example.org|None"),
+    Row("subject-with-crlf-or-unicode-line-break-stays-one-header", hostile_subject, None,
+        "worker - RESOLVED Bcc: victim@example.org |None"),
     Row("thread-id-with-crlf-in-state-is-dropped", lambda h: h.heal(), 0, "RESOLVED", setup=tampered_thread,
         then=no_injected_header),
     # health_url that is not http(s).
@@ -416,6 +426,10 @@ ROWS = [
     pause_row("config-group-writable", trusted_config(mode=0o664), "writable by group or others"),
     pause_row("config-world-writable", trusted_config(mode=0o646), "writable by group or others"),
     pause_row("config-owned-by-another-user", trusted_config(owner=STRANGER), "owned by uid %d" % STRANGER),
+    pause_row("config-in-a-world-writable-directory", trusted_config(folder_mode=0o777),
+              "which someone besides root can write"),
+    pause_row("config-in-another-users-directory", trusted_config(folder_owner=STRANGER),
+              "which someone besides root can write"),
     pause_row("password-file-mode-0644", password_file(mode=0o644), "is mode 644; it must be 0600"),
     pause_row("password-file-owned-by-another-user", password_file(owner=STRANGER), "owned by uid %d" % STRANGER),
     pause_row("password-file-is-a-symlink", password_file(link=True), "is a symlink; name the file itself"),
@@ -501,3 +515,11 @@ def test_hostile_input_gets_a_clear_answer_and_no_side_effect(hostile, row):
 def test_the_table_has_at_least_25_rows_and_unique_ids():
     assert len(ROWS) >= 25
     assert len({r.id for r in ROWS}) == len(ROWS)
+
+
+@pytest.mark.skipif(not ROOT, reason="ownership is checked as root only")
+def test_root_owned_config_in_a_root_only_directory_is_trusted_and_pause_works(hostile):
+    trusted_config()(hostile)
+    code, said = hostile.main("-c", "{arg}", "pause", "worker")
+    assert code == 0, said
+    assert selfheal.paused_until(hostile.paths, "worker") == 0.0
