@@ -394,6 +394,13 @@ ROWS = [
     name_row("pause-name-with-shell-metacharacters", ["pause", "$(reboot); rm -rf /"]),
     name_row("resume-name-over-long", ["resume", "w" * 5000]),
     name_row("status-service-with-percent-and-slash", ["status", "--service", "%n/../web"], "not in"),
+    # Paths a strategy reads or repairs: absolute, no .., one line.
+    config_row("db-path-climbing-out-with-dot-dot", service("strategies = database_check",
+               "db_path = /var/lib/web/../../../etc/shadow"), "absolute path without spaces or .."),
+    config_row("symlinks-pair-with-a-relative-target", service("strategies = database_check", "db_path = /srv/web",
+               "symlinks = /srv/web/current -> ../../etc"), "absolute path without spaces or .."),
+    config_row("env-file-with-newline-continuation", service("strategies = environment_check",
+               "env_file = /etc/web.env", "  /etc/shadow"), "absolute path without spaces or .."),
     # Header injection: everything that reaches a mail header.
     config_row("name-with-bcc-continuation", GLOBAL.replace("MiracleMax", "MiracleMax\n  Bcc: victim@example.org")
                + "\n[worker]\n", "1-78 printable characters on one line"),
