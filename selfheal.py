@@ -886,15 +886,15 @@ def check_trusted_file(path: str, what: str) -> Optional[str]:
             path, what, st.st_uid, path)
     if st.st_mode & 0o022:
         return "%s: %s is writable by group or others (chmod go-w %s)" % (path, what, path)
-    # Whoever can write its directory can replace it (unless the directory is sticky).
-    folder = os.path.dirname(os.path.realpath(path))
-    try:
-        dst = os.stat(folder)
-    except OSError as exc:
-        return "%s: cannot read %s: %s" % (folder, what, exc.strerror)
-    if dst.st_uid != 0 or (dst.st_mode & 0o022 and not dst.st_mode & 0o1000):
-        return "%s: %s is in %s, which someone besides root can write (chown root: %s; chmod go-w %s)" % (
-            path, what, folder, folder, folder)
+    # Whoever can write its directory (or a symlink's) can replace it, unless that is sticky.
+    for folder in dict.fromkeys(os.path.dirname(p) for p in (os.path.abspath(path), os.path.realpath(path))):
+        try:
+            dst = os.stat(folder)
+        except OSError as exc:
+            return "%s: cannot read %s: %s" % (folder, what, exc.strerror)
+        if dst.st_uid != 0 or (dst.st_mode & 0o022 and not dst.st_mode & 0o1000):
+            return "%s: %s is in %s, which someone besides root can write (chown root: %s; chmod go-w %s)" % (
+                path, what, folder, folder, folder)
     return None
 
 
@@ -3132,7 +3132,8 @@ def deliver(config: Config, paths: Paths, msg: EmailMessage) -> bool:
             log.warning("queued %r behind %d older report(s) (queued as %s)", str(msg["Subject"]), left,
                         spool(paths, msg))
         except OSError as exc:
-            log.critical("could not queue %r (%s); the report follows:\n%s", str(msg["Subject"]), exc, message_text(msg))
+            log.critical("could not queue %r (%s); the report follows:\n%s", str(msg["Subject"]), exc,
+                         message_text(msg))
         return False
     try:
         send(config.settings, msg)

@@ -158,6 +158,15 @@ def pause_row(id, setup, said):
     return Row(id, lambda h: h.main("-c", "{arg}", "pause", "worker"), 78, said, setup=setup, root=True)
 
 
+def config_linked_from_a_public_directory(h):
+    trusted_config()(h)
+    public = h.tmp / "public"
+    public.mkdir()
+    public.chmod(0o777)
+    (public / "services.conf").symlink_to(h.arg)
+    h.arg = str(public / "services.conf")
+
+
 MAIL_CONF = GLOBAL + "smtp_user = alice\nsmtp_password_file = {pw}\n\n[worker]\n"
 
 
@@ -434,6 +443,8 @@ ROWS = [
     pause_row("config-world-writable", trusted_config(mode=0o646), "writable by group or others"),
     pause_row("config-owned-by-another-user", trusted_config(owner=STRANGER), "owned by uid %d" % STRANGER),
     pause_row("config-in-a-world-writable-directory", trusted_config(folder_mode=0o777),
+              "which someone besides root can write"),
+    pause_row("config-linked-from-a-world-writable-directory", config_linked_from_a_public_directory,
               "which someone besides root can write"),
     pause_row("config-in-another-users-directory", trusted_config(folder_owner=STRANGER),
               "which someone besides root can write"),
