@@ -551,6 +551,10 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         return lines.get((section, key)) or lines.get((section, None))
 
     hostname = hostname or short_hostname()
+    try:
+        default_name = check_header_text(hostname)
+    except ValueError:
+        default_name = "localhost"  # a host name that cannot go into a mail header as it is
     raw_global = dict(parser.items(GLOBAL_SECTION)) if parser.has_section(GLOBAL_SECTION) else {}
     if not parser.has_section(GLOBAL_SECTION):
         problem(None, None, None, "no [selfheal] section (it says where reports are mailed)")
@@ -574,7 +578,7 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
     g = raw_global
     s = GLOBAL_SECTION
     settings = Settings(
-        name=take(s, g, "name", check_header_text, hostname),
+        name=take(s, g, "name", check_header_text, default_name),
         email_to=take(s, g, "email_to", check_addresses, ("root@localhost",)),
         email_from=take(s, g, "email_from", check_address, "selfheal@%s" % hostname
                         if HOST_RE.match(hostname) else "selfheal@localhost"),
@@ -670,8 +674,11 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
 
 # Value checkers: return the converted value or raise ValueError with the reason.
 
+HEADER_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # controls, and what str.splitlines splits at
+
+
 def check_header_text(value: str) -> str:
-    if not value or len(value) > 78 or any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if not value or len(value) > 78 or HEADER_BREAKS.search(value):
         raise ValueError("must be 1-78 printable characters on one line")
     return value
 
@@ -888,11 +895,22 @@ def check_trusted_file(path: str, what: str) -> Optional[str]:
             path, what, st.st_uid, path)
     if st.st_mode & 0o022:
         return "%s: %s is writable by group or others (chmod go-w %s)" % (path, what, path)
+    # Whoever can write its directory (or a symlink's) can replace it, unless that is sticky.
+    for folder in dict.fromkeys(os.path.dirname(p) for p in (os.path.abspath(path), os.path.realpath(path))):
+        try:
+            dst = os.stat(folder)
+        except OSError as exc:
+            return "%s: cannot read %s: %s" % (folder, what, exc.strerror)
+        if dst.st_uid != 0 or (dst.st_mode & 0o022 and not dst.st_mode & 0o1000):
+            return "%s: %s is in %s, which someone besides root can write (chown root: %s; chmod go-w %s)" % (
+                path, what, folder, folder, folder)
     return None
 
 
 def secret_file_problem(path: str) -> str:
     """What is wrong with a file holding a secret, or "" (checked as root only)."""
+    if os.path.islink(path):
+        return "%s is a symlink; name the file itself (a link can be pointed anywhere)" % path
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -2019,9 +2037,22 @@ def format_bytes(value: str) -> str:
 # =============================================================================
 
 
+def ensure_dir(path: Path, mode: int = 0o755) -> None:
+    """Create a directory selfheal writes into, and refuse one that is a symlink: it could
+    point anywhere, and selfheal (root) never writes through it. A missing directory is
+    refused when the nearest existing one above it is a symlink (state/ for state/spool/)."""
+    existing = path
+    while not os.path.lexists(str(existing)) and existing.parent != existing:
+        existing = existing.parent
+    if existing.is_symlink():
+        raise OSError(errno.ELOOP, "%s is a symlink, not a directory; selfheal does not write through it "
+                      "(remove the link)" % existing)
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+
+
 def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
     """Write a whole file so a crash leaves the old or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix="." + path.name + ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -2044,7 +2075,7 @@ def append_line(path: Path, line: str) -> None:
     If an earlier writer died mid-line, a newline is put first so the torn line stays
     alone (readers skip it) and this one is whole.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     fd = os.open(str(path), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         data = (line.rstrip("\n") + "\n").encode("utf-8")
@@ -2072,7 +2103,11 @@ def read_history(paths: Paths, service: Optional[str] = None, since: float = 0.0
                     continue
                 if service and event.get("service") != service:
                     continue
-                if float(event.get("ts", 0)) >= since:
+                try:
+                    ts = float(event.get("ts", 0))
+                except (TypeError, ValueError):
+                    continue  # a hand edit: not a heal event
+                if ts >= since:
                     events.append(event)
     except FileNotFoundError:
         pass
@@ -2092,16 +2127,31 @@ def save_service_state(paths: Paths, name: str, data: dict) -> None:
 
 
 @contextlib.contextmanager
-def service_state(paths: Paths, name: str):
+def service_state(paths: Paths, name: str, best_effort: bool = False):
     """Load, change and save a service's state under its own lock, so a pause, a heal and
-    the watch never overwrite each other's changes. Saved only if the block succeeds."""
+    the watch never overwrite each other's changes. Saved only if the block succeeds.
+
+    best_effort: a state that cannot be locked or saved (a full disk) is logged, not raised,
+    so what the caller does next (mail a report) still happens; unlocked, it is not saved."""
     lock = Lock(paths.service_state(name).with_suffix(".lock"))
-    if not lock.wait(10.0):
+    try:
+        locked = lock.wait(10.0)
+    except OSError as exc:
+        if not best_effort:
+            raise
+        log.error("could not lock the state of %s: %s", name, exc)
+        locked = False
+    if not locked and not best_effort:
         raise SelfhealError("the state of %s stayed locked for 10 s" % name)
     try:
         state = load_service_state(paths, name)
         yield state
-        save_service_state(paths, name, state)
+        if locked:
+            save_service_state(paths, name, state)
+    except OSError as exc:
+        if not best_effort:
+            raise
+        log.error("could not save the state of %s: %s", name, exc)
     finally:
         lock.release()
 
@@ -2112,7 +2162,10 @@ def paused_until(paths: Paths, name: str, now: Optional[float] = None) -> Option
     state = load_service_state(paths, name)
     if "paused_until" not in state:
         return None
-    until = float(state["paused_until"] or 0.0)
+    try:
+        until = float(state["paused_until"] or 0.0)
+    except (TypeError, ValueError):
+        until = 0.0  # paused; a value that is not a time means until resumed
     if until and until <= now:
         return None
     return until
@@ -2126,7 +2179,7 @@ class Lock:
         self.fd: Optional[int] = None
 
     def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.path.parent)
         self.fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2321,7 +2374,7 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
     """The `heal` command: refuse, lock, heal, record, mail; loop if it failed again meanwhile."""
     out = out or sys.stdout
     if name not in config.services:
-        raise UsageError("%s is not listed in %s (listed: %s)"
+        raise UsageError("%r is not listed in %s (listed: %s)"
                          % (name, config.path, ", ".join(config.services) or "none"))
     svc = config.services[name]
     if never_touch(svc.unit):
@@ -2465,7 +2518,7 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> 
     the incident's state. Never raises for a mail problem."""
     settings, svc, now = config.settings, result.service, result.started_at
     msg = None
-    with service_state(paths, svc.name) as state:
+    with service_state(paths, svc.name, best_effort=True) as state:
         escalated_before = bool(state.get("escalated"))
         if result.outcome is Outcome.ESCALATED:
             state["escalated"] = state.get("escalated") or now
@@ -2780,6 +2833,27 @@ def keep_last_good(paths: Paths, config_path: str) -> None:
         log.debug("could not keep a copy of the config: %s", exc)
 
 
+def last_mailed(paths: Paths, name: str) -> float:
+    """When a rate-limited mail (NAME.json) last went out: kept in the state directory, or
+    in the run directory while the state's disk is full."""
+    last = 0.0
+    for marker in (paths.state / name, paths.run / name):
+        try:
+            last = max(last, float(json.loads(marker.read_text(encoding="utf-8")).get("mailed", 0)))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+    return last
+
+
+def remember_mailed(paths: Paths, name: str) -> None:
+    for marker in (paths.state / name, paths.run / name):
+        try:
+            atomic_write(marker, json.dumps({"mailed": time.time()}) + "\n")
+            return
+        except OSError as exc:
+            log.error("could not note that %s was mailed in %s: %s", name, marker, exc)
+
+
 def report_broken_config(paths: Paths, exc: ConfigError) -> None:
     """The config stopped loading: heals and the watch are off. Mail it (at most hourly)
     with the mail settings of the last config that loaded."""
@@ -2787,38 +2861,23 @@ def report_broken_config(paths: Paths, exc: ConfigError) -> None:
         good = load_config(str(paths.state / "last-good.conf"), trusted=False)
     except SelfhealError:
         return  # never had a good one: nobody to tell but the journal
-    marker = paths.state / "config-broken.json"
-    try:
-        if time.time() - float(json.loads(marker.read_text(encoding="utf-8")).get("mailed", 0)) < 3600:
-            return
-    except (OSError, ValueError, AttributeError):
-        pass
+    if time.time() - last_mailed(paths, "config-broken.json") < 3600:
+        return
     body = ("selfheal on %s cannot load its config, so it heals nothing until this is fixed:\n\n%s\n\n"
             "Fix it, then check with: selfheal validate\n" % (socket.gethostname(), "\n".join(exc.problems)))
     deliver(good, paths, make_message(good.settings, "❌ %s: selfheal - CONFIG BROKEN" % good.settings.name, body))
-    try:
-        atomic_write(marker, json.dumps({"mailed": time.time()}) + "\n")
-    except OSError:
-        pass
+    remember_mailed(paths, "config-broken.json")
 
 
 def report_watch_failure(config: Config, paths: Paths, what: str) -> None:
     """The healer itself is broken: say so by mail (at most once an hour), never silently."""
-    marker = paths.state / "watch-failure.json"
-    try:
-        last = float(json.loads(marker.read_text(encoding="utf-8")).get("mailed", 0))
-    except (OSError, ValueError, AttributeError):
-        last = 0.0
-    if time.time() - last < 3600:
+    if time.time() - last_mailed(paths, "watch-failure.json") < 3600:
         return
     body = ("selfheal's watch run failed on %s at %s. Services may be unwatched until this is fixed.\n\n"
             "%s\n\nLook at: journalctl -t %s -n 50; systemctl status selfheal-watch.service\n"
             % (socket.gethostname(), iso(time.time()), what, config.settings.syslog_ident))
     deliver(config, paths, make_message(config.settings, "❌ %s: selfheal - WATCH FAILED" % config.settings.name, body))
-    try:
-        atomic_write(marker, json.dumps({"mailed": time.time()}) + "\n")
-    except OSError:
-        pass
+    remember_mailed(paths, "watch-failure.json")
 
 
 # =============================================================================
@@ -2994,13 +3053,15 @@ def make_message(settings: Settings, subject_text: str, body: str, thread: str =
     from email.message import EmailMessage
 
     msg = EmailMessage(policy=email.policy.SMTP)
-    msg["Subject"] = subject_text
+    # Nothing that reaches a header may end it: control characters become spaces, and a
+    # thread id that is not one <id@host> is left out (the mail still goes, unthreaded).
+    msg["Subject"] = re.sub(HEADER_BREAKS.pattern + "+", " ", subject_text)
     msg["From"] = settings.email_from
     msg["To"] = ", ".join(settings.email_to)
     msg["Date"] = email.utils.formatdate(localtime=True)
     domain = settings.email_from.rpartition("@")[2] or "localhost"
     msg["Message-ID"] = email.utils.make_msgid("selfheal", domain=domain)
-    if thread:
+    if thread and re.match(r"^<[!-;=?-~]+>$", thread):
         msg["In-Reply-To"] = thread
         msg["References"] = thread
     msg["Auto-Submitted"] = "auto-generated"
@@ -3010,13 +3071,13 @@ def make_message(settings: Settings, subject_text: str, body: str, thread: str =
 
 
 def read_password(path: str) -> str:
-    bad = check_trusted_file(path, "smtp_password_file")
+    bad = secret_file_problem(path) if os.path.islink(path) else check_trusted_file(path, "smtp_password_file")
     if bad is None and os.geteuid() == 0 and os.stat(path).st_mode & 0o077:
         bad = "%s: smtp_password_file must be mode 0600 or 0400" % path
     if bad:
         raise SelfhealError(bad)
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), encoding="utf-8") as handle:
             return handle.read().strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise SelfhealError("%s: cannot read the SMTP password: %s" % (path, exc))
@@ -3078,9 +3139,17 @@ def spool(paths: Paths, msg: EmailMessage) -> Path:
     """Queue a message that could not be sent; flush_spool sends it later."""
     name = "%d-%s.eml" % (time.time() * 1000, os.urandom(4).hex())
     path = paths.spool / name
-    paths.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_dir(paths.spool, mode=0o700)
     atomic_write(path, msg.as_string(), mode=0o600)
     return path
+
+
+def message_text(msg: EmailMessage) -> str:
+    """The plain text of a message (what the journal gets when it can be neither sent nor queued)."""
+    try:
+        return msg.get_body(preferencelist=("plain",)).get_content()
+    except (AttributeError, KeyError, LookupError, ValueError):
+        return str(msg)
 
 
 def deliver(config: Config, paths: Paths, msg: EmailMessage) -> bool:
@@ -3095,7 +3164,8 @@ def deliver(config: Config, paths: Paths, msg: EmailMessage) -> bool:
             log.warning("queued %r behind %d older report(s) (queued as %s)", str(msg["Subject"]), left,
                         spool(paths, msg))
         except OSError as exc:
-            log.critical("could not queue %r (%s); the report is in the log", str(msg["Subject"]), exc)
+            log.critical("could not queue %r (%s); the report follows:\n%s", str(msg["Subject"]), exc,
+                         message_text(msg))
         return False
     try:
         send(config.settings, msg)
@@ -3106,8 +3176,8 @@ def deliver(config: Config, paths: Paths, msg: EmailMessage) -> bool:
         try:
             where = spool(paths, msg)
         except OSError as spool_exc:
-            log.critical("could not mail %r (%s) nor queue it (%s); the report is in the log",
-                         str(msg["Subject"]), reason, spool_exc)
+            log.critical("could not mail %r (%s) nor queue it (%s); the report follows:\n%s",
+                         str(msg["Subject"]), reason, spool_exc, message_text(msg))
             return False
         log.warning("could not mail %r: %s; queued as %s", str(msg["Subject"]), reason, where)
         return False
@@ -3137,6 +3207,10 @@ def flush_spool(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, i
         except OSError:
             return []
 
+    if paths.spool.is_symlink():
+        log.error("the mail queue %s is a symlink; selfheal neither sends nor removes what it points at "
+                  "(remove the link)", paths.spool)
+        return 0, 0
     waiting = queued()
     if not waiting:
         return 0, 0
@@ -3151,10 +3225,14 @@ def flush_spool(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, i
         parser = email.parser.BytesParser(policy=email.policy.SMTP)
         for path in waiting:
             try:
-                msg = parser.parsebytes(path.read_bytes())
+                data = path.read_bytes()
+                msg = parser.parsebytes(data)
             except OSError:
                 continue
-            if not msg["Subject"]:
+            # What spool() writes is 7-bit text with headers, a blank line and a body: a
+            # file without that is damaged (a cut-off write, a disk error), not a report.
+            if (not msg["Subject"] or re.search(rb"[^\t\r\n\x20-\x7e]", data)
+                    or not re.search(rb"\n\r?\n", data)):
                 path.rename(path.with_suffix(".bad"))
                 log.error("queued mail %s is damaged; kept as %s", path, path.with_suffix(".bad"))
                 continue
@@ -4320,7 +4398,7 @@ def status_command(args, config_path: str, paths: Paths, out=None) -> int:
         config = load_config(config_path, trusted=False)
         unknown = [name for name in only if name not in config.services]
         if unknown:
-            raise UsageError("--service %s: not in %s%s" % (unknown[0], config_path,
+            raise UsageError("--service %r: not in %s%s" % (unknown[0], config_path,
                                                            _did_you_mean(unknown[0], config.services)))
         return config
 
@@ -4533,8 +4611,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 report_broken_config(paths, exc)  # the healer is blind: say so by mail
             raise
         setup_logging(args.verbose, quiet, config.settings.syslog_ident)
-        if args.command in ("heal", "watch"):
-            keep_last_good(paths, config_path)
+        if args.command == "watch" or (args.command == "heal" and args.name in config.services):
+            keep_last_good(paths, config_path)  # (a name from the command line is checked first)
         if args.command == "heal":
             if not args.dry_run:
                 require_root("heal")
@@ -4617,22 +4695,25 @@ def cmd_test_email(config: Config) -> int:
 
 def cmd_pause(config: Config, paths: Paths, verb: str, name: str, duration: Optional[str]) -> int:
     if name not in config.services:
-        raise UsageError("%s is not listed in %s" % (name, config.path))
+        raise UsageError("%r is not listed in %s" % (name, config.path))
     until = 0.0
     if verb == "pause" and duration:
         try:
             until = time.time() + positive_duration(duration)
         except ValueError as exc:
             raise UsageError("pause: %s: %r" % (exc, duration))
-    with service_state(paths, name) as state:
-        if verb == "pause":
-            state["paused_until"] = until
-        else:
-            state.pop("paused_until", None)
-            state.pop("escalated", None)
-            state["rearmed_at"] = time.time()
-            if state.get("incident") and not state["incident"].get("closed"):
-                state["incident"]["closed"] = state["rearmed_at"]  # a human stepped in: start afresh
+    try:
+        with service_state(paths, name) as state:
+            if verb == "pause":
+                state["paused_until"] = until
+            else:
+                state.pop("paused_until", None)
+                state.pop("escalated", None)
+                state["rearmed_at"] = time.time()
+                if state.get("incident") and not state["incident"].get("closed"):
+                    state["incident"]["closed"] = state["rearmed_at"]  # a human stepped in: start afresh
+    except OSError as exc:
+        raise SelfhealError("could not %s %s: %s" % (verb, name, exc))
     if verb == "pause":
         print("%s paused %s" % (name, "until " + iso(until) if until else "until: selfheal.py resume %s" % name))
         log.info("%s paused", name)
