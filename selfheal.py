@@ -4821,7 +4821,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("flush-mail", aliases=["flush"], parents=[common],
-                       help="send reports queued because mail or the webhook failed (alias: flush)")
+                       help="send reports queued because mail or the webhook failed")
     p.add_argument("--quiet", action="store_true", help="say nothing when the queues are empty")
 
     add("test-email", help="send a test mail (and a test post to webhook_url, when set); say exactly what fails")
