@@ -253,7 +253,7 @@ def test_mail_down_queues_the_mail_while_the_webhook_posts_and_a_later_flush_pos
     assert len(posts(http_sink)) == 1
 
 
-def test_a_webhook_that_hangs_costs_the_heal_only_its_timeout_and_the_post_is_queued(bed, http_sink):
+def test_a_webhook_that_hangs_costs_a_report_only_its_timeout_and_the_post_is_queued(bed, http_sink):
     hooked(bed, http_sink, webhook_timeout="1s")
     http_sink.delay = 3
     msg = selfheal.make_message(bed.config.settings, "❌ MiracleMax: worker - FAILED", "x\n")
