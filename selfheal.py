@@ -7,6 +7,8 @@ diagnose (systemctl show, the journal of the failed run, who holds the port),
 triage the failure and repair with the configured strategies (the one that fits the
 evidence first), verify by polling against a deadline, then mail a report. A report that cannot be mailed is queued and
 delivered later by ``selfheal.py watch`` (selfheal-watch.timer) or ``flush-mail``.
+Every report also goes to ``webhook_url`` when set (json, slack or ntfy), with a queue of
+its own; a watch run that checked every service pings ``heartbeat_url`` (a dead-man's switch).
 The watch also catches what OnFailure= never sees: hung, stopped, or auto-restarted services.
 
 Python standard library only; Python 3.9+, systemd 247+.
@@ -180,6 +182,10 @@ class Paths:
     def spool(self) -> Path:
         return self.state / "spool"
 
+    @property
+    def webhook_spool(self) -> Path:
+        return self.spool / "webhook"
+
     def service_state(self, name: str) -> Path:
         return self.state / "services" / (name + ".json")
 
@@ -232,6 +238,10 @@ class Settings:
     reminder_interval: float = 86400.0  # re-send an unresolved FAILED/ESCALATED
     incident_quiet: float = 600.0  # healthy this long: the incident is over
     notify: str = "always"  # always | on-failure | never
+    heartbeat_url: str = ""  # GET after every watch run that checked every service (dead-man's switch)
+    webhook_url: str = ""  # every report is also POSTed here, queued like mail when it fails
+    webhook_format: str = "json"  # json | slack | ntfy
+    webhook_timeout: float = 5.0  # for webhook_url and heartbeat_url
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,6 +447,8 @@ IDENT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,48}$")
 SMTP_SECURITY = ("none", "starttls", "ssl")
 NOTIFY = ("always", "on-failure", "never")
 ON_STOPPED = ("heal", "report", "ignore")
+WEBHOOK_FORMATS = ("json", "slack", "ntfy")
+MAX_WEBHOOK_TIMEOUT = 60.0  # a notification must never hold up healing for long
 MIN_WATCH_INTERVAL = 5.0
 
 
@@ -599,9 +611,17 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         reminder_interval=take(s, g, "reminder_interval", positive_duration, GLOBAL_DEFAULTS["reminder_interval"]),
         incident_quiet=take(s, g, "incident_quiet", positive_duration, GLOBAL_DEFAULTS["incident_quiet"]),
         notify=take(s, g, "notify", choice(NOTIFY), GLOBAL_DEFAULTS["notify"]),
+        heartbeat_url=take(s, g, "heartbeat_url", check_url, GLOBAL_DEFAULTS["heartbeat_url"]),
+        webhook_url=take(s, g, "webhook_url", check_url, GLOBAL_DEFAULTS["webhook_url"]),
+        webhook_format=take(s, g, "webhook_format", choice(WEBHOOK_FORMATS), GLOBAL_DEFAULTS["webhook_format"]),
+        webhook_timeout=take(s, g, "webhook_timeout", check_webhook_timeout, GLOBAL_DEFAULTS["webhook_timeout"]),
     )
     if settings.smtp_user and "smtp_password_file" not in g:
         problem(line_of(s, "smtp_user"), s, "smtp_user", "needs smtp_password_file as well")
+    if "webhook_format" in g and "webhook_url" not in g:
+        problem(line_of(s, "webhook_format"), s, "webhook_format", "needs webhook_url")
+    if "webhook_timeout" in g and "webhook_url" not in g and "heartbeat_url" not in g:
+        problem(line_of(s, "webhook_timeout"), s, "webhook_timeout", "needs webhook_url or heartbeat_url")
     if check_files and settings.smtp_password_file:
         bad = secret_file_problem(settings.smtp_password_file)
         if bad:
@@ -728,6 +748,13 @@ def check_watch_interval(value: str) -> float:
     seconds = parse_duration(value)
     if seconds < MIN_WATCH_INTERVAL or seconds != int(seconds):
         raise ValueError("must be whole seconds, %d s or more" % MIN_WATCH_INTERVAL)
+    return seconds
+
+
+def check_webhook_timeout(value: str) -> float:
+    seconds = positive_duration(value)
+    if seconds > MAX_WEBHOOK_TIMEOUT:
+        raise ValueError("must be %d s or less (a notification must not hold up healing)" % MAX_WEBHOOK_TIMEOUT)
     return seconds
 
 
@@ -2388,6 +2415,8 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
     # A trigger that comes during a heal waits for it, then finds that run healthy and says
     # nothing (see heal); it is never lost, and never a second restart.
     patience = 2 * config.settings.verify_timeout + 2 * config.settings.smtp_timeout + 10
+    if config.settings.webhook_url:
+        patience += 2 * config.settings.webhook_timeout
     if not dry_run and not lock.wait(patience):
         log.warning("a heal of %s has been running for over %s; this trigger gives up", name,
                     format_duration(patience))
@@ -2814,11 +2843,21 @@ def watch(config: Config, paths: Paths) -> int:
             log.exception("watch of %s failed", svc.name)
             errors.append("%s:\n%s" % (svc.name, traceback.format_exc()))
     flush_spool(config, paths)
+    flush_webhooks(config, paths)
     summary = ", ".join("%s %s" % (name, verdict) for name, verdict in verdicts.items())
     log.debug("watch: %s", summary)
     if errors:
         report_watch_failure(config, paths, "\n".join(errors))
         return EX_FAIL
+    # The heartbeat says "every service was looked at": a run that could not ask systemd
+    # about one, or read the listening ports, stays silent, and the dead-man's switch alerts.
+    blind = [svc.name for svc in services if not units.get(svc.unit)]
+    if ports is None and any(svc.port for svc in services):
+        blind.append("ports (/proc/net/tcp unreadable)")
+    if blind:
+        log.warning("watch: could not check %s; no heartbeat this run", ", ".join(blind))
+    else:
+        ping_heartbeat(config, paths)
     return EX_OK
 
 
@@ -3153,6 +3192,19 @@ def message_text(msg: EmailMessage) -> str:
 
 
 def deliver(config: Config, paths: Paths, msg: EmailMessage) -> bool:
+    """Mail the report, then post it to webhook_url (when set); each channel sends now or
+    queues it on its own, so a failure of one never blocks or repeats the other. Returns
+    whether the mail went out now. Never raises for a notification problem."""
+    mailed = deliver_mail(config, paths, msg)
+    if config.settings.webhook_url:
+        try:
+            deliver_webhook(config, paths, report_event(config.settings, msg))
+        except Exception:  # a bug here must not cost the heal its exit status
+            log.exception("could not post %r to the webhook", str(msg["Subject"]))
+    return mailed
+
+
+def deliver_mail(config: Config, paths: Paths, msg: EmailMessage) -> bool:
     """Send now, or queue it. Never raises for a mail problem: the report is never lost.
 
     Reports queued earlier go first, so a thread arrives in order; while they cannot be
@@ -3253,6 +3305,333 @@ def flush_spool(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, i
     finally:
         lock.release()
     return sent, len(queued())
+
+
+# =============================================================================
+# Webhook and heartbeat: the HTTP channels beside mail (own queue, own lock)
+# =============================================================================
+
+WEBHOOK_VERSION = 1  # the "version" of the json format: it goes up only when a field changes meaning
+SUMMARY_CHARS = 1000  # the summary of a report posted to a webhook, at most
+RETRY_STATUSES = (408, 425, 429)  # 4xx answers that mean "not now": queued and retried
+# "ICON NAME: SERVICE - LABEL", as make_subject and the reports about selfheal itself write it.
+SUBJECT_RE = re.compile(r"^(?:(?P<icon>\S+) )?(?P<name>.*): (?P<service>[A-Za-z0-9][A-Za-z0-9_.-]*) - (?P<label>.+)$")
+NTFY_PRIORITY = {"RESOLVED": "default", "TEST": "low"}  # anything else: a human should look ("high")
+NTFY_TAGS = {"RESOLVED": "white_check_mark", "FAILED": "x", "ESCALATED": "octagonal_sign",
+             "FLAPPING": "warning", "STOPPED": "pause_button", "STILL FAILING": "alarm_clock",
+             "CONFIG BROKEN": "x", "WATCH FAILED": "x", "TEST": "test_tube"}
+
+
+class WebhookError(SelfhealError):
+    """A post the webhook did not take. permanent: the same request will never be taken
+    (a 3xx or 4xx answer other than 408/425/429); otherwise it is worth retrying."""
+
+    def __init__(self, reason: str, permanent: bool = False):
+        super().__init__(reason)
+        self.permanent = permanent
+
+
+def url_for_log(url: str) -> str:
+    """scheme://host[:port] only: the path, query and user of a webhook URL are often its secret."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return "%s://%s%s" % (parts.scheme, host, "/..." if parts.path.strip("/") or parts.query else "")
+
+
+def header_safe(text: str, limit: int = 200) -> str:
+    """Text that may go into an HTTP header: ASCII only (accents dropped, the rest removed),
+    no CR, LF or other control characters, one line of at most `limit` characters."""
+    import unicodedata
+
+    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    plain = re.sub(r"[\x00-\x1f\x7f]+", " ", plain)
+    return re.sub(r" {2,}", " ", plain).strip()[:limit]
+
+
+def report_summary(subject_text: str, body: str, limit: int = SUMMARY_CHARS) -> str:
+    """The short text of a report, for chat: of a heal report the lines before its first
+    section (a FLAPPING preface), what was detected, the root cause and the healing time or
+    why a human is needed; of any other report its text. Plain text, no links added."""
+    lines = body.splitlines()
+    lead: List[str] = []
+    sections: Dict[str, List[str]] = {}
+    current: Optional[List[str]] = None
+    i = 0
+    while i < len(lines):
+        title = lines[i].strip()
+        if (title and not lines[i].startswith(" ") and i + 1 < len(lines)
+                and lines[i + 1].strip() == "-" * len(title)):
+            current = sections.setdefault(title, [])
+            i += 2
+            continue
+        (lead if current is None else current).append(lines[i].strip())
+        i += 1
+    if "ISSUE DETECTED" in sections:
+        parts = [" ".join(line for line in lead if line and line != subject_text)]
+        wanted = (("ISSUE DETECTED", "", 0), ("ROOT CAUSE", "Root cause: ", 1), ("HEALING TIME", "Healing time: ", 1),
+                  ("WHY A HUMAN IS NEEDED", "Why a human is needed: ", 0))
+        for title, prefix, first_lines in wanted:
+            text = [line for line in sections.get(title, []) if line]
+            if text:
+                parts.append(prefix + " ".join(text[:first_lines] if first_lines else text))
+        summary = "\n".join(p for p in parts if p)
+    else:
+        summary = "\n".join(lines).strip()
+        if summary.startswith(subject_text):
+            summary = summary[len(subject_text):].strip()
+    return summary if len(summary) <= limit else summary[:limit - 3].rstrip() + "..."
+
+
+def report_event(settings: Settings, msg: EmailMessage, status: str = "") -> dict:
+    """What a webhook is told about one report (the json format, documented in the README).
+    Built from the mail, so both channels say the same; queued as it is."""
+    subject_text = str(msg["Subject"])
+    match = SUBJECT_RE.match(subject_text)
+    label = match.group("label") if match else subject_text
+    now = time.time()
+    return {
+        "version": WEBHOOK_VERSION,
+        "selfheal": VERSION,
+        "host": socket.gethostname(),
+        "name": settings.name,
+        "service": match.group("service") if match else "",
+        "status": status or label.split(" (")[0],
+        "subject": subject_text,
+        "summary": report_summary(subject_text, msg.get_content()),
+        "ts": round(now, 3),
+        "time": iso(now),
+        "thread": str(msg["In-Reply-To"] or msg["Message-ID"] or ""),
+    }
+
+
+def webhook_request(settings: Settings, event: dict) -> Tuple[bytes, Dict[str, str]]:
+    """The body and headers of the post, in webhook_format."""
+    if settings.webhook_format == "slack":
+        text = "%s\n%s" % (event["subject"], event["summary"])
+        # Slack reads <...> as links and mentions, & as an entity: escaped, the text is only text.
+        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        payload = {"text": text, "unfurl_links": False, "unfurl_media": False}
+        return json.dumps(payload).encode("ascii"), {"Content-Type": "application/json"}
+    if settings.webhook_format == "ntfy":
+        match = SUBJECT_RE.match(event["subject"])
+        title = "%s: %s - %s" % match.group("name", "service", "label") if match else event["subject"]
+        tags = [NTFY_TAGS.get(event["status"], "bell"), "selfheal"]
+        if NAME_RE.match(event.get("service", "")):
+            tags.append(event["service"])
+        headers = {"Content-Type": "text/plain; charset=utf-8", "Title": header_safe(title),
+                   "Priority": NTFY_PRIORITY.get(event["status"], "high"), "Tags": header_safe(",".join(tags))}
+        return (event["summary"] or event["subject"]).encode("utf-8"), headers
+    return json.dumps(event, sort_keys=True).encode("ascii"), {"Content-Type": "application/json"}
+
+
+def http_send(url: str, timeout: float, data: Optional[bytes] = None,
+              headers: Optional[Dict[str, str]] = None) -> Tuple[int, bytes]:
+    """One HTTP request (POST with data, else GET); redirects are not followed (a POST that
+    turns into a GET loses its report). user:password@ in the URL is sent as Basic
+    authorization. -> (status, the first 4 KiB of the answer). Raises OSError or
+    http.client.HTTPException when there is no HTTP answer."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    headers = dict(headers or {})
+    headers["User-Agent"] = "selfheal/%s" % VERSION
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is not None:
+        login = "%s:%s" % (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+        headers["Authorization"] = "Basic " + base64.b64encode(login.encode("utf-8")).decode("ascii")
+        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    request = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
+    try:
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
+            return response.status, response.read(4096)
+    except urllib.error.HTTPError as exc:
+        try:
+            answer = exc.read(4096)
+        except Exception:  # the error body is only for the log
+            answer = b""
+        exc.close()
+        return exc.code, answer
+
+
+def explain_http_error(where: str, exc: BaseException, timeout: float) -> str:
+    import ssl
+
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, BaseException):  # urllib's URLError wraps the socket's error
+        exc = reason
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve the host of %s (DNS): %s" % (where, exc.strerror or exc)
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection to %s refused" % where
+    if isinstance(exc, (socket.timeout, TimeoutError)) or "timed out" in str(exc):
+        return "no answer from %s within %s" % (where, format_duration(timeout))
+    if isinstance(exc, ssl.SSLError):
+        return "TLS with %s failed (%s)" % (where, getattr(exc, "reason", None) or exc)
+    return "%s: %s" % (where, exc or type(exc).__name__)
+
+
+def post_webhook(settings: Settings, event: dict) -> str:
+    """Post one report to webhook_url -> "HTTP 200". Raises WebhookError."""
+    import http.client
+
+    where = url_for_log(settings.webhook_url)
+    data, headers = webhook_request(settings, event)
+    try:
+        status, answer = http_send(settings.webhook_url, settings.webhook_timeout, data, headers)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise WebhookError(explain_http_error(where, exc, settings.webhook_timeout))
+    if 200 <= status < 300:
+        return "HTTP %d" % status
+    said = header_safe(answer.decode("utf-8", "replace"), 120)
+    text = "%s answered HTTP %d%s" % (where, status, ": " + said if said else "")
+    if 300 <= status < 400:
+        text += " (a redirect: set webhook_url to where it points)"
+    raise WebhookError(text, permanent=300 <= status < 500 and status not in RETRY_STATUSES)
+
+
+def queue_webhook(paths: Paths, event: dict, suffix: str = ".json") -> Path:
+    """Keep a post that could not be made; flush_webhooks makes it later (with the
+    webhook_url and webhook_format in force then)."""
+    name = "%d-%s%s" % (time.time() * 1000, os.urandom(4).hex(), suffix)
+    paths.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths.webhook_spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = paths.webhook_spool / name
+    atomic_write(path, json.dumps(event, sort_keys=True) + "\n", mode=0o600)
+    return path
+
+
+def deliver_webhook(config: Config, paths: Paths, event: dict) -> bool:
+    """Post now, or queue it; posts queued earlier go first. Never raises for a webhook
+    problem: like a mail, the post is never lost (a refused one is kept as .rejected)."""
+    settings, subject_text = config.settings, event.get("subject", "")
+    if not settings.webhook_url:
+        return False
+    _, left = flush_webhooks(config, paths, wait=5.0)
+    try:
+        if left:
+            log.warning("queued the webhook post of %r behind %d older one(s) (queued as %s)", subject_text, left,
+                        queue_webhook(paths, event))
+            return False
+        try:
+            said = post_webhook(settings, event)
+        except Exception as exc:  # whatever went wrong, the post goes to the queue
+            permanent = isinstance(exc, WebhookError) and exc.permanent
+            where = queue_webhook(paths, event, ".rejected" if permanent else ".json")
+            if permanent:
+                log.error("webhook post %r refused for good (%s); kept as %s", subject_text, exc, where)
+            else:
+                log.warning("could not post %r to the webhook: %s; queued as %s", subject_text,
+                            exc if isinstance(exc, WebhookError) else explain_http_error(
+                                url_for_log(settings.webhook_url), exc, settings.webhook_timeout), where)
+            return False
+    except OSError as exc:
+        log.critical("could not post %r to the webhook nor queue it (%s); the report is in the log", subject_text, exc)
+        return False
+    log.info("posted %r to the webhook %s (%s)", subject_text, url_for_log(settings.webhook_url), said)
+    return True
+
+
+def webhook_queue(paths: Paths) -> List[Path]:
+    try:
+        return sorted(p for p in paths.webhook_spool.glob("*.json") if p.is_file() and not p.is_symlink())
+    except OSError:
+        return []
+
+
+def flush_webhooks(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, int]:
+    """Make queued webhook posts, oldest first. Returns (posted, still queued).
+
+    Independent of the mail queue (its own directory and lock). Stops at the first post
+    that fails for now (a 5xx, 408, 425, 429 or no answer: the later ones would fail too).
+    One refused for good (another 3xx or 4xx) is set aside as .rejected, one too damaged to
+    read as .bad; both are logged and kept. Without webhook_url the queue waits.
+    """
+    waiting = webhook_queue(paths)
+    if not waiting:
+        return 0, 0
+    if not config.settings.webhook_url:
+        log.warning("%d webhook post(s) queued, but webhook_url is not set; they wait", len(waiting))
+        return 0, len(waiting)
+    lock = Lock(paths.run / "locks" / "webhook-spool.lock")
+    if not (lock.wait(wait) if wait else lock.acquire()):
+        return 0, len(waiting)  # another run is flushing
+    sent = 0
+    try:
+        for path in waiting:
+            try:
+                event = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(event, dict) or not isinstance(event.get("subject"), str) or not isinstance(
+                        event.get("summary", ""), str) or not isinstance(event.get("status", ""), str):
+                    raise ValueError("not a queued report")
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:
+                path.rename(path.with_suffix(".bad"))
+                log.error("queued webhook post %s is damaged (%s); kept as %s", path, exc, path.with_suffix(".bad"))
+                continue
+            event.setdefault("summary", "")
+            event.setdefault("status", "")
+            try:
+                post_webhook(config.settings, event)
+            except Exception as exc:  # a surprise is treated as "not now": kept, retried
+                if isinstance(exc, WebhookError) and exc.permanent:
+                    path.rename(path.with_suffix(".rejected"))
+                    log.error("queued webhook post %r refused for good (%s); kept as %s", event["subject"], exc,
+                              path.with_suffix(".rejected"))
+                    continue
+                log.warning("queued webhook post still not delivered: %s", exc)
+                break
+            path.unlink()
+            sent += 1
+            log.info("posted queued report %r to the webhook", event["subject"])
+    finally:
+        lock.release()
+    return sent, len(webhook_queue(paths))
+
+
+def ping_heartbeat(config: Config, paths: Paths) -> bool:
+    """GET heartbeat_url: this watch run looked at every service. Never raises; a failure
+    is logged when it starts, then at most hourly, and the recovery once."""
+    import http.client
+
+    settings = config.settings
+    if not settings.heartbeat_url:
+        return False
+    where = url_for_log(settings.heartbeat_url)
+    try:
+        status, _ = http_send(settings.heartbeat_url, settings.webhook_timeout)
+        problem = "" if 200 <= status < 300 else "%s answered HTTP %d" % (where, status)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        status, problem = 0, explain_http_error(where, exc, settings.webhook_timeout)
+    marker = paths.run / "heartbeat.json"
+    try:
+        before = json.loads(marker.read_text(encoding="utf-8"))
+        before = before if isinstance(before, dict) else {}
+    except (OSError, ValueError):
+        before = {}
+    now = time.time()
+    try:
+        if problem:
+            since, logged = float(before.get("failing_since") or now), float(before.get("logged") or 0.0)
+            if now - logged >= 3600:
+                log.warning("heartbeat failed: %s (failing since %s; the watch itself is fine)", problem, iso(since))
+                logged = now
+            else:
+                log.debug("heartbeat failed: %s", problem)
+            atomic_write(marker, json.dumps({"failing_since": since, "logged": logged}) + "\n")
+            return False
+        if before.get("failing_since"):
+            log.info("heartbeat to %s works again (HTTP %d)", where, status)
+            marker.unlink()
+        log.debug("heartbeat: %s answered HTTP %d", where, status)
+    except OSError as exc:
+        log.warning("heartbeat: could not keep its state in %s: %s", marker, exc)
+    return not problem
 
 
 # =============================================================================
@@ -3664,6 +4043,7 @@ class SelfhealSetup(NamedTuple):
     mail_queue: Optional[int]  # None: not known (the spool is root's)
     mail_queue_error: str = ""
     systemd_error: str = ""  # why the states are unknown
+    webhook_queue: Optional[int] = 0  # queued webhook posts; None: not known (the spool is root's)
 
     @property
     def enabled(self) -> bool:
@@ -3882,6 +4262,17 @@ def mail_queue_length(paths: Paths) -> Tuple[Optional[int], str]:
         return None, _unreadable(exc)
 
 
+def webhook_queue_length(paths: Paths) -> Optional[int]:
+    """Queued webhook posts (None without root, like the mail queue)."""
+    try:
+        with os.scandir(str(paths.webhook_spool)) as entries:
+            return sum(1 for e in entries if e.name.endswith(".json") and e.is_file(follow_symlinks=False))
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return None
+
+
 def service_status(svc: Service, unit: Dict[str, str], paths: Paths, state: dict, watch: dict,
                    ports: Optional[set], last: Optional[dict], btime: float, now: float) -> ServiceStatus:
     """One service from what systemd says (unit), its selfheal state and the watch's last look."""
@@ -3968,7 +4359,7 @@ def collect_dashboard(config: Config, paths: Paths, only: Sequence[str] = (), si
                                      else timer.get("ActiveState") or "unknown"),
         s.watch_interval, max(checks) if checks else None, len(config.services),
         sum(1 for svc in config.services.values() if svc.critical), s.email_to, s.failure_threshold,
-        s.failure_window, queue, queue_error, systemd_error)
+        s.failure_window, queue, queue_error, systemd_error, webhook_queue_length(paths))
     return Dashboard(s.name, collect_system(config, now, services, proc), rows, activity, setup, tuple(only))
 
 
@@ -4041,7 +4432,7 @@ def dashboard_json(d: Dashboard) -> dict:
             "critical": setup.critical, "email_to": list(setup.email_to),
             "failure_threshold": setup.failure_threshold, "failure_window_seconds": setup.failure_window,
             "mail_queue": setup.mail_queue, "mail_queue_error": setup.mail_queue_error,
-            "systemd_error": setup.systemd_error,
+            "webhook_queue": setup.webhook_queue, "systemd_error": setup.systemd_error,
         },
     }
 
@@ -4284,6 +4675,9 @@ def _config_lines(d: Dashboard, g: dict, color: bool) -> List[str]:
     elif setup.mail_queue:
         rows.append(("Mail queue", _paint("%d waiting" % setup.mail_queue, "yellow", color)
                      + " (sent by the next watch; now: sudo selfheal flush-mail)"))
+    if setup.webhook_queue:
+        rows.append(("Webhooks", _paint("%d waiting" % setup.webhook_queue, "yellow", color)
+                     + " (posted by the next watch; now: sudo selfheal flush-mail)"))
     rows.append(("Config", "%s %s selfheal %s" % (setup.config_path, g["dot"], VERSION)))
     label = max(text_width(r[0]) for r in rows)
     return ["   %s  %s" % (_pad(k, label), v) for k, v in rows]
@@ -4549,10 +4943,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("watch", help="look at every service once and act (what selfheal-watch.timer runs)")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
 
-    p = add("flush-mail", help="send reports that are queued because mail failed")
-    p.add_argument("--quiet", action="store_true", help="say nothing when the queue is empty")
+    p = sub.add_parser("flush-mail", aliases=["flush"], parents=[common],
+                       help="send reports queued because mail or the webhook failed")
+    p.add_argument("--quiet", action="store_true", help="say nothing when the queues are empty")
 
-    add("test-email", help="send a test mail and say exactly what fails, if anything")
+    add("test-email", help="send a test mail (and a test post to webhook_url, when set); say exactly what fails")
 
     p = add("status", help="the dashboard: system, services, last heals, activity, setup (miraclemax-status)")
     p.description = ("The dashboard: system overview, every service with its health and last heal, recent "
@@ -4625,11 +5020,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 log.exception("the watch run failed")
                 report_watch_failure(config, paths, traceback.format_exc())
                 return EX_FAIL
-        if args.command == "flush-mail":
+        if args.command in ("flush-mail", "flush"):
             sent, left = flush_spool(config, paths, wait=30.0)
-            if sent or left or not quiet:
-                print("flush-mail: %d sent, %d still queued" % (sent, left))
-            return EX_OK if not left else EX_FAIL
+            posted, waiting = flush_webhooks(config, paths, wait=30.0)
+            if sent or left or posted or waiting or not quiet:
+                webhook = "; webhook: %d sent, %d still queued" % (posted, waiting) if (
+                    config.settings.webhook_url or posted or waiting) else ""
+                print("flush-mail: %d sent, %d still queued%s" % (sent, left, webhook))
+            return EX_OK if not left and not waiting else EX_FAIL
         if args.command == "test-email":
             return cmd_test_email(config)
         if args.command in ("pause", "resume"):
@@ -4684,13 +5082,22 @@ def cmd_test_email(config: Config) -> int:
     body = ("This is a test from selfheal %s on %s.\n\nIf you can read this, reports about %s will reach you.\n"
             % (VERSION, socket.gethostname(), ", ".join(config.services)))
     msg = make_message(s, "🧪 %s: selfheal test mail" % s.name, body)
+    rc = EX_OK
     try:
         send(s, msg)
+        print("test-email: sent to %s via %s:%d (%s)" % (", ".join(s.email_to), s.smtp_host, s.smtp_port,
+                                                         s.smtp_security))
     except mail_errors() as exc:
         print("test-email: FAILED: %s" % explain_mail_error(s, exc), file=sys.stderr)
-        return EX_FAIL
-    print("test-email: sent to %s via %s:%d (%s)" % (", ".join(s.email_to), s.smtp_host, s.smtp_port, s.smtp_security))
-    return EX_OK
+        rc = EX_FAIL
+    if s.webhook_url:  # tested on its own: a broken mail setup says nothing about the webhook
+        try:
+            said = post_webhook(s, report_event(s, msg, status="TEST"))
+            print("test-email: webhook: posted to %s as %s (%s)" % (url_for_log(s.webhook_url), s.webhook_format, said))
+        except WebhookError as exc:
+            print("test-email: webhook: FAILED: %s" % exc, file=sys.stderr)
+            rc = EX_FAIL
+    return rc
 
 
 def cmd_pause(config: Config, paths: Paths, verb: str, name: str, duration: Optional[str]) -> int:

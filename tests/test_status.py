@@ -88,7 +88,7 @@ SCHEMA = {
     "config": {"path": str, "enabled": bool, "units_installed": bool, "timer": str, "watch_interval_seconds": NUM,
                "last_watch_ts": Maybe(NUM), "services_monitored": int, "critical": int, "email_to": [str],
                "failure_threshold": int, "failure_window_seconds": NUM, "mail_queue": Maybe(int),
-               "mail_queue_error": str, "systemd_error": str},
+               "mail_queue_error": str, "webhook_queue": Maybe(int), "systemd_error": str},
 }
 STATES = {"active", "reloading", "failed", "inactive", "activating", "deactivating", "paused", "unhealthy",
           "not-found", "masked", "error", "unknown"}
