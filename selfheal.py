@@ -3498,8 +3498,8 @@ def queue_webhook(paths: Paths, event: dict, suffix: str = ".json") -> Path:
     """Keep a post that could not be made; flush_webhooks makes it later (with the
     webhook_url and webhook_format in force then)."""
     name = "%d-%s%s" % (time.time() * 1000, os.urandom(4).hex(), suffix)
-    paths.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
-    paths.webhook_spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_dir(paths.spool, mode=0o700)  # never through a symlinked spool/ or webhook/
+    ensure_dir(paths.webhook_spool, mode=0o700)
     path = paths.webhook_spool / name
     atomic_write(path, json.dumps(event, sort_keys=True) + "\n", mode=0o600)
     return path

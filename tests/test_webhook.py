@@ -230,6 +230,22 @@ def test_webhook_down_queues_the_post_while_the_mail_goes_out_and_healing_comple
     assert json.loads(queued.read_text())["subject"] == "✅ MiracleMax: worker - RESOLVED"
 
 
+@pytest.mark.parametrize("linked", ["spool", "webhook_spool"])
+def test_webhook_down_with_a_symlinked_queue_dir_heals_mails_and_writes_nothing_through_the_link(
+        bed, closed_port, tmp_path, caplog, linked):
+    configure(bed, webhook_url="http://127.0.0.1:%d%s" % (closed_port, HOOK))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = getattr(bed.paths, linked)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(elsewhere)
+    bed.host.failed(WORKER)
+    assert bed.heal("worker")[0] == 0
+    assert [m["Subject"] for m in bed.sink.messages] == ["✅ MiracleMax: worker - RESOLVED"]
+    assert list(elsewhere.iterdir()) == []
+    assert "is a symlink" in caplog.text
+
+
 def test_queued_post_is_made_once_the_webhook_is_back_and_the_mail_is_not_sent_again(bed, closed_port, http_sink):
     configure(bed, webhook_url="http://127.0.0.1:%d%s" % (closed_port, HOOK))
     bed.host.failed(WORKER)
