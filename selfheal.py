@@ -3203,11 +3203,11 @@ LockPersonality=yes
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
 SystemCallErrorNumber=EPERM
-# AF_INET/AF_INET6: mail to smtp_host, health_url and webhooks; AF_UNIX: systemd and the
+# AF_INET/AF_INET6: mail to smtp_host and health_url (http/https); AF_UNIX: systemd and the
 # journal; AF_NETLINK: ss asks the kernel for the listening sockets (and glibc's resolver).
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 # Omitted on purpose:
-# PrivateNetwork=, IPAddressDeny=: smtp_host, health_url and webhooks may be anywhere.
+# PrivateNetwork=, IPAddressDeny=: smtp_host and health_url may be anywhere.
 # ProtectProc=invisible, ProcSubset=pid: it must see other users' processes (who holds the
 #   port, in which cgroup) and /proc/stat, /proc/net/tcp.
 # MemoryDenyWriteExecute=: config_check may be a JIT runtime (java, node), which it breaks.
