@@ -3655,6 +3655,54 @@ Type=oneshot
 ExecStart=@PYTHON@ -I -S -c "import sys; sys.path.insert(0, '@LIBDIR@'); import selfheal; sys.exit(selfheal.main())" heal --trigger onfailure %i
 # A heal has its own deadlines (verify_timeout, smtp_timeout); this is the last resort.
 TimeoutStartSec=10min
+
+# Hardening: the least a heal needs (systemd-analyze security selfheal@x.service). The
+# service's config_check runs inside this sandbox too; a checker that needs more (another
+# capability, a write under /etc) fails and the FAILED mail shows its output: relax that one
+# service with a drop-in /etc/systemd/system/selfheal@NAME.service.d/*.conf, not all of them.
+# Root, not User=/DynamicUser=/PrivateUsers=: systemctl restart/reset-failed go through
+# systemd's private socket, which only root may use.
+# The capabilities its repairs use, no more: CAP_KILL signals a stale process of the healed
+# service (any user's); CAP_CHOWN and CAP_FOWNER restore a declared db_owner and db_mode;
+# CAP_DAC_OVERRIDE recreates a declared symlink in a directory of the service's own user and
+# reads its env file, config files and database; CAP_SYS_PTRACE lets ss -p see which process
+# of another user holds the port (/proc/PID/fd), the proof of ownership before any signal:
+# without it such a process is never signalled and the heal escalates instead.
+CapabilityBoundingSet=CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE
+NoNewPrivileges=yes
+# Relaxed: full, not strict. /usr, /boot and /etc are read-only, but /var, /srv and /opt stay
+# writable: a declared db_path or symlink may be anywhere there (strict would need each one
+# in ReadWritePaths=). One under /etc or /usr is not repaired by a heal (its report says
+# "Read-only file system"); repair it by hand or with `selfheal heal NAME` from a root shell.
+ProtectSystem=full
+# Relaxed: read-only, not yes. config_files, env_file and a database may live in a home
+# directory and are read; a repair there is refused, like one under /etc.
+ProtectHome=read-only
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+LockPersonality=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
+# AF_INET/AF_INET6: smtp_host, health_url, webhook_url (http/https); AF_UNIX: systemd and the
+# journal; AF_NETLINK: ss asks the kernel for the listening sockets (and glibc's resolver).
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+# Omitted on purpose:
+# PrivateNetwork=, IPAddressDeny=: smtp_host, health_url and the webhook/heartbeat URLs may be anywhere.
+# ProtectProc=invisible, ProcSubset=pid: it must see other users' processes (who holds the
+#   port, in which cgroup) and /proc/stat, /proc/net/tcp.
+# MemoryDenyWriteExecute=: config_check may be a JIT runtime (java, node), which it breaks.
+# RestrictSUIDSGID=: db_mode may declare a setgid data directory (e.g. 2770).
+# UMask=0077: history and watch status are for the dashboard without root (0644); files
+#   with secrets (spool, config copies) are written 0600 whatever the umask.
 """,
     "selfheal-watch.service": """\
 # The periodic look at every service in /etc/selfheal/services.conf: hung, stopped, or
@@ -3668,6 +3716,49 @@ Documentation=file://@LIBDIR@/README.md
 Type=oneshot
 ExecStart=@PYTHON@ -I -S -c "import sys; sys.path.insert(0, '@LIBDIR@'); import selfheal; sys.exit(selfheal.main())" watch
 TimeoutStartSec=5min
+
+# Hardening: the watch looks, mails and starts selfheal@NAME.service; it repairs nothing
+# itself, so it gets less than a heal (systemd-analyze security selfheal-watch.service).
+# Root, not User=/DynamicUser=/PrivateUsers=: `systemctl start --no-block selfheal@NAME`
+# goes through systemd's private socket, which only root may use.
+# CAP_DAC_READ_SEARCH: read a service's config_files owned by its own user, to keep the copy
+# a later heal compares with. Nothing else: no signals, no chown, no writes outside its dirs.
+CapabilityBoundingSet=CAP_DAC_READ_SEARCH
+NoNewPrivileges=yes
+# Everything read-only but its own state, logs and runtime dirs (created if missing; the
+# runtime dir is kept when the watch stops: heals use it too).
+ProtectSystem=strict
+StateDirectory=selfheal
+LogsDirectory=selfheal
+RuntimeDirectory=selfheal
+RuntimeDirectoryPreserve=yes
+# Relaxed: read-only, not yes. config_files may live in a home directory.
+ProtectHome=read-only
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+# Other users' processes are none of its business (systemd 247+, kernel 5.8+; else no effect).
+ProtectProc=invisible
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
+# AF_INET/AF_INET6: mail, health_url, webhook and heartbeat; AF_UNIX: systemd, journal; AF_NETLINK:
+# glibc's resolver (and ss, should /proc/net/tcp be unreadable).
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+# Omitted on purpose:
+# PrivateNetwork=, IPAddressDeny=: smtp_host, health_url and the webhook/heartbeat URLs may be anywhere.
+# ProcSubset=pid: it reads /proc/net/tcp and /proc/stat.
+# UMask=0077: its status files are for the dashboard without root (0644).
 """,
     "selfheal-watch.timer": """\
 # Every watch_interval of services.conf (rendered at install time).

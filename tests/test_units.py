@@ -3,6 +3,7 @@ units say what the design needs (oneshot handler with a deadline, never healing 
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -129,3 +130,99 @@ def test_dropin_adds_onfailure_for_the_section_name(name, unit):
     text = selfheal.dropin_text(selfheal.Service(name=name, unit=unit), "/etc/selfheal/services.conf")
     assert text.startswith(selfheal.DROPIN_MARK)
     assert directives(text) == {"Unit": {"OnFailure": ["selfheal@%s.service" % name]}}
+
+
+# -- hardening: least privilege, every relaxed or omitted setting said why -----------------
+
+HEAL_UNIT, WATCH_UNIT = "selfheal@.service", "selfheal-watch.service"
+
+# The settings chosen for each service (systemd-analyze security), all known to systemd 247.
+HARDENING = {
+    HEAL_UNIT: {
+        "CapabilityBoundingSet": "CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE",
+        "NoNewPrivileges": "yes", "ProtectSystem": "full", "ProtectHome": "read-only", "PrivateTmp": "yes",
+        "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "ProtectClock": "yes", "ProtectHostname": "yes",
+        "RestrictNamespaces": "yes", "RestrictRealtime": "yes", "LockPersonality": "yes",
+        "SystemCallArchitectures": "native", "SystemCallFilter": "@system-service", "SystemCallErrorNumber": "EPERM",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+    },
+    WATCH_UNIT: {
+        "CapabilityBoundingSet": "CAP_DAC_READ_SEARCH",
+        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "StateDirectory": "selfheal", "LogsDirectory": "selfheal",
+        "RuntimeDirectory": "selfheal", "RuntimeDirectoryPreserve": "yes", "ProtectHome": "read-only",
+        "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "ProtectClock": "yes", "ProtectHostname": "yes",
+        "RestrictNamespaces": "yes", "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes", "ProtectProc": "invisible", "SystemCallArchitectures": "native",
+        "SystemCallFilter": "@system-service", "SystemCallErrorNumber": "EPERM",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+    },
+}
+# Set, but weaker than the strictest value: the comment right above says "Relaxed" and why.
+RELAXED = {HEAL_UNIT: ("ProtectSystem", "ProtectHome"), WATCH_UNIT: ("ProtectHome",)}
+# Left out: named in the unit's "Omitted on purpose" comment, with a reason.
+OMITTED = {
+    HEAL_UNIT: ("PrivateNetwork", "IPAddressDeny", "ProtectProc", "ProcSubset", "MemoryDenyWriteExecute",
+                "RestrictSUIDSGID", "UMask"),
+    WATCH_UNIT: ("PrivateNetwork", "IPAddressDeny", "ProcSubset", "UMask"),
+}
+
+
+def comment_above(text, key):
+    """The comment lines right above the line setting `key` (none: "")."""
+    lines = text.splitlines()
+    index = next(i for i, line in enumerate(lines) if line.startswith(key + "="))
+    above = []
+    for line in reversed(lines[:index]):
+        if not line.startswith("#"):
+            break
+        above.insert(0, line)
+    return "\n".join(above)
+
+
+@pytest.mark.parametrize("name", sorted(HARDENING))
+def test_service_unit_has_exactly_the_chosen_hardening_settings(name):
+    service = directives(selfheal.UNIT_TEMPLATES[name])["Service"]
+    for key, value in HARDENING[name].items():
+        assert service.get(key) == [value], key
+    assert not {"User", "DynamicUser", "PrivateUsers"} & set(service)  # root: systemd's private socket
+
+
+def test_watch_gets_fewer_capabilities_than_a_heal_and_none_a_heal_lacks():
+    heal = set(HARDENING[HEAL_UNIT]["CapabilityBoundingSet"].split())
+    watch = set(HARDENING[WATCH_UNIT]["CapabilityBoundingSet"].split())
+    assert len(watch) < len(heal)
+    assert not watch & {"CAP_KILL", "CAP_CHOWN", "CAP_FOWNER", "CAP_SYS_PTRACE", "CAP_SYS_ADMIN"}
+
+
+def test_watch_writable_dirs_are_selfheals_own_state_log_and_run_dirs():
+    service = directives(selfheal.UNIT_TEMPLATES[WATCH_UNIT])["Service"]
+    assert service["ProtectSystem"] == ["strict"]
+    assert "/var/lib/" + service["StateDirectory"][0] == selfheal.STATE_DIR
+    assert "/var/log/" + service["LogsDirectory"][0] == selfheal.LOG_DIR
+    assert "/run/" + service["RuntimeDirectory"][0] == selfheal.RUN_DIR
+    assert service["RuntimeDirectoryPreserve"] == ["yes"]  # heals use /run/selfheal too
+
+
+@pytest.mark.parametrize("name, key", [(n, k) for n, keys in sorted(RELAXED.items()) for k in keys])
+def test_relaxed_setting_has_a_comment_saying_relaxed_and_why(name, key):
+    comment = comment_above(selfheal.UNIT_TEMPLATES[name], key)
+    assert comment.startswith("# Relaxed: ") and len(comment) > 60, comment
+
+
+@pytest.mark.parametrize("name, key", [(n, k) for n, keys in sorted(OMITTED.items()) for k in keys])
+def test_omitted_setting_is_not_set_and_its_comment_says_why(name, key):
+    text = selfheal.UNIT_TEMPLATES[name]
+    assert key not in directives(text)["Service"]
+    omitted = text[text.index("# Omitted on purpose:"):]
+    match = re.search(r"^# (\S+=[\w ]*, )*%s=[\w ]*(, \S+=[\w ]*)*: (.+)$" % key, omitted, re.M)
+    assert match and len(match.group(3)) > 20, key
+
+
+@pytest.mark.parametrize("name", sorted(HARDENING))
+def test_every_capability_kept_is_explained_in_the_units_comments(name):
+    text = selfheal.UNIT_TEMPLATES[name]
+    comments = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    for cap in HARDENING[name]["CapabilityBoundingSet"].split():
+        assert cap + " " in comments.replace(",", " ").replace(":", " "), cap
