@@ -37,6 +37,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import syslog
@@ -73,6 +74,7 @@ JOURNALCTL = "journalctl"
 SS = "ss"
 
 COMMAND_TIMEOUT = 15.0  # seconds for any external command unless said otherwise
+MAX_CONFIG_BYTES = 1 << 20  # a services.conf larger than 1 MiB is not one
 POLL_INTERVAL = 0.05  # seconds between verification probes
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale process
 MAX_JOB_SECONDS = 600.0  # the longest a systemctl job may take (selfheal@.service allows 10 min)
@@ -952,8 +954,21 @@ def secret_file_problem(path: str) -> str:
 def load_config(path: str, trusted: bool = True) -> Config:
     """Read and validate a config file. trusted: enforce root ownership (when run as root)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        # O_NONBLOCK: a FIFO in its place must not hang the open; only a regular file of a
+        # sane size is read (not /dev/zero, not a directory).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(["%s: not a regular file" % path])
+            if st.st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(["%s: %d bytes; a services.conf is at most %d" % (path, st.st_size, MAX_CONFIG_BYTES)])
+            with os.fdopen(fd, encoding="utf-8") as handle:
+                fd = -1
+                text = handle.read(MAX_CONFIG_BYTES + 1)
+        finally:
+            if fd != -1:
+                os.close(fd)
     except FileNotFoundError:
         raise ConfigError(["%s: no such file (copy services.conf from selfheal, or pass --config)" % path])
     except (OSError, UnicodeDecodeError) as exc:
@@ -1086,8 +1101,8 @@ def read_process(pid: int, proc: Path = Path("/proc")) -> Optional[Process]:
             by_controller[controllers] = path
         # cgroup v2 ("0::/..."), else systemd's own v1 hierarchy; never a resource controller's.
         cgroup = by_controller.get("") or by_controller.get("name=systemd") or ""
-        stat = (base / "stat").read_text()
-        start_ticks = int(stat.rpartition(")")[2].split()[19])
+        proc_stat = (base / "stat").read_text()
+        start_ticks = int(proc_stat.rpartition(")")[2].split()[19])
     except (OSError, ValueError, IndexError):
         return None
     try:

@@ -158,6 +158,12 @@ def pause_row(id, setup, said):
     return Row(id, lambda h: h.main("-c", "{arg}", "pause", "worker"), 78, said, setup=setup, root=True)
 
 
+def config_fifo(h):
+    fifo = h.tmp / "fifo.conf"
+    os.mkfifo(str(fifo))
+    h.arg = str(fifo)
+
+
 def config_linked_from_a_public_directory(h):
     trusted_config()(h)
     public = h.tmp / "public"
@@ -451,6 +457,13 @@ ROWS = [
     pause_row("password-file-mode-0644", password_file(mode=0o644), "is mode 644; it must be 0600"),
     pause_row("password-file-owned-by-another-user", password_file(owner=STRANGER), "owned by uid %d" % STRANGER),
     pause_row("password-file-is-a-symlink", password_file(link=True), "is a symlink; name the file itself"),
+    # Not a config file at all: refused at once, never read forever or hung on.
+    Row("config-is-a-fifo", lambda h: h.main("validate", "{arg}"), 78, "not a regular file", setup=config_fifo),
+    Row("config-is-dev-zero", lambda h: h.main("validate", "/dev/zero"), 78, "/dev/zero: not a regular file"),
+    Row("config-is-a-directory", lambda h: h.main("validate", "{arg}"), 78, "not a regular file",
+        setup=lambda h: setattr(h, "arg", str(h.elsewhere))),
+    Row("config-over-a-mebibyte", lambda h: h.main("validate", "{arg}"), 78, "a services.conf is at most",
+        setup=lambda h: h.conf(GLOBAL + "#" * (1 << 20))),
     # Symlinks in the state, spool and log directories: never written through.
     Row("spool-dir-symlinked-elsewhere-smtp-down", lambda h: h.heal(), 0, "is a symlink",
         setup=spool_symlinked_smtp_down, then=healed_but_not_queued_through_the_link),
