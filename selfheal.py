@@ -3566,6 +3566,11 @@ def flush_webhooks(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int
     One refused for good (another 3xx or 4xx) is set aside as .rejected, one too damaged to
     read as .bad; both are logged and kept. Without webhook_url the queue waits.
     """
+    linked = next((d for d in (paths.spool, paths.webhook_spool) if d.is_symlink()), None)
+    if linked is not None:
+        log.error("the webhook queue %s is a symlink; selfheal neither posts nor removes what it points at "
+                  "(remove the link)", linked)
+        return 0, 0
     waiting = webhook_queue(paths)
     if not waiting:
         return 0, 0

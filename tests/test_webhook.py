@@ -246,6 +246,21 @@ def test_webhook_down_with_a_symlinked_queue_dir_heals_mails_and_writes_nothing_
     assert "is a symlink" in caplog.text
 
 
+@pytest.mark.parametrize("linked", ["spool", "webhook_spool"])
+def test_a_symlinked_webhook_queue_is_neither_posted_from_nor_emptied(bed, http_sink, tmp_path, caplog, linked):
+    hooked(bed, http_sink)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "webhook").mkdir(parents=True)
+    planted = (elsewhere / "webhook" if linked == "spool" else elsewhere) / "1-planted.json"
+    planted.write_text(json.dumps({"subject": "planted", "summary": "", "status": "RESOLVED"}))
+    target = getattr(bed.paths, linked)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(elsewhere)
+    assert selfheal.flush_webhooks(bed.config, bed.paths) == (0, 0)
+    assert posts(http_sink) == [] and planted.exists()
+    assert "is a symlink; selfheal neither posts nor removes" in caplog.text
+
+
 def test_queued_post_is_made_once_the_webhook_is_back_and_the_mail_is_not_sent_again(bed, closed_port, http_sink):
     configure(bed, webhook_url="http://127.0.0.1:%d%s" % (closed_port, HOOK))
     bed.host.failed(WORKER)
