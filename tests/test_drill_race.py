@@ -4,11 +4,12 @@ with reports still queued.
 Race: the service is SIGKILLed (OnFailure= starts selfheal@NAME a few ms later) and the watch
 is started at about the same moment, its start moved from 520 ms before to 240 ms after the kill over 20 rounds so
 it lands before, during and after the heal (and, started first, takes its snapshot just as
-the kill lands).  Each round must end with exactly one restart of
-the service and exactly one report.
+the kill lands).  Each round must end with exactly one restart of the service and exactly
+one report, by mail and by webhook (an HTTP sink runs as a unit inside).
 
-Reboot: with the mail server down a crash is healed and its report queued; the container is
-powered off and booted again; the first watch run after boot delivers the report.
+Reboot: with the mail server and the webhook down a crash is healed and its report queued on
+both channels; the container is powered off and booted again; the first watch run after
+boot delivers both.
 """
 
 import collections
@@ -17,7 +18,7 @@ import time
 
 import pytest
 
-from drillkit import (about, body, clear_mailbox, drill_suites, history, installed_host, mails_about,
+from drillkit import (REPO_INSIDE, about, body, clear_mailbox, drill_suites, history, installed_host, mails_about,
                       show, wait_idle, web_unit)
 
 pytestmark = pytest.mark.drill
@@ -28,10 +29,18 @@ ROUNDS = 20
 # lands) to +240 ms (it looks while, or after, the heal runs).
 OFFSETS_MS = [-520 + 40 * i for i in range(ROUNDS)]
 SPOOL = "/var/lib/selfheal/spool"
+WEBHOOK_QUEUE = SPOOL + "/webhook"
+SINK_PORT = 5090
+SINK = "/usr/local/bin/http-sink"
+SINK_LOG = "/var/log/http-sink.jsonl"
+HOOK = "/hook/race"
 
 UNITS = {
     "racer.service": web_unit(5030),
     "sleeper.service": web_unit(5031),
+    "hooksink.service": ("[Unit]\nDescription=HTTP sink of the drill (webhook)\n[Service]\n"
+                         "ExecStart=/usr/bin/python3 %s %d %s\n[Install]\nWantedBy=multi-user.target\n"
+                         % (SINK, SINK_PORT, SINK_LOG)),
 }
 
 CONFIG = """\
@@ -46,22 +55,43 @@ watch_confirm = 1
 # twenty crashes in a minute are this drill's point, not a flapping service to give up on
 failure_threshold = 100
 flap_threshold = 100
+smtp_timeout = 3s
+webhook_url = http://127.0.0.1:%d%s
+webhook_timeout = 2s
 
 [racer]
 port = 5030
 
 [sleeper]
 port = 5031
-"""
+""" % (SINK_PORT, HOOK)
 
 
 @pytest.fixture(scope="module", params=drill_suites())
 def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
-    with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("racer", "sleeper"),
-                        ports=(5030, 5031)) as box:
+    def sink(box):
+        box.run(["install", "-m", "0755", REPO_INSIDE + "/tests/http_sink.py", SINK])
+
+    with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("racer", "sleeper", "hooksink"),
+                        ports=(5030, 5031, SINK_PORT), setup=sink) as box:
         yield box
+
+
+def posts(box, service):
+    """Webhook posts the sink received about `service` (json format: one object each)."""
+    try:
+        text = box.read(SINK_LOG)
+    except FileNotFoundError:
+        return []
+    found = [json.loads(line) for line in text.splitlines() if line.strip()]
+    bodies = [json.loads(r["body"]) for r in found if r["path"] == HOOK]
+    return [b for b in bodies if b.get("service") == service]
+
+
+def queued(box, where, suffix):
+    return [f for f in box.run(["ls", where]).stdout.split() if f.endswith(suffix)]
 
 
 def starts(box, unit):
@@ -111,12 +141,16 @@ def test_onfailure_and_watch_at_the_same_moment_restart_once_and_report_once_eac
             "round %d (watch %d ms after the kill): more than one restart" % (round_no, offset)
         assert len(mails_about(host, "racer")) == round_no, \
             "round %d (watch %d ms after the kill): more than one report" % (round_no, offset)
+        wait_for(lambda: len(posts(host, "racer")) >= round_no, 10, "the webhook post")
+        assert len(posts(host, "racer")) == round_no, \
+            "round %d (watch %d ms after the kill): more than one webhook post" % (round_no, offset)
     # Quiet afterwards: a late watch run or heal adds neither a restart nor a mail.
     time.sleep(6)
     wait_idle(host, "racer")
     assert starts(host, "racer.service") == ROUNDS + 1
     mails = mails_about(host, "racer")
     assert len(mails) == ROUNDS and all("RESOLVED" in str(m["Subject"]) for m in mails)
+    assert [p["status"] for p in posts(host, "racer")] == ["RESOLVED"] * ROUNDS
     outcomes = [e["outcome"] for e in history(host, "racer")]
     # A heal the watch started after the real one finished finds nothing to do: HEALTHY,
     # no restart, no mail.  How often that happened shows the race was really run.
@@ -125,16 +159,16 @@ def test_onfailure_and_watch_at_the_same_moment_restart_once_and_report_once_eac
     assert outcomes.count("RESOLVED") == ROUNDS and set(outcomes) <= {"RESOLVED", "HEALTHY"}
 
 
-def test_report_queued_before_a_reboot_is_delivered_after_it(host):
+def test_report_queued_before_a_reboot_is_delivered_after_it_by_mail_and_webhook(host):
     clear_mailbox(host)
-    host.run(["systemctl", "stop", "postfix.service"])
+    host.run(["systemctl", "stop", "postfix.service", "hooksink.service"])
     host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "sleeper.service"])
     wait_for(lambda: bool(history(host, "sleeper")) and show(host, "sleeper.service", "ActiveState") == "active",
              30, "the heal of sleeper")
     wait_idle(host, "sleeper")
-    queued = host.run(["ls", SPOOL]).stdout.split()
-    assert [f for f in queued if f.endswith(".eml")], "nothing queued in %s: %s" % (SPOOL, queued)
-    assert not host.mails()
+    assert queued(host, SPOOL, ".eml"), "no mail queued in " + SPOOL
+    assert queued(host, WEBHOOK_QUEUE, ".json"), "no post queued in " + WEBHOOK_QUEUE
+    assert not host.mails() and not posts(host, "sleeper")
 
     host.reboot()
 
@@ -142,6 +176,8 @@ def test_report_queued_before_a_reboot_is_delivered_after_it(host):
     msg = host.wait_mail(about("sleeper", "RESOLVED"), timeout=30)[0]
     text = body(msg)
     assert "KILL" in text
-    wait_for(lambda: not [f for f in host.run(["ls", SPOOL]).stdout.split() if f.endswith(".eml")],
-             10, "the spool to empty")
-    assert len(mails_about(host, "sleeper")) == 1
+    wait_for(lambda: len(posts(host, "sleeper")) == 1, 30, "the queued webhook post")
+    wait_for(lambda: not queued(host, SPOOL, ".eml") and not queued(host, WEBHOOK_QUEUE, ".json"),
+             10, "both queues to empty")
+    assert len(mails_about(host, "sleeper")) == 1 and len(posts(host, "sleeper")) == 1
+    assert posts(host, "sleeper")[0]["status"] == "RESOLVED"
