@@ -1,6 +1,6 @@
 """Drills for the watch path (what OnFailure= never sees) on a real systemd and postfix, on
-Debian 12 (systemd 252) and Debian 13 (systemd 257): stopped, hung, restarted by systemd
-itself, flapping, paused; one incident, one mail thread."""
+every suite (systemd 247, 252, 257): stopped, hung, restarted by systemd itself, flapping,
+paused; one incident, one mail thread."""
 
 import time
 
