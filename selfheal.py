@@ -124,6 +124,11 @@ SYSTEMD_EXIT_STATUS = {
     243: ("CREDENTIALS", "its credentials could not be loaded"),
 }
 
+# OnFailure= units get the failed run's facts as MONITOR_* variables since systemd 251;
+# before that (Debian 11 has 247) diagnose() reads them from `systemctl show`.
+MONITOR_ENV_SINCE = 251
+VERSION_PROBE_TIMEOUT = 5.0  # seconds for `systemctl --version` (--version, heal -v)
+
 log = logging.getLogger("selfheal")
 
 # =============================================================================
@@ -1261,6 +1266,32 @@ def listening_ports(proc: Path = Path("/proc")) -> Optional[set]:
 def port_listening(port: int) -> bool:
     ports = listening_ports()
     return port in ports if ports is not None else bool(listeners_on(port))
+
+
+def systemd_version(timeout: float = VERSION_PROBE_TIMEOUT) -> Tuple[Optional[int], str]:
+    """This host's systemd from `systemctl --version`: (247, "systemd 247 (247.3-7+deb11u5)"),
+    or (None, why not). Never raises; it needs no running systemd."""
+    result = run([SYSTEMCTL, "--version"], timeout=timeout)
+    first = (result.out.splitlines() or [""])[0].strip()
+    match = re.match(r"systemd (\d+)\b", first)
+    if result.ok and match:
+        return int(match.group(1)), first
+    why = (result.err.strip().splitlines() or [first or "no version in its output"])[-1]
+    return None, "systemctl --version: %s" % why if not why.startswith(SYSTEMCTL) else why
+
+
+def systemd_facts(timeout: float = VERSION_PROBE_TIMEOUT) -> List[str]:
+    """What this host's systemd gives selfheal, one line each (for --version and heal -v)."""
+    version, detail = systemd_version(timeout)
+    if version is None:
+        return ["systemd: unknown (%s)" % detail,
+                "MONITOR_* on failure: unknown: failure facts come from systemctl show "
+                "unless systemd passes them"]
+    if version >= MONITOR_ENV_SINCE:
+        monitor = "yes (systemd >= %d)" % MONITOR_ENV_SINCE
+    else:
+        monitor = "no: failure facts come from systemctl show (MONITOR_* needs systemd >= %d)" % MONITOR_ENV_SINCE
+    return [detail, "MONITOR_* on failure: %s" % monitor]
 
 
 def preload() -> None:
@@ -2437,6 +2468,8 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
                     format_duration(patience))
         print("a heal of %s is already running" % name, file=out)
         return EX_OK
+    if log.isEnabledFor(logging.DEBUG):  # a process more: only when someone reads it (-v)
+        log.debug("this host: %s", "; ".join(systemd_facts()))
     try:
         # Started as selfheal@NAME.service: by OnFailure=, or by the watch, which leaves a
         # finding. (systemd sets MONITOR_* in both cases: it describes the unit whose
@@ -5017,13 +5050,31 @@ def setup_logging(verbose: bool, quiet: bool, ident: Optional[str]) -> None:
         log.addHandler(handler)
 
 
+def version_text() -> str:
+    """--version: selfheal's version, then the Python and systemd it runs with here."""
+    return "\n".join(["selfheal %s" % VERSION, "Python %d.%d.%d" % sys.version_info[:3],
+                      *systemd_facts()])
+
+
+class VersionAction(argparse.Action):
+    """--version, probing the host only when asked (argparse's own takes a fixed string)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfheal.py",
         description="Heal systemd services when they fail, and mail a report of what happened.",
         epilog="Config: %s (--config to use another). Exit status: 0 ok, 1 failure, 2 usage, "
                "78 config error." % CONFIG_PATH)
-    parser.add_argument("--version", action="version", version="selfheal %s" % VERSION)
+    parser.add_argument("--version", action=VersionAction,
+                        help="show the version and what this host's systemd provides, then exit")
     parser.add_argument("-c", "--config", default=None, help="services.conf to use (default %s)" % CONFIG_PATH)
     parser.add_argument("-v", "--verbose", action="store_true", help="say more, on stderr")
     # The same two options after the command too (miraclemax-status --config X); SUPPRESS

@@ -10,6 +10,18 @@ from bed import Container
 # The systemd versions the drills prove: Debian 11 (247, Python 3.9), 12 (252, 3.11),
 # 13 (257, 3.13).  SELFHEAL_BED_SUITES="bookworm" narrows a run while working on a drill.
 ALL_SUITES = ("bullseye", "bookworm", "trixie")
+# What each suite boots; tests/test_bed.py checks it, the drills expect behaviour by it.
+SUITE_VERSIONS = {
+    "bullseye": {"systemd": 247, "python": (3, 9)},
+    "bookworm": {"systemd": 252, "python": (3, 11)},
+    "trixie": {"systemd": 257, "python": (3, 13)},
+}
+MONITOR_ENV_SINCE = 251  # systemd passes MONITOR_* to OnFailure= units from this version on
+
+
+def passes_monitor_env(suite):
+    """True when the suite's systemd hands OnFailure= units the failed run's MONITOR_*."""
+    return SUITE_VERSIONS[suite]["systemd"] >= MONITOR_ENV_SINCE
 
 
 def drill_suites():

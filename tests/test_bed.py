@@ -1,10 +1,13 @@
-"""The drill bed itself: a booted container has a working systemd and a working postfix."""
+"""The drill bed itself: a booted container has a working systemd and a working postfix,
+and each suite boots the systemd and Python versions the drills claim to prove."""
 
+import re
 import textwrap
 
 import pytest
 
 from bed import Container, wait_until
+from drillkit import SUITE_VERSIONS, drill_suites
 
 pytestmark = pytest.mark.drill
 
@@ -33,11 +36,11 @@ WEB_UNIT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def box(bed_reason):
+@pytest.fixture(scope="module", params=drill_suites())
+def box(request, bed_reason):
     if bed_reason:
         pytest.skip(bed_reason)
-    with Container() as container:
+    with Container(suite=request.param) as container:
         yield container
 
 
@@ -50,6 +53,14 @@ def test_container_runs_systemd_as_pid1(box):
     assert box.run(["cat", "/proc/1/comm"]).stdout.strip() == "systemd"
     assert box.run(["hostname"]).stdout.strip() == "miraclemax"
     assert box.run(["systemctl", "is-system-running"], check=False).stdout.strip() == "running"
+
+
+def test_suite_boots_the_systemd_and_python_versions_it_stands_for(box):
+    want = SUITE_VERSIONS[box.suite]
+    first = box.run(["systemctl", "--version"]).stdout.splitlines()[0]
+    assert int(re.match(r"systemd (\d+)", first).group(1)) == want["systemd"], first
+    python = box.run(["python3", "-c", "import sys; print(*sys.version_info[:2])"]).stdout.split()
+    assert tuple(int(n) for n in python) == want["python"], python
 
 
 def test_mail_to_root_lands_in_root_mbox(box):

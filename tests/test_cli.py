@@ -71,6 +71,42 @@ def test_command_line_exits_with_its_status_and_says_why(command_lines, case_id,
         assert not (tmp / "root").exists()
 
 
+@pytest.mark.parametrize("version, says", [
+    (247, "MONITOR_* on failure: no: failure facts come from systemctl show"),
+    (252, "MONITOR_* on failure: yes (systemd >= 251)"),
+])
+def test_version_names_the_hosts_systemd_and_whether_it_passes_monitor_env(cli, fake_host, version, says):
+    with fake_host.edit() as state:  # the fake systemctl on PATH answers --version
+        state["systemd_version"] = version
+    done = cli("--version")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "selfheal " + selfheal.VERSION
+    assert lines[1].startswith("Python 3.")
+    assert lines[2] == "systemd %d (%d.0-fake)" % (version, version)
+    assert lines[3].startswith(says)
+
+
+@pytest.mark.parametrize("case", ["systemctl-missing", "systemctl-fails"])
+def test_version_without_a_usable_systemctl_says_unknown_and_exits_0(cli, fake_host, tmp_path, case):
+    env = dict(os.environ)
+    if case == "systemctl-missing":
+        (tmp_path / "empty-bin").mkdir()
+        env["PATH"] = str(tmp_path / "empty-bin")
+        why = "systemctl: command not found"
+    else:
+        with fake_host.edit() as state:
+            state["systemd_version"] = None
+        why = "--version fails on this pretend host"
+    done = cli("--version", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "selfheal " + selfheal.VERSION
+    assert lines[2].startswith("systemd: unknown (") and why in lines[2]
+    assert lines[3].startswith("MONITOR_* on failure: unknown")
+
+
 def test_miraclemax_status_help_exits_0(cli):
     done = cli("--help", script=STATUS_SCRIPT)
     assert done.returncode == 0

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from drillkit import (drill_suites, CLONE, REPO_INSIDE, about, body, clear_mailbox, history, http_get, installed_host,
-                      show)
+from drillkit import (drill_suites, CLONE, REPO_INSIDE, SUITE_VERSIONS, about, body, clear_mailbox, history, http_get,
+                      installed_host, passes_monitor_env, show)
 
 pytestmark = pytest.mark.drill
 
@@ -137,8 +137,24 @@ def test_sigkilled_web_service_answers_again_and_resolved_mail_tells_the_truth(h
     assert "health: http://127.0.0.1:5002/health HTTP 200" in text
     assert "from failure to verified healthy" in text
     assert "State:   active (running)" in text
+    # systemd < 251 (Debian 11) passes no MONITOR_*: the same facts come from systemctl show
+    assert ("Facts from: systemd's MONITOR_* variables and systemctl show\n" if passes_monitor_env(host.suite)
+            else "Facts from: systemctl show\n") in text
     events = history(host, "story-stages")
     assert events[-1]["outcome"] == "RESOLVED" and events[-1]["exit"] == "killed KILL"
+
+
+def test_version_and_heal_debug_log_name_this_systemd_and_where_failure_facts_come_from(host):
+    systemd = SUITE_VERSIONS[host.suite]["systemd"]
+    says = ("MONITOR_* on failure: yes (systemd >= 251)" if passes_monitor_env(host.suite)
+            else "MONITOR_* on failure: no: failure facts come from systemctl show")
+    lines = host.run(["selfheal", "--version"]).stdout.splitlines()
+    assert lines[0] == "selfheal 0.1.0"
+    assert lines[1].startswith("Python %d.%d." % SUITE_VERSIONS[host.suite]["python"])
+    assert lines[2].startswith("systemd %d (" % systemd)
+    assert lines[3].startswith(says)
+    dry = host.run(["selfheal", "-v", "heal", "story-stages", "--dry-run"])
+    assert "this host: systemd %d (" % systemd in dry.stderr and says in dry.stderr
 
 
 def test_missing_binary_gives_one_failed_mail_with_manual_steps_and_no_restart_storm(host):

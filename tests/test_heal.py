@@ -5,6 +5,7 @@ cgroup ownership) and the state it keeps (history, status, locks, pauses)."""
 import email.utils
 import errno
 import json
+import logging
 import os
 import pwd
 import re
@@ -366,6 +367,30 @@ def test_monitor_env_is_used_only_when_monitor_unit_is_this_unit(bed, monitor_un
     body = bed.sink.messages[0].get_content()
     assert ("the run systemd reported" in body) is used
     assert ("the run systemctl shows" in body) is not used
+
+
+@pytest.mark.parametrize("version, says", [(247, "no: failure facts come from systemctl show"),
+                                           (252, "yes (systemd >= 251)")])
+def test_heal_at_debug_level_logs_the_hosts_systemd_and_whether_it_passes_monitor_env(bed, caplog, version, says):
+    with bed.host.edit() as state:
+        state["systemd_version"] = version
+    bed.host.failed(WORKER)
+    caplog.set_level(logging.DEBUG, logger="selfheal")
+    rc, _ = bed.heal("worker")
+
+    assert rc == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("this host:")]
+    assert "systemd %d (" % version in line
+    assert "MONITOR_* on failure: " + says in line
+    assert "Facts from: systemctl show\n" in bed.sink.messages[0].get_content()  # no MONITOR_* given
+
+
+def test_heal_below_debug_level_never_asks_systemctl_for_its_version(bed):
+    bed.host.failed(WORKER)
+    rc, _ = bed.heal("worker")
+
+    assert rc == 0
+    assert [c for c in bed.host.calls("systemctl") if "--version" in c] == []
 
 
 def test_port_held_by_a_foreign_pid_fails_kills_nothing_and_the_report_names_the_holder(bed, monkeypatch):

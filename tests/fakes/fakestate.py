@@ -14,6 +14,7 @@ One JSON file, named by $FAKE_SYSTEMD_STATE, describes the pretend host:
      "journal": ["line", ...],                                   # what journalctl prints
      "journal_by_invocation": {"<id>": ["line", ...]},           # ... for one run
      "system_state": "running",                                  # is-system-running
+     "systemd_version": 252,                                     # systemctl --version (null: fails)
      "ss_fail": false, "ss_fail_p": false}                       # ss exits 1 (always / with -p)
 
 A template in "units" ("selfheal@.service") gives its instances ("selfheal@worker.service"):
