@@ -364,7 +364,7 @@ class Diagnosis:
 
     @property
     def systemd_restarting(self) -> bool:
-        """systemd 254+ fires OnFailure= with its own Restart= still pending."""
+        """Newer systemd (257 here; not 247 or 252) fires OnFailure= with its own Restart= still pending."""
         return self.sub_state == "auto-restart" or (
             self.active_state == "activating" and self.unit.get("Restart", "no") != "no"
             and self.result not in ("", "success")

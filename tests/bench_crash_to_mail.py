@@ -55,7 +55,7 @@ def percentile(values, fraction):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crashes", type=int, default=20)
-    parser.add_argument("--suite", default=None, help="bookworm (systemd 252) or trixie (257)")
+    parser.add_argument("--suite", default=None, help="bullseye (systemd 247), bookworm (252) or trixie (257)")
     args = parser.parse_args(argv)
     reason = skip_or_fail_reason(args.suite)
     if reason:

@@ -87,7 +87,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--sizes", default="4,50,200")
-    parser.add_argument("--suite", default=None, help="bookworm (systemd 252) or trixie (257)")
+    parser.add_argument("--suite", default=None, help="bullseye (systemd 247), bookworm (252) or trixie (257)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     reason = skip_or_fail_reason(args.suite)
