@@ -1248,6 +1248,53 @@ def port_listening(port: int) -> bool:
     return port in ports if ports is not None else bool(listeners_on(port))
 
 
+def in_unit_cgroup(process: Process, unit: str, control_group: str = "") -> bool:
+    """The process is the unit's: belongs_to_unit, or inside the ControlGroup= systemd
+    reports for the unit (which also holds when services.conf names the unit by an alias)."""
+    group = control_group.rstrip("/")
+    if group and (process.cgroup == group or process.cgroup.startswith(group + "/")):
+        return True
+    return belongs_to_unit(process, unit)
+
+
+def port_holder(port: int, unit: str, control_group: str = "",
+                listeners: Optional[Sequence[Listener]] = None) -> Tuple[Optional[bool], str]:
+    """Whose is the socket listening on port? (True, detail) when a process in the unit's
+    cgroup holds it; (False, detail naming every holder) when only other processes do;
+    (None, why) when that cannot be told (ss missing or refused, not root, holder gone).
+
+    One `ss -p` unless given its listeners; ask only when the port is known to listen.
+    """
+    if listeners is None:
+        result = run([SS, "-H", "-t", "-l", "-n", "-p"])
+        if not result.ok:
+            return None, "holder unknown: %s" % result.brief()
+        listeners = parse_ss(result.out)
+    sockets = [lst for lst in listeners if lst.port == port]
+    if not sockets:
+        return None, "holder unknown: ss shows no listener on it"
+    own: Dict[int, Process] = {}
+    others: Dict[int, Process] = {}
+    by_systemd = False
+    for lst in sockets:
+        processes = [p for p in (read_process(pid) for pid in lst.pids) if p is not None]
+        mine = [p for p in processes if in_unit_cgroup(p, unit, control_group)]
+        if mine:
+            own.update((p.pid, p) for p in mine)
+        elif 1 in lst.pids:
+            by_systemd = True  # a socket unit's socket, waiting for its service
+        else:
+            others.update((p.pid, p) for p in processes)
+    if others:
+        return False, "held by %s, not by a process of %s" % (
+            "; ".join(describe_process(p) for _, p in sorted(others.items())), unit)
+    if own:
+        return True, "pid %s of %s" % (", ".join(map(str, sorted(own))), unit)
+    if by_systemd:
+        return None, "held by systemd (socket activation)"
+    return None, "holder unknown: ss names no live process (not root?)"
+
+
 def preload() -> None:
     """Import what mailing and HTTP checks need; heal calls it while it waits anyway."""
     import email.message  # noqa: F401
@@ -1307,6 +1354,9 @@ def http_check(url: str, timeout: float, expect_status: Sequence[int] = (),
 def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
     """One look at the service: unit active, then port listening, then health URL answering.
 
+    The port counts only when a process of the unit holds it (port_holder): a stale or
+    foreign listener is not the new run, which is about to fail on bind. When the holder
+    cannot be told, listening counts, and the check's detail says so.
     Each check runs only when the one before it passed. Returns the checks and the unit's
     properties as seen.
     """
@@ -1315,7 +1365,14 @@ def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
     checks = [Check("unit", unit.get("ActiveState") == "active", state)]
     if svc.port and checks[-1].ok:
         listening = port_listening(svc.port)
-        checks.append(Check("port", listening, "%d %s" % (svc.port, "listening" if listening else "not listening")))
+        detail = "%d %s" % (svc.port, "listening" if listening else "not listening")
+        if listening:  # but by whom: a stale or foreign process makes the new run fail to bind
+            owned, who = port_holder(svc.port, svc.unit, unit.get("ControlGroup", ""))
+            if owned is False:
+                listening, detail = False, "%d %s" % (svc.port, who)
+            else:
+                detail += " (%s)" % (who if owned else who + "; counted as the service's")
+        checks.append(Check("port", listening, detail))
     if svc.health_url and all(c.ok for c in checks):
         ok, detail = http_check(svc.health_url, svc.health_timeout, svc.health_expect_status,
                                 svc.health_expect_text)
@@ -2704,9 +2761,24 @@ def health_checks(services: Sequence[Service]) -> Dict[str, Tuple[bool, str]]:
     return {name: future.result() for name, future in futures.items()}
 
 
+def port_holders(services: Sequence[Service], units: Dict[str, Dict[str, str]]
+                 ) -> Dict[str, Tuple[Optional[bool], str]]:
+    """port_holder for each service whose port listens, from one `ss -p` for them all."""
+    if not services:
+        return {}
+    result = run([SS, "-H", "-t", "-l", "-n", "-p"])
+    if not result.ok:
+        return {svc.name: (None, "holder unknown: %s" % result.brief()) for svc in services}
+    listeners = parse_ss(result.out)
+    return {svc.name: port_holder(svc.port, svc.unit, units.get(svc.unit, {}).get("ControlGroup", ""),
+                                  listeners) for svc in services}
+
+
 def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
-           health: Optional[Tuple[bool, str]], baseline: Optional[int]) -> Tuple[str, str]:
-    """What the watch makes of one service: (verdict, detail).
+           health: Optional[Tuple[bool, str]], baseline: Optional[int],
+           holder: Optional[Tuple[Optional[bool], str]] = None) -> Tuple[str, str]:
+    """What the watch makes of one service: (verdict, detail). holder is port_holder's
+    answer for its listening port: a port held only by others' processes is unhealthy.
 
     ok | restarted (systemd's Restart= repaired a crash since the last look) | unhealthy |
     stopped | failed | transient (starting or stopping: look again next time) | missing.
@@ -2718,6 +2790,8 @@ def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
     if active == "active":
         if svc.port and ports is not None and svc.port not in ports:
             return "unhealthy", "port %d not listening while the unit is %s" % (svc.port, state)
+        if holder is not None and holder[0] is False:
+            return "unhealthy", "port %d %s while the unit is %s" % (svc.port, holder[1], state)
         if health is not None and not health[0]:
             where = "port %d open but " % svc.port if svc.port else ""
             return "unhealthy", "%sGET %s: %s" % (where, svc.health_url, health[1])
@@ -2757,7 +2831,8 @@ def start_heal(paths: Paths, name: str, finding: Finding) -> None:
 
 
 def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, str],
-                  ports: Optional[set], health: Optional[Tuple[bool, str]], now: float) -> str:
+                  ports: Optional[set], health: Optional[Tuple[bool, str]], now: float,
+                  holder: Optional[Tuple[Optional[bool], str]] = None) -> str:
     """One service, one watch run. Returns the verdict (for the summary).
 
     Holds the service's heal lock while it decides, so it never decides on a heal's
@@ -2784,7 +2859,7 @@ def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
                          nrestarts=nrestarts if nrestarts is not None else baseline)
             save_watch_state(paths, svc.name, state)
             return "paused"
-        verdict, detail = assess(svc, unit, ports, health, baseline)
+        verdict, detail = assess(svc, unit, ports, health, baseline, holder)
         # The restart count moves on only when it was seen healthy or reported: a look that
         # lands while systemd's new run is still starting does not swallow the crash.
         if nrestarts is not None and (baseline is None or verdict in ("ok", "restarted", "missing")):
@@ -2833,12 +2908,13 @@ def watch(config: Config, paths: Paths) -> int:
     ports = listening_ports()
     active = [svc for svc in services if units.get(svc.unit, {}).get("ActiveState") == "active"
               and (not svc.port or ports is None or svc.port in ports)]
-    health = health_checks(active)
+    holders = port_holders([svc for svc in active if svc.port and ports is not None], units)
+    health = health_checks([svc for svc in active if holders.get(svc.name, (None,))[0] is not False])
     verdicts, errors = {}, []
     for svc in services:
         try:
             verdicts[svc.name] = watch_service(config, paths, svc, units.get(svc.unit, {}), ports,
-                                               health.get(svc.name), now)
+                                               health.get(svc.name), now, holders.get(svc.name))
         except Exception:  # one broken service must not blind the watch to the others
             log.exception("watch of %s failed", svc.name)
             errors.append("%s:\n%s" % (svc.name, traceback.format_exc()))
