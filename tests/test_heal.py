@@ -385,6 +385,136 @@ def test_port_held_by_a_foreign_pid_fails_kills_nothing_and_the_report_names_the
     assert [e["outcome"] for e in bed.history("story-stages")] == ["FAILED"]
 
 
+# --- verification judges the port by its holder -------------------------------------
+
+STORY_SVC = selfheal.Service(name="story-stages", unit=STORY, port=5002)
+OTHER_APP = "/system.slice/other-app.service"
+HTTP_SERVER = "/usr/bin/python3 -m http.server 5002"
+
+
+def test_probe_counts_the_port_when_a_process_in_the_units_cgroup_holds_it(fake_host):
+    fake_host.unit(STORY, ActiveState="active", SubState="running")
+    fake_host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service")
+    checks, _ = selfheal.probe(STORY_SVC)
+    assert checks[-1] == selfheal.Check("port", True, "5002 listening (pid 5555 of story-stages.service)")
+
+
+def test_probe_counts_a_holder_in_the_control_group_systemd_reports_for_an_alias(fake_host):
+    # services.conf names an alias: the cgroup is named after the real unit, ControlGroup= says which
+    fake_host.unit("books.service", ActiveState="active", ControlGroup="/system.slice/story-stages.service")
+    fake_host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service/worker")
+    checks, _ = selfheal.probe(selfheal.Service(name="books", unit="books.service", port=5002))
+    assert checks[-1].ok and "pid 5555" in checks[-1].detail
+
+
+def test_probe_port_held_by_another_units_process_is_not_up_and_names_pid_command_and_cgroup(fake_host):
+    fake_host.unit(STORY, ActiveState="active", SubState="running", ControlGroup="/system.slice/story-stages.service")
+    fake_host.listen(5002, pid=4242, cgroup=OTHER_APP, cmdline=HTTP_SERVER)
+    checks, _ = selfheal.probe(STORY_SVC)
+    port = checks[-1]
+    assert (port.name, port.ok) == ("port", False)
+    assert port.detail.startswith("5002 held by pid 4242 (user root, cgroup %s" % OTHER_APP)
+    assert HTTP_SERVER in port.detail and port.detail.endswith("not by a process of story-stages.service")
+
+
+def test_probe_socket_of_the_unit_and_another_of_a_foreign_process_on_the_same_port_is_not_up(fake_host):
+    fake_host.unit(STORY, ActiveState="active")
+    fake_host.listen(5002, pid=5555, address="[::]", cgroup="/system.slice/story-stages.service")
+    fake_host.listen(5002, pid=4242, cgroup=OTHER_APP, cmdline=HTTP_SERVER)  # takes the IPv4 clients
+    checks, _ = selfheal.probe(STORY_SVC)
+    assert not checks[-1].ok and "pid 4242" in checks[-1].detail and "pid 5555" not in checks[-1].detail
+
+
+def _ss_missing(host, monkeypatch):
+    monkeypatch.setattr(selfheal, "SS", "selfheal-no-such-ss")
+
+
+def _ss_p_refused(host, monkeypatch):
+    with host.edit() as state:
+        state["ss_fail_p"] = True
+
+
+def _holder_gone(host, monkeypatch):
+    with host.edit() as state:
+        del state["listeners"][0]["cgroup"]  # its /proc entry is gone or unreadable
+
+
+def _no_process_column(host, monkeypatch):
+    with host.edit() as state:
+        del state["listeners"][0]["pid"]  # ss -p run without the right to see it
+
+
+def _socket_unit(host, monkeypatch):
+    with host.edit() as state:
+        state["listeners"][0].update(pid=1, cgroup="/init.scope", cmdline="/sbin/init")
+
+
+@pytest.mark.parametrize("blind, note", [
+    (_ss_missing, "holder unknown: selfheal-no-such-ss: command not found"),
+    (_ss_p_refused, "holder unknown: ss (fake): failed"),
+    (_holder_gone, "holder unknown: ss names no live process (not root?)"),
+    (_no_process_column, "holder unknown: ss names no live process (not root?)"),
+    (_socket_unit, "held by systemd (socket activation)"),
+], ids=["ss-missing", "ss-p-refused", "holder-gone", "no-process-column", "socket-unit"])
+def test_probe_port_whose_holder_cannot_be_told_counts_as_listening_and_says_so(fake_host, monkeypatch, blind, note):
+    fake_host.unit(STORY, ActiveState="active")
+    fake_host.listen(5002, pid=4242, cgroup=OTHER_APP)
+    blind(fake_host, monkeypatch)
+    checks, _ = selfheal.probe(STORY_SVC)
+    assert checks[-1] == selfheal.Check("port", True, "5002 listening (%s; counted as the service's)" % note)
+
+
+def test_probe_asks_ss_only_when_the_port_listens_and_then_once(fake_host):
+    fake_host.unit(STORY, ActiveState="active")
+    checks, _ = selfheal.probe(STORY_SVC)
+    assert checks[-1] == selfheal.Check("port", False, "5002 not listening")
+    assert fake_host.calls("ss") == []
+    fake_host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service")
+    selfheal.probe(STORY_SVC)
+    assert len(fake_host.calls("ss")) == 1
+
+
+def only_restart(bed, write_conf, strategies="service_restart"):
+    """The heal config, story-stages with other strategies (and a short verify_timeout)."""
+    conf = open(bed.config_path, encoding="utf-8").read()
+    conf = conf.replace("strategies = port_conflict, service_restart", "strategies = " + strategies)
+    conf = conf.replace("verify_timeout = 3s", "verify_timeout = 1s")
+    bed.config = selfheal.load_config(write_conf(conf, "restart-only.conf"), trusted=False)
+
+
+def test_restart_while_a_foreign_process_holds_the_port_is_failed_not_resolved_and_names_the_holder(
+        bed, write_conf, section):
+    only_restart(bed, write_conf)
+    # the restarted run cannot bind (it opens no listener): the stale one of another unit stays
+    bed.host.failed(STORY, result="exit-code", code="1", status="1")
+    bed.host.listen(5002, pid=4242, cgroup=OTHER_APP, cmdline=HTTP_SERVER)
+    rc, _ = bed.heal("story-stages")
+
+    assert rc == 1
+    assert bed.host.actions() == [["systemctl", "restart", "--", STORY]]
+    assert [e["outcome"] for e in bed.history("story-stages")] == ["FAILED"]
+    (msg,) = bed.sink.messages
+    assert msg["Subject"] == "\u274c MiracleMax: story-stages - FAILED"
+    body = msg.get_content()
+    assert "5002 held by pid 4242" in body and OTHER_APP in body and HTTP_SERVER in body
+    assert bed.host.load()["listeners"][0]["pid"] == 4242  # nothing freed it
+
+
+def test_restart_that_fails_verification_on_a_foreign_holder_leaves_port_conflict_its_turn(bed, write_conf, monkeypatch):
+    procs = FakeProcesses(monkeypatch, bed.host)
+    only_restart(bed, write_conf, "service_restart, port_conflict")
+    bed.host.failed(STORY, result="exit-code", code="1", status="1")
+    procs.add(4242, OTHER_APP, HTTP_SERVER, port=5002)
+    rc, _ = bed.heal("story-stages")
+
+    assert rc == 1
+    assert bed.host.actions() == [["systemctl", "restart", "--", STORY]]  # then port_conflict refused
+    assert procs.kills == []
+    (event,) = bed.history("story-stages")
+    assert (event["outcome"], event["strategy"]) == ("FAILED", "port_conflict")
+    assert "selfheal only stops processes of %s" % STORY in bed.sink.messages[0].get_content()
+
+
 def test_stale_pid_of_the_unit_itself_gets_sigterm_and_then_the_unit_is_restarted(bed, monkeypatch):
     procs = FakeProcesses(monkeypatch, bed.host)
     bed.host.failed(STORY, result="exit-code", code="1", status="1", listen={"port": 5002, "pid": 5555})
