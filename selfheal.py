@@ -1388,14 +1388,19 @@ def verify(svc: Service, timeout: float, clock=time.monotonic, sleep=time.sleep)
     """
     start = clock()
     preloaded = False
+    taken: Optional[Check] = None  # the port held by another process, as seen while it was up
     while True:
         checks, unit = probe(svc)
         elapsed = clock() - start
         if all(c.ok for c in checks):
             return Verification(True, elapsed, checks, unit)
+        taken = next((c for c in checks if c.name == "port" and not c.ok
+                      and c.detail != "%d not listening" % svc.port), taken)
         state = unit.get("ActiveState", "")
         given_up = state == "failed" or (state == "inactive" and elapsed > 1.0)
         if given_up or elapsed >= timeout:
+            if taken and not any(c.name == "port" for c in checks):  # it failed on bind, most likely
+                checks += (Check("port", False, taken.detail + " (while the unit was up)"),)
             return Verification(False, elapsed, checks, unit)
         if not preloaded:  # the service is starting: a good moment for the slow imports
             preloaded = True
