@@ -1248,6 +1248,49 @@ def port_listening(port: int) -> bool:
     return port in ports if ports is not None else bool(listeners_on(port))
 
 
+def listen_inodes(port: int, proc: Path = Path("/proc")) -> Optional[set]:
+    """Inodes of the TCP sockets listening on port, from /proc/net/tcp and tcp6; None when unreadable."""
+    inodes = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            text = (proc / "net" / name).read_text()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        for line in text.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and fields[1].endswith(":%04X" % port):
+                inodes.add(fields[9])
+    return inodes
+
+
+def main_holds_port(inodes: set, main_pid: int, unit: str, control_group: str = "",
+                    proc: Path = Path("/proc")) -> Optional[Process]:
+    """The unit's main process when it holds every listening socket in inodes (listen_inodes
+    of the port), else None.
+
+    The usual answer after a good restart, read from /proc alone (no ss): the crash-to-mail
+    path stays as fast as before. Anything else is for port_holder to find out.
+    """
+    if not inodes or main_pid <= 1:
+        return None
+    wanted = {"socket:[%s]" % inode for inode in inodes}
+    try:
+        with os.scandir(proc / str(main_pid) / "fd") as fds:
+            for fd in fds:
+                try:
+                    wanted.discard(os.readlink(fd.path))
+                except OSError:
+                    continue
+                if not wanted:
+                    break
+    except OSError:
+        return None
+    process = read_process(main_pid, proc) if not wanted else None
+    return process if process is not None and in_unit_cgroup(process, unit, control_group) else None
+
+
 def in_unit_cgroup(process: Process, unit: str, control_group: str = "") -> bool:
     """The process is the unit's: belongs_to_unit, or inside the ControlGroup= systemd
     reports for the unit (which also holds when services.conf names the unit by an alias)."""
@@ -1364,9 +1407,14 @@ def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
     state = "%s (%s)" % (unit.get("ActiveState", "unknown"), unit.get("SubState", "unknown"))
     checks = [Check("unit", unit.get("ActiveState") == "active", state)]
     if svc.port and checks[-1].ok:
-        listening = port_listening(svc.port)
+        inodes = listen_inodes(svc.port)
+        listening = bool(inodes) if inodes is not None else bool(listeners_on(svc.port))
         detail = "%d %s" % (svc.port, "listening" if listening else "not listening")
-        if listening:  # but by whom: a stale or foreign process makes the new run fail to bind
+        main = main_holds_port(inodes, int(unit.get("MainPID") or 0), svc.unit, unit.get("ControlGroup", "")) \
+            if inodes else None
+        if main is not None:
+            detail += " (pid %d of %s)" % (main.pid, svc.unit)
+        elif listening:  # but by whom: a stale or foreign process makes the new run fail to bind
             owned, who = port_holder(svc.port, svc.unit, unit.get("ControlGroup", ""))
             if owned is False:
                 listening, detail = False, "%d %s" % (svc.port, who)

@@ -310,6 +310,10 @@ def fake_host(tmp_path, monkeypatch, quiet_selfheal, python_dir):
         real_listening_ports = selfheal.listening_ports
         monkeypatch.setattr(selfheal, "listening_ports",
                             lambda proc=None: real_listening_ports(host.write_proc_net()))
+    if hasattr(selfheal, "listen_inodes"):  # the same, for the sockets on one port
+        real_listen_inodes = selfheal.listen_inodes
+        monkeypatch.setattr(selfheal, "listen_inodes",
+                            lambda port, proc=None: real_listen_inodes(port, host.write_proc_net()))
     monkeypatch.setattr(selfheal, "read_process", host.fake_read_process(selfheal.read_process))
     return host
 

@@ -2,6 +2,7 @@
 repair, verify, record, mail. Also the probes healing relies on (systemctl show, ss, /proc,
 cgroup ownership) and the state it keeps (history, status, locks, pauses)."""
 
+import dataclasses
 import email.utils
 import errno
 import json
@@ -9,6 +10,7 @@ import os
 import pwd
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -423,6 +425,60 @@ def test_probe_socket_of_the_unit_and_another_of_a_foreign_process_on_the_same_p
     fake_host.listen(5002, pid=4242, cgroup=OTHER_APP, cmdline=HTTP_SERVER)  # takes the IPv4 clients
     checks, _ = selfheal.probe(STORY_SVC)
     assert not checks[-1].ok and "pid 4242" in checks[-1].detail and "pid 5555" not in checks[-1].detail
+
+
+REAL_LISTEN_INODES = selfheal.listen_inodes  # fake_host points it at the fake host's /proc/net
+
+
+def test_listen_inodes_are_those_of_listen_sockets_on_the_port_in_tcp_and_tcp6(tmp_path):
+    (tmp_path / "net").mkdir()
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    rest = " 00000000:00000000 00:00000000 00000000     0        0 %d 1 0000000000000000 100 0 0 10 0\n"
+    (tmp_path / "net" / "tcp").write_text(
+        header + "   0: 00000000:138A 00000000:0000 0A" + rest % 111      # 0.0.0.0:5002 LISTEN
+        + "   1: 0100007F:138A 0100007F:C350 01" + rest % 222              # a connection to it
+        + "   2: 00000000:138B 00000000:0000 0A" + rest % 333)             # :5003
+    (tmp_path / "net" / "tcp6").write_text(header + "   0: %s:138A %s:0000 0A" % ("0" * 32, "0" * 32) + rest % 444)
+    assert selfheal.listen_inodes(5002, tmp_path) == {"111", "444"}
+    assert selfheal.listen_inodes(5004, tmp_path) == set()
+
+
+@pytest.fixture
+def own_listener(monkeypatch):
+    """A real socket listening in this very process -> its port. read_process places every
+    real process in story-stages.service's cgroup (the host's own may be anything, even /)."""
+    real = selfheal.read_process
+
+    def in_story(pid, proc=None):
+        process = real(pid)
+        return dataclasses.replace(process, cgroup="/system.slice/" + STORY) if process else None
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        monkeypatch.setattr(selfheal, "read_process", in_story)
+        yield sock.getsockname()[1]
+
+
+def test_main_process_holding_the_port_is_proven_from_proc_alone(own_listener):
+    inodes = selfheal.listen_inodes(own_listener)
+    assert len(inodes) == 1
+    held = selfheal.main_holds_port(inodes, os.getpid(), STORY)
+    assert held is not None and held.pid == os.getpid()
+    assert selfheal.main_holds_port(inodes, os.getpid(), WORKER) is None  # not that unit's cgroup
+    with subprocess.Popen(["sleep", "30"]) as child:  # a process that does not hold it
+        try:
+            assert selfheal.main_holds_port(inodes, child.pid, STORY) is None
+        finally:
+            child.kill()
+
+
+def test_probe_of_a_port_its_main_process_holds_asks_no_ss(fake_host, monkeypatch, own_listener):
+    monkeypatch.setattr(selfheal, "listen_inodes", REAL_LISTEN_INODES)
+    fake_host.unit(STORY, ActiveState="active", MainPID=os.getpid())
+    checks, _ = selfheal.probe(selfheal.Service(name="story-stages", unit=STORY, port=own_listener))
+    assert checks[-1] == selfheal.Check("port", True, "%d listening (pid %d of %s)" % (own_listener, os.getpid(), STORY))
+    assert fake_host.calls("ss") == []
 
 
 def _ss_missing(host, monkeypatch):
