@@ -102,6 +102,7 @@ UNIT_PROPERTIES = (
     "ExecMainExitTimestampMonotonic", "InactiveEnterTimestampMonotonic",
     "StateChangeTimestampMonotonic", "FragmentPath", "User", "Description", "Names",
     "TimeoutStartUSec", "TimeoutStopUSec", "Environment", "EnvironmentFiles", "ActiveEnterTimestampMonotonic",
+    "InactiveExitTimestampMonotonic",
 )
 
 # systemd's own exit statuses for a process that never got to run its code
@@ -324,6 +325,7 @@ class Process:
     cmdline: str
     cgroup: str
     age_seconds: Optional[float] = None
+    started: Optional[float] = None  # seconds after boot (CLOCK_BOOTTIME, never behind CLOCK_MONOTONIC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1098,7 +1100,7 @@ def read_process(pid: int, proc: Path = Path("/proc")) -> Optional[Process]:
     btime = boot_time()
     if btime:
         age = max(0.0, time.time() - (btime + start_ticks / os.sysconf("SC_CLK_TCK")))
-    return Process(pid, user, cmdline, cgroup, age)
+    return Process(pid, user, cmdline, cgroup, age, start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def belongs_to_unit(process: Process, unit: str) -> bool:
@@ -1300,11 +1302,21 @@ def in_unit_cgroup(process: Process, unit: str, control_group: str = "") -> bool
     return belongs_to_unit(process, unit)
 
 
+def leftover(process: Process, since: Optional[float]) -> bool:
+    """Started before the unit's current run began (since: its InactiveExitTimestampMonotonic,
+    in seconds): a leftover of an earlier run (KillMode=process), not the run being verified.
+    CLOCK_BOOTTIME is never behind CLOCK_MONOTONIC, so a suspended host never makes a new
+    process look old; 0.1 s covers the clock ticks /proc counts in."""
+    return since is not None and process.started is not None and process.started < since - 0.1
+
+
 def port_holder(port: int, unit: str, control_group: str = "",
-                listeners: Optional[Sequence[Listener]] = None) -> Tuple[Optional[bool], str]:
+                listeners: Optional[Sequence[Listener]] = None,
+                since: Optional[float] = None) -> Tuple[Optional[bool], str]:
     """Whose is the socket listening on port? (True, detail) when a process in the unit's
-    cgroup holds it; (False, detail naming every holder) when only other processes do;
-    (None, why) when that cannot be told (ss missing or refused, not root, holder gone).
+    cgroup holds it; (False, detail naming every holder) when only other processes, or only
+    leftovers of the unit's earlier runs (started before since), do; (None, why) when that
+    cannot be told (ss missing or refused, not root, holder gone).
 
     One `ss -p` unless given its listeners; ask only when the port is known to listen.
     """
@@ -1318,19 +1330,29 @@ def port_holder(port: int, unit: str, control_group: str = "",
         return None, "holder unknown: ss shows no listener on it"
     own: Dict[int, Process] = {}
     others: Dict[int, Process] = {}
+    stale: Dict[int, Process] = {}
     by_systemd = False
     for lst in sockets:
         processes = [p for p in (read_process(pid) for pid in lst.pids) if p is not None]
         mine = [p for p in processes if in_unit_cgroup(p, unit, control_group)]
-        if mine:
-            own.update((p.pid, p) for p in mine)
+        current = [p for p in mine if not leftover(p, since)]
+        if current:
+            own.update((p.pid, p) for p in current)
+        elif mine:
+            stale.update((p.pid, p) for p in mine)
         elif 1 in lst.pids:
             by_systemd = True  # a socket unit's socket, waiting for its service
         else:
             others.update((p.pid, p) for p in processes)
-    if others:
-        return False, "held by %s, not by a process of %s" % (
-            "; ".join(describe_process(p) for _, p in sorted(others.items())), unit)
+    if others or stale:
+        said = []
+        if others:
+            said.append("%s, not by a process of %s" % (
+                "; ".join(describe_process(p) for _, p in sorted(others.items())), unit))
+        if stale:
+            said.append("%s, a leftover of an earlier run of %s" % (
+                "; ".join(describe_process(p) for _, p in sorted(stale.items())), unit))
+        return False, "held by " + "; and by ".join(said)
     if own:
         return True, "pid %s of %s" % (", ".join(map(str, sorted(own))), unit)
     if by_systemd:
@@ -1415,7 +1437,8 @@ def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
         if main is not None:
             detail += " (pid %d of %s)" % (main.pid, svc.unit)
         elif listening:  # but by whom: a stale or foreign process makes the new run fail to bind
-            owned, who = port_holder(svc.port, svc.unit, unit.get("ControlGroup", ""))
+            owned, who = port_holder(svc.port, svc.unit, unit.get("ControlGroup", ""),
+                                     since=parse_usec_timestamp(unit.get("InactiveExitTimestampMonotonic", "")))
             if owned is False:
                 listening, detail = False, "%d %s" % (svc.port, who)
             else:
@@ -2823,8 +2846,9 @@ def port_holders(services: Sequence[Service], units: Dict[str, Dict[str, str]]
     if not result.ok:
         return {svc.name: (None, "holder unknown: %s" % result.brief()) for svc in services}
     listeners = parse_ss(result.out)
-    return {svc.name: port_holder(svc.port, svc.unit, units.get(svc.unit, {}).get("ControlGroup", ""),
-                                  listeners) for svc in services}
+    return {svc.name: port_holder(svc.port, svc.unit, units.get(svc.unit, {}).get("ControlGroup", ""), listeners,
+                                  parse_usec_timestamp(units.get(svc.unit, {}).get("InactiveExitTimestampMonotonic", "")))
+            for svc in services}
 
 
 def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],

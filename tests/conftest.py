@@ -164,8 +164,9 @@ class FakeHost:
         options = {k: v for k, v in kw.items() if not k[:1].isupper()}
         self.unit(name, **options, **props)
 
-    def listen(self, port, pid=None, comm="python3", address="0.0.0.0", cgroup=None, cmdline=None):
-        """A listener; with a cgroup, its pid is a pretend process there (fake_read_process)."""
+    def listen(self, port, pid=None, comm="python3", address="0.0.0.0", cgroup=None, cmdline=None, started=None):
+        """A listener; with a cgroup, its pid is a pretend process there (fake_read_process),
+        started at `started` (seconds after boot, as time.monotonic() counts) if given."""
         with self.edit() as state:
             entry = {"port": port, "address": address, "comm": comm}
             if pid:
@@ -174,6 +175,8 @@ class FakeHost:
                 entry["cgroup"] = cgroup
             if cmdline:
                 entry["cmdline"] = cmdline
+            if started is not None:
+                entry["started"] = started
             state["listeners"].append(entry)
 
     def journal(self, lines, invocation=None):
@@ -216,7 +219,8 @@ class FakeHost:
                     if not lst.get("cgroup"):
                         return None
                     return selfheal.Process(pid, lst.get("user", "root"),
-                                            lst.get("cmdline", lst.get("comm", "python3")), lst["cgroup"], 60.0)
+                                            lst.get("cmdline", lst.get("comm", "python3")), lst["cgroup"], 60.0,
+                                            lst.get("started"))
             return real(pid) if proc is None else real(pid, proc)
         return read_process
 

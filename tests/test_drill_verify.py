@@ -22,6 +22,16 @@ Description=stand-in whose port another unit takes
 [Service]
 ExecStart=/usr/bin/python3 /usr/local/bin/standin 5006
 """,
+    # KillMode=process: when the main process dies its forked child keeps the port.
+    "leftover.service": """\
+[Unit]
+Description=stand-in whose child outlives it and keeps the port
+[Service]
+ExecStart=/usr/bin/python3 /usr/local/bin/standin 5008 --fork-child
+KillMode=process
+[Install]
+WantedBy=multi-user.target
+""",
     "mine.service": """\
 [Unit]
 Description=stand-in that keeps its own port
@@ -47,6 +57,10 @@ health_url = http://127.0.0.1:5006/health
 # started (and broken) by a drill on purpose: the watch must not start it first
 on_stopped = ignore
 
+[leftover]
+port = 5008
+strategies = service_restart
+
 [mine]
 port = 5007
 strategies = service_restart
@@ -58,7 +72,8 @@ health_url = http://127.0.0.1:5007/health
 def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
-    with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("mine",), ports=(5007,)) as box:
+    with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("mine", "leftover"),
+                        ports=(5007, 5008)) as box:
         yield box
 
 
@@ -85,6 +100,24 @@ def test_restart_whose_port_another_unit_holds_is_failed_not_resolved_and_the_ho
         assert http_get(host, 5006) == "200"  # still the squatter answering
     finally:
         host.run(["systemctl", "stop", "squatter"], check=False)
+
+
+def test_restart_while_a_leftover_child_of_the_service_holds_its_port_is_failed_naming_it(host):
+    clear_mailbox(host)
+    main_pid = show(host, "leftover", "MainPID")
+    [child] = [p for p in host.run(["pgrep", "-f", "standin 5008 --fork-child"]).stdout.split() if p != main_pid]
+    try:
+        host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "leftover"])
+        [mail] = host.wait_mail(about("leftover", "FAILED"), timeout=30)
+        wait_idle(host, "leftover")
+        text = body(mail)
+        assert "port: 5008 held by pid %s (user root, cgroup /system.slice/leftover.service" % child in text
+        assert "a leftover of an earlier run of leftover.service" in text
+        subjects = [str(m["Subject"]) for m in mails_about(host, "leftover")]
+        assert not [s for s in subjects if "RESOLVED" in s], subjects
+        assert host.run(["test", "-d", "/proc/" + child], check=False).returncode == 0  # no port_conflict: untouched
+    finally:
+        host.run(["systemctl", "kill", "--kill-who=all", "-s", "KILL", "leftover"], check=False)
 
 
 def test_sigkilled_service_that_gets_its_port_back_is_resolved_with_its_own_pid_as_holder(host):

@@ -427,6 +427,28 @@ def test_probe_socket_of_the_unit_and_another_of_a_foreign_process_on_the_same_p
     assert not checks[-1].ok and "pid 4242" in checks[-1].detail and "pid 5555" not in checks[-1].detail
 
 
+@pytest.mark.parametrize("started_ago, counted", [(600.0, False), (0.5, True)],
+                         ids=["before-this-run-leftover", "after-this-run-began"])
+def test_probe_counts_a_holder_of_the_unit_only_when_it_started_with_the_current_run(fake_host, started_ago, counted):
+    from conftest import monotonic_usec
+    fake_host.unit(STORY, ActiveState="active", InactiveExitTimestampMonotonic=monotonic_usec(1.0))
+    fake_host.listen(5002, pid=4343, cgroup="/system.slice/" + STORY, cmdline="python3 app.py --fork-child",
+                     started=time.monotonic() - started_ago)
+    checks, _ = selfheal.probe(STORY_SVC)
+    assert checks[-1].ok is counted
+    assert ("a leftover of an earlier run of %s" % STORY in checks[-1].detail) is not counted
+    assert "pid 4343" in checks[-1].detail
+
+
+def test_read_process_says_when_the_process_started_after_boot():
+    with subprocess.Popen(["sleep", "30"]) as child:
+        try:
+            started = selfheal.read_process(child.pid).started
+        finally:
+            child.kill()
+    assert started is not None and abs(started - time.monotonic()) < 5.0  # monotonic == boottime here
+
+
 REAL_LISTEN_INODES = selfheal.listen_inodes  # fake_host points it at the fake host's /proc/net
 
 
@@ -558,6 +580,22 @@ def test_restart_while_a_foreign_process_holds_the_port_is_failed_not_resolved_a
     assert "unit: failed (failed); port: 5002 held by pid 4242" in body
     assert OTHER_APP in body and HTTP_SERVER in body and "(while the unit was up)" in body
     assert bed.host.load()["listeners"][0]["pid"] == 4242  # nothing freed it
+
+
+def test_restart_while_a_leftover_of_the_units_earlier_run_holds_the_port_is_failed_naming_it(bed, write_conf):
+    only_restart(bed, write_conf)  # KillMode=process left a child holding the port; no port_conflict
+    failed_again = {"ActiveState": "failed", "SubState": "failed", "Result": "exit-code"}
+    bed.host.failed(STORY, result="exit-code", code="1", status="1", then={"after": 0.4, "set": failed_again})
+    bed.host.listen(5002, pid=4343, cgroup="/system.slice/" + STORY, cmdline="python3 app.py --fork-child",
+                    started=time.monotonic() - 600)
+    rc, _ = bed.heal("story-stages")
+
+    assert rc == 1
+    assert bed.host.actions() == [["systemctl", "restart", "--", STORY]]
+    (msg,) = bed.sink.messages
+    assert msg["Subject"].endswith("story-stages - FAILED")
+    assert "port: 5002 held by pid 4343" in msg.get_content()
+    assert "a leftover of an earlier run of %s" % STORY in msg.get_content()
 
 
 def test_restart_that_fails_verification_on_a_foreign_holder_leaves_port_conflict_its_turn(bed, write_conf, monkeypatch):

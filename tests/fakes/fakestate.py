@@ -11,7 +11,8 @@ One JSON file, named by $FAKE_SYSTEMD_STATE, describes the pretend host:
          "then": {"after": 0.3, "set": {...}, "listen": true}}},  # a change by itself, N s
                                                   # after the unit was first shown
      "listeners": [{"port": 5002, "pid": 4242, "comm": "python3", "address": "0.0.0.0",
-                    "cgroup": "/system.slice/other.service"},   # the holder's cgroup, if any
+                    "cgroup": "/system.slice/other.service",    # the holder's cgroup, if any,
+                    "started": 1234.5},                         # and its start (s after boot)
                    "LISTEN 0 128 [::]:80 [::]:*"],                # or raw `ss -H` lines
      "journal": ["line", ...],                                   # what journalctl prints
      "journal_by_invocation": {"<id>": ["line", ...]},           # ... for one run
