@@ -1302,6 +1302,23 @@ def in_unit_cgroup(process: Process, unit: str, control_group: str = "") -> bool
     return belongs_to_unit(process, unit)
 
 
+def socket_cgroups() -> Optional[Dict[int, List[str]]]:
+    """port -> the cgroups of the sockets listening on it, from `ss --cgroup` (iproute2 5.9+,
+    cgroup v2): the cgroup of the process that made each socket. No CAP_SYS_PTRACE needed,
+    unlike ss -p, so the watch's sandbox can tell too. None when ss cannot say."""
+    result = run([SS, "-H", "-t", "-l", "-n", "--cgroup"])
+    if not result.ok:
+        return None
+    found: Dict[int, List[str]] = {}
+    for line in result.out.splitlines():
+        fields = line.split()
+        groups = [f[len("cgroup:"):] for f in fields[5:] if f.startswith("cgroup:")]
+        port = fields[3].rpartition(":")[2] if len(fields) > 3 else ""
+        if groups and port.isdigit():
+            found.setdefault(int(port), []).append(groups[0])
+    return found
+
+
 def leftover(process: Process, since: Optional[float]) -> bool:
     """Started before the unit's current run began (since: its InactiveExitTimestampMonotonic,
     in seconds): a leftover of an earlier run (KillMode=process), not the run being verified.
@@ -1312,13 +1329,16 @@ def leftover(process: Process, since: Optional[float]) -> bool:
 
 def port_holder(port: int, unit: str, control_group: str = "",
                 listeners: Optional[Sequence[Listener]] = None,
-                since: Optional[float] = None) -> Tuple[Optional[bool], str]:
+                since: Optional[float] = None,
+                cgroups: Optional[Callable[[], Optional[Dict[int, List[str]]]]] = None
+                ) -> Tuple[Optional[bool], str]:
     """Whose is the socket listening on port? (True, detail) when a process in the unit's
     cgroup holds it; (False, detail naming every holder) when only other processes, or only
     leftovers of the unit's earlier runs (started before since), do; (None, why) when that
     cannot be told (ss missing or refused, not root, holder gone).
 
-    One `ss -p` unless given its listeners; ask only when the port is known to listen.
+    One `ss -p` unless given its listeners; ask only when the port is known to listen. When
+    it names no process (no CAP_SYS_PTRACE: the watch), the sockets' cgroups decide.
     """
     if listeners is None:
         result = run([SS, "-H", "-t", "-l", "-n", "-p"])
@@ -1357,6 +1377,14 @@ def port_holder(port: int, unit: str, control_group: str = "",
         return True, "pid %s of %s" % (", ".join(map(str, sorted(own))), unit)
     if by_systemd:
         return None, "held by systemd (socket activation)"
+    groups = ((cgroups or socket_cgroups)() or {}).get(port, [])
+    ours = [g for g in groups if in_unit_cgroup(Process(0, "", "", g), unit, control_group)]
+    strangers = sorted({g for g in groups if g not in ours and g not in ("/", "/init.scope")})  # not systemd's
+    if strangers:
+        return False, "held by a socket of %s, not of %s (ss names no process: not root?)" % (
+            ", ".join(strangers), unit)
+    if ours:
+        return True, "a socket of %s; ss names no process" % unit
     return None, "holder unknown: ss names no live process (not root?)"
 
 
@@ -2846,8 +2874,16 @@ def port_holders(services: Sequence[Service], units: Dict[str, Dict[str, str]]
     if not result.ok:
         return {svc.name: (None, "holder unknown: %s" % result.brief()) for svc in services}
     listeners = parse_ss(result.out)
+    asked: List[Optional[Dict[int, List[str]]]] = []
+
+    def cgroups() -> Optional[Dict[int, List[str]]]:  # one `ss --cgroup` at most, when needed
+        if not asked:
+            asked.append(socket_cgroups())
+        return asked[0]
+
     return {svc.name: port_holder(svc.port, svc.unit, units.get(svc.unit, {}).get("ControlGroup", ""), listeners,
-                                  parse_usec_timestamp(units.get(svc.unit, {}).get("InactiveExitTimestampMonotonic", "")))
+                                  parse_usec_timestamp(units.get(svc.unit, {}).get("InactiveExitTimestampMonotonic", "")),
+                                  cgroups)
             for svc in services}
 
 

@@ -5,6 +5,7 @@ fails on bind, so the heal must say FAILED and name the holder, and never touch 
 One container for the module, selfheal installed with ./install.sh as the README says.
 """
 
+import json
 import time
 
 import pytest
@@ -31,6 +32,13 @@ ExecStart=/usr/bin/python3 /usr/local/bin/standin 5008 --fork-child
 KillMode=process
 [Install]
 WantedBy=multi-user.target
+""",
+    # Active, but never binds its port: whoever listens there is someone else.
+    "deaf.service": """\
+[Unit]
+Description=stand-in that never opens its port
+[Service]
+ExecStart=/bin/sleep infinity
 """,
     "mine.service": """\
 [Unit]
@@ -60,6 +68,11 @@ on_stopped = ignore
 [leftover]
 port = 5008
 strategies = service_restart
+
+[deaf]
+port = 5009
+health_url = http://127.0.0.1:5009/health
+on_stopped = ignore
 
 [mine]
 port = 5007
@@ -128,3 +141,28 @@ def test_sigkilled_service_that_gets_its_port_back_is_resolved_with_its_own_pid_
     pid = show(host, "mine", "MainPID")
     assert "port: 5007 listening (pid %s of mine.service)" % pid in body(mail)
     assert http_get(host, 5007) == "200"
+
+
+def test_watch_finds_a_service_whose_port_another_unit_answers_unhealthy_and_its_heal_fails_naming_it(host):
+    clear_mailbox(host)
+    host.run(["systemd-run", "--unit=squatter9", "/usr/bin/python3", STANDIN, "5009"])
+    try:
+        host.wait_listening(5009)
+        squatter = show(host, "squatter9", "MainPID")
+        host.run(["systemctl", "start", "deaf"])
+        for _ in range(2):  # watch_confirm = 2 looks in a row
+            host.run(["systemctl", "start", "selfheal-watch.service"], timeout=60)
+            state = json.loads(host.run(["cat", "/run/selfheal/watch/deaf.json"]).stdout)
+            assert state["verdict"] == "unhealthy", state
+        # the watch's sandbox has no CAP_SYS_PTRACE: ss -p cannot name the process, ss --cgroup
+        # names its unit
+        assert state["detail"].startswith("port 5009 held by a socket of /system.slice/squatter9.service, "
+                                          "not of deaf.service"), state
+        # the heal it hands over restarts deaf, which still does not hold its port: FAILED, with the pid
+        [mail] = host.wait_mail(about("deaf", "FAILED"), timeout=30)
+        wait_idle(host, "deaf")
+        text = body(mail)
+        assert "port: 5009 held by pid %s (user root, cgroup /system.slice/squatter9.service" % squatter in text
+        assert show(host, "squatter9", "MainPID") == squatter  # never killed
+    finally:
+        host.run(["systemctl", "stop", "squatter9", "deaf"], check=False)

@@ -517,9 +517,21 @@ def _holder_gone(host, monkeypatch):
         del state["listeners"][0]["cgroup"]  # its /proc entry is gone or unreadable
 
 
-def _no_process_column(host, monkeypatch):
+def _no_process_column(host, monkeypatch, socket_cgroup=None):
     with host.edit() as state:
-        del state["listeners"][0]["pid"]  # ss -p run without the right to see it
+        del state["listeners"][0]["pid"]  # ss -p run without the right to see it (no CAP_SYS_PTRACE)
+        if socket_cgroup:
+            state["listeners"][0]["socket_cgroup"] = socket_cgroup
+
+
+def _no_process_column_old_ss(host, monkeypatch):
+    _no_process_column(host, monkeypatch)
+    with host.edit() as state:
+        state["ss_no_cgroup"] = True
+
+
+def _no_process_column_systemds_socket(host, monkeypatch):
+    _no_process_column(host, monkeypatch, "/init.scope")
 
 
 def _socket_unit(host, monkeypatch):
@@ -531,15 +543,30 @@ def _socket_unit(host, monkeypatch):
     (_ss_missing, "holder unknown: selfheal-no-such-ss: command not found"),
     (_ss_p_refused, "holder unknown: ss (fake): failed"),
     (_holder_gone, "holder unknown: ss names no live process (not root?)"),
-    (_no_process_column, "holder unknown: ss names no live process (not root?)"),
+    (_no_process_column_old_ss, "holder unknown: ss names no live process (not root?)"),
+    (_no_process_column_systemds_socket, "holder unknown: ss names no live process (not root?)"),
     (_socket_unit, "held by systemd (socket activation)"),
-], ids=["ss-missing", "ss-p-refused", "holder-gone", "no-process-column", "socket-unit"])
+], ids=["ss-missing", "ss-p-refused", "holder-gone", "no-process-column-no-cgroup-column",
+        "no-process-column-socket-made-by-systemd", "socket-unit"])
 def test_probe_port_whose_holder_cannot_be_told_counts_as_listening_and_says_so(fake_host, monkeypatch, blind, note):
     fake_host.unit(STORY, ActiveState="active")
     fake_host.listen(5002, pid=4242, cgroup=OTHER_APP)
     blind(fake_host, monkeypatch)
     checks, _ = selfheal.probe(STORY_SVC)
     assert checks[-1] == selfheal.Check("port", True, "5002 listening (%s; counted as the service's)" % note)
+
+
+@pytest.mark.parametrize("socket_cgroup, ok, detail", [
+    (OTHER_APP, False, "5002 held by a socket of %s, not of %s (ss names no process: not root?)" % (OTHER_APP, STORY)),
+    ("/system.slice/" + STORY, True, "5002 listening (a socket of %s; ss names no process)" % STORY),
+], ids=["another-units-socket", "the-units-own-socket"])
+def test_probe_without_the_holders_pid_judges_the_port_by_the_sockets_cgroup(fake_host, monkeypatch, socket_cgroup,
+                                                                             ok, detail):
+    fake_host.unit(STORY, ActiveState="active")
+    fake_host.listen(5002, pid=4242, cgroup=OTHER_APP)
+    _no_process_column(fake_host, monkeypatch, socket_cgroup)
+    checks, _ = selfheal.probe(STORY_SVC)
+    assert checks[-1] == selfheal.Check("port", ok, detail)
 
 
 def test_probe_asks_ss_only_when_the_port_listens_and_then_once(fake_host):
