@@ -2881,10 +2881,13 @@ def port_holders(services: Sequence[Service], units: Dict[str, Dict[str, str]]
             asked.append(socket_cgroups())
         return asked[0]
 
-    return {svc.name: port_holder(svc.port, svc.unit, units.get(svc.unit, {}).get("ControlGroup", ""), listeners,
-                                  parse_usec_timestamp(units.get(svc.unit, {}).get("InactiveExitTimestampMonotonic", "")),
-                                  cgroups)
-            for svc in services}
+    holders = {}
+    for svc in services:
+        shown = units.get(svc.unit, {})
+        holders[svc.name] = port_holder(svc.port, svc.unit, shown.get("ControlGroup", ""), listeners,
+                                        parse_usec_timestamp(shown.get("InactiveExitTimestampMonotonic", "")),
+                                        cgroups)
+    return holders
 
 
 def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],

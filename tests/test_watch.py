@@ -778,6 +778,20 @@ def test_watch_finds_a_port_held_by_another_units_process_unhealthy_without_aski
     assert len(wb.host.calls("ss")) == 1
 
 
+def test_watch_without_the_holders_pids_judges_every_port_by_one_ss_cgroup_call(wb):
+    wb.configure(extra="[books]\nport = 5003\nhealth_url = http://127.0.0.1:5003/health\n")
+    running(wb.host, STORY)
+    running(wb.host, "books.service")
+    running(wb.host, WORKER)
+    wb.host.listen(5002, cgroup="/system.slice/other-app.service")  # no pid: ss -p may not see it
+    wb.host.listen(5003, cgroup="/system.slice/books.service")
+    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert wb.watch_state("story-stages")["verdict"] == "unhealthy"
+    assert "held by a socket of /system.slice/other-app.service" in wb.watch_state("story-stages")["detail"]
+    assert wb.watch_state("books")["verdict"] == "ok"
+    assert [c[1:] for c in wb.host.calls("ss")] == [["-H", "-t", "-l", "-n", "-p"], ["-H", "-t", "-l", "-n", "--cgroup"]]
+
+
 def test_watch_of_a_port_held_by_the_unit_itself_is_ok(wb):
     running(wb.host, STORY)
     wb.host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service")
