@@ -104,6 +104,7 @@ UNIT_PROPERTIES = (
     "ExecMainExitTimestampMonotonic", "InactiveEnterTimestampMonotonic",
     "StateChangeTimestampMonotonic", "FragmentPath", "User", "Description", "Names",
     "TimeoutStartUSec", "TimeoutStopUSec", "Environment", "EnvironmentFiles", "ActiveEnterTimestampMonotonic",
+    "InactiveExitTimestampMonotonic",
 )
 
 # systemd's own exit statuses for a process that never got to run its code
@@ -331,6 +332,7 @@ class Process:
     cmdline: str
     cgroup: str
     age_seconds: Optional[float] = None
+    started: Optional[float] = None  # seconds after boot (CLOCK_BOOTTIME, never behind CLOCK_MONOTONIC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1118,7 +1120,7 @@ def read_process(pid: int, proc: Path = Path("/proc")) -> Optional[Process]:
     btime = boot_time()
     if btime:
         age = max(0.0, time.time() - (btime + start_ticks / os.sysconf("SC_CLK_TCK")))
-    return Process(pid, user, cmdline, cgroup, age)
+    return Process(pid, user, cmdline, cgroup, age, start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def belongs_to_unit(process: Process, unit: str) -> bool:
@@ -1294,6 +1296,144 @@ def systemd_facts(timeout: float = VERSION_PROBE_TIMEOUT) -> List[str]:
     return [detail, "MONITOR_* on failure: %s" % monitor]
 
 
+def listen_inodes(port: int, proc: Path = Path("/proc")) -> Optional[set]:
+    """Inodes of the TCP sockets listening on port, from /proc/net/tcp and tcp6; None when unreadable."""
+    inodes = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            text = (proc / "net" / name).read_text()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        for line in text.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and fields[1].endswith(":%04X" % port):
+                inodes.add(fields[9])
+    return inodes
+
+
+def main_holds_port(inodes: set, main_pid: int, unit: str, control_group: str = "",
+                    proc: Path = Path("/proc")) -> Optional[Process]:
+    """The unit's main process when it holds every listening socket in inodes (listen_inodes
+    of the port), else None.
+
+    The usual answer after a good restart, read from /proc alone (no ss): the crash-to-mail
+    path stays as fast as before. Anything else is for port_holder to find out.
+    """
+    if not inodes or main_pid <= 1:
+        return None
+    wanted = {"socket:[%s]" % inode for inode in inodes}
+    try:
+        with os.scandir(proc / str(main_pid) / "fd") as fds:
+            for fd in fds:
+                try:
+                    wanted.discard(os.readlink(fd.path))
+                except OSError:
+                    continue
+                if not wanted:
+                    break
+    except OSError:
+        return None
+    process = read_process(main_pid, proc) if not wanted else None
+    return process if process is not None and in_unit_cgroup(process, unit, control_group) else None
+
+
+def in_unit_cgroup(process: Process, unit: str, control_group: str = "") -> bool:
+    """The process is the unit's: belongs_to_unit, or inside the ControlGroup= systemd
+    reports for the unit (which also holds when services.conf names the unit by an alias)."""
+    group = control_group.rstrip("/")
+    if group and (process.cgroup == group or process.cgroup.startswith(group + "/")):
+        return True
+    return belongs_to_unit(process, unit)
+
+
+def socket_cgroups() -> Optional[Dict[int, List[str]]]:
+    """port -> the cgroups of the sockets listening on it, from `ss --cgroup` (iproute2 5.9+,
+    cgroup v2): the cgroup of the process that made each socket. No CAP_SYS_PTRACE needed,
+    unlike ss -p, so the watch's sandbox can tell too. None when ss cannot say."""
+    result = run([SS, "-H", "-t", "-l", "-n", "--cgroup"])
+    if not result.ok:
+        return None
+    found: Dict[int, List[str]] = {}
+    for line in result.out.splitlines():
+        fields = line.split()
+        groups = [f[len("cgroup:"):] for f in fields[5:] if f.startswith("cgroup:")]
+        port = fields[3].rpartition(":")[2] if len(fields) > 3 else ""
+        if groups and port.isdigit():
+            found.setdefault(int(port), []).append(groups[0])
+    return found
+
+
+def leftover(process: Process, since: Optional[float]) -> bool:
+    """Started before the unit's current run began (since: its InactiveExitTimestampMonotonic,
+    in seconds): a leftover of an earlier run (KillMode=process), not the run being verified.
+    CLOCK_BOOTTIME is never behind CLOCK_MONOTONIC, so a suspended host never makes a new
+    process look old; 0.1 s covers the clock ticks /proc counts in."""
+    return since is not None and process.started is not None and process.started < since - 0.1
+
+
+def port_holder(port: int, unit: str, control_group: str = "",
+                listeners: Optional[Sequence[Listener]] = None,
+                since: Optional[float] = None,
+                cgroups: Optional[Callable[[], Optional[Dict[int, List[str]]]]] = None
+                ) -> Tuple[Optional[bool], str]:
+    """Whose is the socket listening on port? (True, detail) when a process in the unit's
+    cgroup holds it; (False, detail naming every holder) when only other processes, or only
+    leftovers of the unit's earlier runs (started before since), do; (None, why) when that
+    cannot be told (ss missing or refused, not root, holder gone).
+
+    One `ss -p` unless given its listeners; ask only when the port is known to listen. When
+    it names no process (no CAP_SYS_PTRACE: the watch), the sockets' cgroups decide.
+    """
+    if listeners is None:
+        result = run([SS, "-H", "-t", "-l", "-n", "-p"])
+        if not result.ok:
+            return None, "holder unknown: %s" % result.brief()
+        listeners = parse_ss(result.out)
+    sockets = [lst for lst in listeners if lst.port == port]
+    if not sockets:
+        return None, "holder unknown: ss shows no listener on it"
+    own: Dict[int, Process] = {}
+    others: Dict[int, Process] = {}
+    stale: Dict[int, Process] = {}
+    by_systemd = False
+    for lst in sockets:
+        processes = [p for p in (read_process(pid) for pid in lst.pids) if p is not None]
+        mine = [p for p in processes if in_unit_cgroup(p, unit, control_group)]
+        current = [p for p in mine if not leftover(p, since)]
+        if current:
+            own.update((p.pid, p) for p in current)
+        elif mine:
+            stale.update((p.pid, p) for p in mine)
+        elif 1 in lst.pids:
+            by_systemd = True  # a socket unit's socket, waiting for its service
+        else:
+            others.update((p.pid, p) for p in processes)
+    if others or stale:
+        said = []
+        if others:
+            said.append("%s, not by a process of %s" % (
+                "; ".join(describe_process(p) for _, p in sorted(others.items())), unit))
+        if stale:
+            said.append("%s, a leftover of an earlier run of %s" % (
+                "; ".join(describe_process(p) for _, p in sorted(stale.items())), unit))
+        return False, "held by " + "; and by ".join(said)
+    if own:
+        return True, "pid %s of %s" % (", ".join(map(str, sorted(own))), unit)
+    if by_systemd:
+        return None, "held by systemd (socket activation)"
+    groups = ((cgroups or socket_cgroups)() or {}).get(port, [])
+    ours = [g for g in groups if in_unit_cgroup(Process(0, "", "", g), unit, control_group)]
+    strangers = sorted({g for g in groups if g not in ours and g not in ("/", "/init.scope")})  # not systemd's
+    if strangers:
+        return False, "held by a socket of %s, not of %s (ss names no process: not root?)" % (
+            ", ".join(strangers), unit)
+    if ours:
+        return True, "a socket of %s; ss names no process" % unit
+    return None, "holder unknown: ss names no live process (not root?)"
+
+
 def preload() -> None:
     """Import what mailing and HTTP checks need; heal calls it while it waits anyway."""
     import email.message  # noqa: F401
@@ -1353,6 +1493,9 @@ def http_check(url: str, timeout: float, expect_status: Sequence[int] = (),
 def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
     """One look at the service: unit active, then port listening, then health URL answering.
 
+    The port counts only when a process of the unit holds it (port_holder): a stale or
+    foreign listener is not the new run, which is about to fail on bind. When the holder
+    cannot be told, listening counts, and the check's detail says so.
     Each check runs only when the one before it passed. Returns the checks and the unit's
     properties as seen.
     """
@@ -1360,8 +1503,21 @@ def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
     state = "%s (%s)" % (unit.get("ActiveState", "unknown"), unit.get("SubState", "unknown"))
     checks = [Check("unit", unit.get("ActiveState") == "active", state)]
     if svc.port and checks[-1].ok:
-        listening = port_listening(svc.port)
-        checks.append(Check("port", listening, "%d %s" % (svc.port, "listening" if listening else "not listening")))
+        inodes = listen_inodes(svc.port)
+        listening = bool(inodes) if inodes is not None else bool(listeners_on(svc.port))
+        detail = "%d %s" % (svc.port, "listening" if listening else "not listening")
+        main = main_holds_port(inodes, int(unit.get("MainPID") or 0), svc.unit, unit.get("ControlGroup", "")) \
+            if inodes else None
+        if main is not None:
+            detail += " (pid %d of %s)" % (main.pid, svc.unit)
+        elif listening:  # but by whom: a stale or foreign process makes the new run fail to bind
+            owned, who = port_holder(svc.port, svc.unit, unit.get("ControlGroup", ""),
+                                     since=parse_usec_timestamp(unit.get("InactiveExitTimestampMonotonic", "")))
+            if owned is False:
+                listening, detail = False, "%d %s" % (svc.port, who)
+            else:
+                detail += " (%s)" % (who if owned else who + "; counted as the service's")
+        checks.append(Check("port", listening, detail))
     if svc.health_url and all(c.ok for c in checks):
         ok, detail = http_check(svc.health_url, svc.health_timeout, svc.health_expect_status,
                                 svc.health_expect_text)
@@ -1377,14 +1533,19 @@ def verify(svc: Service, timeout: float, clock=time.monotonic, sleep=time.sleep)
     """
     start = clock()
     preloaded = False
+    taken: Optional[Check] = None  # the port held by another process, as seen while it was up
     while True:
         checks, unit = probe(svc)
         elapsed = clock() - start
         if all(c.ok for c in checks):
             return Verification(True, elapsed, checks, unit)
+        taken = next((c for c in checks if c.name == "port" and not c.ok
+                      and c.detail != "%d not listening" % svc.port), taken)
         state = unit.get("ActiveState", "")
         given_up = state == "failed" or (state == "inactive" and elapsed > 1.0)
         if given_up or elapsed >= timeout:
+            if taken and not any(c.name == "port" for c in checks):  # it failed on bind, most likely
+                checks += (Check("port", False, taken.detail + " (while the unit was up)"),)
             return Verification(False, elapsed, checks, unit)
         if not preloaded:  # the service is starting: a good moment for the slow imports
             preloaded = True
@@ -2752,9 +2913,36 @@ def health_checks(services: Sequence[Service]) -> Dict[str, Tuple[bool, str]]:
     return {name: future.result() for name, future in futures.items()}
 
 
+def port_holders(services: Sequence[Service], units: Dict[str, Dict[str, str]]
+                 ) -> Dict[str, Tuple[Optional[bool], str]]:
+    """port_holder for each service whose port listens, from one `ss -p` for them all."""
+    if not services:
+        return {}
+    result = run([SS, "-H", "-t", "-l", "-n", "-p"])
+    if not result.ok:
+        return {svc.name: (None, "holder unknown: %s" % result.brief()) for svc in services}
+    listeners = parse_ss(result.out)
+    asked: List[Optional[Dict[int, List[str]]]] = []
+
+    def cgroups() -> Optional[Dict[int, List[str]]]:  # one `ss --cgroup` at most, when needed
+        if not asked:
+            asked.append(socket_cgroups())
+        return asked[0]
+
+    holders = {}
+    for svc in services:
+        shown = units.get(svc.unit, {})
+        holders[svc.name] = port_holder(svc.port, svc.unit, shown.get("ControlGroup", ""), listeners,
+                                        parse_usec_timestamp(shown.get("InactiveExitTimestampMonotonic", "")),
+                                        cgroups)
+    return holders
+
+
 def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
-           health: Optional[Tuple[bool, str]], baseline: Optional[int]) -> Tuple[str, str]:
-    """What the watch makes of one service: (verdict, detail).
+           health: Optional[Tuple[bool, str]], baseline: Optional[int],
+           holder: Optional[Tuple[Optional[bool], str]] = None) -> Tuple[str, str]:
+    """What the watch makes of one service: (verdict, detail). holder is port_holder's
+    answer for its listening port: a port held only by others' processes is unhealthy.
 
     ok | restarted (systemd's Restart= repaired a crash since the last look) | unhealthy |
     stopped | failed | transient (starting or stopping: look again next time) | missing.
@@ -2766,6 +2954,8 @@ def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
     if active == "active":
         if svc.port and ports is not None and svc.port not in ports:
             return "unhealthy", "port %d not listening while the unit is %s" % (svc.port, state)
+        if holder is not None and holder[0] is False:
+            return "unhealthy", "port %d %s while the unit is %s" % (svc.port, holder[1], state)
         if health is not None and not health[0]:
             where = "port %d open but " % svc.port if svc.port else ""
             return "unhealthy", "%sGET %s: %s" % (where, svc.health_url, health[1])
@@ -2805,7 +2995,8 @@ def start_heal(paths: Paths, name: str, finding: Finding) -> None:
 
 
 def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, str],
-                  ports: Optional[set], health: Optional[Tuple[bool, str]], now: float) -> str:
+                  ports: Optional[set], health: Optional[Tuple[bool, str]], now: float,
+                  holder: Optional[Tuple[Optional[bool], str]] = None) -> str:
     """One service, one watch run. Returns the verdict (for the summary).
 
     Holds the service's heal lock while it decides, so it never decides on a heal's
@@ -2832,7 +3023,7 @@ def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
                          nrestarts=nrestarts if nrestarts is not None else baseline)
             save_watch_state(paths, svc.name, state)
             return "paused"
-        verdict, detail = assess(svc, unit, ports, health, baseline)
+        verdict, detail = assess(svc, unit, ports, health, baseline, holder)
         # The restart count moves on only when it was seen healthy or reported: a look that
         # lands while systemd's new run is still starting does not swallow the crash.
         if nrestarts is not None and (baseline is None or verdict in ("ok", "restarted", "missing")):
@@ -2881,12 +3072,13 @@ def watch(config: Config, paths: Paths) -> int:
     ports = listening_ports()
     active = [svc for svc in services if units.get(svc.unit, {}).get("ActiveState") == "active"
               and (not svc.port or ports is None or svc.port in ports)]
-    health = health_checks(active)
+    holders = port_holders([svc for svc in active if svc.port and ports is not None], units)
+    health = health_checks([svc for svc in active if holders.get(svc.name, (None,))[0] is not False])
     verdicts, errors = {}, []
     for svc in services:
         try:
             verdicts[svc.name] = watch_service(config, paths, svc, units.get(svc.unit, {}), ports,
-                                               health.get(svc.name), now)
+                                               health.get(svc.name), now, holders.get(svc.name))
         except Exception:  # one broken service must not blind the watch to the others
             log.exception("watch of %s failed", svc.name)
             errors.append("%s:\n%s" % (svc.name, traceback.format_exc()))

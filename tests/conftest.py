@@ -164,11 +164,19 @@ class FakeHost:
         options = {k: v for k, v in kw.items() if not k[:1].isupper()}
         self.unit(name, **options, **props)
 
-    def listen(self, port, pid=None, comm="python3", address="0.0.0.0"):
+    def listen(self, port, pid=None, comm="python3", address="0.0.0.0", cgroup=None, cmdline=None, started=None):
+        """A listener; with a cgroup, its pid is a pretend process there (fake_read_process),
+        started at `started` (seconds after boot, as time.monotonic() counts) if given."""
         with self.edit() as state:
             entry = {"port": port, "address": address, "comm": comm}
             if pid:
                 entry["pid"] = pid
+            if cgroup:
+                entry["cgroup"] = cgroup
+            if cmdline:
+                entry["cmdline"] = cmdline
+            if started is not None:
+                entry["started"] = started
             state["listeners"].append(entry)
 
     def journal(self, lines, invocation=None):
@@ -199,6 +207,22 @@ class FakeHost:
     def clear_calls(self) -> None:
         if self.calls_file.exists():
             self.calls_file.unlink()
+
+    # -- /proc/PID for the listeners' pids ------------------------------------------
+    def fake_read_process(self, real):
+        """read_process for the fake host: a listener's pid is a pretend process in the
+        listener's "cgroup" (none given: gone, as if it had ended), never whatever real
+        process has that pid here; any other pid is read from the real /proc."""
+        def read_process(pid, proc=None):
+            for lst in self.load().get("listeners", []):
+                if isinstance(lst, dict) and int(lst.get("pid") or 0) == pid:
+                    if not lst.get("cgroup"):
+                        return None
+                    return selfheal.Process(pid, lst.get("user", "root"),
+                                            lst.get("cmdline", lst.get("comm", "python3")), lst["cgroup"], 60.0,
+                                            lst.get("started"))
+            return real(pid) if proc is None else real(pid, proc)
+        return read_process
 
     # -- /proc/net/tcp{,6} with the same listeners ss shows ----------------------------
     def write_proc_net(self):
@@ -290,6 +314,11 @@ def fake_host(tmp_path, monkeypatch, quiet_selfheal, python_dir):
         real_listening_ports = selfheal.listening_ports
         monkeypatch.setattr(selfheal, "listening_ports",
                             lambda proc=None: real_listening_ports(host.write_proc_net()))
+    if hasattr(selfheal, "listen_inodes"):  # the same, for the sockets on one port
+        real_listen_inodes = selfheal.listen_inodes
+        monkeypatch.setattr(selfheal, "listen_inodes",
+                            lambda port, proc=None: real_listen_inodes(port, host.write_proc_net()))
+    monkeypatch.setattr(selfheal, "read_process", host.fake_read_process(selfheal.read_process))
     return host
 
 

@@ -2,6 +2,7 @@
 repair, verify, record, mail. Also the probes healing relies on (systemctl show, ss, /proc,
 cgroup ownership) and the state it keeps (history, status, locks, pauses)."""
 
+import dataclasses
 import email.utils
 import errno
 import json
@@ -10,6 +11,7 @@ import os
 import pwd
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -408,6 +410,259 @@ def test_port_held_by_a_foreign_pid_fails_kills_nothing_and_the_report_names_the
     body = msg.get_content()
     assert "pid 4242" in body and "/usr/bin/python3 -m http.server 5002" in body
     assert [e["outcome"] for e in bed.history("story-stages")] == ["FAILED"]
+
+
+# --- verification judges the port by its holder -------------------------------------
+
+STORY_SVC = selfheal.Service(name="story-stages", unit=STORY, port=5002)
+OTHER_APP = "/system.slice/other-app.service"
+HTTP_SERVER = "/usr/bin/python3 -m http.server 5002"
+
+
+def test_probe_counts_the_port_when_a_process_in_the_units_cgroup_holds_it(fake_host):
+    fake_host.unit(STORY, ActiveState="active", SubState="running")
+    fake_host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service")
+    checks, _ = selfheal.probe(STORY_SVC)
+    assert checks[-1] == selfheal.Check("port", True, "5002 listening (pid 5555 of story-stages.service)")
+
+
+def test_probe_counts_a_holder_in_the_control_group_systemd_reports_for_an_alias(fake_host):
+    # services.conf names an alias: the cgroup is named after the real unit, ControlGroup= says which
+    fake_host.unit("books.service", ActiveState="active", ControlGroup="/system.slice/story-stages.service")
+    fake_host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service/worker")
+    checks, _ = selfheal.probe(selfheal.Service(name="books", unit="books.service", port=5002))
+    assert checks[-1].ok and "pid 5555" in checks[-1].detail
+
+
+def test_probe_port_held_by_another_units_process_is_not_up_and_names_pid_command_and_cgroup(fake_host):
+    fake_host.unit(STORY, ActiveState="active", SubState="running", ControlGroup="/system.slice/story-stages.service")
+    fake_host.listen(5002, pid=4242, cgroup=OTHER_APP, cmdline=HTTP_SERVER)
+    checks, _ = selfheal.probe(STORY_SVC)
+    port = checks[-1]
+    assert (port.name, port.ok) == ("port", False)
+    assert port.detail.startswith("5002 held by pid 4242 (user root, cgroup %s" % OTHER_APP)
+    assert HTTP_SERVER in port.detail and port.detail.endswith("not by a process of story-stages.service")
+
+
+def test_probe_socket_of_the_unit_and_another_of_a_foreign_process_on_the_same_port_is_not_up(fake_host):
+    fake_host.unit(STORY, ActiveState="active")
+    fake_host.listen(5002, pid=5555, address="[::]", cgroup="/system.slice/story-stages.service")
+    fake_host.listen(5002, pid=4242, cgroup=OTHER_APP, cmdline=HTTP_SERVER)  # takes the IPv4 clients
+    checks, _ = selfheal.probe(STORY_SVC)
+    assert not checks[-1].ok and "pid 4242" in checks[-1].detail and "pid 5555" not in checks[-1].detail
+
+
+@pytest.mark.parametrize("started_ago, counted", [(600.0, False), (0.5, True)],
+                         ids=["before-this-run-leftover", "after-this-run-began"])
+def test_probe_counts_a_holder_of_the_unit_only_when_it_started_with_the_current_run(fake_host, started_ago, counted):
+    from conftest import monotonic_usec
+    fake_host.unit(STORY, ActiveState="active", InactiveExitTimestampMonotonic=monotonic_usec(1.0))
+    fake_host.listen(5002, pid=4343, cgroup="/system.slice/" + STORY, cmdline="python3 app.py --fork-child",
+                     started=time.monotonic() - started_ago)
+    checks, _ = selfheal.probe(STORY_SVC)
+    assert checks[-1].ok is counted
+    assert ("a leftover of an earlier run of %s" % STORY in checks[-1].detail) is not counted
+    assert "pid 4343" in checks[-1].detail
+
+
+def test_read_process_says_when_the_process_started_after_boot():
+    with subprocess.Popen(["sleep", "30"]) as child:
+        try:
+            started = selfheal.read_process(child.pid).started
+        finally:
+            child.kill()
+    assert started is not None and abs(started - time.monotonic()) < 5.0  # monotonic == boottime here
+
+
+REAL_LISTEN_INODES = selfheal.listen_inodes  # fake_host points it at the fake host's /proc/net
+
+
+def test_listen_inodes_are_those_of_listen_sockets_on_the_port_in_tcp_and_tcp6(tmp_path):
+    (tmp_path / "net").mkdir()
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    rest = " 00000000:00000000 00:00000000 00000000     0        0 %d 1 0000000000000000 100 0 0 10 0\n"
+    (tmp_path / "net" / "tcp").write_text(
+        header + "   0: 00000000:138A 00000000:0000 0A" + rest % 111      # 0.0.0.0:5002 LISTEN
+        + "   1: 0100007F:138A 0100007F:C350 01" + rest % 222              # a connection to it
+        + "   2: 00000000:138B 00000000:0000 0A" + rest % 333)             # :5003
+    (tmp_path / "net" / "tcp6").write_text(header + "   0: %s:138A %s:0000 0A" % ("0" * 32, "0" * 32) + rest % 444)
+    assert selfheal.listen_inodes(5002, tmp_path) == {"111", "444"}
+    assert selfheal.listen_inodes(5004, tmp_path) == set()
+
+
+@pytest.fixture
+def own_listener(monkeypatch):
+    """A real socket listening in this very process -> its port. read_process places every
+    real process in story-stages.service's cgroup (the host's own may be anything, even /)."""
+    real = selfheal.read_process
+
+    def in_story(pid, proc=None):
+        process = real(pid)
+        return dataclasses.replace(process, cgroup="/system.slice/" + STORY) if process else None
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        monkeypatch.setattr(selfheal, "read_process", in_story)
+        yield sock.getsockname()[1]
+
+
+def test_main_process_holding_the_port_is_proven_from_proc_alone(own_listener):
+    inodes = selfheal.listen_inodes(own_listener)
+    assert len(inodes) == 1
+    held = selfheal.main_holds_port(inodes, os.getpid(), STORY)
+    assert held is not None and held.pid == os.getpid()
+    assert selfheal.main_holds_port(inodes, os.getpid(), WORKER) is None  # not that unit's cgroup
+    with subprocess.Popen(["sleep", "30"]) as child:  # a process that does not hold it
+        try:
+            assert selfheal.main_holds_port(inodes, child.pid, STORY) is None
+        finally:
+            child.kill()
+
+
+def test_probe_of_a_port_its_main_process_holds_asks_no_ss(fake_host, monkeypatch, own_listener):
+    monkeypatch.setattr(selfheal, "listen_inodes", REAL_LISTEN_INODES)
+    fake_host.unit(STORY, ActiveState="active", MainPID=os.getpid())
+    checks, _ = selfheal.probe(selfheal.Service(name="story-stages", unit=STORY, port=own_listener))
+    assert checks[-1] == selfheal.Check("port", True, "%d listening (pid %d of %s)" % (own_listener, os.getpid(), STORY))
+    assert fake_host.calls("ss") == []
+
+
+def _ss_missing(host, monkeypatch):
+    monkeypatch.setattr(selfheal, "SS", "selfheal-no-such-ss")
+
+
+def _ss_p_refused(host, monkeypatch):
+    with host.edit() as state:
+        state["ss_fail_p"] = True
+
+
+def _holder_gone(host, monkeypatch):
+    with host.edit() as state:
+        del state["listeners"][0]["cgroup"]  # its /proc entry is gone or unreadable
+
+
+def _no_process_column(host, monkeypatch, socket_cgroup=None):
+    with host.edit() as state:
+        del state["listeners"][0]["pid"]  # ss -p run without the right to see it (no CAP_SYS_PTRACE)
+        if socket_cgroup:
+            state["listeners"][0]["socket_cgroup"] = socket_cgroup
+
+
+def _no_process_column_old_ss(host, monkeypatch):
+    _no_process_column(host, monkeypatch)
+    with host.edit() as state:
+        state["ss_no_cgroup"] = True
+
+
+def _no_process_column_systemds_socket(host, monkeypatch):
+    _no_process_column(host, monkeypatch, "/init.scope")
+
+
+def _socket_unit(host, monkeypatch):
+    with host.edit() as state:
+        state["listeners"][0].update(pid=1, cgroup="/init.scope", cmdline="/sbin/init")
+
+
+@pytest.mark.parametrize("blind, note", [
+    (_ss_missing, "holder unknown: selfheal-no-such-ss: command not found"),
+    (_ss_p_refused, "holder unknown: ss (fake): failed"),
+    (_holder_gone, "holder unknown: ss names no live process (not root?)"),
+    (_no_process_column_old_ss, "holder unknown: ss names no live process (not root?)"),
+    (_no_process_column_systemds_socket, "holder unknown: ss names no live process (not root?)"),
+    (_socket_unit, "held by systemd (socket activation)"),
+], ids=["ss-missing", "ss-p-refused", "holder-gone", "no-process-column-no-cgroup-column",
+        "no-process-column-socket-made-by-systemd", "socket-unit"])
+def test_probe_port_whose_holder_cannot_be_told_counts_as_listening_and_says_so(fake_host, monkeypatch, blind, note):
+    fake_host.unit(STORY, ActiveState="active")
+    fake_host.listen(5002, pid=4242, cgroup=OTHER_APP)
+    blind(fake_host, monkeypatch)
+    checks, _ = selfheal.probe(STORY_SVC)
+    assert checks[-1] == selfheal.Check("port", True, "5002 listening (%s; counted as the service's)" % note)
+
+
+@pytest.mark.parametrize("socket_cgroup, ok, detail", [
+    (OTHER_APP, False, "5002 held by a socket of %s, not of %s (ss names no process: not root?)" % (OTHER_APP, STORY)),
+    ("/system.slice/" + STORY, True, "5002 listening (a socket of %s; ss names no process)" % STORY),
+], ids=["another-units-socket", "the-units-own-socket"])
+def test_probe_without_the_holders_pid_judges_the_port_by_the_sockets_cgroup(fake_host, monkeypatch, socket_cgroup,
+                                                                             ok, detail):
+    fake_host.unit(STORY, ActiveState="active")
+    fake_host.listen(5002, pid=4242, cgroup=OTHER_APP)
+    _no_process_column(fake_host, monkeypatch, socket_cgroup)
+    checks, _ = selfheal.probe(STORY_SVC)
+    assert checks[-1] == selfheal.Check("port", ok, detail)
+
+
+def test_probe_asks_ss_only_when_the_port_listens_and_then_once(fake_host):
+    fake_host.unit(STORY, ActiveState="active")
+    checks, _ = selfheal.probe(STORY_SVC)
+    assert checks[-1] == selfheal.Check("port", False, "5002 not listening")
+    assert fake_host.calls("ss") == []
+    fake_host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service")
+    selfheal.probe(STORY_SVC)
+    assert len(fake_host.calls("ss")) == 1
+
+
+def only_restart(bed, write_conf, strategies="service_restart"):
+    """The heal config, story-stages with other strategies (and a short verify_timeout)."""
+    conf = open(bed.config_path, encoding="utf-8").read()
+    conf = conf.replace("strategies = port_conflict, service_restart", "strategies = " + strategies)
+    conf = conf.replace("verify_timeout = 3s", "verify_timeout = 1s")
+    bed.config = selfheal.load_config(write_conf(conf, "restart-only.conf"), trusted=False)
+
+
+def test_restart_while_a_foreign_process_holds_the_port_is_failed_not_resolved_and_names_the_holder(
+        bed, write_conf, section):
+    only_restart(bed, write_conf)
+    # the restarted run cannot bind (it opens no listener) and fails moments later; the stale
+    # listener of another unit stays
+    failed_again = {"ActiveState": "failed", "SubState": "failed", "Result": "exit-code"}
+    bed.host.failed(STORY, result="exit-code", code="1", status="1", then={"after": 0.4, "set": failed_again})
+    bed.host.listen(5002, pid=4242, cgroup=OTHER_APP, cmdline=HTTP_SERVER)
+    rc, _ = bed.heal("story-stages")
+
+    assert rc == 1
+    assert bed.host.actions() == [["systemctl", "restart", "--", STORY]]
+    assert [e["outcome"] for e in bed.history("story-stages")] == ["FAILED"]
+    (msg,) = bed.sink.messages
+    assert msg["Subject"] == "\u274c MiracleMax: story-stages - FAILED"
+    body = msg.get_content()
+    # verification says why, though the unit had failed by the time it gave up
+    assert "unit: failed (failed); port: 5002 held by pid 4242" in body
+    assert OTHER_APP in body and HTTP_SERVER in body and "(while the unit was up)" in body
+    assert bed.host.load()["listeners"][0]["pid"] == 4242  # nothing freed it
+
+
+def test_restart_while_a_leftover_of_the_units_earlier_run_holds_the_port_is_failed_naming_it(bed, write_conf):
+    only_restart(bed, write_conf)  # KillMode=process left a child holding the port; no port_conflict
+    failed_again = {"ActiveState": "failed", "SubState": "failed", "Result": "exit-code"}
+    bed.host.failed(STORY, result="exit-code", code="1", status="1", then={"after": 0.4, "set": failed_again})
+    bed.host.listen(5002, pid=4343, cgroup="/system.slice/" + STORY, cmdline="python3 app.py --fork-child",
+                    started=time.monotonic() - 600)
+    rc, _ = bed.heal("story-stages")
+
+    assert rc == 1
+    assert bed.host.actions() == [["systemctl", "restart", "--", STORY]]
+    (msg,) = bed.sink.messages
+    assert msg["Subject"].endswith("story-stages - FAILED")
+    assert "port: 5002 held by pid 4343" in msg.get_content()
+    assert "a leftover of an earlier run of %s" % STORY in msg.get_content()
+
+
+def test_restart_that_fails_verification_on_a_foreign_holder_leaves_port_conflict_its_turn(bed, write_conf, monkeypatch):
+    procs = FakeProcesses(monkeypatch, bed.host)
+    only_restart(bed, write_conf, "service_restart, port_conflict")
+    bed.host.failed(STORY, result="exit-code", code="1", status="1")
+    procs.add(4242, OTHER_APP, HTTP_SERVER, port=5002)
+    rc, _ = bed.heal("story-stages")
+
+    assert rc == 1
+    assert bed.host.actions() == [["systemctl", "restart", "--", STORY]]  # then port_conflict refused
+    assert procs.kills == []
+    (event,) = bed.history("story-stages")
+    assert (event["outcome"], event["strategy"]) == ("FAILED", "port_conflict")
+    assert "selfheal only stops processes of %s" % STORY in bed.sink.messages[0].get_content()
 
 
 def test_stale_pid_of_the_unit_itself_gets_sigterm_and_then_the_unit_is_restarted(bed, monkeypatch):

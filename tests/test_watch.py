@@ -254,6 +254,19 @@ def test_assess_turns_unit_port_health_and_restart_count_into_a_verdict(svc, uni
     assert selfheal.assess(svc, unit, ports, health_answer, baseline) == (verdict, detail)
 
 
+FOREIGN = (False, "held by pid 4242 (user root, cgroup /system.slice/other-app.service): python3 -m http.server, "
+                  "not by a process of story-stages.service")
+
+
+@pytest.mark.parametrize("holder, verdict, detail", [
+    (FOREIGN, "unhealthy", "port 5002 %s while the unit is active (running)" % FOREIGN[1]),
+    ((True, "pid 5555 of story-stages.service"), "ok", "active (running)"),
+    ((None, "holder unknown: ss (fake): failed"), "ok", "active (running)"),
+], ids=["foreign-holder", "own-holder", "holder-unknown"])
+def test_assess_port_held_by_another_units_process_is_unhealthy_and_an_unknown_holder_is_not(holder, verdict, detail):
+    assert selfheal.assess(SVC, shown(), {5002}, FINE, 0, holder) == (verdict, detail)
+
+
 # =============================================================================
 # watch_service(): when the watch hands a heal to selfheal@NAME.service
 # =============================================================================
@@ -749,6 +762,42 @@ def test_watch_with_one_broken_service_still_looks_at_the_others_and_mails_watch
     wb.clock.advance(1801)
     assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_FAIL
     assert len(wb.sink.messages) == 2
+
+
+def test_watch_finds_a_port_held_by_another_units_process_unhealthy_without_asking_its_health(wb):
+    running(wb.host, STORY, ControlGroup="/system.slice/story-stages.service")
+    wb.host.listen(5002, pid=4242, cgroup="/system.slice/other-app.service", cmdline="python3 -m http.server 5002")
+    running(wb.host, WORKER)
+    asked = []
+    wb.health.answers[HEALTH] = lambda: asked.append(HEALTH) or FINE
+    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    state = wb.watch_state("story-stages")
+    assert state["verdict"] == "unhealthy"
+    assert state["detail"].startswith("port 5002 held by pid 4242 (user root, cgroup /system.slice/other-app.service")
+    assert asked == []  # its answer would be the other process's
+    assert len(wb.host.calls("ss")) == 1
+
+
+def test_watch_without_the_holders_pids_judges_every_port_by_one_ss_cgroup_call(wb):
+    wb.configure(extra="[books]\nport = 5003\nhealth_url = http://127.0.0.1:5003/health\n")
+    running(wb.host, STORY)
+    running(wb.host, "books.service")
+    running(wb.host, WORKER)
+    wb.host.listen(5002, cgroup="/system.slice/other-app.service")  # no pid: ss -p may not see it
+    wb.host.listen(5003, cgroup="/system.slice/books.service")
+    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert wb.watch_state("story-stages")["verdict"] == "unhealthy"
+    assert "held by a socket of /system.slice/other-app.service" in wb.watch_state("story-stages")["detail"]
+    assert wb.watch_state("books")["verdict"] == "ok"
+    assert [c[1:] for c in wb.host.calls("ss")] == [["-H", "-t", "-l", "-n", "-p"], ["-H", "-t", "-l", "-n", "--cgroup"]]
+
+
+def test_watch_of_a_port_held_by_the_unit_itself_is_ok(wb):
+    running(wb.host, STORY)
+    wb.host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service")
+    running(wb.host, WORKER)
+    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert wb.watch_state("story-stages")["verdict"] == "ok"
 
 
 def test_watch_run_sends_the_queued_mail(wb):

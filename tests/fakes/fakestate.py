@@ -7,9 +7,12 @@ One JSON file, named by $FAKE_SYSTEMD_STATE, describes the pretend host:
          "on_restart": "active",     # or "fail", or a list consumed one per restart
          "fail_status": "1",         # ExecMainStatus after a failed restart (e.g. "203")
          "listen": {"port": 5002, "pid": 5555},   # the listener a successful start opens
+                                                  # (in the unit's cgroup unless it says)
          "then": {"after": 0.3, "set": {...}, "listen": true}}},  # a change by itself, N s
                                                   # after the unit was first shown
-     "listeners": [{"port": 5002, "pid": 4242, "comm": "python3", "address": "0.0.0.0"},
+     "listeners": [{"port": 5002, "pid": 4242, "comm": "python3", "address": "0.0.0.0",
+                    "cgroup": "/system.slice/other.service",    # the holder's cgroup, if any,
+                    "started": 1234.5},                         # and its start (s after boot)
                    "LISTEN 0 128 [::]:80 [::]:*"],                # or raw `ss -H` lines
      "journal": ["line", ...],                                   # what journalctl prints
      "journal_by_invocation": {"<id>": ["line", ...]},           # ... for one run
@@ -132,16 +135,19 @@ def apply_then(state, name, now=None):
         return False
     unit.setdefault("props", {}).update(then.get("set", {}))
     if then.get("listen"):
-        open_listener(state, unit)
+        open_listener(state, unit, name)
     del unit["then"]
     return True
 
 
-def open_listener(state, unit):
+def open_listener(state, unit, name=None):
     listen = unit.get("listen")
     if not listen:
         return
     port = int(listen["port"])
     kept = [lst for lst in state.get("listeners", []) if not (isinstance(lst, dict) and int(lst["port"]) == port)]
-    kept.append(dict({"address": "0.0.0.0", "comm": "python3"}, **listen))
+    opened = {"address": "0.0.0.0", "comm": "python3"}
+    if name:
+        opened["cgroup"] = "/system.slice/" + name
+    kept.append(dict(opened, **listen))
     state["listeners"] = kept
