@@ -267,6 +267,7 @@ class Service:
     health_expect_status: Tuple[int, ...] = ()  # empty: any 2xx or 3xx
     health_expect_text: str = ""  # must appear in the body
     on_stopped: str = "heal"  # heal | report | ignore
+    port_owner: str = "unit"  # unit: only the unit's processes count as listening | any
     notify: str = ""  # always | on-failure | never; empty: the global notify
     config_check: Tuple[str, ...] = ()  # config_validation: a checker, as an argument list
     config_files: Tuple[str, ...] = ()  # config_validation: shown when changed since a healthy start
@@ -456,6 +457,7 @@ IDENT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,48}$")
 SMTP_SECURITY = ("none", "starttls", "ssl")
 NOTIFY = ("always", "on-failure", "never")
 ON_STOPPED = ("heal", "report", "ignore")
+PORT_OWNERS = ("unit", "any")
 WEBHOOK_FORMATS = ("json", "slack", "ntfy")
 MAX_WEBHOOK_TIMEOUT = 60.0  # a notification must never hold up healing for long
 MIN_WATCH_INTERVAL = 5.0
@@ -673,6 +675,7 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
             health_expect_status=take(section, values, "health_expect_status", check_statuses, SERVICE_DEFAULTS["health_expect_status"]),
             health_expect_text=take(section, values, "health_expect_text", check_expect_text, SERVICE_DEFAULTS["health_expect_text"]),
             on_stopped=take(section, values, "on_stopped", choice(ON_STOPPED), SERVICE_DEFAULTS["on_stopped"]),
+            port_owner=take(section, values, "port_owner", choice(PORT_OWNERS), SERVICE_DEFAULTS["port_owner"]),
             notify=take(section, values, "notify", choice(NOTIFY), SERVICE_DEFAULTS["notify"]),
             config_check=take(section, values, "config_check", check_command, SERVICE_DEFAULTS["config_check"]),
             config_files=take(section, values, "config_files", check_paths, SERVICE_DEFAULTS["config_files"]),
@@ -1510,11 +1513,16 @@ def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
             if inodes else None
         if main is not None:
             detail += " (pid %d of %s)" % (main.pid, svc.unit)
+        elif listening and svc.port_owner == "any":
+            detail += " (port_owner = any: whoever holds it)"
         elif listening:  # but by whom: a stale or foreign process makes the new run fail to bind
             owned, who = port_holder(svc.port, svc.unit, unit.get("ControlGroup", ""),
                                      since=parse_usec_timestamp(unit.get("InactiveExitTimestampMonotonic", "")))
             if owned is False:
                 listening, detail = False, "%d %s" % (svc.port, who)
+                if "not by a process of" in who:
+                    detail += " (if that process serves the port for %s, e.g. docker-proxy, set " \
+                              "port_owner = any in [%s])" % (svc.unit, svc.name)
             else:
                 detail += " (%s)" % (who if owned else who + "; counted as the service's")
         checks.append(Check("port", listening, detail))
@@ -3072,7 +3080,9 @@ def watch(config: Config, paths: Paths) -> int:
     ports = listening_ports()
     active = [svc for svc in services if units.get(svc.unit, {}).get("ActiveState") == "active"
               and (not svc.port or ports is None or svc.port in ports)]
-    holders = port_holders([svc for svc in active if svc.port and ports is not None], units)
+    # port_owner = any: whoever publishes the port (docker-proxy) is the service's; no ss.
+    holders = port_holders([svc for svc in active if svc.port and ports is not None and svc.port_owner == "unit"],
+                           units)
     health = health_checks([svc for svc in active if holders.get(svc.name, (None,))[0] is not False])
     verdicts, errors = {}, []
     for svc in services:

@@ -40,6 +40,24 @@ Description=stand-in that never opens its port
 [Service]
 ExecStart=/bin/sleep infinity
 """,
+    # A container's stand-in: the app runs here, but another unit publishes its port (as
+    # docker-proxy of docker.service does for `docker run -p`).
+    "published.service": """\
+[Unit]
+Description=stand-in whose port another unit publishes
+[Service]
+ExecStart=/bin/sleep infinity
+[Install]
+WantedBy=multi-user.target
+""",
+    "publisher.service": """\
+[Unit]
+Description=stand-in of docker-proxy for published.service
+[Service]
+ExecStart=/usr/bin/python3 /usr/local/bin/standin 5010
+[Install]
+WantedBy=multi-user.target
+""",
     "mine.service": """\
 [Unit]
 Description=stand-in that keeps its own port
@@ -74,6 +92,11 @@ port = 5009
 health_url = http://127.0.0.1:5009/health
 on_stopped = ignore
 
+[published]
+port = 5010
+port_owner = any
+health_url = http://127.0.0.1:5010/health
+
 [mine]
 port = 5007
 strategies = service_restart
@@ -85,8 +108,8 @@ health_url = http://127.0.0.1:5007/health
 def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
-    with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("mine", "leftover"),
-                        ports=(5007, 5008)) as box:
+    with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("mine", "leftover", "published", "publisher"),
+                        ports=(5007, 5008, 5010)) as box:
         yield box
 
 
@@ -103,6 +126,7 @@ def test_restart_whose_port_another_unit_holds_is_failed_not_resolved_and_the_ho
         # the restart's verification names the holder: pid, cgroup (its unit) and command
         assert "port: 5006 held by pid %s (user root, cgroup /system.slice/squatter.service" % squatter in text
         assert "standin 5006, not by a process of taken.service" in text
+        assert "set port_owner = any in [taken]" in text  # the way out when that is its proxy
         assert "health: " not in text  # its HTTP 200 would have been the squatter's
         time.sleep(2)  # room for a heal of the failed restart to report, had it been fooled
         subjects = [str(m["Subject"]) for m in mails_about(host, "taken")]
@@ -166,3 +190,16 @@ def test_watch_finds_a_service_whose_port_another_unit_answers_unhealthy_and_its
         assert show(host, "squatter9", "MainPID") == squatter  # never killed
     finally:
         host.run(["systemctl", "stop", "squatter9", "deaf"], check=False)
+
+
+def test_port_published_by_another_unit_counts_with_port_owner_any_and_the_heal_is_resolved(host):
+    clear_mailbox(host)
+    host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "published"])
+    [mail] = host.wait_mail(about("published", "RESOLVED"), timeout=30)
+    wait_idle(host, "published")
+    text = body(mail)
+    assert "port: 5010 listening (port_owner = any: whoever holds it)" in text
+    assert show(host, "publisher", "ActiveState") == "active"
+    host.run(["systemctl", "start", "selfheal-watch.service"], timeout=60)
+    state = json.loads(host.run(["cat", "/run/selfheal/watch/published.json"]).stdout)
+    assert state["verdict"] == "ok", state

@@ -441,7 +441,18 @@ def test_probe_port_held_by_another_units_process_is_not_up_and_names_pid_comman
     port = checks[-1]
     assert (port.name, port.ok) == ("port", False)
     assert port.detail.startswith("5002 held by pid 4242 (user root, cgroup %s" % OTHER_APP)
-    assert HTTP_SERVER in port.detail and port.detail.endswith("not by a process of story-stages.service")
+    assert HTTP_SERVER in port.detail and "not by a process of story-stages.service" in port.detail
+    assert port.detail.endswith("set port_owner = any in [story-stages])")  # the way out, for docker-proxy
+
+
+def test_probe_with_port_owner_any_counts_another_units_listener_without_asking_ss(fake_host):
+    fake_host.unit(STORY, ActiveState="active", SubState="running", ControlGroup="/system.slice/story-stages.service")
+    fake_host.listen(5002, pid=4242, cgroup="/system.slice/docker.service", cmdline="/usr/bin/docker-proxy -host-port 5002")
+    svc = dataclasses.replace(STORY_SVC, port_owner="any")
+    checks, _ = selfheal.probe(svc)
+    assert (checks[-1].name, checks[-1].ok) == ("port", True)
+    assert "port_owner = any" in checks[-1].detail
+    assert fake_host.calls("ss") == []
 
 
 def test_probe_socket_of_the_unit_and_another_of_a_foreign_process_on_the_same_port_is_not_up(fake_host):

@@ -792,6 +792,18 @@ def test_watch_without_the_holders_pids_judges_every_port_by_one_ss_cgroup_call(
     assert [c[1:] for c in wb.host.calls("ss")] == [["-H", "-t", "-l", "-n", "-p"], ["-H", "-t", "-l", "-n", "--cgroup"]]
 
 
+def test_watch_of_a_port_published_by_another_unit_with_port_owner_any_is_ok_and_asks_no_ss(wb):
+    wb.configure(extra="[proxied]\nport = 5004\nport_owner = any\n")
+    running(wb.host, STORY)
+    wb.host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service")
+    running(wb.host, "proxied.service", ControlGroup="/system.slice/proxied.service")
+    wb.host.listen(5004, pid=4242, cgroup="/system.slice/docker.service", cmdline="/usr/bin/docker-proxy -host-port 5004")
+    running(wb.host, WORKER)
+    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert wb.watch_state("proxied")["verdict"] == "ok"
+    assert all("5004" not in " ".join(c) for c in wb.host.calls("ss"))
+
+
 def test_watch_of_a_port_held_by_the_unit_itself_is_ok(wb):
     running(wb.host, STORY)
     wb.host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service")
