@@ -697,7 +697,7 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
             if key in values and strategy not in svc.strategies:
                 problem(line_of(section, key), section, key, "is used by %s, which is not in strategies" % strategy)
         services[section] = svc
-    if not services and not problems:
+    if not services and not any(s not in ("selfheal", None) for s, _ in lines):
         problem(None, None, None, "no services listed: add one [section] per service")
     if problems:
         raise ConfigError([text for _, text in sorted(problems, key=lambda p: p[0])])
@@ -884,6 +884,12 @@ def check_url(value: str) -> str:
         raise ValueError("must be an http:// or https:// URL")
     if any(c.isspace() or ord(c) < 32 for c in value):
         raise ValueError("must not contain spaces or control characters")
+    if not value.isascii():
+        raise ValueError("must be ASCII (write an international name in its xn-- form, %-escape the rest)")
+    try:
+        parsed.port  # noqa: B018 - raises for a port that is not a number in 0-65535
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
     return value
 
 
@@ -3460,10 +3466,15 @@ def deliver_mail(config: Config, paths: Paths, msg: EmailMessage) -> bool:
     Reports queued earlier go first, so a thread arrives in order; while they cannot be
     sent, this one waits behind them.
     """
-    _, left = flush_spool(config, paths, wait=5.0)
+    try:
+        _, left = flush_spool(config, paths, wait=5.0)
+    except Exception as exc:  # a broken queue must not cost this report: queue it behind the rest
+        log.error("could not send the queued mail first: %s", exc)
+        left = -1
     if left:
         try:
-            log.warning("queued %r behind %d older report(s) (queued as %s)", str(msg["Subject"]), left,
+            log.warning("queued %r behind %s older report(s) (queued as %s)", str(msg["Subject"]),
+                        left if left > 0 else "unknown",
                         spool(paths, msg))
         except OSError as exc:
             log.critical("could not queue %r (%s); the report follows:\n%s", str(msg["Subject"]), exc,
@@ -3629,7 +3640,13 @@ def report_summary(subject_text: str, body: str, limit: int = SUMMARY_CHARS) -> 
         summary = "\n".join(lines).strip()
         if summary.startswith(subject_text):
             summary = summary[len(subject_text):].strip()
+    # Link-free: a URL in the report (a health_url the watch found failing) is cut to its
+    # scheme and host, so a token in its path or query never reaches a chat service.
+    summary = URL_RE.sub(lambda m: url_for_log(m.group(0)), summary)
     return summary if len(summary) <= limit else summary[:limit - 3].rstrip() + "..."
+
+
+URL_RE = re.compile(r"\bhttps?://[^\s<>\"']+?(?=[.,:;)]*(?:\s|$|[<>\"']))")
 
 
 def report_event(settings: Settings, msg: EmailMessage, status: str = "") -> dict:
@@ -3761,11 +3778,15 @@ def deliver_webhook(config: Config, paths: Paths, event: dict) -> bool:
     settings, subject_text = config.settings, event.get("subject", "")
     if not settings.webhook_url:
         return False
-    _, left = flush_webhooks(config, paths, wait=5.0)
+    try:
+        _, left = flush_webhooks(config, paths, wait=5.0)
+    except Exception as exc:  # a broken queue must not cost this post: queue it behind the rest
+        log.error("could not make the queued webhook posts first: %s", exc)
+        left = -1
     try:
         if left:
-            log.warning("queued the webhook post of %r behind %d older one(s) (queued as %s)", subject_text, left,
-                        queue_webhook(paths, event))
+            log.warning("queued the webhook post of %r behind %s older one(s) (queued as %s)", subject_text,
+                        left if left > 0 else "unknown", queue_webhook(paths, event))
             return False
         try:
             said = post_webhook(settings, event)
@@ -3780,7 +3801,8 @@ def deliver_webhook(config: Config, paths: Paths, event: dict) -> bool:
                                 url_for_log(settings.webhook_url), exc, settings.webhook_timeout), where)
             return False
     except OSError as exc:
-        log.critical("could not post %r to the webhook nor queue it (%s); the report is in the log", subject_text, exc)
+        log.critical("could not post %r to the webhook nor queue it (%s); its summary follows:\n%s", subject_text, exc,
+                     event.get("summary", ""))
         return False
     log.info("posted %r to the webhook %s (%s)", subject_text, url_for_log(settings.webhook_url), said)
     return True
@@ -3870,9 +3892,16 @@ def ping_heartbeat(config: Config, paths: Paths) -> bool:
     except (OSError, ValueError):
         before = {}
     now = time.time()
+
+    def when(key: str, default: float) -> float:  # a damaged marker must not fail the watch
+        try:
+            return float(before.get(key) or default)
+        except (TypeError, ValueError):
+            return default
+
     try:
         if problem:
-            since, logged = float(before.get("failing_since") or now), float(before.get("logged") or 0.0)
+            since, logged = when("failing_since", now), when("logged", 0.0)
             if now - logged >= 3600:
                 log.warning("heartbeat failed: %s (failing since %s; the watch itself is fine)", problem, iso(since))
                 logged = now

@@ -302,3 +302,17 @@ def test_smtp_password_file_that_is_missing_or_readable_by_others_is_a_config_er
     assert "must be 0600 or 0400" in loose.value.problems[0]
     os.chmod(str(secret), 0o600)
     assert selfheal.parse_config(text, "services.conf", check_files=True).settings.smtp_user == "me"
+
+
+def test_no_services_is_reported_with_the_other_problems_not_instead_of_them():
+    with pytest.raises(selfheal.ConfigError) as err:
+        selfheal.parse_config(GLOBAL + "smtp_prot = 25\n", "services.conf")
+    problems = err.value.problems
+    assert any("[selfheal] smtp_prot: unknown key" in p for p in problems), problems
+    assert any("no services listed" in p for p in problems), problems
+
+
+def test_a_service_section_with_a_problem_is_not_called_missing():
+    with pytest.raises(selfheal.ConfigError) as err:
+        selfheal.parse_config(GLOBAL + "\n[web]\nprot = 80\n", "services.conf")
+    assert not any("no services listed" in p for p in err.value.problems), err.value.problems

@@ -146,7 +146,27 @@ def test_slack_post_is_a_text_object_with_markup_escaped_and_no_link_previews(be
     assert set(payload) == {"text", "unfurl_links", "unfurl_media"}
     assert payload["unfurl_links"] is False and payload["unfurl_media"] is False
     assert payload["text"] == ("❌ MiracleMax: worker - FAILED\n"
-                               "worker &lt;https://evil.example/|click&gt; &amp; co broke")
+                               "worker &lt;https://evil.example/...&gt; &amp; co broke")
+
+
+def test_a_url_in_the_summary_keeps_only_scheme_and_host_so_a_token_in_it_never_reaches_the_chat():
+    body = ("ISSUE DETECTED\n--------------\n  story-stages was unhealthy: port 5002 open but GET "
+            "http://127.0.0.1:5002/health?token=s3cret: HTTP 500\n")
+    summary = selfheal.report_summary("❌ MiracleMax: story-stages - FAILED", body)
+    assert "s3cret" not in summary and "/health" not in summary
+    assert "GET http://127.0.0.1:5002/...: HTTP 500" in summary
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("webhook_url", "http://hooks.example:abc/x", "has a port that is not a number"),
+    ("webhook_url", "http://hooks.example:70000/x", "has a port that is not a number"),
+    ("heartbeat_url", "http://höst.example/ping", "must be ASCII"),
+    ("heartbeat_url", "https://hc.example/päng", "must be ASCII"),
+])
+def test_a_url_that_could_never_be_sent_is_a_config_error(bed, key, value, problem):
+    with pytest.raises(selfheal.ConfigError) as err:
+        configure(bed, **{key: value})
+    assert any(("[selfheal] %s: " % key) in p and problem in p for p in err.value.problems), err.value.problems
 
 
 def test_ntfy_post_is_plain_text_with_ascii_title_priority_and_tags(bed, http_sink):
@@ -550,3 +570,23 @@ def test_http_sink_answers_every_method_with_its_status_and_keeps_the_request(ht
     assert exc.value.code == 418
     (req,) = http_sink.requests
     assert (req.method, req.path, req.body) == ("POST", "/x", b"hi")
+
+
+def test_a_queue_that_cannot_be_flushed_never_costs_the_new_report_on_either_channel(bed, closed_port, monkeypatch):
+    configure(bed, smtp_port=closed_port, webhook_url="http://127.0.0.1:%d%s" % (closed_port, HOOK))
+
+    def broken(*args, **kwargs):
+        raise OSError(40, "Too many levels of symbolic links", "/run/selfheal/locks")
+    monkeypatch.setattr(selfheal, "flush_spool", broken)
+    monkeypatch.setattr(selfheal, "flush_webhooks", broken)
+    msg = selfheal.make_message(bed.config.settings, "❌ MiracleMax: worker - FAILED", "worker broke\n")
+    assert selfheal.deliver(bed.config, bed.paths, msg) is False
+    assert len(bed.spooled()) == 1 and len(queued_posts(bed)) == 1
+
+
+def test_a_damaged_heartbeat_marker_never_fails_the_watch(bed, closed_port):
+    configure(bed, heartbeat_url="http://127.0.0.1:%d/ping" % closed_port)
+    bed.paths.run.mkdir(parents=True, exist_ok=True)
+    (bed.paths.run / "heartbeat.json").write_text('{"failing_since": "x", "logged": [1]}\n')
+    assert selfheal.ping_heartbeat(bed.config, bed.paths) is False
+    assert isinstance(json.loads((bed.paths.run / "heartbeat.json").read_text())["failing_since"], float)
