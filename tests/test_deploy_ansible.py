@@ -52,3 +52,28 @@ def test_example_inventory_renders_a_config_selfheal_validates_for_every_host(tm
         found = checked.stdout.strip().split(" service(s): ", 1)[1].split(", ")
         services = inventory["_meta"]["hostvars"][host]["selfheal_services"]
         assert sorted(found) == sorted(services)  # every service of the host, none of another's
+
+
+BAD_INVENTORIES = {
+    # a mapping as a value: its keys would be written out raw, one of them a new section
+    "mapping-value": {"selfheal_settings": {"name": "x"},
+                      "selfheal_services": {"web": {"port": {"x\n[evil]\nunit = postgresql.service": None}}}},
+    "multi-line-value": {"selfheal_settings": {"name": "x"},
+                         "selfheal_services": {"web": {"domain": "a.example\n[evil]"}}},
+    "mapping-in-a-list": {"selfheal_settings": {"email_to": [{"x\nbcc": 1}]}, "selfheal_services": {"web": None}},
+    "section-name-with-a-bracket": {"selfheal_settings": {"name": "x"}, "selfheal_services": {"web]\n[evil": None}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INVENTORIES))
+def test_inventory_values_that_could_smuggle_a_key_or_section_fail_the_host_before_anything_runs(tmp_path, case):
+    hostvars = dict(BAD_INVENTORIES[case], ansible_connection="local", ansible_become=False,
+                    ansible_python_interpreter="/usr/bin/python3",
+                    selfheal_stage_dir=str(tmp_path / "stage"))
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(json.dumps({"selfheal": {"hosts": {"probe": hostvars}}}))
+    done = ansible("ansible-playbook", "-i", inventory, "--check", "site.yml", tmp_path=tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert "must map plain key names to one-line values" in out or "a section name of A-Z" in out, out
+    assert not (tmp_path / "stage").exists()
