@@ -4113,6 +4113,7 @@ class Installer:
     out: object = None  # default: sys.stdout at the time of writing
     created: List[str] = dataclasses.field(default_factory=list)
     changes: int = 0  # files written, linked or removed: said last, for deploy tools (Ansible)
+    dry_run: bool = False  # say what would change (Ansible's --check), change nothing
 
     @property
     def libdir(self) -> str:
@@ -4138,8 +4139,11 @@ class Installer:
                 return False
         except (OSError, UnicodeDecodeError):
             pass
-        atomic_write(target, text, mode)
         self.changes += 1
+        if self.dry_run:
+            self.say("  would install %s" % path)
+            return True
+        atomic_write(target, text, mode)
         self.say("  installed %s" % path)
         return True
 
@@ -4152,7 +4156,8 @@ class Installer:
             for svc in config.services.values() if never_touch_loaded(loaded.get(svc.unit, {}))]
         if protected:  # found only on this host (an alias): refuse before changing anything
             raise ConfigError(protected)
-        if self.put(libdir + "/selfheal.py", self_text, 0o755) or not self.host(libdir + "/__pycache__").is_dir():
+        if (self.put(libdir + "/selfheal.py", self_text, 0o755) or not self.host(libdir + "/__pycache__").is_dir()) \
+                and not self.dry_run:
             # Compiled now, so the first heal does not pay for compiling 2,000 lines.
             py_compile.compile(str(self.host(libdir + "/selfheal.py")), doraise=True,
                                invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
@@ -4161,8 +4166,11 @@ class Installer:
             self.put(libdir + "/README.md", readme.read_text(encoding="utf-8"), 0o644)
         self.put(self.prefix.rstrip("/") + "/bin/miraclemax-status", MIRACLEMAX_STATUS, 0o755)
         link = self.host(self.prefix.rstrip("/") + "/sbin/selfheal")
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not (link.is_symlink() and os.readlink(str(link)) == libdir + "/selfheal.py"):
+        if self.dry_run and not (link.is_symlink() and os.readlink(str(link)) == libdir + "/selfheal.py"):
+            self.changes += 1
+            self.say("  would link %s -> %s/selfheal.py" % (link, libdir))
+        elif not (link.is_symlink() and os.readlink(str(link)) == libdir + "/selfheal.py"):
+            link.parent.mkdir(parents=True, exist_ok=True)
             if link.is_symlink() or link.exists():
                 link.unlink()
             link.symlink_to(libdir + "/selfheal.py")
@@ -4175,14 +4183,18 @@ class Installer:
             old = target.read_text(encoding="utf-8")
         except FileNotFoundError:
             old = None
-        if old is not None and old != config_text:
-            atomic_write(target.with_name(target.name + ".bak"), old, 0o644)
-            self.say("  kept the previous %s as %s.bak" % (conf, conf))
-        if old != config_text:
+        if self.dry_run and old != config_text:
+            self.changes += 1
+            self.say("  would install %s%s" % (conf, " (the previous one kept as .bak)" if old is not None else ""))
+        elif old != config_text:
+            if old is not None:
+                atomic_write(target.with_name(target.name + ".bak"), old, 0o644)
+                self.say("  kept the previous %s as %s.bak" % (conf, conf))
             atomic_write(target, config_text, 0o644)
             self.changes += 1
             self.say("  installed %s" % conf)
-        atomic_write(self.host(STATE_DIR + "/last-good.conf"), config_text, 0o600)
+        if not self.dry_run:
+            atomic_write(self.host(STATE_DIR + "/last-good.conf"), config_text, 0o600)
 
         changed = [self.put("%s/%s" % (UNIT_DIR, name),
                             render_unit(name, libdir, self.python, config.settings.watch_interval), 0o644)
@@ -4200,6 +4212,11 @@ class Installer:
             wanted.add(path)
             self.put(path, dropin_text(svc, conf), 0o644)
         self.remove_stale_dropins(wanted)
+        if self.dry_run:
+            self.say("dry run: %d service(s) would be watched, %d without their unit; nothing was changed."
+                     % (len(wanted), len(config.services) - len(wanted)))
+            self.say_changes()
+            return EX_OK
         self.write_manifest()
         if self.live:
             # restart the timer only when a unit changed: a new interval counts from now on
@@ -4216,7 +4233,11 @@ class Installer:
         return EX_OK
 
     def say_changes(self) -> None:
-        """The last line: whether this run changed any file (a second run says "nothing")."""
+        """The last line: whether this run changed any file (a second run says "nothing");
+        with dry_run, whether it would."""
+        if self.dry_run:
+            self.say("%d file(s) would change." % self.changes if self.changes else "nothing would change.")
+            return
         self.say("%d file(s) changed." % self.changes if self.changes else "nothing changed.")
 
     def dropins(self) -> List[Path]:
@@ -4232,8 +4253,11 @@ class Installer:
                     continue  # somebody else's file with our name: not ours to remove
             except OSError:
                 continue
-            path.unlink()
             self.changes += 1
+            if self.dry_run:
+                self.say("  would remove %s (no longer listed)" % logical)
+                continue
+            path.unlink()
             try:
                 path.parent.rmdir()
             except OSError:
@@ -5331,6 +5355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--destdir", default=os.environ.get("DESTDIR", ""), help="stage into this root (packaging); "
                    "systemd is not told")
     p.add_argument("--uninstall", action="store_true", help="remove what install put there; services keep running")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what install would change (last line: N file(s) would change.); change nothing")
     p.add_argument("--purge", action="store_true", help="with --uninstall: also remove config, history and queue")
 
     p = add("watch", help="look at every service once and act (what selfheal-watch.timer runs)")
@@ -5446,7 +5472,8 @@ def cmd_install(args, config_path: str) -> int:
     # version), unless staging for another root, where only the standard path makes sense.
     python = sys.executable if (not args.destdir and os.path.isabs(sys.executable or "")
                                 and re.match(r"^[A-Za-z0-9_./+-]+$", sys.executable)) else PYTHON
-    installer = Installer(prefix=args.prefix, destdir=args.destdir, python=python)
+    installer = Installer(prefix=args.prefix, destdir=args.destdir, python=python,
+                          dry_run=bool(getattr(args, "dry_run", False)))
     if (not args.prefix.startswith("/") or not re.match(r"^[A-Za-z0-9_./+-]+$", args.prefix)
             or any(part in (".", "..") for part in args.prefix.split("/"))):
         raise UsageError("PREFIX must be an absolute path of A-Z a-z 0-9 _ . / + - without . or .. "
@@ -5454,6 +5481,8 @@ def cmd_install(args, config_path: str) -> int:
     if not installer.destdir:
         require_root("install")
     if args.uninstall:
+        if installer.dry_run:
+            raise UsageError("--dry-run is for install only")
         return installer.uninstall(purge=args.purge)
     # The source config is the admin's own file in a checkout (not yet root's): check its
     # content and that nobody else can write it; /etc/selfheal gets a root-owned copy.

@@ -213,6 +213,24 @@ def test_second_run_reports_changed_0_on_every_host(fleet):
     print("rerun on %d hosts (nothing to do): %.1f s" % (len(fleet.names), seconds))
 
 
+def test_check_sees_drift_on_a_host_changes_nothing_and_the_real_run_repairs_it(fleet):
+    """A drop-in deleted by hand: --check says that host would change (selfheal's install
+    --dry-run), touches nothing; the real run puts it back; then all is changed=0 again."""
+    last = fleet.names[-1]
+    box = fleet.box(last)
+    svc = listed(len(fleet.names) - 1)[0]
+    dropin = "/etc/systemd/system/%s.service.d/selfheal.conf" % svc
+    box.run(["rm", dropin])
+    done, counts, _ = fleet.run("site.yml", "--check")
+    assert_recap(done, counts, {name: name == last for name in fleet.names})
+    assert not exists(box, dropin)
+    done, counts, _ = fleet.run("site.yml")
+    assert_recap(done, counts, {name: name == last for name in fleet.names})
+    assert exists(box, dropin)
+    done, counts, _ = fleet.run("site.yml", "--check")
+    assert_recap(done, counts, {name: False for name in fleet.names})
+
+
 def test_check_diff_of_one_hosts_changed_var_reports_it_and_changes_no_file(fleet):
     first = fleet.names[0]
     box = fleet.box(first)

@@ -121,6 +121,36 @@ def test_install_and_uninstall_say_last_how_many_files_they_changed_and_a_rerun_
     assert last_line("--uninstall") == "nothing changed."
 
 
+def test_dry_run_says_what_install_would_change_to_the_file_and_changes_nothing(tmp_path, write_conf, cli):
+    """For Ansible's --check: drift on the host (a drop-in deleted, the config edited by hand,
+    a service no longer listed) is reported as it would be changed, and nothing is."""
+    root = tmp_path / "root"
+    one, two = write_conf(CONF, "one.conf"), write_conf(CONF.replace("[passgo]\nport = 5001\n", ""), "two.conf")
+
+    def dry(config):
+        before = snapshot(root) if root.exists() else {}
+        done = cli("install", "--destdir", root, "--prefix", "/usr/local", "--config", config, "--dry-run")
+        assert done.returncode == 0, done.stderr
+        assert (snapshot(root) if root.exists() else {}) == before
+        return done.stdout.splitlines()
+
+    fresh = dry(one)
+    assert fresh[-1] == "%d file(s) would change." % (len(selfheal.UNIT_TEMPLATES) + len(DROPINS) + 5)
+    assert not root.exists() or not any(root.rglob("*.service"))
+    assert install(root, one) == 0
+    assert dry(one)[-1] == "nothing would change."
+    (root / DROPINS["passgo"]).unlink()
+    (root / "etc/selfheal/services.conf").write_text(CONF + "# edited by hand\n")
+    said = dry(one)
+    assert said[-1] == "2 file(s) would change."
+    assert "  would install /etc/selfheal/services.conf (the previous one kept as .bak)" in said
+    assert any(line.startswith("  would install ") and "passgo" in line for line in said)
+    assert install(root, one) == 0
+    said = dry(two)
+    assert said[-1] == "2 file(s) would change." and any(line.startswith("  would remove ") for line in said)
+    assert cli("install", "--uninstall", "--dry-run", "--destdir", root).returncode == 2
+
+
 def test_changed_config_replaces_the_installed_one_and_keeps_the_previous_as_bak(tmp_path, write_conf):
     root = tmp_path / "root"
     assert install(root, write_conf(CONF, "one.conf")) == 0
