@@ -3713,16 +3713,41 @@ def http_send(url: str, timeout: float, data: Optional[bytes] = None,
         headers["Authorization"] = "Basic " + base64.b64encode(login.encode("utf-8")).decode("ascii")
         url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     request = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
-    try:
-        with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
-            return response.status, response.read(4096)
-    except urllib.error.HTTPError as exc:
+
+    def once() -> Tuple[int, bytes]:
         try:
-            answer = exc.read(4096)
-        except Exception:  # the error body is only for the log
-            answer = b""
-        exc.close()
-        return exc.code, answer
+            with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
+                return response.status, response.read(4096)
+        except urllib.error.HTTPError as exc:
+            try:
+                answer = exc.read(4096)
+            except Exception:  # the error body is only for the log
+                answer = b""
+            exc.close()
+            return exc.code, answer
+
+    # urllib's timeout bounds each socket operation, not the request: a server that answers
+    # a byte at a time (or a slow resolver) could hold a heal far longer. The whole request
+    # gets `timeout`; one still running then is left behind (a daemon thread) and counted
+    # as no answer, so the report is queued (a late success means one post twice: at least once).
+    import threading
+
+    outcome: Dict[str, object] = {}
+
+    def attempt() -> None:
+        try:
+            outcome["answer"] = once()
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=attempt, name="selfheal-http", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise socket.timeout("timed out")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["answer"]  # type: ignore[return-value]
 
 
 def explain_http_error(where: str, exc: BaseException, timeout: float) -> str:
@@ -5366,7 +5391,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="send reports queued because mail or the webhook failed")
     p.add_argument("--quiet", action="store_true", help="say nothing when the queues are empty")
 
-    add("test-email", help="send a test mail (and a test post to webhook_url, when set); say exactly what fails")
+    add("test-email", help="send a test mail (and a test post to webhook_url, a ping to heartbeat_url, when set); say exactly what fails")
 
     p = add("status", help="the dashboard: system, services, last heals, activity, setup (miraclemax-status)")
     p.description = ("The dashboard: system overview, every service with its health and last heal, recent "
@@ -5519,6 +5544,20 @@ def cmd_test_email(config: Config) -> int:
         except WebhookError as exc:
             print("test-email: webhook: FAILED: %s" % exc, file=sys.stderr)
             rc = EX_FAIL
+    if s.heartbeat_url:  # the same GET a watch run makes (it only says "alive")
+        import http.client
+
+        where = url_for_log(s.heartbeat_url)
+        try:
+            status, _ = http_send(s.heartbeat_url, s.webhook_timeout)
+            problem = "" if 200 <= status < 300 else "%s answered HTTP %d" % (where, status)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            status, problem = 0, explain_http_error(where, exc, s.webhook_timeout)
+        if problem:
+            print("test-email: heartbeat: FAILED: %s" % problem, file=sys.stderr)
+            rc = EX_FAIL
+        else:
+            print("test-email: heartbeat: %s answered HTTP %d" % (where, status))
     return rc
 
 

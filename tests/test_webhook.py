@@ -5,7 +5,9 @@ a failed ping never fails the watch. Runs against tests/http_sink.py and tests/s
 
 import json
 import logging
+import socket
 import stat
+import time
 
 import pytest
 
@@ -590,3 +592,56 @@ def test_a_damaged_heartbeat_marker_never_fails_the_watch(bed, closed_port):
     (bed.paths.run / "heartbeat.json").write_text('{"failing_since": "x", "logged": [1]}\n')
     assert selfheal.ping_heartbeat(bed.config, bed.paths) is False
     assert isinstance(json.loads((bed.paths.run / "heartbeat.json").read_text())["failing_since"], float)
+
+
+def test_a_webhook_that_trickles_its_answer_is_given_up_after_webhook_timeout_in_all(bed):
+    """urllib's timeout is per socket operation: one byte every 0.2 s would never trip it."""
+    import threading
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(0.5)
+            try:
+                conn.recv(65536)
+            except OSError:
+                pass
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+                if stop.is_set():
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        configure(bed, webhook_url="http://127.0.0.1:%d%s" % (server.getsockname()[1], HOOK), webhook_timeout="1s")
+        msg = selfheal.make_message(bed.config.settings, "❌ MiracleMax: worker - FAILED", "worker broke\n")
+        started = time.monotonic()
+        assert selfheal.deliver_webhook(bed.config, bed.paths, selfheal.report_event(bed.config.settings, msg)) is False
+        assert time.monotonic() - started < 3.0
+        assert len(queued_posts(bed)) == 1
+    finally:
+        stop.set()
+        server.close()
+
+
+def test_test_email_pings_the_heartbeat_and_says_so(bed, http_sink, capsys):
+    configure(bed, heartbeat_url=http_sink.url("/ping/uuid"))
+    assert selfheal.cmd_test_email(bed.config) == selfheal.EX_OK
+    assert [r.method for r in http_sink.wait(1, path="/ping/uuid")] == ["GET"]
+    assert "test-email: heartbeat: http://127.0.0.1:%d/... answered HTTP 200" % http_sink.port in capsys.readouterr().out
+
+
+def test_test_email_fails_when_the_heartbeat_cannot_be_reached(bed, closed_port, capsys):
+    configure(bed, heartbeat_url="http://127.0.0.1:%d/ping" % closed_port)
+    assert selfheal.cmd_test_email(bed.config) == selfheal.EX_FAIL
+    assert "test-email: heartbeat: FAILED: connection to http://127.0.0.1:%d/... refused" % closed_port \
+        in capsys.readouterr().err
