@@ -5391,7 +5391,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="send reports queued because mail or the webhook failed")
     p.add_argument("--quiet", action="store_true", help="say nothing when the queues are empty")
 
-    add("test-email", help="send a test mail (and a test post to webhook_url, a ping to heartbeat_url, when set); say exactly what fails")
+    add("test-email", help="send a test mail (and a test post to webhook_url, a ping to heartbeat_url, "
+                           "when set); say exactly what fails")
 
     p = add("status", help="the dashboard: system, services, last heals, activity, setup (miraclemax-status)")
     p.description = ("The dashboard: system overview, every service with its health and last heal, recent "
