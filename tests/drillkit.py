@@ -4,6 +4,7 @@
 import contextlib
 import json
 import os
+import time
 
 from bed import Container
 
@@ -39,10 +40,31 @@ CLONE = "/root/selfheal"
 STANDIN = "/usr/local/bin/standin"
 
 
-def web_unit(port, extra=""):
-    """A stand-in web app on 127.0.0.1:PORT; `extra` adds [Service] lines."""
-    return ("[Unit]\nDescription=stand-in on %d\n[Service]\nExecStart=/usr/bin/python3 %s %d\n%s"
-            "[Install]\nWantedBy=multi-user.target\n" % (port, STANDIN, port, extra))
+def web_unit(port, extra="", args=""):
+    """A stand-in web app on 127.0.0.1:PORT; `args` are more standin.py options (--config
+    FILE, --data PATH...), `extra` adds [Service] lines."""
+    return ("[Unit]\nDescription=stand-in on %d\n[Service]\nExecStart=/usr/bin/python3 %s %s\n%s"
+            "[Install]\nWantedBy=multi-user.target\n" % (port, STANDIN, " ".join(filter(None, [str(port), args])), extra))
+
+
+def kill(box, unit):
+    """SIGKILL the unit's main process (a crash). The whole cgroup is not killed: that failed
+    now and then with EIO in these containers (hybrid cgroups)."""
+    box.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", unit])
+
+
+def starts(box, unit):
+    """How many runs of `unit` systemd started (its "Started ..." journal lines, in every
+    version's wording), whether or not they came up."""
+    out = box.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit], check=False).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("Started "))
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -104,7 +126,6 @@ def mails_about(box, service):
 
 def wait_idle(box, name, timeout=30):
     """Wait until selfheal@NAME.service is not running (a heal finished)."""
-    import time
     deadline = time.monotonic() + timeout
     while box.run(["systemctl", "is-active", "selfheal@%s.service" % name], check=False).stdout.strip() in (
             "activating", "active", "deactivating"):

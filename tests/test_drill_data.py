@@ -7,14 +7,11 @@ import time
 
 import pytest
 
-from drillkit import STANDIN, about, body, clear_mailbox, drill_suites, http_get, installed_host, mails_about, show
+from drillkit import (about, body, clear_mailbox, drill_suites, http_get, installed_host,
+                      kill, mails_about, show, starts, web_unit)
 
 pytestmark = pytest.mark.drill
 
-
-def unit(port, args, extra=""):
-    return ("[Unit]\nDescription=stand-in on %d\n[Service]\nExecStart=/usr/bin/python3 %s %d %s\n%s"
-            "[Install]\nWantedBy=multi-user.target\n" % (port, STANDIN, port, args, extra))
 
 
 OWNED_DB = "/srv/owned/db.sqlite"
@@ -22,9 +19,9 @@ DAMAGED_DB = "/srv/damaged/db.sqlite"
 LEAKY_ENV = "/etc/leaky/env"
 
 UNITS = {
-    "owned.service": unit(5040, "--data " + OWNED_DB),
-    "damaged.service": unit(5041, "--data " + DAMAGED_DB),
-    "leaky.service": unit(5042, "--require-env API_KEY", "EnvironmentFile=%s\n" % LEAKY_ENV),
+    "owned.service": web_unit(5040, args="--data " + OWNED_DB),
+    "damaged.service": web_unit(5041, args="--data " + DAMAGED_DB),
+    "leaky.service": web_unit(5042, "EnvironmentFile=%s\n" % LEAKY_ENV, args="--require-env API_KEY"),
 }
 
 CONFIG = """\
@@ -78,16 +75,13 @@ def host(request, bed_reason, repo_root):
         yield box
 
 
-def starts(box, name):
-    out = box.run(["journalctl", "-u", name, "-o", "cat", "--no-pager"]).stdout
-    return sum(1 for line in out.splitlines() if line.startswith("listening on "))
 
 
 def test_database_owner_and_mode_changed_are_restored_as_declared_and_service_restarted(host):
     clear_mailbox(host)
     host.run(["chown", "root:root", OWNED_DB])
     host.run(["chmod", "0666", OWNED_DB])
-    host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "owned"])
+    kill(host, "owned")
     [mail] = host.wait_mail(about("owned", "RESOLVED"), timeout=30)
     text = body(mail)
     assert "chown nobody:nogroup %s" % OWNED_DB in text
@@ -105,7 +99,7 @@ def test_damaged_sqlite_file_fails_with_sqlites_words_and_is_not_restarted(host)
     damaged = host.run(["sha256sum", DAMAGED_DB]).stdout
     assert damaged != before
     started = starts(host, "damaged.service")
-    host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "damaged"])
+    kill(host, "damaged")
     [mail] = host.wait_mail(about("damaged", "FAILED"), timeout=30)
     text = body(mail)
     assert "SQLite says %s is damaged" % DAMAGED_DB in text
@@ -120,7 +114,7 @@ def test_damaged_sqlite_file_fails_with_sqlites_words_and_is_not_restarted(host)
 
 def test_env_file_with_secrets_readable_by_everyone_is_named_in_the_report(host):
     clear_mailbox(host)
-    host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "leaky"])
+    kill(host, "leaky")
     [mail] = host.wait_mail(about("leaky", "RESOLVED"), timeout=30)
     text = body(mail)
     assert "%s is readable by everyone and holds API_KEY (chmod o-r %s)" % (LEAKY_ENV, LEAKY_ENV) in text

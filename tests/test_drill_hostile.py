@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from drillkit import about, body, clear_mailbox, drill_suites, http_get, installed_host, show, wait_idle, web_unit
+from drillkit import (about, body, clear_mailbox, drill_suites, http_get, installed_host, kill, show,
+                      wait_idle, web_unit)
 
 pytestmark = pytest.mark.drill
 
@@ -68,8 +69,6 @@ def heal_journal(box):
     return box.journal("selfheal@web.service", lines=400)
 
 
-def kill_web(box):
-    box.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "web"])
 
 
 def test_full_state_and_log_disks_still_heal_and_mail_resolved_and_say_what_was_not_written(host):
@@ -79,7 +78,7 @@ def test_full_state_and_log_disks_still_heal_and_mail_resolved_and_say_what_was_
     with full_disk(host):
         before = history_lines(host)
         started = time.monotonic()
-        kill_web(host)
+        kill(host, "web")
         [mail] = host.wait_mail(about("web", "RESOLVED"), timeout=60)
         print("full disk: crash to RESOLVED mail in %.2f s" % (time.monotonic() - started))
         wait_idle(host, "web")
@@ -93,7 +92,7 @@ def test_full_state_and_log_disks_still_heal_and_mail_resolved_and_say_what_was_
         assert history_lines(host) == before  # nothing half-written
     # Space is back: the next heal is recorded again.
     clear_mailbox(host)
-    kill_web(host)
+    kill(host, "web")
     host.wait_mail(about("web", "RESOLVED"), timeout=60)
     wait_idle(host, "web")
     assert history_lines(host)[-1:] and '"outcome": "RESOLVED"' in history_lines(host)[-1]
@@ -104,7 +103,7 @@ def test_full_disk_and_mail_server_down_heals_and_puts_the_whole_report_in_the_j
     host.run(["systemctl", "stop", "postfix"])
     try:
         with full_disk(host):
-            kill_web(host)
+            kill(host, "web")
             deadline = time.monotonic() + 60
             while "nor queue it" not in heal_journal(host):
                 assert time.monotonic() < deadline, heal_journal(host)

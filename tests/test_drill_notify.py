@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from drillkit import (REPO_INSIDE, about, clear_mailbox, drill_suites, installed_host, mails_about, show,
-                      wait_idle, web_unit)
+from drillkit import (REPO_INSIDE, about, clear_mailbox, drill_suites, installed_host, kill, mails_about,
+                      show, wait_idle, web_unit)
 
 pytestmark = pytest.mark.drill
 
@@ -88,8 +88,6 @@ def queued(box):
     return box.sh("ls %s/*.json 2>/dev/null || true" % QUEUE).stdout.split()
 
 
-def kill(box, unit):
-    box.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", unit])
 
 
 def watch_runs(box, since):

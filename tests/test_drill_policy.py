@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from drillkit import (REPO_INSIDE, about, body, clear_mailbox, drill_suites, history, installed_host,
+from drillkit import (REPO_INSIDE, about, body, clear_mailbox, drill_suites, history, installed_host, kill,
                       mails_about, show)
 
 pytestmark = pytest.mark.drill
@@ -59,8 +59,6 @@ def host(request, bed_reason, repo_root):
         yield box
 
 
-def kill(box, name):
-    box.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", name])
 
 
 def wait_history(box, name, count, timeout=30):

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from drillkit import (REPO_INSIDE, about, body, clear_mailbox, drill_suites, history, installed_host, mails_about,
-                      show, wait_idle, web_unit)
+from drillkit import (REPO_INSIDE, about, body, clear_mailbox, drill_suites, history, installed_host,
+                      kill, mails_about, show, starts, wait_for, wait_idle, web_unit)
 
 pytestmark = pytest.mark.drill
 
@@ -94,17 +94,8 @@ def queued(box, where, suffix):
     return [f for f in box.run(["ls", where]).stdout.split() if f.endswith(suffix)]
 
 
-def starts(box, unit):
-    """How many times the stand-in has started (it prints "listening on ..." once bound)."""
-    out = box.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit], check=False).stdout
-    return sum(1 for line in out.splitlines() if line.startswith("listening on "))
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting for " + what
-        time.sleep(0.05)
 
 
 def watch_idle(box):
@@ -126,9 +117,9 @@ def test_onfailure_and_watch_at_the_same_moment_restart_once_and_report_once_eac
     wait_for(lambda: starts(host, "racer.service") == 1, 10, "the first start in the journal")
     for round_no, offset in enumerate(OFFSETS_MS, 1):
         since = float(host.run(["date", "+%s.%N"]).stdout)
-        kill = "systemctl kill --kill-who=main -s KILL racer.service"
-        watch = "systemctl start --no-block selfheal-watch.service"
-        first, second = (kill, watch) if offset >= 0 else (watch, kill)
+        crash = "systemctl kill --kill-who=main -s KILL racer.service"
+        look = "systemctl start --no-block selfheal-watch.service"
+        first, second = (crash, look) if offset >= 0 else (look, crash)
         host.sh("%s; sleep %.3f; %s" % (first, abs(offset) / 1000, second))
         host.wait_mail(about("racer", "RESOLVED"), timeout=30, count=round_no)
         wait_idle(host, "racer")
@@ -162,7 +153,7 @@ def test_onfailure_and_watch_at_the_same_moment_restart_once_and_report_once_eac
 def test_report_queued_before_a_reboot_is_delivered_after_it_by_mail_and_webhook(host):
     clear_mailbox(host)
     host.run(["systemctl", "stop", "postfix.service", "hooksink.service"])
-    host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "sleeper.service"])
+    kill(host, "sleeper.service")
     wait_for(lambda: bool(history(host, "sleeper")) and show(host, "sleeper.service", "ActiveState") == "active",
              30, "the heal of sleeper")
     wait_idle(host, "sleeper")

@@ -9,20 +9,17 @@ import time
 
 import pytest
 
-from drillkit import drill_suites, STANDIN, about, body, clear_mailbox, http_get, installed_host, mails_about, show
+from drillkit import (about, body, clear_mailbox, drill_suites, http_get, installed_host,
+                      mails_about, show, starts, web_unit)
 
 pytestmark = pytest.mark.drill
 
 
-def unit(port, args, extra=""):
-    return ("[Unit]\nDescription=stand-in on %d\n[Service]\nExecStart=/usr/bin/python3 %s %d %s\n%s"
-            "[Install]\nWantedBy=multi-user.target\n" % (port, STANDIN, port, args, extra))
-
 
 UNITS = {
-    "checked.service": unit(5030, "--config /etc/checked/app.conf"),
-    "envy.service": unit(5031, "--require-env DATABASE_URL", "EnvironmentFile=/etc/envy/env\n"),
-    "linked.service": unit(5032, "--data /var/lib/linked/db.sqlite"),
+    "checked.service": web_unit(5030, args="--config /etc/checked/app.conf"),
+    "envy.service": web_unit(5031, "EnvironmentFile=/etc/envy/env\n", args="--require-env DATABASE_URL"),
+    "linked.service": web_unit(5032, args="--data /var/lib/linked/db.sqlite"),
 }
 
 CHECKER = """#!/usr/bin/python3
@@ -82,8 +79,6 @@ def host(request, bed_reason, repo_root):
         yield box
 
 
-def starts(box, name):
-    return box.run(["journalctl", "-u", name, "-o", "cat", "--no-pager"]).stdout.count("Started ")
 
 
 def test_config_its_checker_rejects_is_not_restarted_then_heals_once_fixed(host):

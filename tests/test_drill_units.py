@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from drillkit import drill_suites, STANDIN, about, body, clear_mailbox, http_get, installed_host, show
+from drillkit import (about, body, clear_mailbox, drill_suites, http_get, installed_host, show,
+                      web_unit)
 
 pytestmark = pytest.mark.drill
 
@@ -19,19 +20,15 @@ OUR_UNITS = ("selfheal@.service", "selfheal-watch.service", "selfheal-watch.time
 UNHARDENED_EXPOSURE = 9.6
 
 
-def unit(port, args, extra=""):
-    return ("[Unit]\nDescription=stand-in on %d\n[Service]\nExecStart=/usr/bin/python3 %s %d %s\n%s"
-            "[Install]\nWantedBy=multi-user.target\n" % (port, STANDIN, port, args, extra))
-
 
 UNITS = {
-    "web.service": unit(5040, ""),
+    "web.service": web_unit(5040),
     # Another user's service whose forked child keeps the port after the main process dies.
-    "otherfork.service": unit(5041, "--fork-child", "User=appuser\nKillMode=process\n"),
+    "otherfork.service": web_unit(5041, "User=appuser\nKillMode=process\n", args="--fork-child"),
     # Another user's database, reached through a symlink in that user's own directory.
-    "owned.service": unit(5042, "--data /var/lib/owned/db.sqlite", "User=appuser\n"),
+    "owned.service": web_unit(5042, "User=appuser\n", args="--data /var/lib/owned/db.sqlite"),
     # A declared symlink under /etc, which a heal may not write.
-    "etclinked.service": unit(5043, "--data /etc/etclinked/db.sqlite"),
+    "etclinked.service": web_unit(5043, args="--data /etc/etclinked/db.sqlite"),
 }
 
 CONFIG = """\
