@@ -107,11 +107,18 @@ POSTCONF = [
 ]
 ALIASES = ["owner: root"]
 MASK = ["apt-daily.timer", "apt-daily-upgrade.timer"]  # nothing may run apt mid-drill
+# Real services as Debian ships them, for the drills that heal them (nginx, Redis,
+# PostgreSQL, memcached) and for the metrics drill (node_exporter).  Installed but
+# disabled: a drill enables what it needs, so the other drills boot as fast as before.
+SERVICES = ["nginx", "redis-server", "redis-tools", "postgresql", "memcached",
+            "prometheus-node-exporter"]
+DISABLE = ["nginx.service", "redis-server.service", "postgresql.service",
+           "memcached.service", "prometheus-node-exporter.service"]
 ETC_HOSTS = (
     f"127.0.0.1\tlocalhost\n127.0.1.1\t{HOSTNAME}.localdomain {HOSTNAME}\n"
     "::1\t\tlocalhost ip6-localhost ip6-loopback\n"
 )
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 STAMP = ".selfheal-bed-recipe"
 
 # Inside-the-container paths that are mounts (tmpfs, proc...) invisible from the host dir.
@@ -264,6 +271,8 @@ def recipe_stamp(suite):
         "postconf": POSTCONF,
         "aliases": ALIASES,
         "mask": MASK,
+        "services": SERVICES,
+        "disable": DISABLE,
         "hosts": ETC_HOSTS,
         "hostname": HOSTNAME,
     }
@@ -296,6 +305,7 @@ printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d
 chmod 755 /usr/sbin/policy-rc.d
 apt-get update -q
 apt-get install -y -q --no-install-recommends postfix
+apt-get install -y -q --no-install-recommends {" ".join(SERVICES)}
 postconf -e {postconf}
 cat >> /etc/aliases <<'EOF'
 {aliases}
@@ -303,6 +313,9 @@ EOF
 newaliases
 systemctl --root=/ enable postfix.service
 systemctl --root=/ mask {" ".join(MASK)}
+systemctl --root=/ disable {" ".join(DISABLE)}
+# postgresql.service is a wrapper; its clusters' units are enabled through it.
+systemctl --root=/ disable 'postgresql@*' 2>/dev/null || true
 rm -f /usr/sbin/policy-rc.d
 apt-get clean
 rm -rf /var/lib/apt/lists/*
