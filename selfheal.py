@@ -64,7 +64,9 @@ VERSION = "0.1.0"
 CONFIG_PATH = "/etc/selfheal/services.conf"
 STATE_DIR = "/var/lib/selfheal"  # history.jsonl, spool/, services/, install manifest
 RUN_DIR = "/run/selfheal"  # locks and per-service status files (gone at boot)
-LOG_DIR = "/var/log/selfheal"  # one human-readable log per service
+LOG_DIR = "/var/log/selfheal"  # one human-readable log per service (0640 root:adm: it holds journal lines)
+LOG_GROUP = "adm"  # who may read what holds journal lines, as the journal itself allows
+SERVICE_LOG_MODE = 0o640
 UNIT_DIR = "/etc/systemd/system"
 DEFAULT_PREFIX = "/usr/local"
 PYTHON = "/usr/bin/python3"
@@ -76,6 +78,7 @@ SS = "ss"
 COMMAND_TIMEOUT = 15.0  # seconds for any external command unless said otherwise
 MAX_CONFIG_BYTES = 1 << 20  # a services.conf larger than 1 MiB is not one
 POLL_INTERVAL = 0.05  # seconds between verification probes
+HEALTH_BODY_LIMIT = 65536  # health_expect_text is looked for in this much of the answer
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale process
 MAX_JOB_SECONDS = 600.0  # the longest a systemctl job may take (selfheal@.service allows 10 min)
 JOURNAL_LINES = 30
@@ -167,6 +170,13 @@ class Escalation(SelfhealError):
         super().__init__(message)
         self.cause = cause
         self.steps = tuple(steps)
+
+
+class Refused(SelfhealError):
+    """selfheal will not act through this path: a link the service's account could have
+    planted, a FIFO or device where a file belongs, a file too large to read. The message
+    says what was found and that nothing was done ("... is a symlink owned by app: not
+    followed"); a heal that meets one is FAILED with manual steps, never RESOLVED."""
 
 
 # =============================================================================
@@ -1004,6 +1014,220 @@ def load_config(path: str, trusted: bool = True) -> Config:
 
 
 # =============================================================================
+# Files a service controls: reached without following its links, bounded, never blocking
+# =============================================================================
+#
+# selfheal is root; a service's data dir, env file and config files belong to the service's
+# account, which may be hostile. Every strategy, the watch and the report reach such a path
+# only through open_safely(): it walks the path one component at a time (openat with
+# O_NOFOLLOW), acts on the descriptor it opened (fstat, fchown, fchmod, read), accepts only
+# a regular file or a directory, never blocks (O_NONBLOCK: a FIFO is refused, not waited
+# on) and reads at most a bounded size. A symlink is followed only when it cannot be a trap:
+#   - owned by root in a directory only root can write (/etc/nginx/sites-enabled/x), or
+#   - owned by the same user as what it finally leads to (app's own link to app's own file:
+#     nothing app could not reach itself). A link owned by app that leads to root's file,
+#     another user's, a device or a FIFO is refused, and so is a path with links of two users.
+
+SAFE_READ_LIMIT = 1 << 20  # an env or config file larger than 1 MiB is not read
+MAX_LINK_HOPS = 40  # as the kernel's ELOOP limit
+
+_O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+
+def is_root() -> bool:
+    """The one place selfheal asks whether it runs as root (tests patch it)."""
+    return os.geteuid() == 0
+
+
+def owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "uid %d" % uid
+
+
+def file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
+class SafeFile(NamedTuple):
+    """What open_safely opened: the descriptor (O_RDONLY), its fstat, and the path it was
+    reached by once trusted links are resolved."""
+    fd: int
+    st: os.stat_result
+    real: str
+
+
+def open_safely(path: str, what: str, want: str = "file") -> SafeFile:
+    """Open `path` (key `what` of the config, for messages) as root without following a link
+    the service's account could have planted. want: "file", "dir" or "any" (either).
+
+    Raises Refused for a link not followed, a FIFO/device/socket, a path with "..", a
+    non-directory in the middle; OSError (FileNotFoundError...) as the kernel says. The
+    caller closes .fd."""
+    if not path.startswith("/"):
+        raise Refused("%s %s: not an absolute path; not followed" % (what, path))
+    todo = [part for part in path.split("/") if part]
+    stack = [os.open("/", _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
+    names: List[str] = []
+    link_owners = set()
+    hops = 0
+    try:
+        while True:
+            here = "/" + "/".join(names)
+            if not todo:  # the path was "/" or ended in a trusted link to "/"
+                name, parent = ".", stack[-1]
+                break
+            name = todo.pop(0)
+            if name == ".":
+                continue
+            if name == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                    names.pop()
+                continue
+            fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stack[-1])
+            st = os.fstat(fd)
+            shown = os.path.join(here, name)
+            if stat.S_ISLNK(st.st_mode):
+                os.close(fd)
+                parent_st = os.fstat(stack[-1])
+                root_link = st.st_uid == 0 and parent_st.st_uid == 0 and not parent_st.st_mode & 0o022
+                if not root_link:
+                    link_owners.add(st.st_uid)
+                    if len(link_owners) > 1:
+                        raise Refused("%s %s: %s is a symlink owned by %s, after a link of another user: "
+                                      "not followed" % (what, path, shown, owner_name(st.st_uid)))
+                hops += 1
+                if hops > MAX_LINK_HOPS:
+                    raise Refused("%s %s: more than %d symlinks: not followed" % (what, path, MAX_LINK_HOPS))
+                target = os.readlink(name, dir_fd=stack[-1])
+                if target.startswith("/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                    names = []
+                todo = [part for part in target.split("/") if part] + todo
+                continue
+            if todo:  # a directory on the way
+                if not stat.S_ISDIR(st.st_mode):
+                    os.close(fd)
+                    raise Refused("%s %s: %s is %s, not a directory: not followed" % (
+                        what, path, shown, file_kind(st.st_mode)))
+                stack.append(fd)
+                names.append(name)
+                continue
+            os.close(fd)
+            parent = stack[-1]
+            break
+        # The last component: check its kind on an O_PATH descriptor (opening a FIFO or a
+        # device for reading could block or act), then open it for real and make sure it is
+        # still the same file.
+        probe_fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            st = os.fstat(probe_fd)
+        finally:
+            os.close(probe_fd)
+        shown = "/" + "/".join(names + ([name] if name != "." else []))
+        if link_owners and st.st_uid not in link_owners:
+            link_owner = owner_name(next(iter(link_owners)))
+            raise Refused("%s %s is a symlink owned by %s (or reached through one) that leads to %s, "
+                          "owned by %s: not followed" % (what, path, link_owner, shown, owner_name(st.st_uid)))
+        allowed = {"file": stat.S_ISREG(st.st_mode), "dir": stat.S_ISDIR(st.st_mode),
+                   "any": stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)}[want]
+        if not allowed:
+            expected = {"file": "a regular file", "dir": "a directory", "any": "a regular file or directory"}[want]
+            raise Refused("%s %s: %s is %s, not %s: not read" % (
+                what, path, shown if shown != path else "it", file_kind(st.st_mode), expected))
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        if stat.S_ISDIR(st.st_mode):
+            flags |= os.O_DIRECTORY
+        fd = os.open(name, flags, dir_fd=parent)
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            raise Refused("%s %s: it changed while selfheal looked at it: not read" % (what, path))
+        return SafeFile(fd, opened, shown)
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+def read_safely(path: str, what: str, limit: int = SAFE_READ_LIMIT) -> Tuple[str, os.stat_result]:
+    """The text of a service's file (UTF-8, undecodable bytes replaced), reached by
+    open_safely; Refused when it is larger than `limit`."""
+    handle = open_safely(path, what, "file")
+    try:
+        if handle.st.st_size > limit:
+            raise Refused("%s %s: %s, larger than the %s selfheal reads: not read" % (
+                what, path, format_bytes(str(handle.st.st_size)), format_bytes(str(limit))))
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(handle.fd, min(65536, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:  # it grew while read
+            raise Refused("%s %s: larger than the %s selfheal reads: not read" % (
+                what, path, format_bytes(str(limit))))
+        return b"".join(chunks).decode("utf-8", "replace"), handle.st
+    finally:
+        os.close(handle.fd)
+
+
+def stat_safely(path: str, what: str, want: str = "any") -> os.stat_result:
+    handle = open_safely(path, what, want)
+    os.close(handle.fd)
+    return handle.st
+
+
+# --- text from outside: what selfheal writes never carries a secret or a control character
+
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@?#]*@")
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators; tab and newline stay.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def without_credentials(text: str) -> str:
+    """Every URL in `text` without its user:password@ ("http://***@host/...")."""
+    return _URL_USERINFO.sub(r"\1***@", text)
+
+
+def escape_controls(text: str) -> str:
+    """Control characters (a terminal's escape sequences, a carriage return that hides a
+    line) shown as \\xNN, as journalctl shows them; tab and newline are kept."""
+    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
+                        else "\\u%04x" % ord(m.group()), text)
+
+
+def clean(text: str) -> str:
+    """Text from outside (journal, health replies, process names, config diffs, findings)
+    made fit for a mail, a webhook, a file or a terminal: no URL credentials, no controls."""
+    return escape_controls(without_credentials(str(text)))
+
+
+def clean_data(value):
+    """clean() applied to every string in a JSON-able value (history lines, state files)."""
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, dict):
+        return {clean_data(k): clean_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_data(v) for v in value]
+    return value
+
+
+def display_url(url: str) -> str:
+    """A URL as selfheal shows it anywhere: without user:password@."""
+    return without_credentials(url)
+
+
+# =============================================================================
 # Probes: what the host says
 # =============================================================================
 
@@ -1109,7 +1333,8 @@ def read_process(pid: int, proc: Path = Path("/proc")) -> Optional[Process]:
     """What /proc says about pid: owner, command line, cgroup, age. None when it is gone."""
     base = proc / str(pid)
     try:
-        cmdline = (base / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        with open(str(base / "cmdline"), "rb") as handle:  # a process may make it as long as it likes
+            cmdline = clean(handle.read(4096).replace(b"\0", b" ").decode("utf-8", "replace").strip())
         uid = os.stat(base).st_uid
         by_controller = {}
         for line in (base / "cgroup").read_text().splitlines():
@@ -1154,14 +1379,14 @@ def read_journal(invocation: str, unit: str, lines: int = JOURNAL_LINES) -> Tupl
     else:
         argv = [JOURNALCTL, "--no-pager", "-q", "-o", "short-iso", "-n", str(lines), "-u", unit]
     result = run(argv, timeout=10)
-    return tuple(result.out.splitlines()[-lines:]) if result.ok else ()
+    return tuple(clean(line) for line in result.out.splitlines()[-lines:]) if result.ok else ()
 
 
 def read_journal_since(unit: str, since: float, lines: int = JOURNAL_LINES) -> Tuple[str, ...]:
     argv = [JOURNALCTL, "--no-pager", "-q", "-o", "short-iso", "-n", str(lines), "-u", unit,
             "--since", "@%d" % max(0, int(since) - 1)]
     result = run(argv, timeout=10)
-    return tuple(result.out.splitlines()[-lines:]) if result.ok else ()
+    return tuple(clean(line) for line in result.out.splitlines()[-lines:]) if result.ok else ()
 
 
 TIMESPAN_UNITS = {"us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3, "s": 1, "sec": 1, "min": 60,
@@ -1456,42 +1681,30 @@ def preload() -> None:
 def http_check(url: str, timeout: float, expect_status: Sequence[int] = (),
                expect_text: str = "") -> Tuple[bool, str]:
     """GET url. Healthy: the expected status (default any 2xx or 3xx; redirects are not
-    followed) and, when asked, the expected text in the first 64 KiB. Never raises."""
+    followed) and, when asked, the expected text in the first 64 KiB. user:password@ in the
+    URL is sent as Basic authorization (http_send), and the whole request gets `timeout`, not
+    each read. The detail never holds the URL's credentials or a control character of the
+    answer. Never raises."""
     import http.client
-    import urllib.error
-    import urllib.request
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args, **kwargs):
-            return None
-
-    opener = urllib.request.build_opener(NoRedirect)
-    request = urllib.request.Request(url, headers={"User-Agent": "selfheal/%s" % VERSION})
 
     def status_ok(code: int) -> bool:
         return code in expect_status if expect_status else 200 <= code < 400
 
+    expected = "/".join(map(str, expect_status)) or "2xx/3xx"
     try:
-        with opener.open(request, timeout=timeout) as response:
-            status = response.status
-            if not status_ok(status):
-                return False, "HTTP %d, expected %s" % (status, "/".join(map(str, expect_status)) or "2xx/3xx")
-            if expect_text:
-                body = response.read(65536).decode("utf-8", "replace")
-                if expect_text not in body:
-                    return False, "HTTP %d but the body lacks %r" % (status, expect_text)
-            return True, "HTTP %d" % status
-    except urllib.error.HTTPError as exc:
-        ok = status_ok(exc.code) and not expect_text
-        return ok, "HTTP %d" % exc.code if ok else "HTTP %d, expected %s" % (
-            exc.code, "/".join(map(str, expect_status)) or "2xx/3xx")
+        status, body = http_send(url, timeout, limit=HEALTH_BODY_LIMIT)
     except http.client.HTTPException as exc:
-        return False, "not an HTTP answer (%s: %.80s)" % (type(exc).__name__, exc)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return False, clean("not an HTTP answer (%s: %.80s)" % (type(exc).__name__, exc))
+    except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, socket.timeout) or "timed out" in str(reason):
             return False, "no answer within %s" % format_duration(timeout)
-        return False, str(reason)
+        return False, clean(str(reason))
+    if not status_ok(status):
+        return False, "HTTP %d, expected %s" % (status, expected)
+    if expect_text and expect_text not in body.decode("utf-8", "replace"):
+        return False, "HTTP %d but the body lacks %s" % (status, clean(repr(expect_text)))
+    return True, "HTTP %d" % status
 
 
 # =============================================================================
@@ -1535,7 +1748,7 @@ def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
     if svc.health_url and all(c.ok for c in checks):
         ok, detail = http_check(svc.health_url, svc.health_timeout, svc.health_expect_status,
                                 svc.health_expect_text)
-        checks.append(Check("health", ok, "%s %s" % (svc.health_url, detail)))
+        checks.append(Check("health", ok, "%s %s" % (display_url(svc.health_url), detail)))
     return tuple(checks), unit
 
 
@@ -1734,11 +1947,36 @@ def send_signal(pid: int, sig: int, unit: str) -> bool:
 # --- config_validation -------------------------------------------------------
 
 
+def refusal_escalation(svc: Service, refusals: Sequence[str], not_done: str) -> Escalation:
+    """What selfheal found and would not act through: FAILED, with what to do by hand."""
+    paths = [r.split(" ")[1] for r in refusals if len(r.split(" ")) > 1]
+    cause = RootCause("A path the service's account controls is not what selfheal may safely touch: %s."
+                      % "; ".join(refusals), "high", refusals[0],
+                      "selfheal runs as root and never acts through a link the service's account could "
+                      "have planted, a FIFO or a device. Look at who made it and why; make it a regular file "
+                      "(or a link of root's), then heal again.")
+    steps = ("ls -la %s" % " ".join(dict.fromkeys(paths)),
+             "namei -l %s    # who owns every component" % " ".join(dict.fromkeys(paths)),
+             "selfheal heal %s    # once it is fixed" % svc.name)
+    return Escalation("selfheal refused to act: %s. %s" % ("; ".join(refusals), not_done), cause, steps)
+
+
 def strategy_config_validation(ctx: HealContext) -> str:
     """Run the service's own config checker: a config it rejects is never restarted into a
     loop; one it accepts is restarted. Shows what changed in config_files since the last
     healthy start."""
     svc = ctx.svc
+    refusals = []
+    for path in svc.config_files:
+        try:
+            stat_safely(path, "config_files", "file")
+        except Refused as exc:
+            refusals.append(str(exc))
+        except OSError:
+            pass  # missing: config_changes and the checker say so
+    if refusals:  # the checker (as root) would read through it too, into the report
+        ctx.record("config files: %s" % ", ".join(svc.config_files), False, 0.0, "; ".join(refusals))
+        raise refusal_escalation(svc, refusals, "Neither the config check nor a restart was run.")
     ctx.found.extend(config_changes(ctx.paths, svc))
     if svc.config_check:
         argv = list(svc.config_check)
@@ -1746,7 +1984,7 @@ def strategy_config_validation(ctx: HealContext) -> str:
             argv[0] = shutil.which(argv[0]) or argv[0]
         what = "config check: %s" % " ".join(svc.config_check)
         result = run(argv, timeout=60)
-        output = (result.out + result.err).strip().splitlines()[-20:]
+        output = [clean(line) for line in (result.out + result.err).strip().splitlines()[-20:]]
         ctx.record(what, result.ok, result.seconds, "\n".join(output) or "exit status %d" % result.rc)
         if result.rc in (124, 126, 127):  # not found, not executable, timed out: no verdict
             raise Escalation("the config check `%s` could not run (%s), so %s was not restarted. Fix "
@@ -1789,16 +2027,17 @@ def remember_config_files(paths: Paths, svc: Service, unit: Dict[str, str]) -> N
     changed = False
     for number, path in enumerate(svc.config_files):
         try:
-            st = os.stat(path)
-            if st.st_mtime > started_wall or st.st_size > 1 << 20:
+            st = stat_safely(path, "config_files", "file")
+            if st.st_mtime > started_wall or st.st_size > SAFE_READ_LIMIT:
                 continue  # changed after the start (not what it runs with), or too big to keep
             known = meta.get(path, {})
             if known.get("mtime") == st.st_mtime and known.get("size") == st.st_size:
                 continue
             copy = baseline_dir(paths, svc.name) / ("%d.copy" % number)
-            atomic_write(copy, Path(path).read_text(encoding="utf-8", errors="replace"), 0o600)
-        except OSError:
-            continue
+            text, st = read_safely(path, "config_files")
+            atomic_write(copy, text, 0o600)
+        except (OSError, Refused):
+            continue  # a link of the service's account, a FIFO...: config_changes says so
         meta[path] = {"mtime": st.st_mtime, "size": st.st_size, "copy": str(copy), "kept": time.time()}
         changed = True
     if changed:
@@ -1818,7 +2057,10 @@ def config_changes(paths: Paths, svc: Service) -> List[str]:
     for path in svc.config_files:
         known = meta.get(path)
         try:
-            st = os.stat(path)
+            st = stat_safely(path, "config_files", "file")
+        except Refused as exc:
+            lines.append(str(exc))
+            continue
         except OSError as exc:
             lines.append("%s: %s" % (path, exc.strerror))
             continue
@@ -1833,13 +2075,16 @@ def config_changes(paths: Paths, svc: Service) -> List[str]:
             path, iso(st.st_mtime), iso(known["mtime"]), st.st_size, known["size"]))
         try:
             old = Path(known["copy"]).read_text(encoding="utf-8", errors="replace").splitlines()
-            new = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+            new = read_safely(path, "config_files")[0].splitlines()
+        except Refused as exc:
+            lines.append("    " + str(exc))
+            continue
         except OSError:
             continue
         diff = list(difflib.unified_diff(old, new, "%s (healthy start)" % path, "%s (now)" % path, lineterm="", n=2))
         for line in diff[:40]:
-            lines.append("    " + (line[:1] + " [a line that looks like a secret]" if SECRET_RE.search(line[1:])
-                                   and line[:1] in "+- " and not line.startswith(("---", "+++")) else line))
+            lines.append("    " + clean(line[:1] + " [a line that looks like a secret]" if SECRET_RE.search(line[1:])
+                                         and line[:1] in "+- " and not line.startswith(("---", "+++")) else line))
         if len(diff) > 40:
             lines.append("    ... (%d more lines)" % (len(diff) - 40))
     return lines
@@ -1869,7 +2114,9 @@ def parse_env_file(text: str) -> Tuple[Dict[str, Tuple[int, str]], List[str]]:
         key, sep, value = stripped.partition("=")
         key = key.strip()
         if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
-            problems.append("line %d: not NAME=value: %r" % (start, stripped[:60]))
+            # Never quoted: the line may be a secret whose name is misspelt (STRIPE-KEY=sk_...).
+            problems.append("line %d: not NAME=value (a name has only letters, digits and _; "
+                            "the line is not shown: it may hold a secret)" % start)
             continue
         value = value.strip()
         quote = value[:1] if value[:1] in ("'", '"') else ""
@@ -1906,10 +2153,14 @@ def strategy_environment_check(ctx: HealContext) -> str:
     for name, value in re.findall(r'(?:^|\s)"?([A-Za-z_][A-Za-z0-9_]*)=([^\s"]*)', unit.get("Environment", "")):
         seen.setdefault(name, "Environment= in %s" % svc.unit)
         env_values[name] = value
+    refusals = []
     for path, optional in files:
+        key = "env_file" if path in svc.env_file else "EnvironmentFile="
         try:
-            st = os.stat(path)
-            text = Path(path).read_text(encoding="utf-8", errors="replace")
+            text, st = read_safely(path, key)
+        except Refused as exc:
+            refusals.append(str(exc))
+            continue
         except FileNotFoundError:
             if not optional:
                 problems.append("%s: missing (the unit's EnvironmentFile= needs it)" % path)
@@ -1933,6 +2184,9 @@ def strategy_environment_check(ctx: HealContext) -> str:
         if name not in seen:
             where = ", ".join(path for path, _ in files) or "no environment file"
             problems.append("%s is not set (looked in %s and the unit's Environment=)" % (name, where))
+    if refusals:
+        ctx.record("environment check: %s" % ", ".join(path for path, _ in files), False, 0.0, "; ".join(refusals))
+        raise refusal_escalation(svc, refusals, "%s was not restarted." % svc.unit)
     ctx.found.extend(problems + ["warning: " + w for w in warnings])
     checked = ", ".join(path for path, _ in files) or "no environment files"
     ctx.record("environment check: %s" % checked, not problems, 0.0,
@@ -1952,40 +2206,68 @@ def strategy_database_check(ctx: HealContext) -> str:
     quick_check (read-only). Repairs only what the config declares: a declared symlink whose
     target exists, the declared owner and mode. Never deletes, moves or truncates data."""
     svc = ctx.svc
-    problems, repaired = [], False
+    problems, refusals, repaired = [], [], False
     for link, target in svc.symlinks:
-        current = os.readlink(link) if os.path.islink(link) else None
-        if current == target and os.path.exists(link):
-            ctx.found.append("symlink %s -> %s: ok" % (link, target))
-            continue
-        if not os.path.exists(target):
-            problems.append("symlink %s should point to %s, which does not exist" % (link, target))
-            continue
-        if os.path.lexists(link) and not os.path.islink(link):
-            problems.append("%s should be a symlink to %s but is a real file or directory; not touched" % (link, target))
-            continue
-        what = "recreate symlink %s -> %s%s" % (link, target, " (it pointed to %s)" % current if current else "")
-        if ctx.dry_run:
-            ctx.record(what, True, 0.0, "dry run: not done")
-        else:
-            try:
-                tmp = "%s.selfheal-%d" % (link, os.getpid())
-                os.symlink(target, tmp)
-                os.replace(tmp, link)  # atomic: never a moment without the link
-                ctx.record(what, True)
-                repaired = True
-            except OSError as exc:
-                ctx.record(what, False, 0.0, exc.strerror)
-                problems.append("could not recreate %s: %s" % (link, exc.strerror))
+        try:
+            repaired = restore_symlink(ctx, link, target, problems) or repaired
+        except Refused as exc:
+            refusals.append(str(exc))
     if svc.db_path:
-        problems.extend(check_db_path(ctx))
+        try:
+            problems.extend(check_db_path(ctx))
+        except Refused as exc:
+            refusals.append(str(exc))
         repaired = repaired or any(a.ok and a.what.startswith(("chown", "chmod")) for a in ctx.actions)
+    if refusals:
+        ctx.record("data check: %s" % ", ".join([svc.db_path] * bool(svc.db_path) + [l for l, _ in svc.symlinks]),
+                   False, 0.0, "; ".join(refusals))
+        raise refusal_escalation(svc, refusals, "%s was not restarted; nothing was changed through it." % svc.unit)
     if problems:
         raise data_escalation(svc, problems)
     if repaired:
         restart(ctx)
         return ""
     return "data ok: %s" % ("; ".join(ctx.found) or "nothing declared")
+
+
+def restore_symlink(ctx: HealContext, link: str, target: str, problems: List[str]) -> bool:
+    """A declared symlink, recreated in its directory as opened by open_safely (so a link the
+    service's account planted above it cannot redirect the new link), atomically. -> repaired."""
+    parent_path, name = os.path.split(link.rstrip("/"))
+    parent = open_safely(parent_path or "/", "symlinks", "dir")
+    try:
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        current = os.readlink(name, dir_fd=parent.fd) if st and stat.S_ISLNK(st.st_mode) else None
+        if current == target and os.path.exists(target):
+            ctx.found.append("symlink %s -> %s: ok" % (link, target))
+            return False
+        if not os.path.exists(target):
+            problems.append("symlink %s should point to %s, which does not exist" % (link, target))
+            return False
+        if st and not stat.S_ISLNK(st.st_mode):
+            problems.append("%s should be a symlink to %s but is %s; not touched" % (link, target, file_kind(st.st_mode)))
+            return False
+        what = "recreate symlink %s -> %s%s" % (link, target, " (it pointed to %s)" % clean(current) if current else "")
+        if ctx.dry_run:
+            ctx.record(what, True, 0.0, "dry run: not done")
+            return False
+        tmp = "%s.selfheal-%d" % (name, os.getpid())
+        try:
+            os.symlink(target, tmp, dir_fd=parent.fd)
+            os.replace(tmp, name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)  # never a moment without it
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=parent.fd)
+            ctx.record(what, False, 0.0, exc.strerror)
+            problems.append("could not recreate %s: %s" % (link, exc.strerror))
+            return False
+        ctx.record(what, True)
+        return True
+    finally:
+        os.close(parent.fd)
 
 
 def data_escalation(svc: Service, problems: List[str]) -> Escalation:
@@ -2011,13 +2293,26 @@ def data_escalation(svc: Service, problems: List[str]) -> Escalation:
 
 
 def check_db_path(ctx: HealContext) -> List[str]:
-    svc, path, problems = ctx.svc, ctx.svc.db_path, []
+    """db_path as reached by open_safely: owner and mode restored on the descriptor (as
+    declared), free space, SQLite's quick_check. Raises Refused for a path it will not touch."""
+    svc, path = ctx.svc, ctx.svc.db_path
     try:
-        st = os.stat(path)
+        handle = open_safely(path, "db_path", "any")
     except FileNotFoundError:
         return ["%s is missing; selfheal never creates or restores data" % path]
     except OSError as exc:
         return ["%s: %s" % (path, exc.strerror)]
+    try:
+        return check_db_handle(ctx, handle)
+    finally:
+        os.close(handle.fd)
+
+
+def check_db_handle(ctx: HealContext, handle: SafeFile) -> List[str]:
+    svc, path, st, fd, problems = ctx.svc, ctx.svc.db_path, handle.st, handle.fd, []
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (svc.db_owner or svc.db_mode is not None):
+        # Another name for the same file may be anyone's (a hard link to a file of root's).
+        raise Refused("db_path %s has %d hard links: its owner and mode are not changed" % (path, st.st_nlink))
     owner = svc.db_owner or show_unit(svc.unit).get("User", "")
     if owner:
         user, _, group = owner.partition(":")
@@ -2028,19 +2323,19 @@ def check_db_path(ctx: HealContext) -> List[str]:
             problems.append("owner %s of %s does not exist on this host" % (owner, path))
         else:
             if st.st_uid != uid or (gid != -1 and st.st_gid != gid):
-                fix_attr(ctx, "chown %s %s" % (owner, path), lambda: os.chown(path, uid, gid), bool(svc.db_owner),
+                fix_attr(ctx, "chown %s %s" % (owner, path), lambda: os.fchown(fd, uid, gid), bool(svc.db_owner),
                          problems, "%s is owned by uid %d, not %s" % (path, st.st_uid, owner))
     if svc.db_mode is not None and (st.st_mode & 0o7777) != svc.db_mode:
-        fix_attr(ctx, "chmod %04o %s" % (svc.db_mode, path), lambda: os.chmod(path, svc.db_mode), True,
+        fix_attr(ctx, "chmod %04o %s" % (svc.db_mode, path), lambda: os.fchmod(fd, svc.db_mode), True,
                  problems, "%s is mode %04o, not %04o" % (path, st.st_mode & 0o7777, svc.db_mode))
-    fs = os.statvfs(path)
+    fs = os.fstatvfs(fd)
     if fs.f_blocks and fs.f_bavail * fs.f_frsize < min(100 << 20, fs.f_blocks * fs.f_frsize // 100):
         problems.append("the filesystem of %s is full: %s free" % (path, format_bytes(str(fs.f_bavail * fs.f_frsize))))
     if fs.f_files and fs.f_favail < max(1, fs.f_files // 100):
         problems.append("the filesystem of %s has no free inodes (%d left)" % (path, fs.f_favail))
     ctx.found.append("%s: owner uid %d, mode %04o, %s free" % (path, st.st_uid, st.st_mode & 0o7777,
                                                               format_bytes(str(fs.f_bavail * fs.f_frsize)) or "0 B"))
-    verdict = sqlite_quick_check(path)
+    verdict = sqlite_quick_check(handle) if stat.S_ISREG(st.st_mode) else ""
     if verdict:
         ctx.found.append("SQLite quick_check: %s" % verdict)
         if verdict != "ok" and not verdict.startswith("cannot check"):
@@ -2065,14 +2360,28 @@ def fix_attr(ctx: HealContext, what: str, change: Callable[[], None], declared: 
         problems.append(problem)
 
 
-def sqlite_quick_check(path: str) -> str:
-    """SQLite's PRAGMA quick_check, read-only, when path is an SQLite file; else ""."""
+def sqlite_quick_check(handle) -> str:
+    """SQLite's PRAGMA quick_check, read-only, when the file (a SafeFile, or a path opened
+    with open_safely) is an SQLite file; else "".
+
+    SQLite opens by name (it needs the -wal/-shm files beside it): the name open_safely
+    resolved, which only root or the file's own user could change since; what SQLite may
+    read through a swap in that moment is a verdict (ok, malformed), never content."""
+    if isinstance(handle, str):
+        try:
+            handle = open_safely(handle, "db_path", "file")
+        except (OSError, Refused):
+            return ""
+        try:
+            return sqlite_quick_check(handle)
+        finally:
+            os.close(handle.fd)
     try:
-        with open(path, "rb") as handle:
-            if handle.read(16) != b"SQLite format 3\0":
-                return ""
+        if os.pread(handle.fd, 16, 0) != b"SQLite format 3\0":
+            return ""
     except OSError:
         return ""
+    path = handle.real
     import sqlite3
 
     try:
@@ -2317,15 +2626,17 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
         raise
 
 
-def append_line(path: Path, line: str) -> None:
+def append_line(path: Path, line: str, mode: int = 0o644) -> None:
     """Append one line to an O_APPEND file: a crash loses at most that line.
 
     If an earlier writer died mid-line, a newline is put first so the torn line stays
-    alone (readers skip it) and this one is whole.
+    alone (readers skip it) and this one is whole. mode 0640 files go to group adm (as the
+    journal does), and a file left more open by an older version is narrowed.
     """
     ensure_dir(path.parent)
-    fd = os.open(str(path), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = os.open(str(path), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
+        restrict(fd, mode)
         data = (line.rstrip("\n") + "\n").encode("utf-8")
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -2335,6 +2646,22 @@ def append_line(path: Path, line: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def restrict(fd: int, mode: int) -> None:
+    """A root-only file (mode without o+r) is made so on its descriptor: 0640 belongs to
+    group adm when it exists (readers of the journal may read what holds journal lines)."""
+    if mode & 0o004 or not is_root():
+        return
+    st = os.fstat(fd)
+    gid = 0
+    if mode & 0o040:
+        with contextlib.suppress(KeyError):
+            gid = grp.getgrnam(LOG_GROUP).gr_gid
+    if st.st_uid != 0 or st.st_gid != gid:
+        os.fchown(fd, 0, gid)
+    if st.st_mode & 0o7777 != mode:
+        os.fchmod(fd, mode)
 
 
 def read_history(paths: Paths, service: Optional[str] = None, since: float = 0.0) -> List[dict]:
@@ -2371,7 +2698,7 @@ def load_service_state(paths: Paths, name: str) -> dict:
 
 
 def save_service_state(paths: Paths, name: str, data: dict) -> None:
-    atomic_write(paths.service_state(name), json.dumps(data, sort_keys=True) + "\n")
+    atomic_write(paths.service_state(name), json.dumps(clean_data(data), sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager
@@ -2475,10 +2802,14 @@ def record_heal(paths: Paths, result: HealResult, report_text: str) -> None:
         "last_invocation": result.post.get("InvocationID", ""),
         "trigger_detail": result.diagnosis.finding.detail if result.diagnosis.finding else "",
     }
+    # history and the status file are for the dashboard without root (0644): the event's
+    # fields only, cleaned; the report (journal lines, config diffs) goes to the 0640 log.
+    event = clean_data(event)
     steps = [
         (lambda: append_line(paths.history, json.dumps(event, sort_keys=True)), "history"),
         (lambda: atomic_write(paths.status(svc.name), json.dumps(event, sort_keys=True) + "\n"), "status file"),
-        (lambda: append_line(paths.service_log(svc.name), report_text.rstrip() + "\n" + "-" * 72), "service log"),
+        (lambda: append_line(paths.service_log(svc.name), clean(report_text.rstrip()) + "\n" + "-" * 72,
+                             SERVICE_LOG_MODE), "service log"),
     ]
     for step, what in steps:
         try:
@@ -2705,9 +3036,9 @@ def report_heal_crash(config: Config, paths: Paths, svc: Service, trace: str) ->
             "What selfheal hit (please report it):\n\n%s" % (
                 svc.name, svc.unit, socket.gethostname(), svc.unit, svc.unit, trace))
     try:
-        append_line(paths.history, json.dumps({"ts": round(time.time(), 3), "time": iso(time.time()),
-                                               "service": svc.name, "unit": svc.unit, "outcome": "FAILED",
-                                               "trigger": "selfheal crashed", "root_cause": trace.splitlines()[-1]}))
+        append_line(paths.history, json.dumps(clean_data({
+            "ts": round(time.time(), 3), "time": iso(time.time()), "service": svc.name, "unit": svc.unit,
+            "outcome": "FAILED", "trigger": "selfheal crashed", "root_cause": trace.splitlines()[-1]})))
     except OSError:
         pass
     deliver(config, paths, make_message(config.settings, "❌ %s: %s - FAILED (selfheal crashed)" % (
@@ -2901,7 +3232,7 @@ def load_watch_state(paths: Paths, name: str) -> dict:
 
 
 def save_watch_state(paths: Paths, name: str, data: dict) -> None:
-    atomic_write(paths.watch_state(name), json.dumps(data, sort_keys=True) + "\n")
+    atomic_write(paths.watch_state(name), json.dumps(clean_data(data), sort_keys=True) + "\n")
 
 
 def remember_restarts(paths: Paths, name: str, unit: Dict[str, str]) -> None:
@@ -2972,7 +3303,7 @@ def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
             return "unhealthy", "port %d %s while the unit is %s" % (svc.port, holder[1], state)
         if health is not None and not health[0]:
             where = "port %d open but " % svc.port if svc.port else ""
-            return "unhealthy", "%sGET %s: %s" % (where, svc.health_url, health[1])
+            return "unhealthy", "%sGET %s: %s" % (where, display_url(svc.health_url), health[1])
         nrestarts = int(unit.get("NRestarts") or 0)
         if baseline is not None and nrestarts > baseline:
             return "restarted", "systemd restarted it by itself (restarts %d -> %d)" % (baseline, nrestarts)
@@ -3350,7 +3681,7 @@ def make_message(settings: Settings, subject_text: str, body: str, thread: str =
     msg = EmailMessage(policy=email.policy.SMTP)
     # Nothing that reaches a header may end it: control characters become spaces, and a
     # thread id that is not one <id@host> is left out (the mail still goes, unthreaded).
-    msg["Subject"] = re.sub(HEADER_BREAKS.pattern + "+", " ", subject_text)
+    msg["Subject"] = re.sub(HEADER_BREAKS.pattern + "+", " ", without_credentials(subject_text))
     msg["From"] = settings.email_from
     msg["To"] = ", ".join(settings.email_to)
     msg["Date"] = email.utils.formatdate(localtime=True)
@@ -3361,7 +3692,8 @@ def make_message(settings: Settings, subject_text: str, body: str, thread: str =
         msg["References"] = thread
     msg["Auto-Submitted"] = "auto-generated"
     msg["X-Mailer"] = "selfheal %s" % VERSION
-    msg.set_content(body, charset="utf-8", cte="quoted-printable")
+    # The last gate before mail, queue and webhook: no URL credentials, no control characters.
+    msg.set_content(clean(body), charset="utf-8", cte="quoted-printable")
     return msg
 
 
@@ -3692,10 +4024,10 @@ def webhook_request(settings: Settings, event: dict) -> Tuple[bytes, Dict[str, s
 
 
 def http_send(url: str, timeout: float, data: Optional[bytes] = None,
-              headers: Optional[Dict[str, str]] = None) -> Tuple[int, bytes]:
+              headers: Optional[Dict[str, str]] = None, limit: int = 4096) -> Tuple[int, bytes]:
     """One HTTP request (POST with data, else GET); redirects are not followed (a POST that
     turns into a GET loses its report). user:password@ in the URL is sent as Basic
-    authorization. -> (status, the first 4 KiB of the answer). Raises OSError or
+    authorization. -> (status, the first `limit` bytes of the answer). Raises OSError or
     http.client.HTTPException when there is no HTTP answer."""
     import base64
     import urllib.error
@@ -3717,10 +4049,10 @@ def http_send(url: str, timeout: float, data: Optional[bytes] = None,
     def once() -> Tuple[int, bytes]:
         try:
             with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
-                return response.status, response.read(4096)
+                return response.status, response.read(limit)
         except urllib.error.HTTPError as exc:
             try:
-                answer = exc.read(4096)
+                answer = exc.read(limit)
             except Exception:  # the error body is only for the log
                 answer = b""
             exc.close()
