@@ -207,6 +207,11 @@ class Paths:
     def service_state(self, name: str) -> Path:
         return self.state / "services" / (name + ".json")
 
+    @property
+    def public_config(self) -> Path:
+        """services.conf without its secrets, for the dashboard without root (install writes it)."""
+        return self.state / "services.public.conf"
+
     def status(self, name: str) -> Path:
         return self.run / (name + ".json")
 
@@ -977,6 +982,30 @@ def secret_file_problem(path: str) -> str:
     return ""
 
 
+SECRET_URL_KEYS = ("webhook_url", "heartbeat_url")  # the token is often the path itself
+
+
+def config_secrets(config: "Config") -> List[str]:
+    """The keys whose values are secrets: URLs with user:password@, webhook/heartbeat URLs."""
+    found = ["[selfheal] %s" % key for key in SECRET_URL_KEYS if getattr(config.settings, key)]
+    found += ["[%s] health_url" % svc.name for svc in config.services.values()
+              if urllib.parse.urlsplit(svc.health_url).password is not None
+              or urllib.parse.urlsplit(svc.health_url).username]
+    return found
+
+
+def public_config_text(text: str) -> str:
+    """services.conf as the dashboard without root may read it: URL credentials removed,
+    webhook and heartbeat URLs cut to scheme and host (line numbers unchanged)."""
+    lines = []
+    for line in without_credentials(text).splitlines(keepends=True):
+        key, sep, value = line.partition("=")
+        if sep and key.strip() in SECRET_URL_KEYS and value.strip():
+            line = "%s= %s\n" % (key, url_for_log(value.strip()).replace("/...", "/"))
+        lines.append(line)
+    return "".join(lines)
+
+
 def load_config(path: str, trusted: bool = True) -> Config:
     """Read and validate a config file. trusted: enforce root ownership (when run as root)."""
     try:
@@ -1025,8 +1054,9 @@ def load_config(path: str, trusted: bool = True) -> Config:
 # on) and reads at most a bounded size. A symlink is followed only when it cannot be a trap:
 #   - owned by root in a directory only root can write (/etc/nginx/sites-enabled/x), or
 #   - owned by the same user as what it finally leads to (app's own link to app's own file:
-#     nothing app could not reach itself). A link owned by app that leads to root's file,
-#     another user's, a device or a FIFO is refused, and so is a path with links of two users.
+#     nothing app could not reach itself); a link of root's in app's directory counts as app's.
+#     A link owned by app that leads to root's file, another user's, a device or a FIFO is
+#     refused, and so is a path with links of two users.
 
 SAFE_READ_LIMIT = 1 << 20  # an env or config file larger than 1 MiB is not read
 MAX_LINK_HOPS = 40  # as the kernel's ELOOP limit
@@ -1099,10 +1129,13 @@ def open_safely(path: str, what: str, want: str = "file") -> SafeFile:
                 parent_st = os.fstat(stack[-1])
                 root_link = st.st_uid == 0 and parent_st.st_uid == 0 and not parent_st.st_mode & 0o022
                 if not root_link:
-                    link_owners.add(st.st_uid)
+                    # A link of root's in a directory of the account's (one selfheal made for
+                    # `symlinks`, say) may have been moved there by the account: it counts as
+                    # the directory owner's.
+                    link_owners.add(st.st_uid or parent_st.st_uid)
                     if len(link_owners) > 1:
                         raise Refused("%s %s: %s is a symlink owned by %s, after a link of another user: "
-                                      "not followed" % (what, path, shown, owner_name(st.st_uid)))
+                                      "not followed" % (what, path, shown, owner_name(st.st_uid or parent_st.st_uid)))
                 hops += 1
                 if hops > MAX_LINK_HOPS:
                     raise Refused("%s %s: more than %d symlinks: not followed" % (what, path, MAX_LINK_HOPS))
@@ -4344,6 +4377,12 @@ RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 # RestrictSUIDSGID=: db_mode may declare a setgid data directory (e.g. 2770).
 # UMask=0077: history and watch status are for the dashboard without root (0644); files
 #   with secrets (spool, config copies) are written 0600 whatever the umask.
+# Bounds: a heal reads at most 1 MiB of any file a service controls, and a runaway (a
+# config_check that loops, a flood of journal lines) must not take the host with it.
+# Measured peak of a heal with a config_check, SQLite check and mail: about 30 MB, 8 tasks;
+# the limits leave room for a heavier checker (relax one service with a drop-in, as above).
+MemoryMax=256M
+TasksMax=64
 """,
     "selfheal-watch.service": """\
 # The periodic look at every service in /etc/selfheal/services.conf: hung, stopped, or
@@ -4400,6 +4439,10 @@ RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 # PrivateNetwork=, IPAddressDeny=: smtp_host, health_url and the webhook/heartbeat URLs may be anywhere.
 # ProcSubset=pid: it reads /proc/net/tcp and /proc/stat.
 # UMask=0077: its status files are for the dashboard without root (0644).
+# Bounds: measured peak of a watch run over every service (health checks in threads, one at
+# most 8 at a time, plus mail and webhook retries): about 30 MB, 12 tasks.
+MemoryMax=128M
+TasksMax=32
 """,
     "selfheal-watch.timer": """\
 # Every watch_interval of services.conf (rendered at install time).
@@ -4540,18 +4583,25 @@ class Installer:
             old = target.read_text(encoding="utf-8")
         except FileNotFoundError:
             old = None
-        if self.dry_run and old != config_text:
+        # A config holding a secret (a URL's user:password@, a webhook or heartbeat URL,
+        # whose path is often the token) is root's alone; the dashboard without root reads
+        # the copy without secrets instead.
+        mode = 0o600 if config_secrets(config) else 0o644
+        mode_wrong = old is not None and (target.stat().st_mode & 0o7777) != mode
+        if self.dry_run and (old != config_text or mode_wrong):
             self.changes += 1
             self.say("  would install %s%s" % (conf, " (the previous one kept as .bak)" if old is not None else ""))
-        elif old != config_text:
-            if old is not None:
-                atomic_write(target.with_name(target.name + ".bak"), old, 0o644)
+        elif old != config_text or mode_wrong:
+            if old is not None and old != config_text:
+                atomic_write(target.with_name(target.name + ".bak"), old, 0o600)
                 self.say("  kept the previous %s as %s.bak" % (conf, conf))
-            atomic_write(target, config_text, 0o644)
+            atomic_write(target, config_text, mode)
             self.changes += 1
-            self.say("  installed %s" % conf)
+            self.say("  installed %s%s" % (conf, " (mode 0600: it holds %s)" % ", ".join(config_secrets(config))
+                                           if mode == 0o600 else ""))
         if not self.dry_run:
             atomic_write(self.host(STATE_DIR + "/last-good.conf"), config_text, 0o600)
+            atomic_write(self.host(STATE_DIR + "/services.public.conf"), public_config_text(config_text), 0o644)
 
         changed = [self.put("%s/%s" % (UNIT_DIR, name),
                             render_unit(name, libdir, self.python, config.settings.watch_interval), 0o644)
@@ -5003,7 +5053,7 @@ def read_heal_events(paths: Paths) -> Tuple[List[dict], int, str]:
         except (ValueError, KeyError, TypeError, IndexError):
             damaged += 1
             continue
-        events.append(event)
+        events.append(clean_data(event))  # written clean; an older version's lines may not be
     return events, damaged, ""
 
 
@@ -5066,7 +5116,7 @@ def service_status(svc: Service, unit: Dict[str, str], paths: Paths, state: dict
     return ServiceStatus(
         svc.name, svc.unit, state_name, active, unit.get("SubState", ""), unit.get("Result", ""), svc.port,
         listening, svc.domain, svc.critical, paused, bool(state.get("escalated")), hooked,
-        str(watch.get("detail", "")) if state_name == "unhealthy" else "", checked, last,
+        clean(str(watch.get("detail", ""))) if state_name == "unhealthy" else "", checked, last,
         svc.on_stopped == "ignore")
 
 
@@ -5545,7 +5595,13 @@ def status_command(args, config_path: str, paths: Paths, out=None) -> int:
     only = tuple(dict.fromkeys(args.service or ()))
 
     def load() -> Config:
-        config = load_config(config_path, trusted=False)
+        try:
+            config = load_config(config_path, trusted=False)
+        except ConfigError:
+            # Not root and the config is root's alone (it holds secrets): the copy without them.
+            if os.access(config_path, os.R_OK) or not paths.public_config.is_file():
+                raise
+            config = load_config(str(paths.public_config), trusted=False)
         unknown = [name for name in only if name not in config.services]
         if unknown:
             raise UsageError("--service %r: not in %s%s" % (unknown[0], config_path,

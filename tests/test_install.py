@@ -84,8 +84,32 @@ def test_install_into_destdir_puts_every_file_with_its_mode(tmp_path, conf):
     # config and state (the last config that loaded) are kept by an uninstall: not in the manifest
     installed = {"/" + k for k in without_bytecode(tree)} - {"/etc/selfheal/services.conf",
                                                             "/var/lib/selfheal/" + selfheal.MANIFEST_NAME,
-                                                            "/var/lib/selfheal/last-good.conf"}
+                                                            "/var/lib/selfheal/last-good.conf",
+                                                            "/var/lib/selfheal/services.public.conf"}
     assert set(manifest) == installed
+    # No secret in this config: the dashboard's copy is the config itself.
+    assert tree["var/lib/selfheal/services.public.conf"] == (0o644, CONF.encode())
+
+
+def test_install_of_a_config_with_url_credentials_makes_it_root_only_and_the_public_copy_has_none(tmp_path, cli):
+    conf = tmp_path / "services.conf"
+    conf.write_text(CONF.replace("[passgo]\n", "[passgo]\nhealth_url = http://watch:Pw-0f-passgo@127.0.0.1:5001/health\n")
+                    .replace("[selfheal]\n", "[selfheal]\nwebhook_url = https://hooks.example.org/T0KEN/x\n"))
+    root = tmp_path / "root"
+    done = cli("install", "--destdir", root, "--prefix", "/usr/local", "--config", conf)
+    assert done.returncode == 0, done.stderr
+    assert "mode 0600: it holds [selfheal] webhook_url, [passgo] health_url" in done.stdout
+    tree = snapshot(root)
+    mode, text = tree["etc/selfheal/services.conf"]
+    assert mode == 0o600 and b"Pw-0f-passgo" in text
+    mode, public = tree["var/lib/selfheal/services.public.conf"]
+    assert mode == 0o644
+    assert b"Pw-0f-passgo" not in public and b"T0KEN" not in public
+    assert b"health_url = http://***@127.0.0.1:5001/health" in public
+    assert b"webhook_url = https://hooks.example.org/" in public
+    # The copy loads as a config (the dashboard without root reads it), with the same services.
+    copy = selfheal.load_config(str(root / "var/lib/selfheal/services.public.conf"), trusted=False)
+    assert sorted(copy.services) == sorted(selfheal.load_config(str(conf), trusted=False).services)
 
 
 def test_second_install_says_nothing_installed_and_changes_nothing(tmp_path, conf, cli):
