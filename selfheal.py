@@ -1908,8 +1908,15 @@ def strategy_port_conflict(ctx: HealContext) -> str:
         # A live main process: the others holding the socket are its workers, not leftovers.
         return "port %d is held by the running %s itself (main pid %d); nothing to free" % (
             svc.port, svc.unit, main_pid)
+    if unit.get("ActiveState") in LIVE_STATES and unit.get("SubState") != "auto-restart":
+        # A live unit without a main pid (oneshot + RemainAfterExit=, forking without
+        # PIDFile=): its processes are its current run, stopped only by systemd (ExecStop=,
+        # TimeoutStopSec=), never signalled by selfheal. The restart that follows does that.
+        return "port %d is held by %s, which is %s: its current run, not a leftover; nothing signalled" % (
+            svc.port, svc.unit, unit.get("ActiveState"))
+    since = parse_usec_timestamp(unit.get("InactiveExitTimestampMonotonic", ""))
     for process in stale:
-        terminate(ctx, process)
+        terminate(ctx, process, since)
     if unit.get("Result") == "start-limit-hit":
         ctx.systemctl("reset-failed", timeout=COMMAND_TIMEOUT)
     ctx.systemctl("restart")
@@ -1921,8 +1928,10 @@ def describe_process(p: Process) -> str:
     return "pid %d (user %s, cgroup %s%s): %s" % (p.pid, p.user, p.cgroup or "?", age, p.cmdline[:200])
 
 
-def terminate(ctx: HealContext, process: Process) -> None:
-    """SIGTERM, wait up to KILL_GRACE, then SIGKILL; re-checking ownership before each signal."""
+def terminate(ctx: HealContext, process: Process, since: Optional[float] = None) -> None:
+    """SIGTERM, wait up to KILL_GRACE, then SIGKILL; re-checking before each signal that it is
+    still the unit's, and still a leftover: once the unit runs again, a process that is not
+    older than that run (since: its InactiveExitTimestampMonotonic) is never signalled."""
     what = "stop stale %s" % describe_process(process)
     if ctx.dry_run:
         ctx.record(what, True, 0.0, "dry run: not done")
@@ -1935,6 +1944,13 @@ def terminate(ctx: HealContext, process: Process) -> None:
         if not belongs_to_unit(current, ctx.svc.unit):  # pid reused: not ours any more
             ctx.record(what, False, time.monotonic() - start, "pid %d left the unit's cgroup; not signalled" % process.pid)
             return
+        unit = show_unit(ctx.svc.unit)
+        if unit.get("ActiveState") in LIVE_STATES and unit.get("SubState") != "auto-restart":
+            begun = parse_usec_timestamp(unit.get("InactiveExitTimestampMonotonic", ""))
+            if begun != since and not leftover(current, begun):
+                ctx.record(what, False, time.monotonic() - start, "%s started again (%s); pid %d may be part "
+                           "of its new run: not signalled" % (ctx.svc.unit, unit.get("ActiveState"), process.pid))
+                return
         if not send_signal(process.pid, sig, ctx.svc.unit):
             break  # it ended by itself meanwhile
         deadline = time.monotonic() + KILL_GRACE
@@ -4739,6 +4755,8 @@ DEFAULT_WATCH = 2.0  # --watch without SECONDS
 BUSCTL = "busctl"
 STATUS_PROPERTIES = ("Id", "LoadState", "ActiveState", "SubState", "Result", "ActiveEnterTimestampMonotonic")
 RUNNING_STATES = ("active", "reloading")
+# A unit in one of these has a current run; its processes are systemd's to stop, not ours.
+LIVE_STATES = ("active", "reloading", "activating", "deactivating")
 # state -> (emoji, ASCII tag, colour)
 STATE_LOOK = {
     "active": ("✅", "[ OK ]", "green"), "reloading": ("🔄", "[ OK ]", "green"),

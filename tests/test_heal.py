@@ -1054,3 +1054,43 @@ def test_run_systemd_started_moments_ago_gets_time_to_come_up_and_is_not_restart
     assert bed.host.actions() == []
     assert [e["outcome"] for e in bed.history("story-stages")] == ["RECOVERED"]
     assert "recovered by systemd" in bed.sink.messages[0]["Subject"]
+
+
+def test_live_unit_without_a_main_pid_is_never_signalled_by_port_conflict_only_restarted(bed, monkeypatch):
+    """oneshot + RemainAfterExit= (or forking without PIDFile=): MainPID=0 while its processes
+    serve the port. A hang is for systemd to stop (ExecStop=, TimeoutStopSec=), never a
+    SIGTERM/SIGKILL from port_conflict."""
+    procs = FakeProcesses(monkeypatch, bed.host)
+    bed.host.unit(STORY, ActiveState="active", SubState="exited", MainPID="0", Type="oneshot",
+                  InvocationID="run-1", NRestarts="0")
+    procs.add(4343, "/system.slice/story-stages.service", "/usr/bin/python3 app.py --port 5002", port=5002)
+    selfheal.write_finding(bed.paths, "story-stages", selfheal.Finding(
+        "unhealthy", "port 5002 open but GET http://127.0.0.1:5002/health: no answer within 2 s", time.time(),
+        invocation="run-1"))
+    bed.heal("story-stages")  # started by the watch as selfheal@story-stages: the finding says why
+    assert procs.kills == []
+    assert ["systemctl", "restart", "--", STORY] in bed.host.actions()
+    assert not [a for a in bed.host.actions() if a[0] == "kill"]
+    body = bed.sink.messages[0].get_content()
+    assert "its current run, not a leftover; nothing signalled" in body
+
+
+def test_leftover_is_not_signalled_once_the_unit_runs_again_meanwhile(bed, monkeypatch):
+    """Between the look and the signal the unit started a new run: a process not older than
+    that run may be part of it, so it is left alone."""
+    procs = FakeProcesses(monkeypatch, bed.host)
+    bed.host.failed(STORY, result="exit-code", code="1", status="1", listen={"port": 5002, "pid": 5555})
+    procs.add(4343, "/system.slice/story-stages.service", "/usr/bin/python3 app.py --port 5002", port=5002)
+    procs.table[4343] = dataclasses.replace(procs.table[4343], started=time.monotonic())
+    svc = bed.config.services["story-stages"]
+    ctx = selfheal.HealContext(svc, selfheal.diagnose(svc, {}), bed.config.settings, paths=bed.paths)
+    since = selfheal.parse_usec_timestamp(ctx.diag.unit.get("InactiveExitTimestampMonotonic", ""))
+    real_show = selfheal.show_unit
+
+    def show(unit):  # by the time terminate checks, someone has started it again
+        return dict(real_show(unit), ActiveState="active", SubState="running",
+                    InactiveExitTimestampMonotonic=str(int((time.monotonic() - 1) * 1e6)))
+
+    monkeypatch.setattr(selfheal, "show_unit", show)
+    selfheal.terminate(ctx, procs.table[4343], since)
+    assert procs.kills == []
