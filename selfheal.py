@@ -78,9 +78,12 @@ SS = "ss"
 COMMAND_TIMEOUT = 15.0  # seconds for any external command unless said otherwise
 MAX_CONFIG_BYTES = 1 << 20  # a services.conf larger than 1 MiB is not one
 POLL_INTERVAL = 0.05  # seconds between verification probes
+MANUAL_TRIGGER = "manual"  # `selfheal heal NAME` from a shell: asked for, not a failure
 HEALTH_BODY_LIMIT = 65536  # health_expect_text is looked for in this much of the answer
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale process
 MAX_JOB_SECONDS = 600.0  # the longest a systemctl job may take (selfheal@.service allows 10 min)
+MAX_HEAL_SECONDS = 480.0  # heal_timeout's ceiling: the unit's 10 min less time to report
+HEAL_RESERVE = 5.0  # of heal_timeout, kept for recording what happened after the last step
 JOURNAL_LINES = 30
 
 EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
@@ -253,6 +256,7 @@ class Settings:
     failure_threshold: int = 3
     failure_window: float = 3600.0
     verify_timeout: float = 30.0
+    heal_timeout: float = 300.0  # the whole heal, all strategies and their checks; the report after it
     syslog_ident: str = "miraclemax-self-heal"
     watch_interval: float = 30.0  # selfheal-watch.timer
     watch_confirm: int = 2  # failed probes in a row before acting
@@ -629,6 +633,7 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         failure_threshold=take(s, g, "failure_threshold", positive_int, GLOBAL_DEFAULTS["failure_threshold"]),
         failure_window=take(s, g, "failure_window", positive_duration, GLOBAL_DEFAULTS["failure_window"]),
         verify_timeout=take(s, g, "verify_timeout", positive_duration, GLOBAL_DEFAULTS["verify_timeout"]),
+        heal_timeout=take(s, g, "heal_timeout", check_heal_timeout, GLOBAL_DEFAULTS["heal_timeout"]),
         syslog_ident=take(s, g, "syslog_ident", check_ident, GLOBAL_DEFAULTS["syslog_ident"]),
         watch_interval=take(s, g, "watch_interval", check_watch_interval, GLOBAL_DEFAULTS["watch_interval"]),
         watch_confirm=take(s, g, "watch_confirm", positive_int, GLOBAL_DEFAULTS["watch_confirm"]),
@@ -642,6 +647,11 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         webhook_format=take(s, g, "webhook_format", choice(WEBHOOK_FORMATS), GLOBAL_DEFAULTS["webhook_format"]),
         webhook_timeout=take(s, g, "webhook_timeout", check_webhook_timeout, GLOBAL_DEFAULTS["webhook_timeout"]),
     )
+    if settings.heal_timeout < settings.verify_timeout + HEAL_RESERVE:
+        key = "heal_timeout" if "heal_timeout" in g else "verify_timeout"
+        problem(line_of(s, key), s, key, "heal_timeout (%s) must be at least verify_timeout (%s) + %s"
+                % (format_duration(settings.heal_timeout), format_duration(settings.verify_timeout),
+                   format_duration(HEAL_RESERVE)))
     if settings.smtp_user and "smtp_password_file" not in g:
         problem(line_of(s, "smtp_user"), s, "smtp_user", "needs smtp_password_file as well")
     if "webhook_format" in g and "webhook_url" not in g:
@@ -906,6 +916,14 @@ def check_url(value: str) -> str:
     except ValueError:
         raise ValueError("has a port that is not a number from 1 to 65535") from None
     return value
+
+
+def check_heal_timeout(value: str) -> float:
+    seconds = positive_duration(value)
+    if seconds > MAX_HEAL_SECONDS:
+        raise ValueError("at most %s: selfheal@.service stops a heal at 10 min (TimeoutStartSec=), and "
+                         "the report needs time after it" % format_duration(MAX_HEAL_SECONDS))
+    return seconds
 
 
 def check_strategies(value: str) -> Tuple[str, ...]:
@@ -1825,12 +1843,14 @@ class HealContext:
     """What a strategy needs: the service, its diagnosis, the settings; collects actions."""
 
     def __init__(self, svc: Service, diag: Diagnosis, settings: Settings, dry_run: bool = False,
-                 paths: Optional[Paths] = None):
+                 paths: Optional[Paths] = None, deadline: Optional[float] = None):
         self.svc = svc
         self.diag = diag
         self.settings = settings
         self.dry_run = dry_run
         self.paths = paths or Paths()
+        # heal_timeout for the whole heal (time.monotonic()); every step gets what is left.
+        self.deadline = deadline if deadline is not None else time.monotonic() + settings.heal_timeout
         self.actions: List[Action] = []
         self.found: List[str] = []  # what a check saw, for the report, whether or not it acted
 
@@ -1849,7 +1869,12 @@ class HealContext:
         that ignores SIGTERM takes TimeoutStopSec=), at least verify_timeout, at most 10 min."""
         unit = self.diag.unit
         own = parse_timespan(unit.get("TimeoutStopUSec", "")) + parse_timespan(unit.get("TimeoutStartUSec", ""))
-        return min(MAX_JOB_SECONDS, max(self.settings.verify_timeout, own + 5.0))
+        return min(MAX_JOB_SECONDS, max(self.settings.verify_timeout, own + 5.0), self.left())
+
+    def left(self, at_most: float = MAX_JOB_SECONDS) -> float:
+        """Seconds of heal_timeout left for the next step (at least 1: a step that gets no
+        time at all says nothing about what it would have found)."""
+        return max(1.0, min(at_most, self.deadline - HEAL_RESERVE - time.monotonic()))
 
     def record(self, what: str, ok: bool, seconds: float = 0.0, detail: str = "") -> None:
         self.actions.append(Action(what, ok, seconds, detail))
@@ -2032,7 +2057,7 @@ def strategy_config_validation(ctx: HealContext) -> str:
         if not argv[0].startswith("/"):
             argv[0] = shutil.which(argv[0]) or argv[0]
         what = "config check: %s" % " ".join(svc.config_check)
-        result = run(argv, timeout=60)
+        result = run(argv, timeout=ctx.left(60))
         output = [clean(line) for line in (result.out + result.err).strip().splitlines()[-20:]]
         ctx.record(what, result.ok, result.seconds, "\n".join(output) or "exit status %d" % result.rc)
         if result.rc in (124, 126, 127):  # not found, not executable, timed out: no verdict
@@ -2876,11 +2901,12 @@ def iso(ts: float) -> str:
 # =============================================================================
 
 
-def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
+def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGGER,
          env=os.environ, dry_run: bool = False, finding: Optional[Finding] = None) -> HealResult:
     """Heal one service once. The caller holds the service's lock."""
     settings = config.settings
     started_at, start_mono = time.time(), time.monotonic()
+    deadline = start_mono + settings.heal_timeout
     diag = diagnose(svc, env, finding)
     protected = never_touch_loaded(diag.unit)  # an alias of a protected unit
     if protected:
@@ -2923,8 +2949,10 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
                                                                    svc.name))
     window_start = max(started_at - settings.failure_window, float(service_state_now.get("rearmed_at", 0.0)))
     # selfheal's own repairs count; what systemd's Restart= repaired by itself does not.
+    # A heal asked for by hand (`selfheal heal NAME`, as a FAILED mail suggests) is not a failure.
     attempts = [e for e in read_history(paths, svc.name, since=window_start)
-                if e.get("outcome") in (Outcome.RESOLVED.value, Outcome.FAILED.value)]
+                if e.get("outcome") in (Outcome.RESOLVED.value, Outcome.FAILED.value)
+                and e.get("trigger") != MANUAL_TRIGGER]
     if len(attempts) >= settings.failure_threshold and not dry_run:
         return finish(Outcome.ESCALATED,
                       "%d heals of %s within %s (failure_threshold = %d): selfheal stops healing it "
@@ -2977,17 +3005,24 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
             return finish(Outcome.RECOVERED if recovered else Outcome.HEALTHY)
 
     for name in order:
-        ctx = HealContext(svc, diag, settings, dry_run, paths)
+        ctx = HealContext(svc, diag, settings, dry_run, paths, deadline)
         try:
             note = STRATEGIES[name](ctx)
         except Escalation as exc:
             runs.append(StrategyRun(name, tuple(ctx.actions), None, str(exc), tuple(ctx.found)))
             return finish(Outcome.FAILED, str(exc), exc)
         acted = bool(ctx.actions) and ctx.actions[-1].ok  # verification is the judge
-        verification = verify(svc, settings.verify_timeout) if acted and not dry_run else None
+        verification = verify(svc, ctx.left(settings.verify_timeout)) if acted and not dry_run else None
         runs.append(StrategyRun(name, tuple(ctx.actions), verification, note, tuple(ctx.found)))
         if verification and verification.ok:
             return finish(Outcome.RESOLVED)
+        if time.monotonic() >= deadline - HEAL_RESERVE:
+            step = ctx.actions[-1] if ctx.actions else None
+            unfinished = ("`%s` did not finish (%s)" % (step.what, step.detail or "no answer") if step and not step.ok
+                          else "%s had not become healthy" % svc.unit)
+            return finish(Outcome.FAILED, "the heal did not finish within heal_timeout = %s: %s. What it is "
+                          "waiting for: systemctl status %s; systemctl list-jobs" % (
+                              format_duration(settings.heal_timeout), unfinished, svc.unit))
     last = runs[-1] if runs else None
     why = "every configured strategy (%s) was tried and the service is still not healthy" % ", ".join(svc.strategies)
     if last and last.verification:
@@ -3155,8 +3190,10 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> 
         if result.outcome is Outcome.ESCALATED:
             state["escalated"] = state.get("escalated") or now
         incident = open_incident(state, now)
-        incident["failures"] = [t for t in incident["failures"] if t >= now - settings.flap_window] + [now]
-        incident["last_failure"] = now
+        incident["failures"] = [t for t in incident["failures"] if t >= now - settings.flap_window]
+        if result.trigger != MANUAL_TRIGGER:  # a heal asked for by hand is not a failure
+            incident["failures"].append(now)
+            incident["last_failure"] = now
         label = subject_label(result)
         send, body, closes_problem = True, text, False
         if result.outcome is Outcome.ESCALATED and escalated_before:
@@ -5776,7 +5813,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("heal", help="diagnose and heal one service now, then mail the report")
     p.add_argument("name", help="the service's section name in services.conf")
     p.add_argument("--dry-run", action="store_true", help="print the diagnosis and the plan; change nothing")
-    p.add_argument("--trigger", default="manual", help=argparse.SUPPRESS)
+    p.add_argument("--trigger", default=MANUAL_TRIGGER, help=argparse.SUPPRESS)
 
     p = add("validate", help="check a services.conf and print every problem (like nginx -t)")
     p.add_argument("file", nargs="?", help="the file to check (default: --config or %s)" % CONFIG_PATH)

@@ -275,6 +275,9 @@ def _run_fakes_in_process(argv, *args, env=None, **kwargs):
             rc = _load_fake(os.path.basename(path)).main(list(argv))
         except SystemExit as exc:
             rc = exc.code if isinstance(exc.code, int) else 1
+        except fakestate.Hang:
+            time.sleep(kwargs.get("timeout") or 0)
+            raise subprocess.TimeoutExpired(list(argv), kwargs.get("timeout"))
     return subprocess.CompletedProcess(list(argv), rc, out.getvalue(), err.getvalue())
 
 

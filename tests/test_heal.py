@@ -1094,3 +1094,48 @@ def test_leftover_is_not_signalled_once_the_unit_runs_again_meanwhile(bed, monke
     monkeypatch.setattr(selfheal, "show_unit", show)
     selfheal.terminate(ctx, procs.table[4343], since)
     assert procs.kills == []
+
+
+def test_heals_asked_for_by_hand_count_neither_toward_the_threshold_nor_flapping(bed):
+    """One real failure, then three `selfheal heal NAME` from a shell (as a FAILED mail tells
+    the owner to run): no ESCALATED, no FLAPPING; the next real failure is still healed."""
+    bed.configure(failure_threshold=2)
+    bed.host.failed(WORKER)
+    assert bed.heal("worker")[0] == 0  # the real failure (OnFailure=)
+    for _ in range(3):
+        bed.host.failed(WORKER)
+        assert bed.heal("worker", trigger="manual")[0] == 0
+    bed.host.failed(WORKER)
+    assert bed.heal("worker")[0] == 0  # a second real failure: under failure_threshold = 2
+    subjects = [str(m["Subject"]) for m in bed.sink.messages]
+    assert not [s for s in subjects if "ESCALATED" in s or "FLAPPING" in s], subjects
+    assert [e["outcome"] for e in bed.history("worker")] == ["RESOLVED"] * 5
+
+
+def test_restart_that_never_finishes_ends_the_heal_failed_within_heal_timeout_naming_the_step(bed, write_conf):
+    conf = open(bed.config_path, encoding="utf-8").read().replace("[selfheal]\n", "[selfheal]\nheal_timeout = 9s\n")
+    bed.config_path = write_conf(conf)
+    bed.config = selfheal.load_config(bed.config_path, trusted=False)
+    bed.host.failed(STORY, on_restart="hang")
+    started = time.monotonic()
+    rc, _ = bed.heal("story-stages")
+    took = time.monotonic() - started
+    assert rc == 1
+    assert took < 9 + 3, took  # heal_timeout, and the report after it
+    (event,) = bed.history("story-stages")
+    assert event["outcome"] == "FAILED"
+    (msg,) = bed.sink.messages
+    body = msg.get_content()
+    assert "the heal did not finish within heal_timeout = 9 s" in body
+    assert "`systemctl restart story-stages.service` did not finish" in body
+
+
+@pytest.mark.parametrize("conf, message", [
+    ("heal_timeout = 20s\nverify_timeout = 30s\n", "heal_timeout (20 s) must be at least verify_timeout (30 s) + 5 s"),
+    ("heal_timeout = 9min\n", "at most 8 min"),
+])
+def test_heal_timeout_that_cannot_work_is_a_config_error(write_conf, conf, message):
+    path = write_conf("[selfheal]\nemail_to = a@b.c\n" + conf + "\n[web]\nport = 80\n")
+    with pytest.raises(selfheal.ConfigError) as error:
+        selfheal.load_config(path, trusted=False)
+    assert any(message in p for p in error.value.problems), error.value.problems

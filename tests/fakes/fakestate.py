@@ -52,6 +52,12 @@ DEFAULT_PROPS = {
 }
 
 
+class Hang(Exception):
+    """A command that never finishes (a restart whose ExecStartPre= blocks): the fake's own
+    process sleeps until killed; run in-process (tests/conftest.py) it lasts the caller's
+    timeout and ends as subprocess.TimeoutExpired, as the real process would."""
+
+
 def state_path():
     path = os.environ.get("FAKE_SYSTEMD_STATE")
     if not path:
@@ -71,7 +77,12 @@ def locked_state(write=False):
                 state = json.load(handle)
         except FileNotFoundError:
             state = {}
-        yield state
+        try:
+            yield state
+        except Hang:
+            if write:  # what happened before the hang (the unit is activating) is real
+                save(path, state)
+            raise
         if write:
             save(path, state)
 
