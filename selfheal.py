@@ -78,6 +78,7 @@ SS = "ss"
 COMMAND_TIMEOUT = 15.0  # seconds for any external command unless said otherwise
 MAX_CONFIG_BYTES = 1 << 20  # a services.conf larger than 1 MiB is not one
 POLL_INTERVAL = 0.05  # seconds between verification probes
+SETTLE_SECONDS = 3.0  # a service with neither port nor health check must stay up this long
 MANUAL_TRIGGER = "manual"  # `selfheal heal NAME` from a shell: asked for, not a failure
 HEALTH_BODY_LIMIT = 65536  # health_expect_text is looked for in this much of the answer
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale process
@@ -110,7 +111,7 @@ UNIT_PROPERTIES = (
     "ExecMainExitTimestampMonotonic", "InactiveEnterTimestampMonotonic",
     "StateChangeTimestampMonotonic", "FragmentPath", "User", "Description", "Names",
     "TimeoutStartUSec", "TimeoutStopUSec", "Environment", "EnvironmentFiles", "ActiveEnterTimestampMonotonic",
-    "InactiveExitTimestampMonotonic",
+    "InactiveExitTimestampMonotonic", "Type", "RemainAfterExit",
 )
 
 # systemd's own exit statuses for a process that never got to run its code
@@ -296,6 +297,7 @@ class Service:
     db_owner: str = ""  # database_check: user or user:group (default: the unit's User=)
     db_mode: Optional[int] = None  # database_check: e.g. 0640
     symlinks: Tuple[Tuple[str, str], ...] = ()  # database_check: (link, target) pairs
+    start_grace: float = 0.0  # a run younger than this (never less than verify_timeout) is starting, not unhealthy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -710,6 +712,7 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
             db_owner=take(section, values, "db_owner", check_owner, SERVICE_DEFAULTS["db_owner"]),
             db_mode=take(section, values, "db_mode", check_mode, SERVICE_DEFAULTS["db_mode"]),
             symlinks=take(section, values, "symlinks", check_symlinks, SERVICE_DEFAULTS["symlinks"]),
+            start_grace=take(section, values, "start_grace", check_start_grace, SERVICE_DEFAULTS["start_grace"]),
         )
         for key in ("health_expect_status", "health_expect_text", "health_timeout"):
             if key in values and not svc.health_url:
@@ -916,6 +919,13 @@ def check_url(value: str) -> str:
     except ValueError:
         raise ValueError("has a port that is not a number from 1 to 65535") from None
     return value
+
+
+def check_start_grace(value: str) -> float:
+    seconds = parse_duration(value)
+    if seconds < 0:
+        raise ValueError("must be 0 or more")
+    return seconds
 
 
 def check_heal_timeout(value: str) -> float:
@@ -1774,6 +1784,9 @@ def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
     """
     unit = show_unit(svc.unit)
     state = "%s (%s)" % (unit.get("ActiveState", "unknown"), unit.get("SubState", "unknown"))
+    if finished_oneshot(unit):  # its run is its whole life: judged by the run's result
+        return (Check("unit", True, "%s: a oneshot job whose run succeeded (exit status %s)" % (
+            state, unit.get("ExecMainStatus") or "0")),), unit
     checks = [Check("unit", unit.get("ActiveState") == "active", state)]
     if svc.port and checks[-1].ok:
         inodes = listen_inodes(svc.port)
@@ -1812,11 +1825,23 @@ def verify(svc: Service, timeout: float, clock=time.monotonic, sleep=time.sleep)
     start = clock()
     preloaded = False
     taken: Optional[Check] = None  # the port held by another process, as seen while it was up
+    # With neither port nor health check, "active" alone proves little: a run that dies a
+    # second after its start was active too. It must stay active, the same run, for SETTLE.
+    settle = SETTLE_SECONDS if not (svc.port or svc.health_url) else 0.0
+    steady_since, steady_run = None, ""
     while True:
         checks, unit = probe(svc)
         elapsed = clock() - start
         if all(c.ok for c in checks):
+            run_id = unit.get("InvocationID", "")
+            if settle and not finished_oneshot(unit):
+                if steady_since is None or run_id != steady_run:
+                    steady_since, steady_run = clock(), run_id
+                if clock() - steady_since < settle:
+                    sleep(POLL_INTERVAL)
+                    continue
             return Verification(True, elapsed, checks, unit)
+        steady_since = None
         taken = next((c for c in checks if c.name == "port" and not c.ok
                       and c.detail != "%d not listening" % svc.port), taken)
         state = unit.get("ActiveState", "")
@@ -3371,9 +3396,11 @@ def port_holders(services: Sequence[Service], units: Dict[str, Dict[str, str]]
 
 def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
            health: Optional[Tuple[bool, str]], baseline: Optional[int],
-           holder: Optional[Tuple[Optional[bool], str]] = None) -> Tuple[str, str]:
+           holder: Optional[Tuple[Optional[bool], str]] = None, grace: float = 0.0) -> Tuple[str, str]:
     """What the watch makes of one service: (verdict, detail). holder is port_holder's
     answer for its listening port: a port held only by others' processes is unhealthy.
+    A run younger than `grace` (start_grace, at least verify_timeout) whose port or health
+    check fails is still starting: transient, not unhealthy.
 
     ok | restarted (systemd's Restart= repaired a crash since the last look) | unhealthy |
     stopped | failed | transient (starting or stopping: look again next time) | missing.
@@ -3383,13 +3410,20 @@ def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
     if unit.get("LoadState") in ("not-found", "masked", "bad-setting", "error") or not unit:
         return "missing", "unit %s" % (unit.get("LoadState") or "unknown")  # install warned; not ours to start
     if active == "active":
+        problem = ""
         if svc.port and ports is not None and svc.port not in ports:
-            return "unhealthy", "port %d not listening while the unit is %s" % (svc.port, state)
-        if holder is not None and holder[0] is False:
-            return "unhealthy", "port %d %s while the unit is %s" % (svc.port, holder[1], state)
-        if health is not None and not health[0]:
+            problem = "port %d not listening while the unit is %s" % (svc.port, state)
+        elif holder is not None and holder[0] is False:
+            problem = "port %d %s while the unit is %s" % (svc.port, holder[1], state)
+        elif health is not None and not health[0]:
             where = "port %d open but " % svc.port if svc.port else ""
-            return "unhealthy", "%sGET %s: %s" % (where, display_url(svc.health_url), health[1])
+            problem = "%sGET %s: %s" % (where, display_url(svc.health_url), health[1])
+        if problem:
+            age = run_age(unit)
+            if age is not None and age < grace:
+                return "transient", "starting (%s of start_grace = %s): %s" % (
+                    format_duration(round(age)), format_duration(grace), problem)
+            return "unhealthy", problem
         nrestarts = int(unit.get("NRestarts") or 0)
         if baseline is not None and nrestarts > baseline:
             return "restarted", "systemd restarted it by itself (restarts %d -> %d)" % (baseline, nrestarts)
@@ -3399,8 +3433,23 @@ def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
     if active == "inactive":
         if unit.get("Result", "success") not in ("", "success"):
             return "failed", "%s, result %s" % (state, unit.get("Result"))
+        if finished_oneshot(unit):
+            return "ok", "a oneshot job that finished successfully: %s" % state
         return "stopped", "found stopped: %s" % state
     return "transient", state
+
+
+def finished_oneshot(unit: Dict[str, str]) -> bool:
+    """Type=oneshot without RemainAfterExit=: inactive after a successful run is its rest
+    state, not a stop."""
+    return (unit.get("Type") == "oneshot" and unit.get("RemainAfterExit") != "yes"
+            and unit.get("ActiveState") == "inactive" and unit.get("Result", "success") in ("", "success"))
+
+
+def run_age(unit: Dict[str, str]) -> Optional[float]:
+    """Seconds since the unit's current run became active (None when systemd does not say)."""
+    entered = parse_usec_timestamp(unit.get("ActiveEnterTimestampMonotonic", ""))
+    return max(0.0, time.monotonic() - entered) if entered else None
 
 
 def known_problem(paths: Paths, svc: Service, unit: Dict[str, str]) -> bool:
@@ -3454,7 +3503,8 @@ def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
                          nrestarts=nrestarts if nrestarts is not None else baseline)
             save_watch_state(paths, svc.name, state)
             return "paused"
-        verdict, detail = assess(svc, unit, ports, health, baseline, holder)
+        verdict, detail = assess(svc, unit, ports, health, baseline, holder,
+                                 max(svc.start_grace, config.settings.verify_timeout))
         # The restart count moves on only when it was seen healthy or reported: a look that
         # lands while systemd's new run is still starting does not swallow the crash.
         if nrestarts is not None and (baseline is None or verdict in ("ok", "restarted", "missing")):

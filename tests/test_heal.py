@@ -1139,3 +1139,39 @@ def test_heal_timeout_that_cannot_work_is_a_config_error(write_conf, conf, messa
     with pytest.raises(selfheal.ConfigError) as error:
         selfheal.load_config(path, trusted=False)
     assert any(message in p for p in error.value.problems), error.value.problems
+
+
+def test_service_without_port_or_health_that_dies_a_second_after_its_restart_is_not_resolved(bed, monkeypatch):
+    """"active" alone proves little: the run must stay up, the same run, for SETTLE_SECONDS."""
+    monkeypatch.setattr(selfheal, "SETTLE_SECONDS", 1.5)
+    died = {"ActiveState": "failed", "SubState": "failed", "Result": "exit-code", "ExecMainCode": "1",
+            "ExecMainStatus": "1"}
+    bed.host.failed(WORKER, then={"after": 0.5, "set": died})
+    rc, _ = bed.heal("worker")
+    assert rc == 1
+    assert [e["outcome"] for e in bed.history("worker")][-1] == "FAILED"
+    assert "RESOLVED" not in str(bed.sink.messages[-1]["Subject"])
+
+
+def test_service_without_port_or_health_that_stays_up_is_resolved_after_settling(bed, monkeypatch):
+    monkeypatch.setattr(selfheal, "SETTLE_SECONDS", 1.0)
+    bed.host.failed(WORKER)
+    started = time.monotonic()
+    assert bed.heal("worker")[0] == 0
+    assert time.monotonic() - started >= 1.0
+    assert "RESOLVED" in str(bed.sink.messages[-1]["Subject"])
+
+
+@pytest.mark.parametrize("props, ok", [
+    ({"ActiveState": "inactive", "SubState": "dead", "Result": "success", "Type": "oneshot",
+      "RemainAfterExit": "no", "ExecMainStatus": "0"}, True),
+    ({"ActiveState": "inactive", "SubState": "dead", "Result": "success", "Type": "oneshot",
+      "RemainAfterExit": "yes"}, False),
+    ({"ActiveState": "failed", "SubState": "failed", "Result": "exit-code", "Type": "oneshot",
+      "RemainAfterExit": "no"}, False),
+    ({"ActiveState": "inactive", "SubState": "dead", "Result": "success", "Type": "simple"}, False),
+], ids=["oneshot-run-succeeded", "remain-after-exit-stopped", "oneshot-run-failed", "simple-stopped"])
+def test_probe_judges_a_oneshot_job_by_its_runs_result(fake_host, props, ok):
+    fake_host.unit(WORKER, **props)
+    checks, _ = selfheal.probe(selfheal.Service(name="worker", unit=WORKER))
+    assert all(c.ok for c in checks) is ok

@@ -244,6 +244,12 @@ ASSESS = [
      "missing", "unit not-found"),
     ("masked", PLAIN, shown("inactive", "dead", LoadState="masked"), set(), None, 0, "missing", "unit masked"),
     ("systemctl-said-nothing", PLAIN, {}, set(), None, 0, "missing", "unit unknown"),
+    ("oneshot-finished", PLAIN, shown("inactive", "dead", Type="oneshot", RemainAfterExit="no"), set(), None, 0,
+     "ok", "a oneshot job that finished successfully: inactive (dead)"),
+    ("oneshot-remaining-stopped", PLAIN, shown("inactive", "dead", Type="oneshot", RemainAfterExit="yes"), set(),
+     None, 0, "stopped", "found stopped: inactive (dead)"),
+    ("oneshot-failed", PLAIN, shown("failed", "failed", Type="oneshot", Result="exit-code"), set(), None, 0,
+     "failed", "failed (failed), result exit-code"),
 ]
 
 
@@ -252,6 +258,26 @@ ASSESS = [
 def test_assess_turns_unit_port_health_and_restart_count_into_a_verdict(svc, unit, ports, health_answer,
                                                                         baseline, verdict, detail):
     assert selfheal.assess(svc, unit, ports, health_answer, baseline) == (verdict, detail)
+
+
+def started_ago(seconds):
+    return str(int((time.monotonic() - seconds) * 1e6))
+
+
+@pytest.mark.parametrize("age, verdict, detail", [
+    (10, "transient", "starting (10 s of start_grace = 60 s): port 5002 not listening while the unit is active (running)"),
+    (59, "transient", "starting (59 s of start_grace = 60 s): port 5002 not listening while the unit is active (running)"),
+    (61, "unhealthy", "port 5002 not listening while the unit is active (running)"),
+], ids=["young-run-is-starting", "just-inside-grace", "past-grace-is-unhealthy"])
+def test_assess_a_run_younger_than_start_grace_without_its_port_is_starting_not_hung(age, verdict, detail):
+    unit = shown(ActiveEnterTimestampMonotonic=started_ago(age))
+    assert selfheal.assess(SVC, unit, {80}, None, 0, None, 60.0) == (verdict, detail)
+
+
+def test_assess_a_young_run_failing_its_health_check_is_starting_too():
+    verdict, detail = selfheal.assess(SVC, shown(ActiveEnterTimestampMonotonic=started_ago(3)), {5002}, HANG, 0,
+                                      None, 60.0)
+    assert verdict == "transient" and detail.startswith("starting (3 s of start_grace = 60 s): port 5002 open but GET")
 
 
 FOREIGN = (False, "held by pid 4242 (user root, cgroup /system.slice/other-app.service): python3 -m http.server, "
