@@ -9,6 +9,9 @@
     standin.py PORT --require-env NAME   refuse to start without $NAME (like a Python KeyError)
     standin.py PORT --data PATH     refuse to start unless PATH can be opened (a database file,
                                     often reached through a symlink)
+    standin.py PORT --say TEXT      print TEXT on a line of its own first (into the journal)
+    standin.py PORT --weird-reply   answer GET /health with no HTTP at all: a line and a body
+                                    full of terminal escapes (clear screen, set the title, bell)
 
 Prints "listening" once the socket is bound, so the journal shows it.
 """
@@ -19,8 +22,19 @@ import sys
 import time
 
 
+# What --weird-reply sends for /health instead of HTTP: a hostile service's answer that a
+# root process must never paste raw into a terminal, a mail or a post.
+WEIRD_REPLY = b"\x1b[2J\x1b]0;pwned\x07 200 OK \x1b[31mall good\x1b[0m\r\n\r\n\x1b[2J\x1b]0;pwned\x07body\n"
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
+    weird = False
+
     def do_GET(self):
+        if self.weird and self.path == "/health":
+            self.wfile.write(WEIRD_REPLY)
+            self.close_connection = True
+            return
         body = ("ok %s pid %d\n" % (self.path, os.getpid())).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -48,7 +62,10 @@ def refuse_if_broken(argv):
 
 def main(argv):
     port = int(argv[1])
+    if "--say" in argv:
+        print(option(argv, "--say"), flush=True)
     refuse_if_broken(argv)
+    Handler.weird = "--weird-reply" in argv
     server = http.server.HTTPServer(("127.0.0.1", port), Handler, bind_and_activate=False)
     server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.server_bind()
