@@ -3977,7 +3977,11 @@ TimeoutStartSec=10min
 # reads its env file, config files and database; CAP_SYS_PTRACE lets ss -p see which process
 # of another user holds the port (/proc/PID/fd), the proof of ownership before any signal:
 # without it such a process is never signalled and the heal escalates instead.
-CapabilityBoundingSet=CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE
+# CAP_NET_BIND_SERVICE is for config_check: `nginx -t` binds every listen socket of the
+# config it tests and fails on port 80 with "bind() ... (13: Permission denied)" without it
+# (it also opens its logs, www-data's, through CAP_DAC_OVERRIDE and creates its temp dirs
+# for www-data through CAP_CHOWN: nothing more on Debian 11 to 13).
+CapabilityBoundingSet=CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE CAP_NET_BIND_SERVICE
 NoNewPrivileges=yes
 # Relaxed: full, not strict. /usr, /boot and /etc are read-only, but /var, /srv and /opt stay
 # writable: a declared db_path or symlink may be anywhere there (strict would need each one
@@ -4000,6 +4004,9 @@ RestrictRealtime=yes
 LockPersonality=yes
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
+# Nothing it runs changes priorities, CPU affinity or NUMA policy (setrlimit is in the list,
+# but glibc's setrlimit() is the prlimit64 call, which stays allowed).
+SystemCallFilter=~@resources
 SystemCallErrorNumber=EPERM
 # AF_INET/AF_INET6: smtp_host, health_url, webhook_url (http/https); AF_UNIX: systemd and the
 # journal; AF_NETLINK: ss asks the kernel for the listening sockets (and glibc's resolver).
@@ -4060,6 +4067,8 @@ MemoryDenyWriteExecute=yes
 ProtectProc=invisible
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
+# Nothing it runs changes priorities, CPU affinity or NUMA policy.
+SystemCallFilter=~@resources
 SystemCallErrorNumber=EPERM
 # AF_INET/AF_INET6: mail, health_url, webhook and heartbeat; AF_UNIX: systemd, journal; AF_NETLINK:
 # glibc's resolver (and ss, should /proc/net/tcp be unreadable).
