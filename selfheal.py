@@ -263,9 +263,10 @@ class Service:
     critical: bool = False
     strategies: Tuple[str, ...] = ("service_restart",)
     health_url: str = ""
+    health_command: Tuple[str, ...] = ()  # instead of health_url: an argument list; healthy: exit 0
     health_timeout: float = 5.0
     health_expect_status: Tuple[int, ...] = ()  # empty: any 2xx or 3xx
-    health_expect_text: str = ""  # must appear in the body
+    health_expect_text: str = ""  # must appear in the body (or health_command's output)
     on_stopped: str = "heal"  # heal | report | ignore
     port_owner: str = "unit"  # unit: only the unit's processes count as listening | any
     notify: str = ""  # always | on-failure | never; empty: the global notify
@@ -671,6 +672,7 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
             critical=take(section, values, "critical", check_bool, SERVICE_DEFAULTS["critical"]),
             strategies=take(section, values, "strategies", check_strategies, SERVICE_DEFAULTS["strategies"]),
             health_url=take(section, values, "health_url", check_url, SERVICE_DEFAULTS["health_url"]),
+            health_command=take(section, values, "health_command", check_command, SERVICE_DEFAULTS["health_command"]),
             health_timeout=take(section, values, "health_timeout", positive_duration, SERVICE_DEFAULTS["health_timeout"]),
             health_expect_status=take(section, values, "health_expect_status", check_statuses, SERVICE_DEFAULTS["health_expect_status"]),
             health_expect_text=take(section, values, "health_expect_text", check_expect_text, SERVICE_DEFAULTS["health_expect_text"]),
@@ -686,9 +688,14 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
             db_mode=take(section, values, "db_mode", check_mode, SERVICE_DEFAULTS["db_mode"]),
             symlinks=take(section, values, "symlinks", check_symlinks, SERVICE_DEFAULTS["symlinks"]),
         )
+        if "health_url" in values and "health_command" in values:
+            problem(line_of(section, "health_command"), section, "health_command",
+                    "use health_url or health_command, not both")
         for key in ("health_expect_status", "health_expect_text", "health_timeout"):
-            if key in values and not svc.health_url:
-                problem(line_of(section, key), section, key, "needs health_url")
+            if key in values and "health_url" not in values and (
+                    key == "health_expect_status" or "health_command" not in values):
+                problem(line_of(section, key), section, key, "needs health_url" if key == "health_expect_status"
+                        else "needs health_url or health_command")
         for strategy, needs in STRATEGY_NEEDS.items():
             if strategy in svc.strategies and not any(getattr(svc, key) or key in values for key in needs):
                 problem(line_of(section, "strategies"), section, "strategies",
@@ -1494,6 +1501,50 @@ def http_check(url: str, timeout: float, expect_status: Sequence[int] = (),
         return False, str(reason)
 
 
+def shlex_join(argv: Sequence[str]) -> str:
+    """An argument list as one could type it (shlex.join, Python 3.8+), for reports."""
+    import shlex
+
+    return " ".join(shlex.quote(arg) for arg in argv)
+
+
+def command_argv(argv: Sequence[str]) -> List[str]:
+    """An argument list from services.conf with its program found: a plain name is looked up
+    on PATH when it runs (config_check, health_command)."""
+    argv = list(argv)
+    if not argv[0].startswith("/"):
+        argv[0] = shutil.which(argv[0]) or argv[0]
+    return argv
+
+
+def command_check(argv: Sequence[str], timeout: float, expect_text: str = "") -> Tuple[bool, str]:
+    """Run a health_command (through run(): no shell, no stdin, killed after timeout).
+    Healthy: exit status 0 and, when asked, the expected text in its output (stdout and
+    stderr, the first 64 KiB). Never raises; the detail quotes at most 80 characters of one line
+    of output, control characters escaped (it is the service's answer, not ours)."""
+    result = run(command_argv(argv), timeout=timeout)
+    output = (result.out[:65536] + "\n" + result.err[:65536]).strip()
+    first = next((line.strip() for line in output.splitlines() if line.strip()), "")
+    said = ": %r" % first[:80] if first else ""  # repr: control characters escaped
+    if result.rc == 124:
+        return False, "no answer within %s" % format_duration(timeout)
+    if result.rc in (126, 127):
+        return False, result.err.strip()[:200]
+    if not result.ok:
+        return False, "exit status %d%s" % (result.rc, said)
+    if expect_text and expect_text not in output:
+        return False, "exit status 0 but the output lacks %r%s" % (expect_text, said)
+    return True, "exit status 0%s" % said
+
+
+def health_check(svc: Service) -> Tuple[bool, str]:
+    """The service's own health check, health_url or health_command: (healthy, detail)."""
+    if svc.health_command:
+        ok, detail = command_check(svc.health_command, svc.health_timeout, svc.health_expect_text)
+        return ok, "`%s`: %s" % (shlex_join(svc.health_command), detail)
+    return http_check(svc.health_url, svc.health_timeout, svc.health_expect_status, svc.health_expect_text)
+
+
 # =============================================================================
 # Verification
 # =============================================================================
@@ -1536,6 +1587,8 @@ def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
         ok, detail = http_check(svc.health_url, svc.health_timeout, svc.health_expect_status,
                                 svc.health_expect_text)
         checks.append(Check("health", ok, "%s %s" % (svc.health_url, detail)))
+    if svc.health_command and all(c.ok for c in checks):
+        checks.append(Check("health", *health_check(svc)))
     return tuple(checks), unit
 
 
@@ -1741,9 +1794,7 @@ def strategy_config_validation(ctx: HealContext) -> str:
     svc = ctx.svc
     ctx.found.extend(config_changes(ctx.paths, svc))
     if svc.config_check:
-        argv = list(svc.config_check)
-        if not argv[0].startswith("/"):
-            argv[0] = shutil.which(argv[0]) or argv[0]
+        argv = command_argv(svc.config_check)
         what = "config check: %s" % " ".join(svc.config_check)
         result = run(argv, timeout=60)
         output = (result.out + result.err).strip().splitlines()[-20:]
@@ -2915,15 +2966,17 @@ def remember_restarts(paths: Paths, name: str, unit: Dict[str, str]) -> None:
 
 
 def health_checks(services: Sequence[Service]) -> Dict[str, Tuple[bool, str]]:
-    """GET every health_url at once (threads), so one slow service does not delay the rest."""
+    """GET every health_url, run every health_command, at once (threads), so one slow
+    service does not delay the rest."""
     import concurrent.futures
 
-    todo = [svc for svc in services if svc.health_url]
+    todo = [svc for svc in services if svc.health_url or svc.health_command]
     if not todo:
         return {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
-        futures = {svc.name: pool.submit(http_check, svc.health_url, svc.health_timeout,
-                                         svc.health_expect_status, svc.health_expect_text) for svc in todo}
+        futures = {svc.name: pool.submit(health_check, svc) if svc.health_command else
+                   pool.submit(http_check, svc.health_url, svc.health_timeout,
+                               svc.health_expect_status, svc.health_expect_text) for svc in todo}
     return {name: future.result() for name, future in futures.items()}
 
 
@@ -2972,6 +3025,8 @@ def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
             return "unhealthy", "port %d %s while the unit is %s" % (svc.port, holder[1], state)
         if health is not None and not health[0]:
             where = "port %d open but " % svc.port if svc.port else ""
+            if svc.health_command:
+                return "unhealthy", "%s%s" % (where, health[1])
             return "unhealthy", "%sGET %s: %s" % (where, svc.health_url, health[1])
         nrestarts = int(unit.get("NRestarts") or 0)
         if baseline is not None and nrestarts > baseline:
