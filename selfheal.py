@@ -285,6 +285,15 @@ class Config:
     path: str
     settings: Settings
     services: Dict[str, Service]
+    lines: Dict[Tuple[Optional[str], Optional[str]], int] = dataclasses.field(default_factory=dict)
+
+    def line(self, section: str, key: Optional[str] = None) -> int:
+        """Where the key is written (its section's header when it is not); 0: unknown."""
+        return self.lines.get((section, key)) or self.lines.get((section, None)) or 0
+
+    def where(self, section: str, key: Optional[str] = None) -> str:
+        """FILE:LINE [section] key, as a config problem starts."""
+        return "%s:%s [%s]%s" % (self.path, self.line(section, key) or "-", section, " " + key if key else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -708,7 +717,7 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         problem(None, None, None, "no services listed: add one [section] per service")
     if problems:
         raise ConfigError([text for _, text in sorted(problems, key=lambda p: p[0])])
-    return Config(path=path, settings=settings, services=services)
+    return Config(path=path, settings=settings, services=services, lines=lines)
 
 
 # Value checkers: return the converted value or raise ValueError with the reason.
@@ -4002,6 +4011,121 @@ def ping_heartbeat(config: Config, paths: Paths) -> bool:
 # Install: units, drop-ins, files (install.sh calls this too)
 # =============================================================================
 
+# What validate and install check on this host, beyond the file: every problem at once,
+# before anything changes, as FILE:LINE [section] key: problem.
+HOST_PROPERTIES = ("Id", "LoadState", "Names", "Type", "RemainAfterExit", "ExecStart", "ConsistsOf",
+                   "ActiveState")
+NOOP_PROGRAMS = ("/bin/true", "/usr/bin/true")  # a wrapper unit's ExecStart that runs nothing
+
+
+def command_problem(argv: Sequence[str]) -> str:
+    """Why a config_check or health_command cannot run here, or "": its program is an
+    executable file, or a plain name found on PATH, as when a heal or the watch runs it."""
+    program = command_argv(argv)[0]
+    if not program.startswith("/"):
+        return "%s: not found on PATH (%s); give its absolute path" % (program, os.environ.get("PATH", ""))
+    if not os.path.isfile(program) or not os.access(program, os.X_OK):
+        return "%s: no such executable file on this host" % program
+    return ""
+
+
+def exec_programs(exec_start: str) -> List[str]:
+    """The programs of a unit's ExecStart= as `systemctl show` prints it ({ path=/bin/true ; ...})."""
+    return re.findall(r"\bpath=(\S+)", exec_start)
+
+
+def cgroup_unit(cgroup: str) -> str:
+    """The service unit a cgroup belongs to (/system.slice/system-postgresql.slice/
+    postgresql@15-main.service -> postgresql@15-main.service), or ""."""
+    for part in reversed(cgroup.strip("/").split("/")):
+        if part.endswith(".service"):
+            return part
+    return ""
+
+
+def port_units(ports: Iterable[int]) -> Dict[int, List[str]]:
+    """port -> the service units whose processes listen on it: one `ss -p` (pids, as root),
+    else one `ss --cgroup`. Empty when ss cannot say."""
+    wanted = set(ports)
+    if not wanted:
+        return {}
+    found: Dict[int, List[str]] = {}
+    result = run([SS, "-H", "-t", "-l", "-n", "-p"])
+    for lst in parse_ss(result.out) if result.ok else []:
+        if lst.port in wanted:
+            for process in filter(None, (read_process(pid) for pid in lst.pids)):
+                unit = cgroup_unit(process.cgroup)
+                if unit and unit not in found.setdefault(lst.port, []):
+                    found[lst.port].append(unit)
+    if not found:
+        for port, groups in (socket_cgroups() or {}).items():
+            if port in wanted:
+                found[port] = list(dict.fromkeys(filter(None, map(cgroup_unit, groups))))
+    return found
+
+
+def host_problems(config: Config, units: Dict[str, Dict[str, str]]) -> List[str]:
+    """What makes a service impossible to heal as listed, on this host. units: HOST_PROPERTIES
+    of every listed unit (empty dicts where systemd could not be asked: those checks skipped).
+
+    - a unit selfheal never touches under another name (an alias);
+    - config_check or health_command whose program is not here;
+    - a port on a unit that never holds one: a oneshot wrapper (Type=oneshot,
+      RemainAfterExit=yes) that runs nothing (ExecStart=/bin/true, Debian's postgresql.service)
+      or whose port another unit's process holds. Every heal of it would fail verification
+      and every watch run would find it unhealthy: the unit that serves the port is named.
+    - a port held by another unit's process while the listed unit runs (not a wrapper):
+      the wrong unit, or a proxy (port_owner = any). A unit that is down is not judged: the
+      port may be what keeps it down.
+    """
+    problems: List[Tuple[int, str]] = []
+
+    def problem(svc: Service, key: str, message: str) -> None:
+        problems.append((config.line(svc.name, key), "%s: %s" % (config.where(svc.name, key), message)))
+
+    for svc in config.services.values():
+        for key in ("config_check", "health_command"):
+            bad = command_problem(getattr(svc, key)) if getattr(svc, key) else ""
+            if bad:
+                problem(svc, key, bad)
+        name = never_touch_loaded(units.get(svc.unit, {}))
+        if name:
+            problem(svc, "unit", "%s is %s here, which selfheal never touches" % (svc.unit, name))
+    ported = [svc for svc in config.services.values() if svc.port and units.get(svc.unit, {}).get("LoadState") == "loaded"]
+    holders = port_units(svc.port for svc in ported) if ported else {}
+    for svc in ported:
+        unit = units[svc.unit]
+        others = [u for u in holders.get(svc.port, []) if u != svc.unit and u not in unit.get("Names", "").split()]
+        wrapper = unit.get("Type") == "oneshot" and unit.get("RemainAfterExit") == "yes"
+        runs_nothing = wrapper and set(exec_programs(unit.get("ExecStart", ""))) <= set(NOOP_PROGRAMS)
+        if wrapper and (runs_nothing or others):
+            parts = [u for u in unit.get("ConsistsOf", "").split() if u.endswith(".service")]
+            serving = others or parts
+            programs = exec_programs(unit.get("ExecStart", ""))
+            what = "%s is a oneshot wrapper (Type=oneshot, RemainAfterExit=yes%s): no process of it ever " \
+                   "listens on %d" % (svc.unit, ", ExecStart=%s" % programs[0] if runs_nothing and programs
+                                      else "", svc.port)
+            if serving:
+                what += " (%s %s)" % (" and ".join(serving), "listens there" if others else "is what it starts")
+            problem(svc, "port", "%s, so selfheal would find it unhealthy for ever and restart it, and everything "
+                    "it starts, in vain. Name the unit that serves the port: %s" % (
+                        what, " or ".join("[%s] with unit = %s" % (svc.name, u) for u in serving)
+                        if serving else "unit = ..."))
+        elif others and svc.port_owner == "unit" and unit.get("ActiveState") == "active":
+            problem(svc, "port", "%d is held by %s, not by %s (which is running): if %s serves [%s], set "
+                    "unit = %s; if it only forwards the port to %s (docker-proxy), set port_owner = any" % (
+                        svc.port, " and ".join(others), svc.unit, others[0], svc.name, others[0], svc.unit))
+    return [text for _, text in sorted(problems, key=lambda p: p[0])]
+
+
+def check_on_host(config: Config) -> None:
+    """host_problems, asking systemd once; raises ConfigError with all of them."""
+    units = show_units([svc.unit for svc in config.services.values()], HOST_PROPERTIES)
+    problems = host_problems(config, units)
+    if problems:
+        raise ConfigError(problems)
+
+
 UNIT_TEMPLATES = {
     "selfheal@.service": """\
 # selfheal@NAME.service heals the service [NAME] of /etc/selfheal/services.conf.
@@ -4239,12 +4363,11 @@ class Installer:
     def install(self, config: Config, config_text: str, self_text: str) -> int:
         libdir, conf = self.libdir, CONFIG_PATH
         units = [svc.unit for svc in config.services.values()]
-        loaded = show_units(units, ("Id", "LoadState", "Names")) if self.live else {}
-        protected = ["%s [%s] unit: %s is %s here, which selfheal never touches" % (
-            config.path, svc.name, svc.unit, never_touch_loaded(loaded.get(svc.unit, {})))
-            for svc in config.services.values() if never_touch_loaded(loaded.get(svc.unit, {}))]
-        if protected:  # found only on this host (an alias): refuse before changing anything
-            raise ConfigError(protected)
+        loaded = show_units(units, HOST_PROPERTIES) if self.live else {}
+        if self.live:  # what only this host can tell (an alias, a wrapper unit): refuse before changing anything
+            problems = host_problems(config, loaded)
+            if problems:
+                raise ConfigError(problems)
         if (self.put(libdir + "/selfheal.py", self_text, 0o755) or not self.host(libdir + "/__pycache__").is_dir()) \
                 and not self.dry_run:
             # Compiled now, so the first heal does not pay for compiling 2,000 lines.
@@ -5502,6 +5625,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "validate":
             path = args.file or config_path
             config = load_config(path, trusted=os.path.abspath(path) == CONFIG_PATH)
+            check_on_host(config)
             print("%s: ok, %d service(s): %s" % (path, len(config.services), ", ".join(config.services)))
             return EX_OK
         if args.command == "install":
