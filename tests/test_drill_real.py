@@ -8,6 +8,7 @@ configured exactly as the README's examples say, on a real systemd and postfix:
   names the oneshot wrapper postgresql.service: install refuses (78), naming the cluster's
   unit, and installs nothing. As the README writes it (`unit = postgresql@NN-main.service`)
   a SIGKILL of the postmaster is healed, and the watch leaves the healthy cluster alone.
+- memcached: its health_command (a python3 one-liner) answers; the watch leaves it alone.
 - Redis: `kill -STOP` of redis-server: the watch finds it hung through its
   `health_command` (redis-cli ping), heals it, and mails RESOLVED.
 """
@@ -61,8 +62,8 @@ health_command = /usr/bin/pg_isready -q -h 127.0.0.1 -p 5432
 MEMCACHED = """\
 [memcached]
 port = 11211
-health_command = /usr/share/memcached/scripts/memcached-tool 127.0.0.1:11211 stats
-health_expect_text = uptime
+health_command = /usr/bin/python3 -c "import socket; s = socket.create_connection(('127.0.0.1', 11211), 3); s.sendall(b'version\\r\\n'); print(s.recv(64))"
+health_expect_text = VERSION
 """
 SITE = "/etc/nginx/sites-available/default"  # sites-enabled/default links to it
 

@@ -145,3 +145,17 @@ def test_watch_of_a_service_whose_health_command_answers_is_ok(wb):
         selfheal.watch(wb.config, wb.paths)
     assert wb.watch_state("redis-server")["verdict"] == "ok"
     assert wb.triggers() == []
+
+
+def test_readme_examples_for_debians_services_parse_into_the_commands_they_show():
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    [example] = re.findall(r"### Debian's own services.*?```ini\n(.*?)```", readme, re.S)
+    services = selfheal.parse_config(GLOBAL + example, "README.md").services
+    assert services["redis-server"].health_command == ("/usr/bin/redis-cli", "-p", "6379", "ping")
+    assert services["postgresql"].unit == "postgresql@15-main.service"
+    assert services["nginx"].config_check == ("/usr/sbin/nginx", "-t")
+    memcached = services["memcached"].health_command
+    assert memcached[:2] == ("/usr/bin/python3", "-c") and "b'version\\r\\n'" in memcached[2]
