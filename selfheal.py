@@ -4159,7 +4159,7 @@ TimeoutStartSec=10min
 # CAP_NET_BIND_SERVICE is for config_check: `nginx -t` binds every listen socket of the
 # config it tests and fails on port 80 with "bind() ... (13: Permission denied)" without it
 # (it also opens its logs, www-data's, through CAP_DAC_OVERRIDE and creates its temp dirs
-# for www-data through CAP_CHOWN: nothing more on Debian 11 to 13).
+# for www-data through CAP_CHOWN: nothing more for Debian 12 and 13).
 CapabilityBoundingSet=CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE CAP_NET_BIND_SERVICE
 NoNewPrivileges=yes
 # Relaxed: full, not strict. /usr, /boot and /etc are read-only, but /var, /srv and /opt stay
