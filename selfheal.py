@@ -2556,6 +2556,10 @@ def iso(ts: float) -> str:
 # =============================================================================
 
 
+# port_holder's words for a port another unit's process holds (not a leftover of the unit's own).
+FOREIGN_HOLDER_RE = re.compile(r", not by a process of |held by a socket of .*, not of ")
+
+
 def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
          env=os.environ, dry_run: bool = False, finding: Optional[Finding] = None) -> HealResult:
     """Heal one service once. The caller holds the service's lock."""
@@ -2655,6 +2659,22 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = "manual",
                 return finish(Outcome.HEALTHY)
             recovered = diag.result not in ("", "success") or trigger == "onfailure" or finding is not None
             return finish(Outcome.RECOVERED if recovered else Outcome.HEALTHY)
+
+    if finding and finding.kind == "unhealthy" and diag.active_state == "active" and svc.port and not dry_run:
+        # The watch saw the port held by another unit's process while this unit runs. A
+        # restart cannot free that port (the new run would fail to bind) and would stop a
+        # service that may be working: never a restart on a port-owner mismatch alone.
+        checks, unit = probe(svc)
+        port = next((c for c in checks if c.name == "port"), None)
+        if port is not None and not port.ok and FOREIGN_HOLDER_RE.search(port.detail):
+            runs.append(StrategyRun("none", (), Verification(False, 0.0, checks, unit),
+                                    "the port is another unit's: selfheal restarted nothing"))
+            return finish(Outcome.FAILED, "port %d is held by another unit's process while %s is running, so "
+                          "selfheal restarted nothing: a restart cannot free the port (the new run would fail "
+                          "to bind) and would only interrupt %s. If that process serves the port for %s "
+                          "(docker-proxy), set port_owner = any in [%s]; if it is the service itself under "
+                          "another unit (a cluster started by a wrapper unit), set unit = to that unit"
+                          % (svc.port, svc.unit, svc.unit, svc.unit, svc.name))
 
     for name in order:
         ctx = HealContext(svc, diag, settings, dry_run, paths)

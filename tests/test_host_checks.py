@@ -130,3 +130,23 @@ def test_install_refuses_the_wrapper_before_writing_anything(debian_postgres, wr
     assert "[postgresql] with unit = postgresql@15-main.service" in exc.value.problems[0]
     assert list(dest.iterdir()) == []
     assert [c for c in debian_postgres.actions()] == []
+
+
+# -- at run time: a port another unit holds is never a reason to restart ------------------
+
+from test_watch import STORY, clock, health, module_sink, running, sink, wb  # noqa: E402,F401 - fixtures
+
+
+def test_heal_of_a_running_service_whose_port_another_unit_holds_restarts_nothing_and_says_why(wb):
+    running(wb.host, STORY, ControlGroup="/system.slice/story-stages.service")
+    wb.host.listen(5002, pid=4242, cgroup="/system.slice/other-app.service", cmdline="python3 -m http.server 5002")
+    for _ in range(2):
+        selfheal.watch(wb.config, wb.paths)
+    assert wb.triggers() == [["start", "--no-block", "selfheal@story-stages.service"]]
+    rc, _ = wb.heal("story-stages")
+    assert wb.touched(STORY) == []
+    assert wb.outcomes("story-stages") == ["FAILED"]
+    (msg,) = wb.sink.messages
+    text = msg.get_content()
+    assert "port 5002 held by pid 4242 (user root, cgroup /system.slice/other-app.service" in text
+    assert "selfheal restarted nothing" in text and "port_owner = any in [story-stages]" in text
