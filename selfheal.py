@@ -1526,6 +1526,9 @@ def command_argv(argv: Sequence[str]) -> List[str]:
     return argv
 
 
+CANNOT_RUN = "cannot run: "  # command_check's detail when the program is missing: no verdict on the service
+
+
 def command_check(argv: Sequence[str], timeout: float, expect_text: str = "") -> Tuple[bool, str]:
     """Run a health_command (through run(): no shell, no stdin, killed after timeout).
     Healthy: exit status 0 and, when asked, the expected text in its output (stdout and
@@ -1538,7 +1541,7 @@ def command_check(argv: Sequence[str], timeout: float, expect_text: str = "") ->
     if result.rc == 124:
         return False, "no answer within %s" % format_duration(timeout)
     if result.rc in (126, 127):
-        return False, result.err.strip()[:200]
+        return False, CANNOT_RUN + result.err.strip()[:200]
     if not result.ok:
         return False, "exit status %d%s" % (result.rc, said)
     if expect_text and expect_text not in output:
@@ -3006,7 +3009,12 @@ def health_checks(services: Sequence[Service]) -> Dict[str, Tuple[bool, str]]:
         futures = {svc.name: pool.submit(health_check, svc) if svc.health_command else
                    pool.submit(http_check, svc.health_url, svc.health_timeout,
                                svc.health_expect_status, svc.health_expect_text) for svc in todo}
-    return {name: future.result() for name, future in futures.items()}
+    answers = {name: future.result() for name, future in futures.items()}
+    for name, (ok, detail) in list(answers.items()):
+        if not ok and CANNOT_RUN in detail:  # a missing checker says nothing about the service
+            log.warning("%s: health_command %s; not judged by it this run", name, detail)
+            del answers[name]
+    return answers
 
 
 def port_holders(services: Sequence[Service], units: Dict[str, Dict[str, str]]

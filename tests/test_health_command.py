@@ -78,9 +78,9 @@ def test_command_that_hangs_is_killed_after_the_timeout_and_said_to_give_no_answ
     assert (ok, detail) == (False, "no answer within 0.50 s")
 
 
-def test_missing_program_is_unhealthy_and_says_so():
+def test_missing_program_is_unhealthy_and_says_it_cannot_run():
     ok, detail = selfheal.command_check(["/nonexistent/redis-cli", "ping"], 5.0)
-    assert not ok and "not found" in detail
+    assert not ok and detail == "cannot run: /nonexistent/redis-cli: command not found"
 
 
 def test_plain_name_is_found_on_path_and_output_is_read_no_further_than_needed():
@@ -159,3 +159,13 @@ def test_readme_examples_for_debians_services_parse_into_the_commands_they_show(
     assert services["nginx"].config_check == ("/usr/sbin/nginx", "-t")
     memcached = services["memcached"].health_command
     assert memcached[:2] == ("/usr/bin/python3", "-c") and "b'version\\r\\n'" in memcached[2]
+
+
+def test_watch_never_acts_on_a_health_command_that_cannot_run(wb):
+    # validate and install checked the program; removed since, it says nothing about the service
+    wb.configure(extra="[redis-server]\nhealth_command = /nonexistent/redis-cli ping\n")
+    running(wb.host, "redis-server.service")
+    for _ in range(3):
+        selfheal.watch(wb.config, wb.paths)
+    assert wb.watch_state("redis-server")["verdict"] == "ok"
+    assert wb.triggers() == []
