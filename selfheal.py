@@ -283,9 +283,10 @@ class Service:
     critical: bool = False
     strategies: Tuple[str, ...] = ("service_restart",)
     health_url: str = ""
+    health_command: Tuple[str, ...] = ()  # instead of health_url: an argument list; healthy: exit 0
     health_timeout: float = 5.0
     health_expect_status: Tuple[int, ...] = ()  # empty: any 2xx or 3xx
-    health_expect_text: str = ""  # must appear in the body
+    health_expect_text: str = ""  # must appear in the body (or health_command's output)
     on_stopped: str = "heal"  # heal | report | ignore
     port_owner: str = "unit"  # unit: only the unit's processes count as listening | any
     notify: str = ""  # always | on-failure | never; empty: the global notify
@@ -305,6 +306,15 @@ class Config:
     path: str
     settings: Settings
     services: Dict[str, Service]
+    lines: Dict[Tuple[Optional[str], Optional[str]], int] = dataclasses.field(default_factory=dict)
+
+    def line(self, section: str, key: Optional[str] = None) -> int:
+        """Where the key is written (its section's header when it is not); 0: unknown."""
+        return self.lines.get((section, key)) or self.lines.get((section, None)) or 0
+
+    def where(self, section: str, key: Optional[str] = None) -> str:
+        """FILE:LINE [section] key, as a config problem starts."""
+        return "%s:%s [%s]%s" % (self.path, self.line(section, key) or "-", section, " " + key if key else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -698,6 +708,7 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
             critical=take(section, values, "critical", check_bool, SERVICE_DEFAULTS["critical"]),
             strategies=take(section, values, "strategies", check_strategies, SERVICE_DEFAULTS["strategies"]),
             health_url=take(section, values, "health_url", check_url, SERVICE_DEFAULTS["health_url"]),
+            health_command=take(section, values, "health_command", check_command, SERVICE_DEFAULTS["health_command"]),
             health_timeout=take(section, values, "health_timeout", positive_duration, SERVICE_DEFAULTS["health_timeout"]),
             health_expect_status=take(section, values, "health_expect_status", check_statuses, SERVICE_DEFAULTS["health_expect_status"]),
             health_expect_text=take(section, values, "health_expect_text", check_expect_text, SERVICE_DEFAULTS["health_expect_text"]),
@@ -714,9 +725,14 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
             symlinks=take(section, values, "symlinks", check_symlinks, SERVICE_DEFAULTS["symlinks"]),
             start_grace=take(section, values, "start_grace", check_start_grace, SERVICE_DEFAULTS["start_grace"]),
         )
+        if "health_url" in values and "health_command" in values:
+            problem(line_of(section, "health_command"), section, "health_command",
+                    "use health_url or health_command, not both")
         for key in ("health_expect_status", "health_expect_text", "health_timeout"):
-            if key in values and not svc.health_url:
-                problem(line_of(section, key), section, key, "needs health_url")
+            if key in values and "health_url" not in values and (
+                    key == "health_expect_status" or "health_command" not in values):
+                problem(line_of(section, key), section, key, "needs health_url" if key == "health_expect_status"
+                        else "needs health_url or health_command")
         for strategy, needs in STRATEGY_NEEDS.items():
             if strategy in svc.strategies and not any(getattr(svc, key) or key in values for key in needs):
                 problem(line_of(section, "strategies"), section, "strategies",
@@ -729,7 +745,7 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         problem(None, None, None, "no services listed: add one [section] per service")
     if problems:
         raise ConfigError([text for _, text in sorted(problems, key=lambda p: p[0])])
-    return Config(path=path, settings=settings, services=services)
+    return Config(path=path, settings=settings, services=services, lines=lines)
 
 
 # Value checkers: return the converted value or raise ValueError with the reason.
@@ -1768,6 +1784,53 @@ def http_check(url: str, timeout: float, expect_status: Sequence[int] = (),
     return True, "HTTP %d" % status
 
 
+def shlex_join(argv: Sequence[str]) -> str:
+    """An argument list as one could type it (shlex.join, Python 3.8+), for reports."""
+    import shlex
+
+    return " ".join(shlex.quote(arg) for arg in argv)
+
+
+def command_argv(argv: Sequence[str]) -> List[str]:
+    """An argument list from services.conf with its program found: a plain name is looked up
+    on PATH when it runs (config_check, health_command)."""
+    argv = list(argv)
+    if not argv[0].startswith("/"):
+        argv[0] = shutil.which(argv[0]) or argv[0]
+    return argv
+
+
+CANNOT_RUN = "cannot run: "  # command_check's detail when the program is missing: no verdict on the service
+
+
+def command_check(argv: Sequence[str], timeout: float, expect_text: str = "") -> Tuple[bool, str]:
+    """Run a health_command (through run(): no shell, no stdin, killed after timeout).
+    Healthy: exit status 0 and, when asked, the expected text in its output (stdout and
+    stderr, the first 64 KiB). Never raises; the detail quotes at most 80 characters of one line
+    of output, control characters escaped (it is the service's answer, not ours)."""
+    result = run(command_argv(argv), timeout=timeout)
+    output = (result.out[:65536] + "\n" + result.err[:65536]).strip()
+    first = next((line.strip() for line in output.splitlines() if line.strip()), "")
+    said = ": %r" % first[:80] if first else ""  # repr: control characters escaped
+    if result.rc == 124:
+        return False, "no answer within %s" % format_duration(timeout)
+    if result.rc in (126, 127):
+        return False, CANNOT_RUN + result.err.strip()[:200]
+    if not result.ok:
+        return False, "exit status %d%s" % (result.rc, said)
+    if expect_text and expect_text not in output:
+        return False, "exit status 0 but the output lacks %r%s" % (expect_text, said)
+    return True, "exit status 0%s" % said
+
+
+def health_check(svc: Service) -> Tuple[bool, str]:
+    """The service's own health check, health_url or health_command: (healthy, detail)."""
+    if svc.health_command:
+        ok, detail = command_check(svc.health_command, svc.health_timeout, svc.health_expect_text)
+        return ok, "`%s`: %s" % (shlex_join(svc.health_command), detail)
+    return http_check(svc.health_url, svc.health_timeout, svc.health_expect_status, svc.health_expect_text)
+
+
 # =============================================================================
 # Verification
 # =============================================================================
@@ -1813,6 +1876,8 @@ def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
         ok, detail = http_check(svc.health_url, svc.health_timeout, svc.health_expect_status,
                                 svc.health_expect_text)
         checks.append(Check("health", ok, "%s %s" % (display_url(svc.health_url), detail)))
+    if svc.health_command and all(c.ok for c in checks):
+        checks.append(Check("health", *health_check(svc)))
     return tuple(checks), unit
 
 
@@ -1827,7 +1892,7 @@ def verify(svc: Service, timeout: float, clock=time.monotonic, sleep=time.sleep)
     taken: Optional[Check] = None  # the port held by another process, as seen while it was up
     # With neither port nor health check, "active" alone proves little: a run that dies a
     # second after its start was active too. It must stay active, the same run, for SETTLE.
-    settle = SETTLE_SECONDS if not (svc.port or svc.health_url) else 0.0
+    settle = SETTLE_SECONDS if not (svc.port or svc.health_url or svc.health_command) else 0.0
     steady_since, steady_run = None, ""
     while True:
         checks, unit = probe(svc)
@@ -2078,9 +2143,7 @@ def strategy_config_validation(ctx: HealContext) -> str:
         raise refusal_escalation(svc, refusals, "Neither the config check nor a restart was run.")
     ctx.found.extend(config_changes(ctx.paths, svc))
     if svc.config_check:
-        argv = list(svc.config_check)
-        if not argv[0].startswith("/"):
-            argv[0] = shutil.which(argv[0]) or argv[0]
+        argv = command_argv(svc.config_check)
         what = "config check: %s" % " ".join(svc.config_check)
         result = run(argv, timeout=ctx.left(60))
         output = [clean(line) for line in (result.out + result.err).strip().splitlines()[-20:]]
@@ -2926,6 +2989,10 @@ def iso(ts: float) -> str:
 # =============================================================================
 
 
+# port_holder's words for a port another unit's process holds (not a leftover of the unit's own).
+FOREIGN_HOLDER_RE = re.compile(r", not by a process of |held by a socket of .*, not of ")
+
+
 def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGGER,
          env=os.environ, dry_run: bool = False, finding: Optional[Finding] = None) -> HealResult:
     """Heal one service once. The caller holds the service's lock."""
@@ -3028,6 +3095,22 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
                 return finish(Outcome.HEALTHY)
             recovered = diag.result not in ("", "success") or trigger == "onfailure" or finding is not None
             return finish(Outcome.RECOVERED if recovered else Outcome.HEALTHY)
+
+    if finding and finding.kind == "unhealthy" and diag.active_state == "active" and svc.port and not dry_run:
+        # The watch saw the port held by another unit's process while this unit runs. A
+        # restart cannot free that port (the new run would fail to bind) and would stop a
+        # service that may be working: never a restart on a port-owner mismatch alone.
+        checks, unit = probe(svc)
+        port = next((c for c in checks if c.name == "port"), None)
+        if port is not None and not port.ok and FOREIGN_HOLDER_RE.search(port.detail):
+            runs.append(StrategyRun("none", (), Verification(False, 0.0, checks, unit),
+                                    "the port is another unit's: selfheal restarted nothing"))
+            return finish(Outcome.FAILED, "port %d is held by another unit's process while %s is running, so "
+                          "selfheal restarted nothing: a restart cannot free the port (the new run would fail "
+                          "to bind) and would only interrupt %s. If that process serves the port for %s "
+                          "(docker-proxy), set port_owner = any in [%s]; if it is the service itself under "
+                          "another unit (a cluster started by a wrapper unit), set unit = to that unit"
+                          % (svc.port, svc.unit, svc.unit, svc.unit, svc.name))
 
     for name in order:
         ctx = HealContext(svc, diag, settings, dry_run, paths, deadline)
@@ -3357,16 +3440,23 @@ def remember_restarts(paths: Paths, name: str, unit: Dict[str, str]) -> None:
 
 
 def health_checks(services: Sequence[Service]) -> Dict[str, Tuple[bool, str]]:
-    """GET every health_url at once (threads), so one slow service does not delay the rest."""
+    """GET every health_url, run every health_command, at once (threads), so one slow
+    service does not delay the rest."""
     import concurrent.futures
 
-    todo = [svc for svc in services if svc.health_url]
+    todo = [svc for svc in services if svc.health_url or svc.health_command]
     if not todo:
         return {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
-        futures = {svc.name: pool.submit(http_check, svc.health_url, svc.health_timeout,
-                                         svc.health_expect_status, svc.health_expect_text) for svc in todo}
-    return {name: future.result() for name, future in futures.items()}
+        futures = {svc.name: pool.submit(health_check, svc) if svc.health_command else
+                   pool.submit(http_check, svc.health_url, svc.health_timeout,
+                               svc.health_expect_status, svc.health_expect_text) for svc in todo}
+    answers = {name: future.result() for name, future in futures.items()}
+    for name, (ok, detail) in list(answers.items()):
+        if not ok and CANNOT_RUN in detail:  # a missing checker says nothing about the service
+            log.warning("%s: health_command %s; not judged by it this run", name, detail)
+            del answers[name]
+    return answers
 
 
 def port_holders(services: Sequence[Service], units: Dict[str, Dict[str, str]]
@@ -3417,7 +3507,8 @@ def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
             problem = "port %d %s while the unit is %s" % (svc.port, holder[1], state)
         elif health is not None and not health[0]:
             where = "port %d open but " % svc.port if svc.port else ""
-            problem = "%sGET %s: %s" % (where, display_url(svc.health_url), health[1])
+            problem = ("%s%s" % (where, health[1]) if svc.health_command
+                       else "%sGET %s: %s" % (where, display_url(svc.health_url), health[1]))
         if problem:
             age = run_age(unit)
             if age is not None and age < grace:
@@ -4415,6 +4506,121 @@ def ping_heartbeat(config: Config, paths: Paths) -> bool:
 # Install: units, drop-ins, files (install.sh calls this too)
 # =============================================================================
 
+# What validate and install check on this host, beyond the file: every problem at once,
+# before anything changes, as FILE:LINE [section] key: problem.
+HOST_PROPERTIES = ("Id", "LoadState", "Names", "Type", "RemainAfterExit", "ExecStart", "ConsistsOf",
+                   "ActiveState")
+NOOP_PROGRAMS = ("/bin/true", "/usr/bin/true")  # a wrapper unit's ExecStart that runs nothing
+
+
+def command_problem(argv: Sequence[str]) -> str:
+    """Why a config_check or health_command cannot run here, or "": its program is an
+    executable file, or a plain name found on PATH, as when a heal or the watch runs it."""
+    program = command_argv(argv)[0]
+    if not program.startswith("/"):
+        return "%s: not found on PATH (%s); give its absolute path" % (program, os.environ.get("PATH", ""))
+    if not os.path.isfile(program) or not os.access(program, os.X_OK):
+        return "%s: no such executable file on this host" % program
+    return ""
+
+
+def exec_programs(exec_start: str) -> List[str]:
+    """The programs of a unit's ExecStart= as `systemctl show` prints it ({ path=/bin/true ; ...})."""
+    return re.findall(r"\bpath=(\S+)", exec_start)
+
+
+def cgroup_unit(cgroup: str) -> str:
+    """The service unit a cgroup belongs to (/system.slice/system-postgresql.slice/
+    postgresql@15-main.service -> postgresql@15-main.service), or ""."""
+    for part in reversed(cgroup.strip("/").split("/")):
+        if part.endswith(".service"):
+            return part
+    return ""
+
+
+def port_units(ports: Iterable[int]) -> Dict[int, List[str]]:
+    """port -> the service units whose processes listen on it: one `ss -p` (pids, as root),
+    else one `ss --cgroup`. Empty when ss cannot say."""
+    wanted = set(ports)
+    if not wanted:
+        return {}
+    found: Dict[int, List[str]] = {}
+    result = run([SS, "-H", "-t", "-l", "-n", "-p"])
+    for lst in parse_ss(result.out) if result.ok else []:
+        if lst.port in wanted:
+            for process in filter(None, (read_process(pid) for pid in lst.pids)):
+                unit = cgroup_unit(process.cgroup)
+                if unit and unit not in found.setdefault(lst.port, []):
+                    found[lst.port].append(unit)
+    if not found:
+        for port, groups in (socket_cgroups() or {}).items():
+            if port in wanted:
+                found[port] = list(dict.fromkeys(filter(None, map(cgroup_unit, groups))))
+    return found
+
+
+def host_problems(config: Config, units: Dict[str, Dict[str, str]]) -> List[str]:
+    """What makes a service impossible to heal as listed, on this host. units: HOST_PROPERTIES
+    of every listed unit (empty dicts where systemd could not be asked: those checks skipped).
+
+    - a unit selfheal never touches under another name (an alias);
+    - config_check or health_command whose program is not here;
+    - a port on a unit that never holds one: a oneshot wrapper (Type=oneshot,
+      RemainAfterExit=yes) that runs nothing (ExecStart=/bin/true, Debian's postgresql.service)
+      or whose port another unit's process holds. Every heal of it would fail verification
+      and every watch run would find it unhealthy: the unit that serves the port is named.
+    - a port held by another unit's process while the listed unit runs (not a wrapper):
+      the wrong unit, or a proxy (port_owner = any). A unit that is down is not judged: the
+      port may be what keeps it down.
+    """
+    problems: List[Tuple[int, str]] = []
+
+    def problem(svc: Service, key: str, message: str) -> None:
+        problems.append((config.line(svc.name, key), "%s: %s" % (config.where(svc.name, key), message)))
+
+    for svc in config.services.values():
+        for key in ("config_check", "health_command"):
+            bad = command_problem(getattr(svc, key)) if getattr(svc, key) else ""
+            if bad:
+                problem(svc, key, bad)
+        name = never_touch_loaded(units.get(svc.unit, {}))
+        if name:
+            problem(svc, "unit", "%s is %s here, which selfheal never touches" % (svc.unit, name))
+    ported = [svc for svc in config.services.values() if svc.port and units.get(svc.unit, {}).get("LoadState") == "loaded"]
+    holders = port_units(svc.port for svc in ported) if ported else {}
+    for svc in ported:
+        unit = units[svc.unit]
+        others = [u for u in holders.get(svc.port, []) if u != svc.unit and u not in unit.get("Names", "").split()]
+        wrapper = unit.get("Type") == "oneshot" and unit.get("RemainAfterExit") == "yes"
+        runs_nothing = wrapper and set(exec_programs(unit.get("ExecStart", ""))) <= set(NOOP_PROGRAMS)
+        if wrapper and (runs_nothing or others):
+            parts = [u for u in unit.get("ConsistsOf", "").split() if u.endswith(".service")]
+            serving = others or parts
+            programs = exec_programs(unit.get("ExecStart", ""))
+            what = "%s is a oneshot wrapper (Type=oneshot, RemainAfterExit=yes%s): no process of it ever " \
+                   "listens on %d" % (svc.unit, ", ExecStart=%s" % programs[0] if runs_nothing and programs
+                                      else "", svc.port)
+            if serving:
+                what += " (%s %s)" % (" and ".join(serving), "listens there" if others else "is what it starts")
+            problem(svc, "port", "%s, so selfheal would find it unhealthy for ever and restart it, and everything "
+                    "it starts, in vain. Name the unit that serves the port: %s" % (
+                        what, " or ".join("[%s] with unit = %s" % (svc.name, u) for u in serving)
+                        if serving else "unit = ..."))
+        elif others and svc.port_owner == "unit" and unit.get("ActiveState") == "active":
+            problem(svc, "port", "%d is held by %s, not by %s (which is running): if %s serves [%s], set "
+                    "unit = %s; if it only forwards the port to %s (docker-proxy), set port_owner = any" % (
+                        svc.port, " and ".join(others), svc.unit, others[0], svc.name, others[0], svc.unit))
+    return [text for _, text in sorted(problems, key=lambda p: p[0])]
+
+
+def check_on_host(config: Config) -> None:
+    """host_problems, asking systemd once; raises ConfigError with all of them."""
+    units = show_units([svc.unit for svc in config.services.values()], HOST_PROPERTIES)
+    problems = host_problems(config, units)
+    if problems:
+        raise ConfigError(problems)
+
+
 UNIT_TEMPLATES = {
     "selfheal@.service": """\
 # selfheal@NAME.service heals the service [NAME] of /etc/selfheal/services.conf.
@@ -4445,7 +4651,11 @@ TimeoutStartSec=10min
 # reads its env file, config files and database; CAP_SYS_PTRACE lets ss -p see which process
 # of another user holds the port (/proc/PID/fd), the proof of ownership before any signal:
 # without it such a process is never signalled and the heal escalates instead.
-CapabilityBoundingSet=CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE
+# CAP_NET_BIND_SERVICE is for config_check: `nginx -t` binds every listen socket of the
+# config it tests and fails on port 80 with "bind() ... (13: Permission denied)" without it
+# (it also opens its logs, www-data's, through CAP_DAC_OVERRIDE and creates its temp dirs
+# for www-data through CAP_CHOWN: nothing more for Debian 12 and 13).
+CapabilityBoundingSet=CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE CAP_NET_BIND_SERVICE
 NoNewPrivileges=yes
 # Relaxed: full, not strict. /usr, /boot and /etc are read-only, but /var, /srv and /opt stay
 # writable: a declared db_path or symlink may be anywhere there (strict would need each one
@@ -4468,6 +4678,9 @@ RestrictRealtime=yes
 LockPersonality=yes
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
+# Nothing it runs changes priorities, CPU affinity or NUMA policy (setrlimit is in the list,
+# but glibc's setrlimit() is the prlimit64 call, which stays allowed).
+SystemCallFilter=~@resources
 SystemCallErrorNumber=EPERM
 # AF_INET/AF_INET6: smtp_host, health_url, webhook_url (http/https); AF_UNIX: systemd and the
 # journal; AF_NETLINK: ss asks the kernel for the listening sockets (and glibc's resolver).
@@ -4534,6 +4747,8 @@ MemoryDenyWriteExecute=yes
 ProtectProc=invisible
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
+# Nothing it runs changes priorities, CPU affinity or NUMA policy.
+SystemCallFilter=~@resources
 SystemCallErrorNumber=EPERM
 # AF_INET/AF_INET6: mail, health_url, webhook and heartbeat; AF_UNIX: systemd, journal; AF_NETLINK:
 # glibc's resolver (and ss, should /proc/net/tcp be unreadable).
@@ -4653,12 +4868,11 @@ class Installer:
     def install(self, config: Config, config_text: str, self_text: str) -> int:
         libdir, conf = self.libdir, CONFIG_PATH
         units = [svc.unit for svc in config.services.values()]
-        loaded = show_units(units, ("Id", "LoadState", "Names")) if self.live else {}
-        protected = ["%s [%s] unit: %s is %s here, which selfheal never touches" % (
-            config.path, svc.name, svc.unit, never_touch_loaded(loaded.get(svc.unit, {})))
-            for svc in config.services.values() if never_touch_loaded(loaded.get(svc.unit, {}))]
-        if protected:  # found only on this host (an alias): refuse before changing anything
-            raise ConfigError(protected)
+        loaded = show_units(units, HOST_PROPERTIES) if self.live else {}
+        if self.live:  # what only this host can tell (an alias, a wrapper unit): refuse before changing anything
+            problems = host_problems(config, loaded)
+            if problems:
+                raise ConfigError(problems)
         if (self.put(libdir + "/selfheal.py", self_text, 0o755) or not self.host(libdir + "/__pycache__").is_dir()) \
                 and not self.dry_run:
             # Compiled now, so the first heal does not pay for compiling 2,000 lines.
@@ -5931,6 +6145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "validate":
             path = args.file or config_path
             config = load_config(path, trusted=os.path.abspath(path) == CONFIG_PATH)
+            check_on_host(config)
             print("%s: ok, %d service(s): %s" % (path, len(config.services), ", ".join(config.services)))
             return EX_OK
         if args.command == "install":

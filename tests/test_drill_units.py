@@ -117,7 +117,8 @@ def test_security_exposure_of_both_services_is_ok_and_the_watch_gets_less_than_a
 
 def test_heal_runs_with_the_bounding_set_of_its_unit(host):
     wanted = show(host, "selfheal@web.service", "CapabilityBoundingSet").split()
-    assert sorted(wanted) == ["cap_chown", "cap_dac_override", "cap_fowner", "cap_kill", "cap_sys_ptrace"]
+    assert sorted(wanted) == ["cap_chown", "cap_dac_override", "cap_fowner", "cap_kill", "cap_net_bind_service",
+                              "cap_sys_ptrace"]
     assert show(host, "selfheal-watch.service", "CapabilityBoundingSet").split() == ["cap_dac_read_search"]
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from drillkit import (STANDIN, about, body, clear_mailbox, drill_suites, history, http_get, installed_host,
-                      mails_about, show, wait_idle)
+                      mails_about, show, starts, wait_idle)
 
 pytestmark = pytest.mark.drill
 
@@ -174,6 +174,7 @@ def test_watch_finds_a_service_whose_port_another_unit_answers_unhealthy_and_its
         host.wait_listening(5009)
         squatter = show(host, "squatter9", "MainPID")
         host.run(["systemctl", "start", "deaf"])
+        deaf_starts = starts(host, "deaf.service")
         for _ in range(2):  # watch_confirm = 2 looks in a row
             host.run(["systemctl", "start", "selfheal-watch.service"], timeout=60)
             state = json.loads(host.run(["cat", "/run/selfheal/watch/deaf.json"]).stdout)
@@ -182,11 +183,13 @@ def test_watch_finds_a_service_whose_port_another_unit_answers_unhealthy_and_its
         # names its unit
         assert state["detail"].startswith("port 5009 held by a socket of /system.slice/squatter9.service, "
                                           "not of deaf.service"), state
-        # the heal it hands over restarts deaf, which still does not hold its port: FAILED, with the pid
+        # the heal it hands over names the pid and restarts nothing: a restart cannot free the port
         [mail] = host.wait_mail(about("deaf", "FAILED"), timeout=30)
         wait_idle(host, "deaf")
         text = body(mail)
         assert "port: 5009 held by pid %s (user root, cgroup /system.slice/squatter9.service" % squatter in text
+        assert "selfheal restarted nothing" in text
+        assert starts(host, "deaf.service") == deaf_starts
         assert show(host, "squatter9", "MainPID") == squatter  # never killed
     finally:
         host.run(["systemctl", "stop", "squatter9", "deaf"], check=False)

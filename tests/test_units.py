@@ -139,12 +139,13 @@ HEAL_UNIT, WATCH_UNIT = "selfheal@.service", "selfheal-watch.service"
 # The settings chosen for each service (systemd-analyze security), all known to systemd 247.
 HARDENING = {
     HEAL_UNIT: {
-        "CapabilityBoundingSet": "CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE",
+        "CapabilityBoundingSet": "CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE CAP_NET_BIND_SERVICE",
         "NoNewPrivileges": "yes", "ProtectSystem": "full", "ProtectHome": "read-only", "PrivateTmp": "yes",
         "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
         "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "ProtectClock": "yes", "ProtectHostname": "yes",
         "RestrictNamespaces": "yes", "RestrictRealtime": "yes", "LockPersonality": "yes",
-        "SystemCallArchitectures": "native", "SystemCallFilter": "@system-service", "SystemCallErrorNumber": "EPERM",
+        "SystemCallArchitectures": "native", "SystemCallFilter": ["@system-service", "~@resources"],
+        "SystemCallErrorNumber": "EPERM",
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
     },
     WATCH_UNIT: {
@@ -155,7 +156,7 @@ HARDENING = {
         "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "ProtectClock": "yes", "ProtectHostname": "yes",
         "RestrictNamespaces": "yes", "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
         "MemoryDenyWriteExecute": "yes", "ProtectProc": "invisible", "SystemCallArchitectures": "native",
-        "SystemCallFilter": "@system-service", "SystemCallErrorNumber": "EPERM",
+        "SystemCallFilter": ["@system-service", "~@resources"], "SystemCallErrorNumber": "EPERM",
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
     },
 }
@@ -185,7 +186,7 @@ def comment_above(text, key):
 def test_service_unit_has_exactly_the_chosen_hardening_settings(name):
     service = directives(selfheal.UNIT_TEMPLATES[name])["Service"]
     for key, value in HARDENING[name].items():
-        assert service.get(key) == [value], key
+        assert service.get(key) == (value if isinstance(value, list) else [value]), key
     assert not {"User", "DynamicUser", "PrivateUsers"} & set(service)  # root: systemd's private socket
 
 
