@@ -78,6 +78,7 @@ SS = "ss"
 COMMAND_TIMEOUT = 15.0  # seconds for any external command unless said otherwise
 MAX_CONFIG_BYTES = 1 << 20  # a services.conf larger than 1 MiB is not one
 POLL_INTERVAL = 0.05  # seconds between verification probes
+RECHECK_DELAY = 2.0  # after a look that found a hang, the watch looks again this soon
 SETTLE_SECONDS = 3.0  # a service with neither port nor health check must stay up this long
 MANUAL_TRIGGER = "manual"  # `selfheal heal NAME` from a shell: asked for, not a failure
 HEALTH_BODY_LIMIT = 65536  # health_expect_text is looked for in this much of the answer
@@ -3619,9 +3620,10 @@ def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
                 state["fails"] = 0
             else:
                 state["fails"] = int(state.get("fails") or 0) + 1
+                state["first_fail"] = now if state["fails"] == 1 else float(state.get("first_fail") or now)
                 if state["fails"] >= config.settings.watch_confirm:
-                    detail += " (%d checks in a row, %s apart)" % (
-                        state["fails"], format_duration(config.settings.watch_interval))
+                    detail += " (%d checks in a row over %s)" % (
+                        state["fails"], format_duration(round(now - state["first_fail"])))
                     finding = Finding(verdict, detail, now, invocation=invocation)
                     state["fails"] = 0
         else:
@@ -3635,11 +3637,11 @@ def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
     return verdict
 
 
-def watch(config: Config, paths: Paths) -> int:
-    """The `watch` command (selfheal-watch.timer): look at every service once, act on what
-    OnFailure= cannot see, retry queued mail. A broken run reports itself by mail."""
+def look(config: Config, paths: Paths, services: Sequence[Service], verdicts: Dict[str, str],
+         errors: List[str]) -> Tuple[Dict[str, Dict[str, str]], Optional[set]]:
+    """One look at these services: one systemctl show, one read of the ports, the health
+    checks at once; each service's verdict into `verdicts`, a broken one into `errors`."""
     now = time.time()
-    services = list(config.services.values())
     units = show_units([svc.unit for svc in services])
     ports = listening_ports()
     active = [svc for svc in services if units.get(svc.unit, {}).get("ActiveState") == "active"
@@ -3648,7 +3650,6 @@ def watch(config: Config, paths: Paths) -> int:
     holders = port_holders([svc for svc in active if svc.port and ports is not None and svc.port_owner == "unit"],
                            units)
     health = health_checks([svc for svc in active if holders.get(svc.name, (None,))[0] is not False])
-    verdicts, errors = {}, []
     for svc in services:
         try:
             verdicts[svc.name] = watch_service(config, paths, svc, units.get(svc.unit, {}), ports,
@@ -3656,6 +3657,25 @@ def watch(config: Config, paths: Paths) -> int:
         except Exception:  # one broken service must not blind the watch to the others
             log.exception("watch of %s failed", svc.name)
             errors.append("%s:\n%s" % (svc.name, traceback.format_exc()))
+    return units, ports
+
+
+def watch(config: Config, paths: Paths) -> int:
+    """The `watch` command (selfheal-watch.timer): look at every service once, act on what
+    OnFailure= cannot see, retry queued mail. A broken run reports itself by mail."""
+    services = list(config.services.values())
+    verdicts: Dict[str, str] = {}
+    errors: List[str] = []
+    units, ports = look(config, paths, services, verdicts, errors)
+    # A hang found at one look is looked at again within seconds, not a whole interval later:
+    # watch_confirm looks in a row still decide, but a frozen service is healed sooner.
+    for _ in range(config.settings.watch_confirm - 1):
+        again = [svc for svc in services if verdicts.get(svc.name) == "unhealthy"
+                 and int(load_watch_state(paths, svc.name).get("fails") or 0) > 0]
+        if not again:
+            break
+        time.sleep(RECHECK_DELAY)
+        look(config, paths, again, verdicts, errors)
     flush_spool(config, paths)
     flush_webhooks(config, paths)
     summary = ", ".join("%s %s" % (name, verdict) for name, verdict in verdicts.items())

@@ -314,6 +314,7 @@ def fake_host(tmp_path, monkeypatch, quiet_selfheal, python_dir):
     # A run with neither port nor health check must stay up SETTLE_SECONDS; a shorter one
     # here keeps the heal tests fast (tests/test_heal.py checks the settling itself).
     monkeypatch.setattr(selfheal, "SETTLE_SECONDS", 0.2)
+    monkeypatch.setattr(selfheal, "RECHECK_DELAY", 0.05)  # the watch looks again at a hang this soon
     # Fast by default: the fakes run in-process. Ask for `real_commands` to exec them.
     monkeypatch.setattr(selfheal, "subprocess", _subprocess_with_fakes_in_process())
     if hasattr(selfheal, "listening_ports"):  # reads /proc/net/tcp: give it the fake host's

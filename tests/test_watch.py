@@ -305,12 +305,13 @@ def test_hung_service_is_handed_to_selfheal_only_after_watch_confirm_bad_looks_i
     assert wb.triggers() == []
     assert wb.finding("story-stages") is None
 
+    wb.clock.advance(2)
     assert wb.look("story-stages", HANG) == "unhealthy"
     assert wb.triggers() == [["start", "--no-block", "selfheal@story-stages.service"]]
     finding = wb.finding("story-stages")
     assert finding["kind"] == "unhealthy"
     assert finding["detail"] == ("port 5002 open but GET http://127.0.0.1:5002/health: no answer within "
-                                 "5 s (2 checks in a row, 30 s apart)")
+                                 "5 s (2 checks in a row over 2 s)")
     assert abs(finding["at"] - wb.clock.time()) < 5
     assert wb.touched(STORY) == []  # the watch itself never restarts anything
 
@@ -331,11 +332,13 @@ def test_a_good_look_between_two_bad_ones_resets_the_count(wb):
 def test_stopped_service_is_handed_over_with_a_stopped_finding_unless_ignored(wb, on_stopped):
     wb.configure(worker="on_stopped = %s" % on_stopped)
     stopped(wb.host, WORKER)
-    assert [wb.look("worker") for _ in range(2)] == ["stopped", "stopped"]
+    assert wb.look("worker") == "stopped"
+    wb.clock.advance(30)  # a stop is looked at again at the next watch run, not within seconds
+    assert wb.look("worker") == "stopped"
     assert wb.triggers() == [["start", "--no-block", "selfheal@worker.service"]]
     finding = wb.finding("worker")
     assert (finding["kind"], finding["detail"]) == (
-        "stopped", "found stopped: inactive (dead) (2 checks in a row, 30 s apart)")
+        "stopped", "found stopped: inactive (dead) (2 checks in a row over 30 s)")
 
 
 def test_on_stopped_ignore_never_acts_on_a_stopped_service_but_still_on_a_failed_one(wb):
@@ -474,6 +477,7 @@ def test_damaged_finding_is_ignored(fake_host, text):
 def test_onfailure_start_with_a_fresh_finding_heals_as_the_watch_and_reports_what_it_found(wb, section):
     stopped(wb.host, WORKER)
     wb.look("worker")
+    wb.clock.advance(30)
     wb.look("worker")
     rc, _ = wb.heal("worker")
 
@@ -482,12 +486,12 @@ def test_onfailure_start_with_a_fresh_finding_heals_as_the_watch_and_reports_wha
     assert wb.finding("worker") is None  # consumed
     (event,) = selfheal.read_history(wb.paths, "worker")
     assert (event["outcome"], event["trigger"]) == ("RESOLVED", "watch")
-    assert event["trigger_detail"] == "found stopped: inactive (dead) (2 checks in a row, 30 s apart)"
+    assert event["trigger_detail"] == "found stopped: inactive (dead) (2 checks in a row over 30 s)"
     (msg,) = wb.sink.messages
     assert msg["Subject"] == "✅ MiracleMax: worker - RESOLVED"
     body = msg.get_content()
     assert section(body, "ISSUE DETECTED") == ("The watch found worker.service stopped: found stopped: "
-                                               "inactive (dead) (2 checks in a row, 30 s apart).")
+                                               "inactive (dead) (2 checks in a row over 30 s).")
     assert "stopped cleanly" in section(body, "ROOT CAUSE")
 
 
@@ -801,7 +805,9 @@ def test_watch_finds_a_port_held_by_another_units_process_unhealthy_without_aski
     assert state["verdict"] == "unhealthy"
     assert state["detail"].startswith("port 5002 held by pid 4242 (user root, cgroup /system.slice/other-app.service")
     assert asked == []  # its answer would be the other process's
-    assert len(wb.host.calls("ss")) == 1
+    # one ss per look: the first look and the re-check of the hang a moment later
+    assert len(wb.host.calls("ss")) == 2
+    assert wb.triggers() == [["start", "--no-block", "selfheal@story-stages.service"]]
 
 
 def test_watch_without_the_holders_pids_judges_every_port_by_one_ss_cgroup_call(wb):
@@ -815,7 +821,8 @@ def test_watch_without_the_holders_pids_judges_every_port_by_one_ss_cgroup_call(
     assert wb.watch_state("story-stages")["verdict"] == "unhealthy"
     assert "held by a socket of /system.slice/other-app.service" in wb.watch_state("story-stages")["detail"]
     assert wb.watch_state("books")["verdict"] == "ok"
-    assert [c[1:] for c in wb.host.calls("ss")] == [["-H", "-t", "-l", "-n", "-p"], ["-H", "-t", "-l", "-n", "--cgroup"]]
+    # one ss -p and one ss --cgroup judge every port; the re-check of the one hang asks again
+    assert [c[1:] for c in wb.host.calls("ss")] == [["-H", "-t", "-l", "-n", "-p"], ["-H", "-t", "-l", "-n", "--cgroup"]] * 2
 
 
 def test_watch_of_a_port_published_by_another_unit_with_port_owner_any_is_ok_and_asks_no_ss(wb):
@@ -990,3 +997,29 @@ def test_watch_interval_of_exactly_5s_is_accepted_and_defaults_hold_without_the_
     s, svc = config.settings, config.services["story-stages"]
     assert (s.watch_interval, s.watch_confirm, s.flap_threshold, s.notify) == (30.0, 2, 3, "always")
     assert (svc.on_stopped, svc.notify) == ("heal", "")
+
+
+def test_one_watch_run_looks_at_a_hang_again_within_seconds_and_hands_it_over(wb, monkeypatch):
+    """A frozen service is confirmed by a second look RECHECK_DELAY later in the same run,
+    not watch_interval later; a service that answers at the second look is left alone."""
+    monkeypatch.setattr(selfheal, "RECHECK_DELAY", 0.3)
+    running(wb.host, STORY)
+    wb.host.listen(5002)
+    running(wb.host, WORKER)
+    wb.health.answers[HEALTH] = HANG
+    started = time.monotonic()
+    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert time.monotonic() - started >= 0.3
+    assert wb.triggers() == [["start", "--no-block", "selfheal@story-stages.service"]]
+    assert "(2 checks in a row over" in wb.finding("story-stages")["detail"]
+
+
+def test_a_hang_that_clears_by_the_second_look_is_not_handed_over(wb, monkeypatch):
+    monkeypatch.setattr(selfheal, "RECHECK_DELAY", 0.05)
+    running(wb.host, STORY)
+    wb.host.listen(5002)
+    answers = iter([HANG, FINE])
+    wb.health.answers[HEALTH] = lambda: next(answers)
+    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert wb.triggers() == []
+    assert wb.watch_state("story-stages")["verdict"] == "ok"
