@@ -1508,6 +1508,17 @@ def crash_from_journal(lines: Sequence[str]) -> Tuple[str, str, str]:
     return result, code, status
 
 
+def crash_time(lines: Sequence[str]) -> Optional[float]:
+    """When the last crash systemd logged in these (short-iso) lines happened, or None."""
+    for line in reversed(lines):
+        if CRASH_LINE_RE.search(line):
+            try:
+                return dt.datetime.strptime(line.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+            except ValueError:
+                return None
+    return None
+
+
 def diagnose(svc: Service, env=os.environ, finding: Optional[Finding] = None) -> Diagnosis:
     """Everything known about the failure, gathered in a few fast calls."""
     unit = show_unit(svc.unit)
@@ -1517,8 +1528,12 @@ def diagnose(svc: Service, env=os.environ, finding: Optional[Finding] = None) ->
         journal = (read_journal(finding.previous, svc.unit) if finding.previous
                    else read_journal_since(svc.unit, finding.since))
         result, exit_code, exit_status = crash_from_journal(journal)
+        crashed = crash_time(journal)  # to the second, as the journal says it
+        if crashed and finding.since:  # never before the watch last saw it healthy
+            crashed = max(crashed, finding.since)
+        failed_at = min(crashed, time.time()) if crashed else None
         return Diagnosis(unit, result or "unknown", exit_code, exit_status, False, journal, (), (),
-                         None, None, finding)
+                         failed_at, None if failed_at is None else time.time() - failed_at, finding)
     from_env = env.get("MONITOR_UNIT") == svc.unit and bool(env.get("MONITOR_SERVICE_RESULT"))
     if from_env:  # systemd 251+: the failed run's facts, even if the unit moved on since
         result = env.get("MONITOR_SERVICE_RESULT", "")
@@ -1548,7 +1563,10 @@ def diagnose(svc: Service, env=os.environ, finding: Optional[Finding] = None) ->
         detected_after = max(0.0, time.monotonic() - failed_mono)
         failed_at = time.time() - detected_after
     if finding and finding.kind == "unhealthy":
-        failed_at = detected_after = None  # still running: systemd's timestamps say nothing of it
+        # Still running: systemd's timestamps say nothing of the hang. Counted from the
+        # watch's first failed look (the report says so), never from the heal's start.
+        failed_at = min(finding.since, time.time()) if finding.since else None
+        detected_after = None if failed_at is None else time.time() - failed_at
     return Diagnosis(unit, result, exit_code, exit_status, from_env, journal, listeners,
                      tuple(holders), failed_at, detected_after, finding)
 
@@ -2151,12 +2169,12 @@ def strategy_config_validation(ctx: HealContext) -> str:
         ctx.record(what, result.ok, result.seconds, "\n".join(output) or "exit status %d" % result.rc)
         if result.rc in (124, 126, 127):  # not found, not executable, timed out: no verdict
             raise Escalation("the config check `%s` could not run (%s), so %s was not restarted. Fix "
-                             "config_check, then: selfheal.py heal %s" % (" ".join(svc.config_check),
+                             "config_check, then: selfheal heal %s" % (" ".join(svc.config_check),
                                                                          result.brief(), svc.unit, svc.name))
         if not result.ok:
             raise Escalation("the config check `%s` failed (exit status %d), so %s was not restarted: a "
                              "restart cannot fix a config its own checker rejects. Fix the config, then: "
-                             "selfheal.py heal %s" % (" ".join(svc.config_check), result.rc, svc.unit, svc.name))
+                             "selfheal heal %s" % (" ".join(svc.config_check), result.rc, svc.unit, svc.name))
     restart(ctx)
     return ""
 
@@ -2356,7 +2374,7 @@ def strategy_environment_check(ctx: HealContext) -> str:
                "%d problem(s)" % len(problems) if problems else "%d name(s) set, required ones present" % len(seen))
     if problems:
         raise Escalation("the environment of %s is broken, so it was not restarted: %s. Fix it (selfheal "
-                         "never writes values), then: selfheal.py heal %s" % (svc.unit, "; ".join(problems), svc.name))
+                         "never writes values), then: selfheal heal %s" % (svc.unit, "; ".join(problems), svc.name))
     ctx.actions.pop()  # only a check: nothing was changed, the next strategy restarts
     return "environment ok: %s" % checked
 
@@ -2390,7 +2408,12 @@ def strategy_database_check(ctx: HealContext) -> str:
     if repaired:
         restart(ctx)
         return ""
-    return "data ok: %s" % ("; ".join(ctx.found) or "nothing declared")
+    if svc.db_path and any(f.startswith("SQLite quick_check: ok") for f in ctx.found):
+        return "data checked (SQLite quick_check ok): %s" % "; ".join(ctx.found)
+    if svc.db_path and not any(f.startswith("SQLite quick_check") for f in ctx.found):
+        return ("data checked: owner, mode and free space only (selfheal looks inside SQLite files, not "
+                "other databases): %s" % ("; ".join(ctx.found) or "nothing declared"))
+    return "data checked: %s" % ("; ".join(ctx.found) or "nothing declared")
 
 
 def restore_symlink(ctx: HealContext, link: str, target: str, problems: List[str]) -> bool:
@@ -2733,7 +2756,7 @@ def _failure_cause(svc: Service, diag: Diagnosis) -> RootCause:
                          "Read the journal lines below: the service's last words usually name the cause.")
     if diag.active_state == "inactive":
         return RootCause("It was not running (stopped, or never started).", "low", evidence,
-                         "If it was stopped on purpose, pause selfheal for it: selfheal.py pause %s." % svc.name)
+                         "If it was stopped on purpose, pause selfheal for it: selfheal pause %s." % svc.name)
     return RootCause("systemd reports it %s (result %s)." % (diag.active_state or "unknown", result or "unknown"),
                      "low", evidence, "Read the journal lines below.")
 
@@ -3038,7 +3061,7 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
     if service_state_now.get("escalated") and not dry_run:
         return finish(Outcome.ESCALATED,
                       "healing %s was suspended at %s after too many heals; it stays suspended until "
-                      "someone re-arms it: selfheal.py resume %s" % (svc.name, iso(float(service_state_now["escalated"])),
+                      "someone re-arms it: selfheal resume %s" % (svc.name, iso(float(service_state_now["escalated"])),
                                                                    svc.name))
     window_start = max(started_at - settings.failure_window, float(service_state_now.get("rearmed_at", 0.0)))
     # selfheal's own repairs count; what systemd's Restart= repaired by itself does not.
@@ -3049,7 +3072,7 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
     if len(attempts) >= settings.failure_threshold and not dry_run:
         return finish(Outcome.ESCALATED,
                       "%d heals of %s within %s (failure_threshold = %d): selfheal stops healing it "
-                      "so a human can look. Re-arm with: selfheal.py resume %s"
+                      "so a human can look. Re-arm with: selfheal resume %s"
                       % (len(attempts), svc.name, format_duration(settings.failure_window),
                          settings.failure_threshold, svc.name))
 
@@ -3154,7 +3177,7 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
     pause = paused_until(paths, name)
     if pause is not None and not dry_run:
         log.info("%s is paused%s; not healing", name, " until " + iso(pause) if pause else "")
-        print("%s is paused; not healing (selfheal.py resume %s)" % (name, name), file=out)
+        print("%s is paused; not healing (selfheal resume %s)" % (name, name), file=out)
         return EX_OK
     lock = Lock(paths.lock(name))
     # A trigger that comes during a heal waits for it, then finds that run healthy and says
@@ -3382,7 +3405,7 @@ def remind_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
         since = float(incident.get("problem_since") or incident.get("opened") or now)
         body = ("Reminder: %s is still not healthy: %s (%s) since %s, %s ago.\n\n"
                 "The first mail of this thread has the diagnosis. Fix it, or pause selfheal for it:\n"
-                "  systemctl status %s\n  journalctl -u %s -n 100 --no-pager\n  selfheal.py pause %s\n"
+                "  systemctl status %s\n  journalctl -u %s -n 100 --no-pager\n  selfheal pause %s\n"
                 % (svc.name, unit.get("ActiveState", "?"), unit.get("SubState", "?"), iso(since),
                    format_duration(now - since), svc.unit, svc.unit, svc.name))
         subject_text = "⏰ %s: %s - STILL FAILING" % (config.settings.name, svc.name)
@@ -3624,7 +3647,7 @@ def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
                 if state["fails"] >= config.settings.watch_confirm:
                     detail += " (%d checks in a row over %s)" % (
                         state["fails"], format_duration(round(now - state["first_fail"])))
-                    finding = Finding(verdict, detail, now, invocation=invocation)
+                    finding = Finding(verdict, detail, now, since=float(state["first_fail"]), invocation=invocation)
                     state["fails"] = 0
         else:
             state["fails"] = 0  # starting, stopping or missing: "in a row" starts again
@@ -3798,7 +3821,11 @@ def render_report(settings: Settings, result: HealResult, host: Optional[str] = 
         "State when selfheal looked: %s (%s), result %s" % (diag.active_state or "?", diag.sub_state or "?",
                                                             diag.result or "?"),
     ]
-    if diag.exit_code:
+    restarted = bool(diag.finding and diag.finding.kind == "restarted")
+    if diag.exit_code and restarted:  # the unit's pid is already the new run's
+        diagnosis.append("Crashed run: main process %s %s (from the journal); the new run's main pid is %s" % (
+            diag.exit_code, diag.exit_status, diag.unit.get("MainPID", "?")))
+    elif diag.exit_code:
         diagnosis.append("Main process: %s, %s %s" % (diag.unit.get("ExecMainPID", "?"), diag.exit_code,
                                                       diag.exit_status))
     diagnosis.append("Restarts by systemd so far: %s" % diag.unit.get("NRestarts", "?"))
@@ -3806,7 +3833,7 @@ def render_report(settings: Settings, result: HealResult, host: Optional[str] = 
     peak = format_bytes(diag.unit.get("MemoryPeak", ""))
     if memory or peak:
         diagnosis.append("Memory: %s now%s" % (memory or "0", ", peak %s" % peak if peak else ""))
-    if svc.port:
+    if svc.port and not restarted:  # after systemd's own restart the port is the new run's
         if diag.holders:
             for p in diag.holders:
                 diagnosis.append("Port %d held by %s" % (svc.port, describe_process(p)))
@@ -3814,7 +3841,9 @@ def render_report(settings: Settings, result: HealResult, host: Optional[str] = 
             diagnosis.append("Port %d: something listens (owner unknown)" % svc.port)
         else:
             diagnosis.append("Port %d: nobody listening" % svc.port)
-    if diag.detected_after is not None:
+    if diag.finding and diag.finding.kind == "unhealthy" and diag.failed_at is not None:
+        diagnosis.append("First failed look by the watch: %s; times below count from it" % iso(diag.failed_at))
+    elif diag.detected_after is not None:
         diagnosis.append("Detected %s after the failure (%s)" % (
             format_duration(diag.detected_after), "systemd OnFailure=" if result.trigger == "onfailure" else result.trigger))
     diagnosis.append("Facts from: %s" % ("systemd's MONITOR_* variables and systemctl show"
@@ -3854,16 +3883,23 @@ def render_report(settings: Settings, result: HealResult, host: Optional[str] = 
     out += _section("ROOT CAUSE", [cause.summary, "Confidence: %s" % cause.confidence,
                                    "Evidence: %s" % cause.evidence])
     if result.healing_seconds is not None:
-        out += _section("HEALING TIME", ["%s from failure to verified healthy" % format_duration(result.healing_seconds)])
+        start = ("the watch's first failed look" if diag.finding and diag.finding.kind == "unhealthy"
+                 else "failure")
+        out += _section("HEALING TIME", ["%s from %s to verified healthy" % (
+            format_duration(max(0.0, result.healing_seconds)), start)])
     if result.escalation:
         out += _section("WHY A HUMAN IS NEEDED", [result.escalation])
     out += _section("RECOMMENDATION", [cause.recommendation])
     post = result.post
-    out += _section("POST-HEALING STATUS", [
-        "State:   %s (%s)" % (post.get("ActiveState", "?"), post.get("SubState", "?")),
-        "Enabled: %s" % (post.get("UnitFileState") or "?"),
-        "Since:   %s" % (post.get("ActiveEnterTimestamp") or post.get("InactiveEnterTimestamp") or "?"),
-    ])
+    since = (post.get("ActiveEnterTimestamp") if post.get("ActiveState") in RUNNING_STATES
+             else post.get("InactiveEnterTimestamp") if post.get("ActiveState") in ("inactive", "failed")
+             else "")  # activating, deactivating: since the last change, which show does not say
+    status = ["State:   %s (%s)" % (post.get("ActiveState", "?"), post.get("SubState", "?")),
+              "Enabled: %s" % (post.get("UnitFileState") or "?"),
+              "Since:   %s" % (since or "?")]
+    if svc.port and result.outcome not in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY):
+        status += port_now(svc)
+    out += _section("POST-HEALING STATUS", status)
     if result.outcome in (Outcome.FAILED, Outcome.ESCALATED, Outcome.STOPPED):
         out += _section("MANUAL STEPS", [
             "ssh root@%s" % host,
@@ -3872,7 +3908,7 @@ def render_report(settings: Settings, result: HealResult, host: Optional[str] = 
             "journalctl -u %s -n 100 --no-pager" % svc.unit,
             "free -h; df -h",
             "systemctl reset-failed %s; systemctl restart %s" % (svc.unit, svc.unit),
-            "selfheal.py resume %s    # re-arm healing once it is fixed" % svc.name,
+            "selfheal resume %s    # re-arm healing once it is fixed" % svc.name,
         ])
     if diag.journal:
         out += _section("JOURNAL OF THE FAILED RUN (last %d lines)" % len(diag.journal), list(diag.journal))
@@ -3885,6 +3921,18 @@ def render_report(settings: Settings, result: HealResult, host: Optional[str] = 
     out += ["", "-- ", "selfheal %s on %s; history: %s; log: %s" % (
         VERSION, host, paths.history, paths.service_log(svc.name))]
     return "\n".join(out) + "\n"
+
+
+def port_now(svc: Service) -> List[str]:
+    """Who holds the service's port as the report is written (after a failed heal: the
+    squatter, if any, by pid, user, cgroup and command)."""
+    ports = listening_ports()
+    if ports is not None and svc.port not in ports:
+        return ["Port:    %d: nobody listening" % svc.port]
+    holders = [p for p in (read_process(pid) for lst in listeners_on(svc.port) for pid in lst.pids) if p]
+    if not holders:
+        return ["Port:    %d: something listens (owner unknown)" % svc.port]
+    return ["Port:    %d held by %s" % (svc.port, describe_process(p)) for p in holders]
 
 
 def issue_text(result: HealResult) -> str:
@@ -6312,7 +6360,7 @@ def cmd_pause(config: Config, paths: Paths, verb: str, name: str, duration: Opti
     except OSError as exc:
         raise SelfhealError("could not %s %s: %s" % (verb, name, exc))
     if verb == "pause":
-        print("%s paused %s" % (name, "until " + iso(until) if until else "until: selfheal.py resume %s" % name))
+        print("%s paused %s" % (name, "until " + iso(until) if until else "until: selfheal resume %s" % name))
         log.info("%s paused", name)
     else:
         print("%s: healing resumed (heal count re-armed)" % name)

@@ -58,7 +58,7 @@ def test_more_heals_than_the_threshold_escalate_once_and_resume_rearms(host):
 
     crash(host, "flappy", 5006)  # the third within the window: escalate, do not heal
     [mail] = host.wait_mail(about("flappy", "ESCALATED"), timeout=30)
-    assert "selfheal.py resume flappy" in body(mail)
+    assert "selfheal resume flappy" in body(mail)
     wait_idle(host, "flappy")
     assert show(host, "flappy", "ActiveState") == "failed"
 
