@@ -3376,7 +3376,9 @@ def incident_healthy(config: Config, paths: Paths, svc: Service, now: float) -> 
         if not incident or incident.get("closed"):
             return
         if incident.get("problem"):
-            down = now - float(incident.get("problem_since") or incident.get("opened") or now)
+            # The heal that opened the problem may have begun after this watch run did.
+            now = max(now, time.time())
+            down = max(0.0, now - float(incident.get("problem_since") or incident.get("opened") or now))
             body = ("%s is healthy again: the watch found it active and answering at %s.\n"
                     "It was down (%s) for %s, since %s.\n\nselfheal did not repair it this time; "
                     "someone or something else did. Healing is armed again.\n"

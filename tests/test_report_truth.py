@@ -117,3 +117,15 @@ def bed_dir(bed, tmp_path):
     bed.config = selfheal.load_config(bed.config_path, trusted=False)
     bed.host.failed("pg.service")
     return bed, data
+
+
+def test_was_down_is_never_negative_when_the_heal_began_after_the_watch_run(wb):
+    """The watch run's `now` is its start; a FAILED heal that opened the problem may be later."""
+    wb.host.failed(WORKER, on_restart="fail")
+    wb.heal("worker")  # FAILED: a problem in the incident
+    state = json.loads(wb.paths.service_state("worker").read_text())
+    watch_began = float(state["incident"]["problem_since"]) - 3.36
+    running(wb.host, WORKER, invocation=OTHER_RUN)
+    selfheal.incident_healthy(wb.config, wb.paths, wb.config.services["worker"], watch_began)
+    subject = str(wb.sink.messages[-1]["Subject"])
+    assert "RESOLVED (was down" in subject and "-" not in subject.split("was down")[1], subject
