@@ -2467,7 +2467,7 @@ def data_escalation(svc: Service, problems: List[str]) -> Escalation:
                           "last good backup (or salvage with sqlite3's .recover into a new file).")
         steps = ("systemctl stop %s" % svc.unit,
                  "cp -a %s %s.damaged    # keep the evidence" % (path, path),
-                 "sqlite3 %s 'PRAGMA integrity_check'" % path,
+                 "sqlite3 %s 'PRAGMA integrity_check'    # apt-get install sqlite3, if it is missing" % path,
                  "restore %s from a backup (or: sqlite3 %s .recover | sqlite3 %s.recovered)" % (path, path, path))
     else:
         cause = RootCause("Its data needs a human: %s." % "; ".join(problems), "high", problems[0],

@@ -174,6 +174,16 @@ def test_missing_binary_gives_one_failed_mail_with_manual_steps_and_no_restart_s
     exec_failures = host.run(["journalctl", "-u", "ghost", "-o", "cat", "--no-pager"]).stdout.count(
         "Failed at step EXEC")
     assert exec_failures == 1, "selfheal should restart the broken service once, and only once"
+    # Every command the mail tells the owner to run exists on this host, on root's PATH.
+    steps = text.split("MANUAL STEPS", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    commands = {line.split()[0] for line in steps if line.strip()} | {
+        part.split()[0] for line in steps for part in line.split(";")[1:] if part.split()}
+    commands -= {"ssh"}  # from the owner's machine to this one
+    assert any(line.strip().startswith("selfheal resume ") for line in steps), steps
+    for command in sorted(commands):
+        found = host.run(["sh", "-c", "command -v %s" % command], check=False)
+        assert found.returncode == 0, "the mail tells the owner to run %r, which is not on PATH:\n%s" % (
+            command, "\n".join(steps))
 
 
 def test_report_written_while_mail_server_is_down_arrives_when_it_is_back(host):
