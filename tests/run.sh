@@ -3,7 +3,8 @@
 #
 #   sudo tests/run.sh [PYTEST ARGS...]
 #
-# - pytest (the only package the tests use) is installed with pip when missing;
+# - pytest (the only package the tests use) is installed when missing: Debian's python3-pytest
+#   for Debian's python3 (as root), else pip, else pip in a venv (tests/.venv);
 # - as root: debootstrap, systemd-nspawn, shellcheck and ansible-core (the deploy/ansible
 #   drill runs ansible-playbook; selfheal itself never needs it) are installed with apt-get
 #   when missing, and the Debian roots the drills boot (11, 12, 13) are built once and
@@ -16,9 +17,25 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python="${PYTHON:-python3}"
 
+# pytest, the one package the tests use. Debian's own python3 gets Debian's python3-pytest
+# (a minimal install has no pip, and Debian 12+ refuses pip into the system Python: PEP 668);
+# another Python gets it from pip, or, where pip may not install, in a venv under tests/.
 if ! "$python" -c 'import pytest' 2>/dev/null; then
-    echo "tests/run.sh: installing pytest" >&2
-    "$python" -m pip install --quiet pytest
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 \
+            && [ "$(command -v "$python")" = /usr/bin/python3 ]; then
+        echo "tests/run.sh: installing python3-pytest (apt-get)" >&2
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-pytest >/dev/null
+    elif "$python" -m pip --version >/dev/null 2>&1 && "$python" -m pip install --quiet pytest 2>/dev/null; then
+        echo "tests/run.sh: installed pytest (pip)" >&2
+    elif "$python" -m venv --system-site-packages tests/.venv >/dev/null 2>&1 \
+            && tests/.venv/bin/python -m pip install --quiet pytest; then
+        echo "tests/run.sh: installed pytest in tests/.venv" >&2
+        python=tests/.venv/bin/python
+    else
+        echo "tests/run.sh: cannot install pytest for $python: install it (Debian: apt-get install python3-pytest)" >&2
+        exit 1
+    fi
 fi
 
 if [ "$(id -u)" -eq 0 ]; then
