@@ -177,6 +177,11 @@ class Escalation(SelfhealError):
         self.steps = tuple(steps)
 
 
+class Stopped(BaseException):
+    """SIGTERM during a heal: systemd stops selfheal@NAME.service (its TimeoutStartSec=, a
+    shutdown, `systemctl stop`). Not an Exception: nothing on the way may swallow it."""
+
+
 class Refused(SelfhealError):
     """selfheal will not act through this path: a link the service's account could have
     planted, a FIFO or device where a file belongs, a file too large to read. The message
@@ -1107,6 +1112,31 @@ SAFE_READ_LIMIT = 1 << 20  # an env or config file larger than 1 MiB is not read
 MAX_LINK_HOPS = 40  # as the kernel's ELOOP limit
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+
+def within(seconds: float, work: Callable[[], object], name: str = "selfheal-call"):
+    """work() with `seconds` for the whole of it, not for each socket operation (a server
+    that answers a byte at a time, a tarpit sending 220- lines forever). Still running then:
+    left behind in a daemon thread, and socket.timeout is raised here. Its own exception is
+    raised here as it is."""
+    import threading
+
+    outcome: Dict[str, object] = {}
+
+    def attempt() -> None:
+        try:
+            outcome["answer"] = work()
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=attempt, name=name, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise socket.timeout("timed out")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome.get("answer")
 
 
 def is_root() -> bool:
@@ -2804,12 +2834,26 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, str(path))
+        fsync_dir(path.parent)  # the new name too survives a power cut
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def append_line(path: Path, line: str, mode: int = 0o644) -> None:
@@ -3205,7 +3249,41 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
                 trigger = "watch"
                 if finding.kind in ("unhealthy", "restarted"):
                     env = {}  # MONITOR_* would describe an earlier run, not this problem
-        outcome = Outcome.HEALTHY
+        with stop_on_sigterm(not dry_run):
+            return heal_rounds(config, svc, paths, trigger, env, dry_run, finding, out)
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(active: bool = True):
+    """While a heal runs, SIGTERM raises Stopped (caught by heal_rounds), so what is in
+    flight is recorded and queued before the process ends; the old handler comes back after."""
+    import threading
+
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, dry_run: bool,
+                finding: Optional[Finding], out) -> int:
+    """heal() until the service stays healed (a failure merged into a running heal gets one
+    more round), recording and reporting each; SIGTERM records and queues what is in flight."""
+    name = svc.name
+    outcome = Outcome.HEALTHY
+    reporting: Optional[str] = None  # the report being recorded and queued, when SIGTERM comes
+    queued_before = len(QUEUED)
+    try:
         for _round in range(config.settings.failure_threshold + 1):
             if _round and paused_until(paths, name) is not None:
                 break  # paused while we were busy: stop here
@@ -3229,9 +3307,11 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
             print(text.splitlines()[0] + "\n" + summary_line(result), file=out)
             if outcome is Outcome.HEALTHY:
                 return EX_OK
+            reporting, queued_before = text, len(QUEUED)  # recorded, then queued before it is sent
             record_heal(paths, result, text)
             remember_restarts(paths, name, result.post)
             notify_heal(config, paths, result, text)
+            reporting = None
             if outcome is not Outcome.RESOLVED and outcome is not Outcome.RECOVERED:
                 break
             # A failure that came while we were busy was merged into this run by systemd:
@@ -3240,10 +3320,44 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
             if again.get("ActiveState") != "failed":
                 break
             trigger, env, finding = "failed again during the heal", {}, None
-        ok = (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY, Outcome.STOPPED)  # STOPPED: as configured
-        return EX_OK if outcome in ok else EX_FAIL
-    finally:
-        lock.release()
+    except Stopped:
+        if reporting and len(QUEUED) > queued_before:  # queued before any send began
+            log.warning("stopped (SIGTERM) while reporting on %s; the report is queued", name)
+        elif reporting:  # stopped before its report reached the queue: queue it now
+            try:
+                spool(paths, make_message(config.settings, reporting.splitlines()[0], reporting))
+            except OSError as exc:
+                log.critical("stopped (SIGTERM) and could not queue the report (%s); it follows:\n%s",
+                             exc, reporting)
+        else:
+            report_heal_stopped(config, paths, svc, trigger)
+        return EX_FAIL
+    ok = (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY, Outcome.STOPPED)  # STOPPED: as configured
+    return EX_OK if outcome in ok else EX_FAIL
+
+
+def report_heal_stopped(config: Config, paths: Paths, svc: Service, trigger: str) -> None:
+    """SIGTERM in the middle of a heal: a history line and a FAILED report, queued only
+    (the process is being stopped; the watch, flush-mail or the next heal sends it)."""
+    now = time.time()
+    why = ("selfheal@%s.service was stopped (SIGTERM) before the heal of %s finished: its TimeoutStartSec=, "
+           "a shutdown or `systemctl stop`" % (svc.name, svc.unit))
+    log.error("%s; recording it and queueing the report", why)
+    with contextlib.suppress(OSError):
+        append_line(paths.history, json.dumps(clean_data({
+            "ts": round(now, 3), "time": iso(now), "service": svc.name, "unit": svc.unit, "outcome": "FAILED",
+            "trigger": trigger, "root_cause": why})))
+    body = ("%s.\n\nIt may still be broken. Look at it now:\n  systemctl status %s\n"
+            "  journalctl -u %s -n 100 --no-pager\n  journalctl -u selfheal@%s.service -n 50 --no-pager\n"
+            % (why, svc.unit, svc.unit, svc.name))
+    msg = make_message(config.settings, "%s %s: %s - FAILED (heal stopped)" % (
+        SUBJECT_ICON[Outcome.FAILED], config.settings.name, svc.name), body)
+    try:
+        spool(paths, msg)
+        if config.settings.webhook_url:
+            queue_webhook(paths, report_event(config.settings, msg))
+    except OSError as exc:
+        log.critical("could not queue the report (%s); it follows:\n%s", exc, body)
 
 
 def report_heal_crash(config: Config, paths: Paths, svc: Service, trace: str) -> None:
@@ -4008,7 +4122,13 @@ def read_password(path: str) -> str:
 
 
 def send(settings: Settings, msg: EmailMessage) -> None:
-    """Send one message over SMTP. Raises one of mail_errors()."""
+    """Send one message over SMTP, the whole session (connect to QUIT) within smtp_timeout:
+    smtplib's timeout is per socket operation, and a server that keeps sending 220-
+    lines would hold the heal (and its lock) for ever. Raises one of mail_errors()."""
+    within(settings.smtp_timeout, lambda: smtp_session(settings, msg), "selfheal-smtp")
+
+
+def smtp_session(settings: Settings, msg: EmailMessage) -> None:
     import smtplib
     import ssl
 
@@ -4059,12 +4179,16 @@ def mail_errors() -> Tuple[type, ...]:
     return (OSError, smtplib.SMTPException, SelfhealError)
 
 
+QUEUED: List[Path] = []  # what this process put in the mail queue (heal_rounds asks, on SIGTERM)
+
+
 def spool(paths: Paths, msg: EmailMessage) -> Path:
-    """Queue a message that could not be sent; flush_spool sends it later."""
+    """Put a message in the mail queue (atomic, fsynced); flush_spool sends it."""
     name = "%d-%s.eml" % (time.time() * 1000, os.urandom(4).hex())
     path = paths.spool / name
     ensure_dir(paths.spool, mode=0o700)
     atomic_write(path, msg.as_string(), mode=0o600)
+    QUEUED.append(path)
     return path
 
 
@@ -4095,20 +4219,26 @@ def deliver_mail(config: Config, paths: Paths, msg: EmailMessage) -> bool:
     Reports queued earlier go first, so a thread arrives in order; while they cannot be
     sent, this one waits behind them.
     """
+    # Queued first, then sent from the queue, the same path as every retry: a heal stopped at
+    # any instant (TimeoutStartSec=, a shutdown, the OOM killer) leaves its report queued or
+    # delivered, never neither. Older reports go first, so a thread arrives in order.
     try:
-        _, left = flush_spool(config, paths, wait=5.0)
-    except Exception as exc:  # a broken queue must not cost this report: queue it behind the rest
-        log.error("could not send the queued mail first: %s", exc)
-        left = -1
-    if left:
+        queued = spool(paths, msg)
+    except OSError as exc:  # a full disk, a symlinked spool: send it straight away instead
+        log.error("could not queue %r before sending it (%s); sending it directly", str(msg["Subject"]), exc)
+        queued = None
+    if queued is not None:
+        why: List[str] = []
         try:
-            log.warning("queued %r behind %s older report(s) (queued as %s)", str(msg["Subject"]),
-                        left if left > 0 else "unknown",
-                        spool(paths, msg))
-        except OSError as exc:
-            log.critical("could not queue %r (%s); the report follows:\n%s", str(msg["Subject"]), exc,
-                         message_text(msg))
-        return False
+            flush_spool(config, paths, wait=5.0, why=why)
+        except Exception as exc:  # a broken queue: the report stays in it, for the next try
+            why.append("the mail queue could not be sent: %s" % exc)
+        if queued.exists():
+            log.warning("could not mail %r: %s; queued as %s (it goes out with the next flush: the watch, "
+                        "flush-mail)", str(msg["Subject"]), why[-1] if why else "older reports are still "
+                        "being sent", queued)
+            return False
+        return True
     try:
         send(config.settings, msg)
         log.info("mailed %r to %s", str(msg["Subject"]), ", ".join(config.settings.email_to))
@@ -4136,7 +4266,8 @@ def permanent_rejection(exc: BaseException) -> bool:
     return False
 
 
-def flush_spool(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, int]:
+def flush_spool(config: Config, paths: Paths, wait: float = 0.0,
+                why: Optional[List[str]] = None) -> Tuple[int, int]:
     """Send queued messages, oldest first. Returns (sent, still queued).
 
     Stops at the first message the server cannot take now (it will not take the later ones
@@ -4188,6 +4319,8 @@ def flush_spool(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, i
                               reason, path.with_suffix(".rejected"))
                     continue
                 log.warning("queued mail still not delivered: %s", reason)
+                if why is not None:
+                    why.append(reason)
                 break
             path.unlink()
             sent += 1
@@ -4357,26 +4490,9 @@ def http_send(url: str, timeout: float, data: Optional[bytes] = None,
 
     # urllib's timeout bounds each socket operation, not the request: a server that answers
     # a byte at a time (or a slow resolver) could hold a heal far longer. The whole request
-    # gets `timeout`; one still running then is left behind (a daemon thread) and counted
-    # as no answer, so the report is queued (a late success means one post twice: at least once).
-    import threading
-
-    outcome: Dict[str, object] = {}
-
-    def attempt() -> None:
-        try:
-            outcome["answer"] = once()
-        except BaseException as exc:  # handed to the caller below
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=attempt, name="selfheal-http", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        raise socket.timeout("timed out")
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["answer"]  # type: ignore[return-value]
+    # gets `timeout`; one still running then counts as no answer, so the report stays queued
+    # (a late success means one post twice: at least once).
+    return within(timeout, once, "selfheal-http")  # type: ignore[return-value]
 
 
 def explain_http_error(where: str, exc: BaseException, timeout: float) -> str:
@@ -4432,16 +4548,22 @@ def deliver_webhook(config: Config, paths: Paths, event: dict) -> bool:
     settings, subject_text = config.settings, event.get("subject", "")
     if not settings.webhook_url:
         return False
-    try:
-        _, left = flush_webhooks(config, paths, wait=5.0)
-    except Exception as exc:  # a broken queue must not cost this post: queue it behind the rest
-        log.error("could not make the queued webhook posts first: %s", exc)
-        left = -1
-    try:
-        if left:
-            log.warning("queued the webhook post of %r behind %s older one(s) (queued as %s)", subject_text,
-                        left if left > 0 else "unknown", queue_webhook(paths, event))
+    try:  # queued first, then posted from the queue (as deliver_mail)
+        queued = queue_webhook(paths, event)
+    except OSError as exc:
+        log.error("could not queue the webhook post of %r before making it (%s); posting it directly",
+                  subject_text, exc)
+        queued = None
+    if queued is not None:
+        try:
+            flush_webhooks(config, paths, wait=5.0)
+        except Exception as exc:  # a broken queue: the post stays in it, for the next try
+            log.error("could not make the queued webhook posts: %s", exc)
+        if queued.exists():
+            log.warning("the webhook post of %r is queued as %s", subject_text, queued)
             return False
+        return True
+    try:
         try:
             said = post_webhook(settings, event)
         except Exception as exc:  # whatever went wrong, the post goes to the queue
