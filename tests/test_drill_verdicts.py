@@ -12,6 +12,7 @@ in the drill's docstring under "Before the fix".
 """
 
 import json
+import sys
 import time
 
 import pytest
@@ -124,7 +125,16 @@ def run_watch(box):
     """One watch run, as the timer starts it (at most 4 in 10 s); returns when it is over."""
     time.sleep(max(0.0, _last_watch[0] + WATCH_SPACING - time.monotonic()))
     _last_watch[0] = time.monotonic()
-    box.run(["systemctl", "start", "selfheal-watch.service"], timeout=180)
+    for _ in range(3):
+        result = box.run(["systemctl", "start", "selfheal-watch.service"], check=False, timeout=180)
+        # The bed, not selfheal (FACTS.md): on systemd 247 here, cleaning up a finished run's
+        # cgroup sometimes fails with EIO, and the next start dies with 219/CGROUP before
+        # selfheal runs at all. Such a start is tried again.
+        if result.returncode == 0 or show(box, "selfheal-watch.service", "ExecMainStatus") != "219":
+            break
+        print("selfheal-watch.service: 219/CGROUP (the bed); starting it again", file=sys.stderr)
+        time.sleep(WATCH_SPACING)
+    assert result.returncode == 0, "the watch failed: %s\n%s" % (result.stderr, box.journal("selfheal-watch.service", 80))
 
 
 def reconfigure(box, text):
