@@ -168,7 +168,7 @@ def test_frozen_server_of_a_unit_without_main_pid_is_stopped_by_systemd_not_sign
     service_restart restarts it through systemd, whose ExecStop= still saw the frozen server
     alive (so selfheal did not kill it first).
 
-    Before the fix (832d079, bookworm): RESOLVED, but port_conflict had signalled the live
+    Before the fix (832d079, bookworm; trixie the same): RESOLVED, but port_conflict had signalled the live
     server itself: "stop stale pid 257 (... cgroup /system.slice/nomain.service ...):
     /usr/bin/python3 /usr/local/bin/standin 5071: ok (5.09 s), ended by SIGKILL", then
     restarted it (the first assertion on "nothing signalled" failed).
@@ -205,7 +205,7 @@ def test_service_that_binds_late_is_starting_not_hung_during_start_grace(host):
     30s (written for this drill; the others run with 10s), so start_grace is 30 s. Watch runs during those 20 s leave it alone: one start
     (ours), no mail; once bound it is ok.
 
-    Before the fix (832d079, bookworm): the second watch run, 3 s after our restart, found
+    Before the fix (832d079, bookworm; trixie the same): the second watch run, 3 s after our restart, found
     "port 5072 not listening while the unit is active (running)" for the second time and
     restarted it: 3 starts where 2 were ours, and a RESOLVED mail ("It was running but not
     serving") about a service that was only starting.
@@ -243,7 +243,7 @@ def test_oneshot_job_that_succeeded_is_never_started_again(host):
     is inactive (dead) for good. Watch runs never start it, no mail, and the dashboard does
     not call it stopped or failed.
 
-    Before the fix (832d079, bookworm): the watch runs of the drills before this one had
+    Before the fix (832d079, bookworm; trixie the same): the watch runs of the drills before this one had
     already found it "stopped" and run it again (job-runs had 2 lines), then mailed "job -
     FAILED": "verify: NOT healthy after 1.04 s: unit: inactive (dead)".
     """
@@ -288,7 +288,7 @@ def test_service_without_checks_that_dies_a_second_after_each_restart_is_not_res
     dies 1 s after it starts. The heal's restart looks fine for a second: it must not say
     RESOLVED. One FAILED mail; no mail with a negative "was down" time.
 
-    Before the fix (832d079, bookworm): mails "diesoon - RESOLVED", "diesoon - RESOLVED",
+    Before the fix (832d079, bookworm; trixie the same): mails "diesoon - RESOLVED", "diesoon - RESOLVED",
     "diesoon - ESCALATED" (failure_threshold = 2) and no FAILED: each restart was RESOLVED
     the moment the new run was active, a second before it died.
     """
@@ -314,7 +314,7 @@ def test_heals_asked_for_by_hand_count_neither_toward_escalation_nor_flapping(ho
     root shell (`selfheal heal byhand`, each after `systemctl stop byhand`, so each one
     really restarts it): no ESCALATED, no FLAPPING; the next real crash is still healed.
 
-    Before the fix (832d079, bookworm): the second heal by hand was ESCALATED ("2 heals of
+    Before the fix (832d079, bookworm; trixie the same): the second heal by hand was ESCALATED ("2 heals of
     byhand within 60 min (failure_threshold = 2): selfheal stops healing it") and left it
     stopped.
     """
@@ -345,7 +345,7 @@ def test_heal_whose_restart_never_finishes_ends_failed_at_heal_timeout(host):
     names heal_timeout and the restart; the history says FAILED; the heal unit ended by
     itself (exit status 1, as any FAILED heal: Result exit-code), not by its own timeout.
 
-    Before the fix (832d079, bookworm): the config does not load: "services.conf:8
+    Before the fix (832d079, bookworm; trixie the same): the config does not load: "services.conf:8
     [selfheal] heal_timeout: unknown key (did you mean 'verify_timeout'?)", exit 78.
     """
     reconfigure(host, config(verify_timeout="10s", heal_timeout="40s"))
