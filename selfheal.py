@@ -1885,7 +1885,7 @@ def health_check(svc: Service) -> Tuple[bool, str]:
 # =============================================================================
 
 
-def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
+def probe(svc: Service, health: bool = True) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
     """One look at the service: unit active, then port listening, then health URL answering.
 
     The port counts only when a process of the unit holds it (port_holder): a stale or
@@ -1921,6 +1921,8 @@ def probe(svc: Service) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
             else:
                 detail += " (%s)" % (who if owned else who + "; counted as the service's")
         checks.append(Check("port", listening, detail))
+    if not health:
+        return tuple(checks), unit
     if svc.health_url and all(c.ok for c in checks):
         ok, detail = http_check(svc.health_url, svc.health_timeout, svc.health_expect_status,
                                 svc.health_expect_text)
@@ -3164,11 +3166,13 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
             recovered = diag.result not in ("", "success") or trigger == "onfailure" or finding is not None
             return finish(Outcome.RECOVERED if recovered else Outcome.HEALTHY)
 
-    if finding and finding.kind == "unhealthy" and diag.active_state == "active" and svc.port and not dry_run:
+    if (finding and finding.kind == "unhealthy" and diag.active_state == "active" and svc.port and not dry_run
+            and FOREIGN_HOLDER_RE.search(finding.detail)):
         # The watch saw the port held by another unit's process while this unit runs. A
         # restart cannot free that port (the new run would fail to bind) and would stop a
         # service that may be working: never a restart on a port-owner mismatch alone.
-        checks, unit = probe(svc)
+        # (Asked again without the health check: a hung service must not cost health_timeout.)
+        checks, unit = probe(svc, health=False)
         port = next((c for c in checks if c.name == "port"), None)
         if port is not None and not port.ok and FOREIGN_HOLDER_RE.search(port.detail):
             runs.append(StrategyRun("none", (), Verification(False, 0.0, checks, unit),
@@ -5247,7 +5251,8 @@ DEFAULT_WATCH = 2.0  # --watch without SECONDS
 # trip per unit). `systemctl show` then asks only about the units that need more (failed ones,
 # and active ones the watch last found unhealthy), or about all at once when busctl cannot.
 BUSCTL = "busctl"
-STATUS_PROPERTIES = ("Id", "LoadState", "ActiveState", "SubState", "Result", "ActiveEnterTimestampMonotonic")
+STATUS_PROPERTIES = ("Id", "LoadState", "ActiveState", "SubState", "Result", "ActiveEnterTimestampMonotonic",
+                     "Type", "RemainAfterExit")
 RUNNING_STATES = ("active", "reloading")
 # A unit in one of these has a current run; its processes are systemd's to stop, not ours.
 LIVE_STATES = ("active", "reloading", "activating", "deactivating")
@@ -5324,7 +5329,7 @@ class ServiceStatus(NamedTuple):
     watch_detail: str = ""  # what the watch last said, when it said unhealthy
     watch_checked: Optional[float] = None  # when the watch last looked at it
     last_heal: Optional[dict] = None  # its newest history event
-    stop_is_fine: bool = False  # on_stopped = ignore
+    stop_is_fine: bool = False  # on_stopped = ignore, or a oneshot job whose run succeeded
 
     @property
     def paused(self) -> bool:
@@ -5629,7 +5634,7 @@ def service_status(svc: Service, unit: Dict[str, str], paths: Paths, state: dict
         svc.name, svc.unit, state_name, active, unit.get("SubState", ""), unit.get("Result", ""), svc.port,
         listening, svc.domain, svc.critical, paused, bool(state.get("escalated")), hooked,
         clean(str(watch.get("detail", ""))) if state_name == "unhealthy" else "", checked, last,
-        svc.on_stopped == "ignore")
+        svc.on_stopped == "ignore" or finished_oneshot(unit))  # a job that ran and succeeded is done
 
 
 def collect_dashboard(config: Config, paths: Paths, only: Sequence[str] = (), since: float = DEFAULT_SINCE,
@@ -5642,9 +5647,10 @@ def collect_dashboard(config: Config, paths: Paths, only: Sequence[str] = (), si
     by_unit = {svc.unit: svc for svc in services}
 
     def wants_detail(unit: str, props: Dict[str, str]) -> bool:
-        """systemd's Result of a failed unit; when the run began of one the watch found unhealthy."""
+        """systemd's Result of a failed unit; whether a stopped one is a finished oneshot job; when
+        the run began of one the watch found unhealthy."""
         svc, active = by_unit.get(unit), props.get("ActiveState")
-        return svc is not None and (active == "failed" or (
+        return svc is not None and (active in ("failed", "inactive") or (
             active == "active" and watch[svc.name].get("verdict") == "unhealthy"))
 
     units, systemd_error = unit_states([svc.unit for svc in services] + [WATCH_TIMER], wants_detail)

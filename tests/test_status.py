@@ -850,3 +850,16 @@ def test_watch_exits_0_on_ctrl_c_even_when_sigint_comes_twice(host, cli):
             proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+@pytest.mark.parametrize("props, problem", [
+    ({"Type": "oneshot", "RemainAfterExit": "no", "Result": "success"}, False),
+    ({"Type": "oneshot", "RemainAfterExit": "yes", "Result": "success"}, True),
+    ({"Type": "simple", "Result": "success"}, True),
+], ids=["finished-job-is-done", "remain-after-exit-stopped", "simple-stopped"])
+def test_a_oneshot_job_whose_run_succeeded_is_not_a_problem_on_the_dashboard(tmp_path, props, problem):
+    service = selfheal.Service(name="job", unit="job.service")
+    unit = dict({"LoadState": "loaded", "ActiveState": "inactive", "SubState": "dead"}, **props)
+    paths = selfheal.Paths(tmp_path / "state", tmp_path / "run", tmp_path / "log")
+    status = selfheal.service_status(service, unit, paths, {}, {}, None, None, 0.0, NOW)
+    assert status.problem is problem

@@ -1023,3 +1023,23 @@ def test_a_hang_that_clears_by_the_second_look_is_not_handed_over(wb, monkeypatc
     assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
     assert wb.triggers() == []
     assert wb.watch_state("story-stages")["verdict"] == "ok"
+
+
+def test_a_hang_is_restarted_without_asking_the_hung_health_check_first(wb):
+    """The heal of a hang goes straight to its strategies: asking the frozen service again
+    would only cost health_timeout before the restart."""
+    running(wb.host, STORY, listen={"port": 5002})
+    wb.host.listen(5002)
+    asked_at_restarts = []
+
+    def answer():
+        restarts = wb.host.load()["units"][STORY].get("restarts", 0)
+        asked_at_restarts.append(restarts)
+        return FINE if restarts else HANG
+
+    wb.health.answers[HEALTH] = answer
+    wb.look("story-stages", HANG)
+    wb.look("story-stages", HANG)
+    asked_at_restarts.clear()
+    assert wb.heal("story-stages")[0] == selfheal.EX_OK
+    assert asked_at_restarts and min(asked_at_restarts) >= 1, asked_at_restarts
