@@ -176,7 +176,8 @@ def test_heartbeat_failure_is_logged_once_and_the_heartbeat_comes_back_with_the_
                         "--no-pager", "-o", "cat"]).stdout
         assert log.count("heartbeat failed") == 1, log  # when it starts failing, then at most hourly
         assert "drill-uuid" not in log  # the URL's secret part never reaches the journal
-        assert show(host, "selfheal-watch.service", "Result") == "success"
+        assert show(host, "selfheal-watch.service", "Result") == "success", "%s\n%s" % (
+            show(host, "selfheal-watch.service", "ExecMainStatus"), host.journal("selfheal-watch.service", lines=60))
     finally:
         host.run(["systemctl", "start", "hooksink"])
     host.wait_listening(SINK_PORT)
