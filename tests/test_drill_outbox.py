@@ -1,0 +1,127 @@
+"""Drills for reports that are never lost, on a real systemd with postfix: a tarpit SMTP server
+(a greeting of 220- lines that never ends) holds a heal no longer than smtp_timeout and the
+report stays queued; a heal stopped while it sends (`systemctl stop selfheal@NAME`) leaves its
+report queued; once the real mail server is configured again, each report arrives exactly once.
+"""
+
+import time
+
+import pytest
+
+from drillkit import (about, clear_mailbox, drill_suites, installed_host, kill, mails_about, show, wait_for,
+                      wait_idle, web_unit)
+
+pytestmark = pytest.mark.drill
+
+TARPIT = "/usr/local/bin/tarpit"
+TARPIT_PORT = 2525
+
+TARPIT_CODE = """\
+import socket, threading, time
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", %d))
+server.listen(16)
+print("tarpit listening", flush=True)
+def drip(conn):
+    with conn:
+        while True:
+            try:
+                conn.sendall(b"220-hold on\\r\\n")
+            except OSError:
+                return
+            time.sleep(0.5)
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=drip, args=(conn,), daemon=True).start()
+""" % TARPIT_PORT
+
+UNITS = {
+    "web.service": web_unit(5031),
+    "tarpit.service": "[Service]\nExecStart=/usr/bin/python3 %s\n" % TARPIT,
+}
+
+CONFIG = """\
+[selfheal]
+name = MiracleMax
+email_to = root@localhost
+email_from = selfheal@miraclemax.localdomain
+smtp_host = 127.0.0.1
+smtp_port = %d
+smtp_timeout = %s
+verify_timeout = 10s
+watch_interval = 1h
+
+[web]
+port = 5031
+health_url = http://127.0.0.1:5031/health
+"""
+
+
+def setup(box):
+    box.write(TARPIT, TARPIT_CODE, 0o755)
+
+
+@pytest.fixture(scope="module", params=drill_suites("bookworm", "trixie"))
+def host(request, bed_reason, repo_root):
+    if bed_reason:
+        pytest.skip(bed_reason)
+    with installed_host(repo_root, UNITS, CONFIG % (TARPIT_PORT, "3s"), suite=request.param,
+                        start=("web", "tarpit"), ports=(5031, TARPIT_PORT), setup=setup) as box:
+        box.run(["systemctl", "stop", "selfheal-watch.timer"])  # the drill flushes when it wants to
+        yield box
+
+
+def queued(box):
+    out = box.run(["sh", "-c", "ls /var/lib/selfheal/spool/*.eml 2>/dev/null"], check=False).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def use_config(box, port, timeout):
+    box.write("/etc/selfheal/services.conf", CONFIG % (port, timeout), 0o644)
+
+
+def test_tarpit_smtp_server_holds_the_heal_no_longer_than_smtp_timeout_and_the_report_stays_queued(host):
+    use_config(host, TARPIT_PORT, "3s")
+    clear_mailbox(host)
+    before = len(queued(host))
+    started = time.monotonic()
+    kill(host, "web")
+    wait_for(lambda: show(host, "selfheal@web.service", "ActiveState") == "activating", 10, "the heal to start")
+    wait_idle(host, "web", timeout=60)
+    took = time.monotonic() - started
+    print("\ntarpit: crash to heal finished in %.2f s (smtp_timeout 3 s)" % took)
+    assert took < 3 + 10, took  # smtp_timeout, verification and a few seconds: never for ever
+    assert show(host, "selfheal@web.service", "Result") == "success"
+    assert len(queued(host)) == before + 1
+    assert host.mails() == []
+    # The real mail server again: the queued report arrives, once.
+    use_config(host, 25, "3s")
+    host.run(["/usr/local/sbin/selfheal", "flush-mail"], timeout=60)
+    [mail] = host.wait_mail(about("web", "RESOLVED"), timeout=30)
+    assert queued(host) == []
+    host.run(["/usr/local/sbin/selfheal", "flush-mail"], timeout=60)
+    time.sleep(1)
+    assert len(mails_about(host, "web")) == 1
+
+
+def test_heal_stopped_while_it_sends_leaves_its_report_queued_and_it_arrives_once(host):
+    use_config(host, TARPIT_PORT, "60s")  # the heal sits in the SMTP session for a minute
+    clear_mailbox(host)
+    host.run(["journalctl", "--rotate"], check=False)
+    kill(host, "web")
+    # The heal prints its outcome, then records and reports: stop it in the SMTP session.
+    wait_for(lambda: "RESOLVED" in host.run(["journalctl", "-u", "selfheal@web.service", "-o", "cat",
+                                              "--no-pager", "-n", "20"], check=False).stdout, 30,
+             "the heal to finish healing")
+    time.sleep(1.0)
+    assert show(host, "selfheal@web.service", "ActiveState") == "activating"  # still sending
+    host.run(["systemctl", "stop", "selfheal@web.service"], timeout=60)
+    assert len(queued(host)) == 1, host.journal("selfheal@web.service", lines=40)
+    assert host.mails() == []
+    use_config(host, 25, "3s")
+    host.run(["/usr/local/sbin/selfheal", "flush-mail"], timeout=60)
+    [mail] = host.wait_mail(about("web", "RESOLVED"), timeout=30)
+    assert queued(host) == []
+    time.sleep(1)
+    assert len(mails_about(host, "web")) == 1
