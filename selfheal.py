@@ -186,7 +186,11 @@ class Refused(SelfhealError):
     """selfheal will not act through this path: a link the service's account could have
     planted, a FIFO or device where a file belongs, a file too large to read. The message
     says what was found and that nothing was done ("... is a symlink owned by app: not
-    followed"); a heal that meets one is FAILED with manual steps, never RESOLVED."""
+    followed"); a heal that meets one is FAILED with manual steps, never RESOLVED. It quotes
+    names the account chose, so it is made one line, controls escaped."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
 
 
 # =============================================================================
@@ -1045,15 +1049,24 @@ def config_secrets(config: "Config") -> List[str]:
 
 
 def public_config_text(text: str) -> str:
-    """services.conf as the dashboard without root may read it: URL credentials removed,
-    webhook and heartbeat URLs cut to scheme and host (line numbers unchanged)."""
-    lines = []
-    for line in without_credentials(text).splitlines(keepends=True):
-        key, sep, value = line.partition("=")
-        if sep and key.strip() in SECRET_URL_KEYS and value.strip():
-            line = "%s= %s\n" % (key, url_for_log(value.strip()).replace("/...", "/"))
-        lines.append(line)
-    return "".join(lines)
+    """services.conf as the dashboard without root may read it, rebuilt from what configparser
+    reads (so no spelling of a key, `:` or a continued line slips past): every URL cut to
+    scheme, host and port, command lines to their program; the rest as it was."""
+    import io
+
+    parser = configparser.ConfigParser(interpolation=None, strict=False, default_section="\0none")
+    parser.read_string(text)
+    for section in parser.sections():
+        for key, value in parser.items(section):
+            if key.lower() in ("webhook_url", "heartbeat_url", "health_url") and value.strip():
+                value = url_for_log(value.strip()).replace("/...", "/")
+            elif key.lower() in ("config_check", "health_command") and value.strip():
+                value = value.split()[0]  # arguments may be secrets (redis-cli -a PASSWORD)
+            parser.set(section, key, without_credentials(value))
+    out = io.StringIO()
+    out.write("# services.conf without its secrets, for the dashboard without root (selfheal install)\n")
+    parser.write(out)
+    return out.getvalue()
 
 
 def load_config(path: str, trusted: bool = True) -> Config:
@@ -1109,6 +1122,8 @@ def load_config(path: str, trusted: bool = True) -> Config:
 #     refused, and so is a path with links of two users.
 
 SAFE_READ_LIMIT = 1 << 20  # an env or config file larger than 1 MiB is not read
+MAX_DIFF_LINES = 2000  # config_files longer than this are compared by size and time only
+SQLITE_COPY_LIMIT = 256 << 20  # SQLite checks a private copy; a larger database is not checked
 MAX_LINK_HOPS = 40  # as the kernel's ELOOP limit
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
@@ -1245,6 +1260,10 @@ def open_safely(path: str, what: str, want: str = "file") -> SafeFile:
             link_owner = owner_name(next(iter(link_owners)))
             raise Refused("%s %s is a symlink owned by %s (or reached through one) that leads to %s, "
                           "owned by %s: not followed" % (what, path, link_owner, shown, owner_name(st.st_uid)))
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and st.st_uid != os.fstat(parent).st_uid:
+            # Another name for it may be anyone's (with fs.protected_hardlinks=0, /etc/shadow).
+            raise Refused("%s %s: %s has %d hard links and is owned by %s, not by the owner of its "
+                          "directory: not read" % (what, path, shown, st.st_nlink, owner_name(st.st_uid)))
         allowed = {"file": stat.S_ISREG(st.st_mode), "dir": stat.S_ISDIR(st.st_mode),
                    "any": stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)}[want]
         if not allowed:
@@ -1296,7 +1315,9 @@ def stat_safely(path: str, what: str, want: str = "any") -> os.stat_result:
 
 # --- text from outside: what selfheal writes never carries a secret or a control character
 
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@?#]*@")
+# The user info runs to the LAST @ of the authority (a password may hold one), as urlsplit
+# reads it; "https:\/\/" is how JSON logs write a URL.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*:(?:\\?/){2})[^/\\\s?#]*@")
 # C0 and C1 controls, DEL, and the Unicode line and paragraph separators; tab and newline stay.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -1311,6 +1332,12 @@ def escape_controls(text: str) -> str:
     line) shown as \\xNN, as journalctl shows them; tab and newline are kept."""
     return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
                         else "\\u%04x" % ord(m.group()), text)
+
+
+def one_line(text: str) -> str:
+    """clean(), and newlines and tabs escaped too: for a value that is one line of a report
+    (a path, a refusal, a verdict), so a name planted with a newline cannot start a section."""
+    return clean(text).replace("\n", "\\n").replace("\t", "\\t")
 
 
 def clean(text: str) -> str:
@@ -1442,7 +1469,7 @@ def read_process(pid: int, proc: Path = Path("/proc")) -> Optional[Process]:
     base = proc / str(pid)
     try:
         with open(str(base / "cmdline"), "rb") as handle:  # a process may make it as long as it likes
-            cmdline = clean(handle.read(4096).replace(b"\0", b" ").decode("utf-8", "replace").strip())
+            cmdline = one_line(handle.read(4096).replace(b"\0", b" ").decode("utf-8", "replace").strip())
         uid = os.stat(base).st_uid
         by_controller = {}
         for line in (base / "cgroup").read_text().splitlines():
@@ -1820,12 +1847,12 @@ def http_check(url: str, timeout: float, expect_status: Sequence[int] = (),
     try:
         status, body = http_send(url, timeout, limit=HEALTH_BODY_LIMIT)
     except http.client.HTTPException as exc:
-        return False, clean("not an HTTP answer (%s: %.80s)" % (type(exc).__name__, exc))
+        return False, one_line("not an HTTP answer (%s: %.80s)" % (type(exc).__name__, exc))
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, socket.timeout) or "timed out" in str(reason):
             return False, "no answer within %s" % format_duration(timeout)
-        return False, clean(str(reason))
+        return False, one_line(str(reason))
     if not status_ok(status):
         return False, "HTTP %d, expected %s" % (status, expected)
     if expect_text and expect_text not in body.decode("utf-8", "replace"):
@@ -1864,7 +1891,7 @@ def command_check(argv: Sequence[str], timeout: float, expect_text: str = "") ->
     if result.rc == 124:
         return False, "no answer within %s" % format_duration(timeout)
     if result.rc in (126, 127):
-        return False, CANNOT_RUN + result.err.strip()[:200]
+        return False, CANNOT_RUN + one_line(result.err.strip()[:200])
     if not result.ok:
         return False, "exit status %d%s" % (result.rc, said)
     if expect_text and expect_text not in output:
@@ -2197,7 +2224,15 @@ def strategy_config_validation(ctx: HealContext) -> str:
         argv = command_argv(svc.config_check)
         what = "config check: %s" % " ".join(svc.config_check)
         result = run(argv, timeout=ctx.left(60))
-        output = [clean(line) for line in (result.out + result.err).strip().splitlines()[-20:]]
+        output = [one_line(line) for line in (result.out + result.err).strip().splitlines()[-20:]]
+        # It runs as root and reads what the config names: when the service's account owns a
+        # config file, it could make the checker read (and quote) any file. Then only its exit
+        # status is reported; the owner runs the checker to read its words.
+        theirs = [path for path, owner in config_owners(svc) if owner != 0]
+        if theirs and output:
+            output = ["(its output is not shown: %s %s the service account's, so it could quote any file "
+                      "root can read; run `%s` to see it)" % (", ".join(theirs), "is" if len(theirs) == 1
+                                                                else "are", " ".join(svc.config_check))]
         ctx.record(what, result.ok, result.seconds, "\n".join(output) or "exit status %d" % result.rc)
         if result.rc in (124, 126, 127):  # not found, not executable, timed out: no verdict
             raise Escalation("the config check `%s` could not run (%s), so %s was not restarted. Fix "
@@ -2209,6 +2244,16 @@ def strategy_config_validation(ctx: HealContext) -> str:
                              "selfheal heal %s" % (" ".join(svc.config_check), result.rc, svc.unit, svc.name))
     restart(ctx)
     return ""
+
+
+def config_owners(svc: Service) -> List[Tuple[str, int]]:
+    """(path, owner uid) of each config file open_safely reaches; one it cannot is left out
+    (the strategy refuses those before the checker runs)."""
+    owners = []
+    for path in svc.config_files:
+        with contextlib.suppress(OSError, Refused):
+            owners.append((path, stat_safely(path, "config_files", "file").st_uid))
+    return owners
 
 
 def restart(ctx: HealContext) -> None:
@@ -2294,6 +2339,9 @@ def config_changes(paths: Paths, svc: Service) -> List[str]:
             continue
         except OSError:
             continue
+        if len(old) > MAX_DIFF_LINES or len(new) > MAX_DIFF_LINES:  # difflib is quadratic at worst
+            lines.append("    (not compared line by line: over %d lines)" % MAX_DIFF_LINES)
+            continue
         diff = list(difflib.unified_diff(old, new, "%s (healthy start)" % path, "%s (now)" % path, lineterm="", n=2))
         for line in diff[:40]:
             lines.append("    " + clean(line[:1] + " [a line that looks like a secret]" if SECRET_RE.search(line[1:])
@@ -2333,9 +2381,12 @@ def parse_env_file(text: str) -> Tuple[Dict[str, Tuple[int, str]], List[str]]:
             continue
         value = value.strip()
         quote = value[:1] if value[:1] in ("'", '"') else ""
-        while quote and not (len(value) >= 2 and value.endswith(quote)) and number < len(lines):
-            value = value + "\n" + lines[number].rstrip()  # a quoted value may span lines
+        parts = [value]
+        while quote and not (len(parts[-1]) >= (2 if len(parts) == 1 else 1) and parts[-1].endswith(quote)) \
+                and number < len(lines):
+            parts.append(lines[number].rstrip())  # a quoted value may span lines
             number += 1
+        value = "\n".join(parts)
         if quote and len(value) >= 2 and value.endswith(quote):
             value = value[1:-1]
         elif quote:
@@ -2468,7 +2519,7 @@ def restore_symlink(ctx: HealContext, link: str, target: str, problems: List[str
         if st and not stat.S_ISLNK(st.st_mode):
             problems.append("%s should be a symlink to %s but is %s; not touched" % (link, target, file_kind(st.st_mode)))
             return False
-        what = "recreate symlink %s -> %s%s" % (link, target, " (it pointed to %s)" % clean(current) if current else "")
+        what = "recreate symlink %s -> %s%s" % (link, target, " (it pointed to %s)" % one_line(current) if current else "")
         if ctx.dry_run:
             ctx.record(what, True, 0.0, "dry run: not done")
             return False
@@ -2553,7 +2604,7 @@ def check_db_handle(ctx: HealContext, handle: SafeFile) -> List[str]:
         problems.append("the filesystem of %s has no free inodes (%d left)" % (path, fs.f_favail))
     ctx.found.append("%s: owner uid %d, mode %04o, %s free" % (path, st.st_uid, st.st_mode & 0o7777,
                                                               format_bytes(str(fs.f_bavail * fs.f_frsize)) or "0 B"))
-    verdict = sqlite_quick_check(handle) if stat.S_ISREG(st.st_mode) else ""
+    verdict = sqlite_quick_check(handle, str(ctx.paths.state)) if stat.S_ISREG(st.st_mode) else ""
     if verdict:
         ctx.found.append("SQLite quick_check: %s" % verdict)
         if verdict != "ok" and not verdict.startswith("cannot check"):
@@ -2578,7 +2629,7 @@ def fix_attr(ctx: HealContext, what: str, change: Callable[[], None], declared: 
         problems.append(problem)
 
 
-def sqlite_quick_check(handle) -> str:
+def sqlite_quick_check(handle, workdir: Optional[str] = None) -> str:
     """SQLite's PRAGMA quick_check, read-only, when the file (a SafeFile, or a path opened
     with open_safely) is an SQLite file; else "".
 
@@ -2591,7 +2642,7 @@ def sqlite_quick_check(handle) -> str:
         except (OSError, Refused):
             return ""
         try:
-            return sqlite_quick_check(handle)
+            return sqlite_quick_check(handle, workdir)
         finally:
             os.close(handle.fd)
     try:
@@ -2599,20 +2650,40 @@ def sqlite_quick_check(handle) -> str:
             return ""
     except OSError:
         return ""
-    path = handle.real
     import sqlite3
 
-    try:
-        db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(path), uri=True, timeout=5)
+    # SQLite opens by name (and resolves /proc/self/fd links back to names), which the
+    # service's account may swap for a link to root's database between our open and its. So
+    # it checks a copy made through the descriptor selfheal opened, in a private directory.
+    if handle.st.st_size > SQLITE_COPY_LIMIT:
+        return "cannot check: larger than %s (checked through a copy)" % format_bytes(str(SQLITE_COPY_LIMIT))
+    if workdir:  # on disk beside selfheal's state, not in a tmpfs charged to MemoryMax=
+        ensure_dir(Path(workdir), mode=0o700)
+    with tempfile.TemporaryDirectory(prefix=".sqlite-check-", dir=workdir) as private:
+        copy = os.path.join(private, "copy.db")
+        out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            rows = db.execute("PRAGMA quick_check").fetchall()
+            offset = 0
+            while True:
+                chunk = os.pread(handle.fd, 1 << 20, offset)
+                if not chunk:
+                    break
+                os.write(out, chunk)
+                offset += len(chunk)
         finally:
-            db.close()
-    except sqlite3.Error as exc:
-        if re.search(r"malformed|not a database|corrupt", str(exc), re.I):
-            return str(exc)  # that is the damage itself
-        return "cannot check: %s" % exc  # locked, unreadable: no verdict
-    return "; ".join(str(r[0]) for r in rows[:5]) or "ok"
+            os.close(out)
+        try:
+            db = sqlite3.connect("file:%s?mode=ro&immutable=1" % urllib.parse.quote(copy), uri=True, timeout=5)
+            try:
+                rows = db.execute("PRAGMA quick_check").fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error as exc:  # its words may quote the file (a schema): one line, cut short
+            if re.search(r"malformed|not a database|corrupt", str(exc), re.I):
+                return one_line(str(exc))[:200]  # that is the damage itself
+            return "cannot check: %s" % one_line(str(exc))[:200]  # unreadable: no verdict
+    return one_line("; ".join(str(r[0]) for r in rows[:5]))[:300] or "ok"
+
 
 
 
@@ -3308,7 +3379,7 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
                 print(text, file=out)
                 return EX_OK
             log_outcome(result)
-            print(text.splitlines()[0] + "\n" + summary_line(result), file=out)
+            print(one_line(text.splitlines()[0]) + "\n" + one_line(summary_line(result)), file=out)
             if outcome is Outcome.HEALTHY:
                 return EX_OK
             reporting, queued_before = text, len(QUEUED)  # recorded, then queued before it is sent
@@ -6217,9 +6288,16 @@ class SyslogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            syslog.syslog(self.PRIORITY.get(record.levelno, syslog.LOG_INFO), self.format(record))
+            syslog.syslog(self.PRIORITY.get(record.levelno, syslog.LOG_INFO), clean(self.format(record)))
         except Exception:  # logging must never break healing
             self.handleError(record)
+
+
+class CleanFormatter(logging.Formatter):
+    """Log lines reach a terminal: no control characters, no URL credentials in them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return clean(super().format(record))
 
 
 def setup_logging(verbose: bool, quiet: bool, ident: Optional[str]) -> None:
@@ -6228,7 +6306,7 @@ def setup_logging(verbose: bool, quiet: bool, ident: Optional[str]) -> None:
     log.propagate = False
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(logging.DEBUG if verbose else (logging.ERROR if quiet else logging.WARNING))
-    stderr.setFormatter(logging.Formatter("selfheal: %(message)s"))
+    stderr.setFormatter(CleanFormatter("selfheal: %(message)s"))
     log.addHandler(stderr)
     if ident:
         handler = SyslogHandler(ident)

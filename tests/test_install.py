@@ -87,8 +87,11 @@ def test_install_into_destdir_puts_every_file_with_its_mode(tmp_path, conf):
                                                             "/var/lib/selfheal/last-good.conf",
                                                             "/var/lib/selfheal/services.public.conf"}
     assert set(manifest) == installed
-    # No secret in this config: the dashboard's copy is the config itself.
-    assert tree["var/lib/selfheal/services.public.conf"] == (0o644, CONF.encode())
+    # The dashboard's copy: readable by all, the same services.
+    mode, public = tree["var/lib/selfheal/services.public.conf"]
+    assert mode == 0o644
+    assert sorted(selfheal.parse_config(public.decode(), "public").services) == sorted(
+        selfheal.parse_config(CONF, "conf").services)
 
 
 def test_install_of_a_config_with_url_credentials_makes_it_root_only_and_the_public_copy_has_none(tmp_path, cli):
@@ -105,7 +108,7 @@ def test_install_of_a_config_with_url_credentials_makes_it_root_only_and_the_pub
     mode, public = tree["var/lib/selfheal/services.public.conf"]
     assert mode == 0o644
     assert b"Pw-0f-passgo" not in public and b"T0KEN" not in public
-    assert b"health_url = http://***@127.0.0.1:5001/health" in public
+    assert b"health_url = http://127.0.0.1:5001/" in public
     assert b"webhook_url = https://hooks.example.org/" in public
     # The copy loads as a config (the dashboard without root reads it), with the same services.
     copy = selfheal.load_config(str(root / "var/lib/selfheal/services.public.conf"), trusted=False)

