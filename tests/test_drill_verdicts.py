@@ -258,10 +258,10 @@ def test_oneshot_job_that_succeeded_is_never_started_again(host):
     assert show(host, "job", "Result") == "success"
     assert mails_about(host, "job") == [], context
     assert history(host, "job") == [], context
-    # The dashboard shows systemd's words: inactive (dead), no failed result.
+    # The dashboard shows systemd's words: inactive (dead), its run's result a success.
     shown = job_status(host)
     assert (shown["state"], shown["active_state"], shown["sub_state"], shown["result"]) == (
-        "inactive", "inactive", "dead", ""), shown
+        "inactive", "inactive", "dead", "success"), shown
 
 
 def job_status(box):
@@ -273,9 +273,9 @@ def job_status(box):
 
 
 def test_dashboard_does_not_count_a_finished_oneshot_job_as_a_problem(host):
-    """Point 5, the dashboard's verdict. Still wrong after f17c7e6 on 252 and 257: the watch
-    leaves the job alone, but `selfheal status --json --service job` says problem: true,
-    healthy: false and exits 1. strict: when it is fixed this XPASS fails; drop the mark."""
+    """Point 5, the dashboard's verdict: a oneshot job whose run succeeded is done, not a
+    problem (before 95ba3b7, `selfheal status --json --service job` said problem: true,
+    healthy: false and exited 1)."""
     shown = job_status(host)
     assert (shown["problem"], shown["healthy"], shown["exit status"]) == (False, True, 0), shown
 
