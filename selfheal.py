@@ -1187,8 +1187,9 @@ def open_safely(path: str, what: str, want: str = "file") -> SafeFile:
     """Open `path` (key `what` of the config, for messages) as root without following a link
     the service's account could have planted. want: "file", "dir" or "any" (either).
 
-    Raises Refused for a link not followed, a FIFO/device/socket, a path with "..", a
-    non-directory in the middle; OSError (FileNotFoundError...) as the kernel says. The
+    Raises Refused for a link not followed, a FIFO/device/socket, a second hard link of
+    someone else's, a non-directory in the middle ("..", as the kernel would, goes up one
+    directory already opened); OSError (FileNotFoundError...) as the kernel says. The
     caller closes .fd."""
     if not path.startswith("/"):
         raise Refused("%s %s: not an absolute path; not followed" % (what, path))
