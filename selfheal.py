@@ -3401,7 +3401,8 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
             log.warning("stopped (SIGTERM) while reporting on %s; the report is queued", name)
         elif reporting:  # stopped before its report reached the queue: queue it now
             try:
-                spool(paths, make_message(config.settings, reporting.splitlines()[0], reporting))
+                queue_report(paths, new_report(config.settings, "", name, outcome.value, reporting,
+                                               subject_text=reporting.splitlines()[0]))
             except OSError as exc:
                 log.critical("stopped (SIGTERM) and could not queue the report (%s); it follows:\n%s",
                              exc, reporting)
@@ -3426,12 +3427,9 @@ def report_heal_stopped(config: Config, paths: Paths, svc: Service, trigger: str
     body = ("%s.\n\nIt may still be broken. Look at it now:\n  systemctl status %s\n"
             "  journalctl -u %s -n 100 --no-pager\n  journalctl -u selfheal@%s.service -n 50 --no-pager\n"
             % (why, svc.unit, svc.unit, svc.name))
-    msg = make_message(config.settings, "%s %s: %s - FAILED (heal stopped)" % (
-        SUBJECT_ICON[Outcome.FAILED], config.settings.name, svc.name), body)
     try:
-        spool(paths, msg)
-        if config.settings.webhook_url:
-            queue_webhook(paths, report_event(config.settings, msg))
+        queue_report(paths, new_report(config.settings, SUBJECT_ICON[Outcome.FAILED], svc.name,
+                                       "FAILED (heal stopped)", body))
     except OSError as exc:
         log.critical("could not queue the report (%s); it follows:\n%s", exc, body)
 
@@ -3447,8 +3445,8 @@ def report_heal_crash(config: Config, paths: Paths, svc: Service, trace: str) ->
             "outcome": "FAILED", "trigger": "selfheal crashed", "root_cause": trace.splitlines()[-1]})))
     except OSError:
         pass
-    deliver(config, paths, make_message(config.settings, "❌ %s: %s - FAILED (selfheal crashed)" % (
-        config.settings.name, svc.name), body))
+    deliver(config, paths, new_report(config.settings, SUBJECT_ICON[Outcome.FAILED], svc.name,
+                                      "FAILED (selfheal crashed)", body))
 
 
 def summary_line(result: HealResult) -> str:
@@ -3491,14 +3489,14 @@ def open_incident(state: dict, now: float) -> dict:
     return incident
 
 
-def thread_message(config: Config, incident: dict, subject_text: str, body: str) -> EmailMessage:
-    """One message of an incident: the first starts the thread, the rest reply to it."""
-    msg = make_message(config.settings, subject_text, body, thread=incident.get("message_id", ""))
+def thread_report(config: Config, incident: dict, icon: str, service: str, label: str, body: str) -> dict:
+    """One report of an incident: the first starts the mail thread, the rest reply to it."""
+    report = new_report(config.settings, icon, service, label, body, thread=incident.get("message_id", ""))
     if not incident.get("message_id"):
-        incident["message_id"] = str(msg["Message-ID"])
+        incident["message_id"] = report["message_id"]
     incident["last_mail"] = time.time()
     incident["mails"] = incident.get("mails", 0) + 1
-    return msg
+    return report
 
 
 def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> None:
@@ -3506,7 +3504,7 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> 
     (once), nothing (later recoveries of a flapping service; the notify policy), and keep
     the incident's state. Never raises for a mail problem."""
     settings, svc, now = config.settings, result.service, result.started_at
-    msg = None
+    report: Optional[dict] = None
     with service_state(paths, svc.name, best_effort=True) as state:
         escalated_before = bool(state.get("escalated"))
         if result.outcome is Outcome.ESCALATED:
@@ -3536,13 +3534,13 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> 
         else:
             incident.pop("problem_since", None)
         if send and should_mail(settings, svc, label, closes_problem):
-            msg = thread_message(config, incident, make_subject(settings, result.outcome, svc.name, label), body)
+            report = thread_report(config, incident, subject_icon(result.outcome, label), svc.name, label, body)
         elif send:
             log.info("%s: %s not mailed (notify = %s)", svc.name, label, svc.notify or settings.notify)
         else:
             log.info("%s: %s not mailed (already told in this incident)", svc.name, label)
-    if msg is not None:  # sent after the state is saved: a slow mail server holds no lock
-        deliver(config, paths, msg)
+    if report is not None:  # sent after the state is saved: a slow mail server holds no lock
+        deliver(config, paths, report)
 
 
 def flapping_preface(settings: Settings, svc: Service, failures: Sequence[float]) -> str:
@@ -3560,7 +3558,7 @@ def incident_healthy(config: Config, paths: Paths, svc: Service, now: float) -> 
     incident = load_service_state(paths, svc.name).get("incident")
     if not incident or incident.get("closed"):
         return  # the common case, decided without the lock
-    msg = None
+    report: Optional[dict] = None
     with service_state(paths, svc.name) as state:
         incident = state.get("incident")
         if not incident or incident.get("closed"):
@@ -3573,21 +3571,20 @@ def incident_healthy(config: Config, paths: Paths, svc: Service, now: float) -> 
                     "It was down (%s) for %s, since %s.\n\nselfheal did not repair it this time; "
                     "someone or something else did. Healing is armed again.\n"
                     % (svc.name, iso(now), incident["problem"], format_duration(down), iso(now - down)))
-            subject_text = "%s %s: %s - RESOLVED (was down %s)" % (
-                SUBJECT_ICON[Outcome.RESOLVED], config.settings.name, svc.name, format_duration(down))
             if should_mail(config.settings, svc, "RESOLVED", closes_problem=True):
-                msg = thread_message(config, incident, subject_text, body)
+                report = thread_report(config, incident, SUBJECT_ICON[Outcome.RESOLVED], svc.name,
+                                    "RESOLVED (was down %s)" % format_duration(down), body)
             incident["closed"] = now
             state.pop("escalated", None)
         elif now - float(incident.get("last_failure", incident.get("opened", now))) >= config.settings.incident_quiet:
             incident["closed"] = now
-    if msg is not None:
-        deliver(config, paths, msg)
+    if report is not None:
+        deliver(config, paths, report)
 
 
 def remind_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, str], now: float) -> None:
     """An unresolved FAILED/ESCALATED/STOPPED incident is mailed again every reminder_interval."""
-    msg = None
+    report: Optional[dict] = None
     with service_state(paths, svc.name) as state:
         incident = state.get("incident")
         if not incident or incident.get("closed") or not incident.get("problem"):
@@ -3600,13 +3597,12 @@ def remind_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
                 "  systemctl status %s\n  journalctl -u %s -n 100 --no-pager\n  selfheal pause %s\n"
                 % (svc.name, unit.get("ActiveState", "?"), unit.get("SubState", "?"), iso(since),
                    format_duration(now - since), svc.unit, svc.unit, svc.name))
-        subject_text = "⏰ %s: %s - STILL FAILING" % (config.settings.name, svc.name)
         if should_mail(config.settings, svc, "STILL FAILING"):
-            msg = thread_message(config, incident, subject_text, body)
+            report = thread_report(config, incident, "⏰", svc.name, "STILL FAILING", body)
         else:
             incident["last_mail"] = now
-    if msg is not None:
-        deliver(config, paths, msg)
+    if report is not None:
+        deliver(config, paths, report)
 
 
 # =============================================================================
@@ -3891,8 +3887,7 @@ def watch(config: Config, paths: Paths) -> int:
             break
         time.sleep(RECHECK_DELAY)
         look(config, paths, again, verdicts, errors)
-    flush_spool(config, paths)
-    flush_webhooks(config, paths)
+    flush_outbox(config, paths)
     summary = ", ".join("%s %s" % (name, verdict) for name, verdict in verdicts.items())
     log.debug("watch: %s", summary)
     if errors:
@@ -3953,7 +3948,7 @@ def report_broken_config(paths: Paths, exc: ConfigError) -> None:
         return
     body = ("selfheal on %s cannot load its config, so it heals nothing until this is fixed:\n\n%s\n\n"
             "Fix it, then check with: selfheal validate\n" % (socket.gethostname(), "\n".join(exc.problems)))
-    deliver(good, paths, make_message(good.settings, "❌ %s: selfheal - CONFIG BROKEN" % good.settings.name, body))
+    deliver(good, paths, new_report(good.settings, "❌", "selfheal", "CONFIG BROKEN", body))
     remember_mailed(paths, "config-broken.json")
 
 
@@ -3964,7 +3959,7 @@ def report_watch_failure(config: Config, paths: Paths, what: str) -> None:
     body = ("selfheal's watch run failed on %s at %s. Services may be unwatched until this is fixed.\n\n"
             "%s\n\nLook at: journalctl -t %s -n 50; systemctl status selfheal-watch.service\n"
             % (socket.gethostname(), iso(time.time()), what, config.settings.syslog_ident))
-    deliver(config, paths, make_message(config.settings, "❌ %s: selfheal - WATCH FAILED" % config.settings.name, body))
+    deliver(config, paths, new_report(config.settings, "❌", "selfheal", "WATCH FAILED", body))
     remember_mailed(paths, "watch-failure.json")
 
 
@@ -3982,9 +3977,12 @@ def subject_label(result: HealResult) -> str:
     return result.outcome.value
 
 
+def subject_icon(outcome: Outcome, label: str) -> str:
+    return "⚠️" if label == "FLAPPING" else SUBJECT_ICON[outcome]
+
+
 def make_subject(settings: Settings, outcome: Outcome, service: str, label: str) -> str:
-    icon = "⚠️" if label == "FLAPPING" else SUBJECT_ICON[outcome]
-    return "%s %s: %s - %s" % (icon, settings.name, service, label)
+    return "%s %s: %s - %s" % (subject_icon(outcome, label), settings.name, service, label)
 
 
 def subject(settings: Settings, result: HealResult) -> str:
@@ -4151,16 +4149,324 @@ def issue_text(result: HealResult) -> str:
 
 
 # =============================================================================
-# Mail: build, send, queue, flush
+# Outbox: every report is queued first; mail and the webhook send it from there
+# =============================================================================
+#
+# A report is data (service, status, subject, body, thread), written durably to the outbox
+# (atomic, fsynced) before any channel sees it. Each channel renders it its own way and marks
+# its own delivery in the record; the first attempt, the watch's retry, flush-mail and the
+# run after a reboot are one code path. So a heal stopped at any instant leaves its report
+# queued or delivered, and a channel that marked a report sent never sends it again. (A stop
+# between a send and its mark sends that one once more, at least once rather than never; the
+# mail keeps its Message-ID.) One channel that cannot send now never holds up the other.
+
+OUTBOX_VERSION = 1  # of a queued record's format
+REPORT_NAME_RE = re.compile(r"^\d+-[0-9a-f]+\.json$")
+QUEUED: List[Path] = []  # what this process put in the outbox (heal_rounds asks, on SIGTERM)
+
+
+class NotDelivered(SelfhealError):
+    """A channel could not deliver a report. permanent: it never will (a 5xx from the mail
+    server, a 3xx or 4xx other than 408/425/429 from the webhook); otherwise it is retried."""
+
+    def __init__(self, reason: str, permanent: bool = False):
+        super().__init__(reason)
+        self.permanent = permanent
+
+
+def new_report(settings: Settings, icon: str, service: str, label: str, body: str, thread: str = "",
+               subject_text: str = "") -> dict:
+    """One report as data: "ICON NAME: SERVICE - LABEL" unless subject_text is given; thread,
+    the Message-ID of the incident's first mail. Its channels are fixed here: mail, and the
+    webhook when webhook_url is set."""
+    import email.utils
+
+    now = time.time()
+    title = "%s: %s - %s" % (settings.name, service, label)
+    if subject_text:
+        title = subject_text[len(icon) + 1:] if icon and subject_text.startswith(icon + " ") else subject_text
+    domain = settings.email_from.rpartition("@")[2] or "localhost"
+    channels = {"mail": "queued"}
+    if settings.webhook_url:
+        channels["webhook"] = "queued"
+    return clean_data({
+        "version": OUTBOX_VERSION, "ts": round(now, 3), "time": iso(now), "host": socket.gethostname(),
+        "name": settings.name, "service": service, "status": label.split(" (")[0],
+        "subject": subject_text or "%s %s" % (icon, title), "title": title, "body": body,
+        "thread": thread, "message_id": email.utils.make_msgid("selfheal", domain=domain),
+        "channels": channels})
+
+
+def queue_report(paths: Paths, report: dict, stem: str = "") -> Path:
+    """Put a report in the outbox (atomic, fsynced, 0600 in a 0700 directory)."""
+    ensure_dir(paths.spool, mode=0o700)
+    path = paths.spool / ("%s.json" % (stem or "%d-%s" % (float(report.get("ts") or time.time()) * 1000,
+                                                         os.urandom(4).hex())))
+    atomic_write(path, json.dumps(report, sort_keys=True) + "\n", mode=0o600)
+    QUEUED.append(path)
+    return path
+
+
+def read_report(path: Path) -> Optional[dict]:
+    """A queued record, or None when it is gone or damaged (then set aside as .bad, kept)."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        channels = report.get("channels") if isinstance(report, dict) else None
+        if (not isinstance(channels, dict) or not channels or not set(channels) <= set(CHANNELS)
+                or not all(isinstance(v, str) for v in channels.values())
+                or not all(isinstance(report.get(k, ""), str) for k in (
+                    "subject", "body", "title", "thread", "message_id", "service", "status", "summary"))
+                or not report.get("subject")):
+            raise ValueError("not a queued report")
+        return report
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        with contextlib.suppress(OSError):
+            path.rename(path.with_suffix(".bad"))
+        log.error("queued report %s is damaged (%s); kept as %s", path, exc, path.with_suffix(".bad"))
+        return None
+
+
+def outbox(paths: Paths) -> List[Path]:
+    """The queued records, oldest first (their names start with the time they were made)."""
+    try:
+        return sorted(p for p in paths.spool.iterdir()
+                      if REPORT_NAME_RE.match(p.name) and p.is_file() and not p.is_symlink())
+    except OSError:
+        return []
+
+
+def mail_message(settings: Settings, report: dict) -> EmailMessage:
+    """The mail channel's rendering: the same Message-ID and date at every attempt."""
+    return make_message(settings, report["subject"], report["body"], thread=report.get("thread", ""),
+                        message_id=report.get("message_id", ""), when=report.get("ts"))
+
+
+def send_by_mail(config: Config, report: dict) -> str:
+    try:
+        send(config.settings, mail_message(config.settings, report))
+    except Exception as exc:  # whatever went wrong: not delivered, the record says what
+        raise NotDelivered(explain_mail_error(config.settings, exc), permanent_rejection(exc))
+    return "mailed to %s" % ", ".join(config.settings.email_to)
+
+
+def send_by_webhook(config: Config, report: dict) -> str:
+    settings = config.settings
+    if not settings.webhook_url:
+        raise NotDelivered("webhook_url is not set; queued posts wait for it")
+    try:
+        return "posted to %s (%s)" % (url_for_log(settings.webhook_url), post_webhook(settings, webhook_event(
+            settings, report)))
+    except NotDelivered:
+        raise
+    except Exception as exc:
+        raise NotDelivered(explain_http_error(url_for_log(settings.webhook_url), exc, settings.webhook_timeout))
+
+
+CHANNELS: Dict[str, Callable[[Config, dict], str]] = {"mail": send_by_mail, "webhook": send_by_webhook}
+
+
+def deliver(config: Config, paths: Paths, report: dict) -> bool:
+    """Queue the report, then send what the outbox holds. Returns whether this report's mail
+    went out now. Never raises for a delivery problem: the report stays queued."""
+    try:
+        path: Optional[Path] = queue_report(paths, report)
+    except OSError as exc:  # a full disk, a symlinked spool: send it straight away instead
+        log.error("could not queue %r before sending it (%s); sending it directly", report["subject"], exc)
+        return send_unqueued(config, report)
+    why: List[str] = []
+    try:
+        flush_outbox(config, paths, wait=5.0, why=why)
+    except Exception as exc:  # a broken outbox: the report stays in it, for the next try
+        log.exception("could not send the outbox")
+        why.append("the outbox could not be sent: %s" % exc)
+    left = read_report(path) if path.exists() else None
+    waiting = sorted(k for k, v in (left or {}).get("channels", {}).items() if v == "queued")
+    if waiting:
+        log.warning("%r not yet delivered (%s): %s; queued as %s (it goes out with the next flush: the watch, "
+                    "flush-mail)", report["subject"], ", ".join(waiting),
+                    why[-1] if why else "older reports are still being sent", path)
+    return (left or {}).get("channels", {}).get("mail", "sent") == "sent"
+
+
+def send_unqueued(config: Config, report: dict) -> bool:
+    """The last resort when the outbox cannot be written: each channel once, and the whole
+    report to the journal when mail fails too."""
+    mailed = False
+    for channel in report["channels"]:
+        try:
+            log.info("%s: %r %s", channel, report["subject"], CHANNELS[channel](config, report))
+            mailed = mailed or channel == "mail"
+        except NotDelivered as exc:
+            log.critical("could not deliver %r by %s (%s) nor queue it; the report follows:\n%s",
+                         report["subject"], channel, exc, report["body"])
+    return mailed
+
+
+def flush_outbox(config: Config, paths: Paths, wait: float = 0.0,
+                 why: Optional[List[str]] = None) -> Dict[str, List[int]]:
+    """Send what is queued, oldest first, on each channel, and mark each delivery in its
+    record. -> {channel: [sent now, still queued]}.
+
+    A channel stops at the first report it cannot send now (the later ones would fail too);
+    the other channel goes on. A report refused for good on a channel is marked so, logged,
+    and kept as .rejected once no channel has it queued: never deleted unsent.
+    """
+    counts = {channel: [0, 0] for channel in CHANNELS}
+    if paths.spool.is_symlink():
+        log.error("the outbox %s is a symlink; selfheal neither sends nor removes what it points at "
+                  "(remove the link)", paths.spool)
+        return counts
+    if not outbox(paths) and not old_queue_files(paths):
+        return counts
+    lock = Lock(paths.run / "locks" / "outbox.lock")
+    if not (lock.wait(wait) if wait else lock.acquire()):  # another run is sending
+        return queued_counts(paths, counts)
+    try:
+        adopt_old_queues(paths)
+        blocked: Dict[str, str] = {}
+        for path in outbox(paths):
+            report = read_report(path)
+            if report is None:
+                continue
+            channels = report["channels"]
+            for channel in sorted(channels):
+                if channels[channel] != "queued" or channel in blocked:
+                    continue
+                try:
+                    said = CHANNELS[channel](config, report)
+                except NotDelivered as exc:
+                    if not exc.permanent:
+                        blocked[channel] = str(exc)
+                        log.warning("%s: %r not delivered yet: %s", channel, report["subject"], exc)
+                        if why is not None:
+                            why.append(str(exc))
+                        continue
+                    channels[channel] = "rejected: %s" % exc
+                    log.error("%s: %r refused for good (%s); kept in %s", channel, report["subject"], exc, path)
+                else:
+                    channels[channel] = "sent"
+                    counts[channel][0] += 1
+                    log.info("%s: %r %s", channel, report["subject"], said)
+                atomic_write(path, json.dumps(report, sort_keys=True) + "\n", mode=0o600)  # the mark
+            if all(state == "sent" for state in channels.values()):
+                path.unlink()
+            elif "queued" not in channels.values():
+                path.rename(path.with_suffix(".rejected"))
+    finally:
+        lock.release()
+    return queued_counts(paths, counts)
+
+
+def queued_counts(paths: Paths, counts: Optional[Dict[str, List[int]]] = None) -> Dict[str, List[int]]:
+    """counts with each channel's "still queued" figure filled in from the outbox."""
+    counts = counts or {channel: [0, 0] for channel in CHANNELS}
+    for channel, number in queue_lengths(paths).items():
+        counts[channel][1] = number
+    return counts
+
+
+def queue_lengths(paths: Paths) -> Dict[str, int]:
+    """Reports each channel still has to deliver (raises OSError when the outbox cannot be read:
+    it is root's)."""
+    lengths = {channel: 0 for channel in CHANNELS}
+    if paths.spool.is_symlink():  # nothing selfheal sends from
+        return lengths
+    try:
+        with os.scandir(str(paths.spool)) as entries:
+            names = [entry.name for entry in entries if entry.is_file(follow_symlinks=False)]
+    except FileNotFoundError:
+        return lengths
+    for name in names:
+        if not REPORT_NAME_RE.match(name):
+            lengths["mail"] += name.endswith(".eml")  # queued by an older selfheal
+            continue
+        try:
+            fd = os.open(str(paths.spool / name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with open(fd, encoding="utf-8") as handle:
+                channels = json.loads(handle.read()).get("channels", {})
+        except (OSError, ValueError, AttributeError):  # gone, a link, damaged: not a queued report
+            continue
+        for channel, state in channels.items() if isinstance(channels, dict) else ():
+            if channel in lengths and state == "queued":
+                lengths[channel] += 1
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        if paths.webhook_spool.is_symlink():
+            return lengths
+        with os.scandir(str(paths.webhook_spool)) as entries:  # queued by an older selfheal
+            lengths["webhook"] += sum(1 for entry in entries
+                                      if entry.name.endswith(".json") and entry.is_file(follow_symlinks=False))
+    return lengths
+
+
+def old_queue_files(paths: Paths) -> List[Path]:
+    """What an older selfheal queued: mails as spool/*.eml, webhook posts as spool/webhook/*.json."""
+    found: List[Path] = []
+    for folder, pattern in ((paths.spool, "*.eml"), (paths.webhook_spool, "*.json")):
+        if folder.is_symlink():
+            log.error("the old queue %s is a symlink; selfheal neither sends nor removes what it points at "
+                      "(remove the link)", folder)
+            continue
+        with contextlib.suppress(OSError):
+            found += [p for p in folder.glob(pattern) if p.is_file() and not p.is_symlink()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def adopt_old_queues(paths: Paths) -> None:
+    """Reports an older selfheal queued join the outbox with the one channel they were queued
+    for; a damaged one is set aside as .bad, as before."""
+    import email.parser
+    import email.policy
+
+    for path in old_queue_files(paths):
+        try:
+            data = path.read_bytes()
+            if path.suffix == ".eml":
+                msg = email.parser.BytesParser(policy=email.policy.SMTP).parsebytes(data)
+                # What the old spool wrote is 7-bit text with headers, a blank line and a body.
+                if (not msg["Subject"] or re.search(rb"[^\t\r\n\x20-\x7e]", data)
+                        or not re.search(rb"\n\r?\n", data)):
+                    raise ValueError("not a queued mail")
+                subject_text = str(msg["Subject"])
+                report = {"subject": subject_text, "title": subject_text, "body": message_text(msg).replace("\r\n", "\n"),
+                          "thread": "".join(str(msg["In-Reply-To"] or "").split()),  # unfolded
+                          "message_id": "".join(str(msg["Message-ID"] or "").split()),
+                          "channels": {"mail": "queued"}}
+            else:
+                event = json.loads(data.decode("utf-8"))
+                if not isinstance(event, dict) or not isinstance(event.get("subject"), str) or not all(
+                        isinstance(event.get(k, ""), str) for k in ("summary", "status", "service", "thread")):
+                    raise ValueError("not a queued webhook post")
+                report = {"subject": event["subject"], "title": event["subject"], "body": event.get("summary", ""),
+                          "summary": event.get("summary", ""), "status": event.get("status", ""),
+                          "service": event.get("service", ""), "thread": event.get("thread", ""),
+                          "channels": {"webhook": "queued"}}
+                if isinstance(event.get("ts"), (int, float)):
+                    report["ts"] = event["ts"]
+            stem = path.stem if re.match(r"^\d+-[0-9a-f]+$", path.stem) else ""
+            if stem and (paths.spool / (stem + ".json")).exists():
+                stem += os.urandom(2).hex()
+            queue_report(paths, dict(report, version=OUTBOX_VERSION), stem=stem)
+            QUEUED.pop()
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            with contextlib.suppress(OSError):
+                path.rename(path.with_suffix(".bad"))
+            log.error("queued report %s is damaged (%s); kept as %s", path, exc, path.with_suffix(".bad"))
+
+
+# =============================================================================
+# Mail: the outbox's first channel (render, send over SMTP)
 # =============================================================================
 
 
-def build_message(settings: Settings, result: HealResult, text: str) -> EmailMessage:
-    return make_message(settings, subject(settings, result), text)
-
-
-def make_message(settings: Settings, subject_text: str, body: str, thread: str = "") -> EmailMessage:
-    """A plain-text UTF-8 report. thread: the Message-ID of the incident's first mail."""
+def make_message(settings: Settings, subject_text: str, body: str, thread: str = "", message_id: str = "",
+                 when: Optional[float] = None) -> EmailMessage:
+    """A plain-text UTF-8 report. thread: the Message-ID of the incident's first mail;
+    message_id and when: the report's own (kept at every attempt), else new ones."""
     import email.policy
     import email.utils
     from email.message import EmailMessage
@@ -4171,10 +4477,11 @@ def make_message(settings: Settings, subject_text: str, body: str, thread: str =
     msg["Subject"] = re.sub(HEADER_BREAKS.pattern + "+", " ", without_credentials(subject_text))
     msg["From"] = settings.email_from
     msg["To"] = ", ".join(settings.email_to)
-    msg["Date"] = email.utils.formatdate(localtime=True)
+    msg["Date"] = email.utils.formatdate(when, localtime=True)
     domain = settings.email_from.rpartition("@")[2] or "localhost"
-    msg["Message-ID"] = email.utils.make_msgid("selfheal", domain=domain)
-    if thread and re.match(r"^<[!-;=?-~]+>$", thread):
+    valid = re.compile(r"^<[!-;=?-~]+>$")
+    msg["Message-ID"] = message_id if valid.match(message_id) else email.utils.make_msgid("selfheal", domain=domain)
+    if thread and valid.match(thread):
         msg["In-Reply-To"] = thread
         msg["References"] = thread
     msg["Auto-Submitted"] = "auto-generated"
@@ -4240,7 +4547,9 @@ def explain_mail_error(settings: Settings, exc: BaseException) -> str:
     if isinstance(exc, smtplib.SMTPNotSupportedError):
         return "%s does not offer that (%s): check smtp_security" % (where, exc)
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
-        return "%s refused the recipients: %s" % (where, ", ".join(exc.recipients))
+        return "%s refused the recipients: %s" % (where, "; ".join(
+            "%s (%d %s)" % (who, code, header_safe(said.decode("utf-8", "replace"), 120))
+            for who, (code, said) in exc.recipients.items()))
     if isinstance(exc, smtplib.SMTPSenderRefused):
         return "%s refused the sender %s: %s" % (where, settings.email_from, exc.smtp_error.decode("utf-8", "replace"))
     if isinstance(exc, smtplib.SMTPException):
@@ -4255,80 +4564,12 @@ def mail_errors() -> Tuple[type, ...]:
     return (OSError, smtplib.SMTPException, SelfhealError)
 
 
-QUEUED: List[Path] = []  # what this process put in the mail queue (heal_rounds asks, on SIGTERM)
-
-
-def spool(paths: Paths, msg: EmailMessage) -> Path:
-    """Put a message in the mail queue (atomic, fsynced); flush_spool sends it."""
-    name = "%d-%s.eml" % (time.time() * 1000, os.urandom(4).hex())
-    path = paths.spool / name
-    ensure_dir(paths.spool, mode=0o700)
-    atomic_write(path, msg.as_string(), mode=0o600)
-    QUEUED.append(path)
-    return path
-
-
 def message_text(msg: EmailMessage) -> str:
     """The plain text of a message (what the journal gets when it can be neither sent nor queued)."""
     try:
         return msg.get_body(preferencelist=("plain",)).get_content()
     except (AttributeError, KeyError, LookupError, ValueError):
         return str(msg)
-
-
-def deliver(config: Config, paths: Paths, msg: EmailMessage) -> bool:
-    """Mail the report, then post it to webhook_url (when set); each channel sends now or
-    queues it on its own, so a failure of one never blocks or repeats the other. Returns
-    whether the mail went out now. Never raises for a notification problem."""
-    mailed = deliver_mail(config, paths, msg)
-    if config.settings.webhook_url:
-        try:
-            deliver_webhook(config, paths, report_event(config.settings, msg))
-        except Exception:  # a bug here must not cost the heal its exit status
-            log.exception("could not post %r to the webhook", str(msg["Subject"]))
-    return mailed
-
-
-def deliver_mail(config: Config, paths: Paths, msg: EmailMessage) -> bool:
-    """Send now, or queue it. Never raises for a mail problem: the report is never lost.
-
-    Reports queued earlier go first, so a thread arrives in order; while they cannot be
-    sent, this one waits behind them.
-    """
-    # Queued first, then sent from the queue, the same path as every retry: a heal stopped at
-    # any instant (TimeoutStartSec=, a shutdown, the OOM killer) leaves its report queued or
-    # delivered, never neither. Older reports go first, so a thread arrives in order.
-    try:
-        queued = spool(paths, msg)
-    except OSError as exc:  # a full disk, a symlinked spool: send it straight away instead
-        log.error("could not queue %r before sending it (%s); sending it directly", str(msg["Subject"]), exc)
-        queued = None
-    if queued is not None:
-        why: List[str] = []
-        try:
-            flush_spool(config, paths, wait=5.0, why=why)
-        except Exception as exc:  # a broken queue: the report stays in it, for the next try
-            why.append("the mail queue could not be sent: %s" % exc)
-        if queued.exists():
-            log.warning("could not mail %r: %s; queued as %s (it goes out with the next flush: the watch, "
-                        "flush-mail)", str(msg["Subject"]), why[-1] if why else "older reports are still "
-                        "being sent", queued)
-            return False
-        return True
-    try:
-        send(config.settings, msg)
-        log.info("mailed %r to %s", str(msg["Subject"]), ", ".join(config.settings.email_to))
-        return True
-    except Exception as exc:  # whatever went wrong, the report goes to the queue
-        reason = explain_mail_error(config.settings, exc)
-        try:
-            where = spool(paths, msg)
-        except OSError as spool_exc:
-            log.critical("could not mail %r (%s) nor queue it (%s); the report follows:\n%s",
-                         str(msg["Subject"]), reason, spool_exc, message_text(msg))
-            return False
-        log.warning("could not mail %r: %s; queued as %s", str(msg["Subject"]), reason, where)
-        return False
 
 
 def permanent_rejection(exc: BaseException) -> bool:
@@ -4342,92 +4583,22 @@ def permanent_rejection(exc: BaseException) -> bool:
     return False
 
 
-def flush_spool(config: Config, paths: Paths, wait: float = 0.0,
-                why: Optional[List[str]] = None) -> Tuple[int, int]:
-    """Send queued messages, oldest first. Returns (sent, still queued).
-
-    Stops at the first message the server cannot take now (it will not take the later ones
-    either). A message the server refuses for good (5xx), or one too damaged to send, is
-    set aside as .rejected / .bad, logged, and kept: a report is never deleted unsent.
-    """
-    def queued() -> List[Path]:
-        try:
-            return sorted(p for p in paths.spool.glob("*.eml") if p.is_file() and not p.is_symlink())
-        except OSError:
-            return []
-
-    if paths.spool.is_symlink():
-        log.error("the mail queue %s is a symlink; selfheal neither sends nor removes what it points at "
-                  "(remove the link)", paths.spool)
-        return 0, 0
-    waiting = queued()
-    if not waiting:
-        return 0, 0
-    lock = Lock(paths.run / "locks" / "spool.lock")
-    if not (lock.wait(wait) if wait else lock.acquire()):
-        return 0, len(waiting)  # another run is flushing
-    sent = 0
-    try:
-        import email.parser
-        import email.policy
-
-        parser = email.parser.BytesParser(policy=email.policy.SMTP)
-        for path in waiting:
-            try:
-                data = path.read_bytes()
-                msg = parser.parsebytes(data)
-            except OSError:
-                continue
-            # What spool() writes is 7-bit text with headers, a blank line and a body: a
-            # file without that is damaged (a cut-off write, a disk error), not a report.
-            if (not msg["Subject"] or re.search(rb"[^\t\r\n\x20-\x7e]", data)
-                    or not re.search(rb"\n\r?\n", data)):
-                path.rename(path.with_suffix(".bad"))
-                log.error("queued mail %s is damaged; kept as %s", path, path.with_suffix(".bad"))
-                continue
-            try:
-                send(config.settings, msg)
-            except Exception as exc:  # a surprise is treated as "not now": kept, retried
-                reason = explain_mail_error(config.settings, exc)
-                if permanent_rejection(exc):
-                    path.rename(path.with_suffix(".rejected"))
-                    log.error("queued mail %r refused for good (%s); kept as %s", str(msg["Subject"]),
-                              reason, path.with_suffix(".rejected"))
-                    continue
-                log.warning("queued mail still not delivered: %s", reason)
-                if why is not None:
-                    why.append(reason)
-                break
-            path.unlink()
-            sent += 1
-            log.info("delivered queued mail %r", str(msg["Subject"]))
-    finally:
-        lock.release()
-    return sent, len(queued())
-
-
 # =============================================================================
-# Webhook and heartbeat: the HTTP channels beside mail (own queue, own lock)
+# Webhook and heartbeat: the HTTP channel beside mail, and the watch's sign of life
 # =============================================================================
 
 WEBHOOK_VERSION = 1  # the "version" of the json format: it goes up only when a field changes meaning
 SUMMARY_CHARS = 1000  # the summary of a report posted to a webhook, at most
 RETRY_STATUSES = (408, 425, 429)  # 4xx answers that mean "not now": queued and retried
-# "ICON NAME: SERVICE - LABEL", as make_subject and the reports about selfheal itself write it.
-SUBJECT_RE = re.compile(r"^(?:(?P<icon>\S+) )?(?P<name>.*): (?P<service>[A-Za-z0-9][A-Za-z0-9_.-]*) - (?P<label>.+)$")
 NTFY_PRIORITY = {"RESOLVED": "default", "TEST": "low"}  # anything else: a human should look ("high")
 NTFY_TAGS = {"RESOLVED": "white_check_mark", "FAILED": "x", "ESCALATED": "octagonal_sign",
              "FLAPPING": "warning", "STOPPED": "pause_button", "STILL FAILING": "alarm_clock",
              "CONFIG BROKEN": "x", "WATCH FAILED": "x", "TEST": "test_tube"}
 
 
-class WebhookError(SelfhealError):
+class WebhookError(NotDelivered):
     """A post the webhook did not take. permanent: the same request will never be taken
     (a 3xx or 4xx answer other than 408/425/429); otherwise it is worth retrying."""
-
-    def __init__(self, reason: str, permanent: bool = False):
-        super().__init__(reason)
-        self.permanent = permanent
 
 
 def url_for_log(url: str) -> str:
@@ -4487,25 +4658,22 @@ def report_summary(subject_text: str, body: str, limit: int = SUMMARY_CHARS) -> 
 URL_RE = re.compile(r"\bhttps?://[^\s<>\"']+?(?=[.,:;)]*(?:\s|$|[<>\"']))")
 
 
-def report_event(settings: Settings, msg: EmailMessage, status: str = "") -> dict:
-    """What a webhook is told about one report (the json format, documented in the README).
-    Built from the mail, so both channels say the same; queued as it is."""
-    subject_text = str(msg["Subject"])
-    match = SUBJECT_RE.match(subject_text)
-    label = match.group("label") if match else subject_text
-    now = time.time()
+def webhook_event(settings: Settings, report: dict) -> dict:
+    """What a webhook is told about one report (the json format, documented in the README):
+    the report's own facts, so mail and webhook say the same."""
     return {
         "version": WEBHOOK_VERSION,
         "selfheal": VERSION,
-        "host": socket.gethostname(),
-        "name": settings.name,
-        "service": match.group("service") if match else "",
-        "status": status or label.split(" (")[0],
-        "subject": subject_text,
-        "summary": report_summary(subject_text, msg.get_content()),
-        "ts": round(now, 3),
-        "time": iso(now),
-        "thread": str(msg["In-Reply-To"] or msg["Message-ID"] or ""),
+        "host": report.get("host") or socket.gethostname(),
+        "name": report.get("name") or settings.name,
+        "service": report.get("service", ""),
+        "status": report.get("status", ""),
+        "subject": report["subject"],
+        "summary": report.get("summary") or report_summary(report["subject"], report.get("body", "")),
+        "ts": report.get("ts") or round(time.time(), 3),
+        "time": iso(float(report.get("ts") or time.time())),
+        "thread": report.get("thread") or report.get("message_id", ""),
+        "title": report.get("title") or report["subject"],
     }
 
 
@@ -4518,10 +4686,9 @@ def webhook_request(settings: Settings, event: dict) -> Tuple[bytes, Dict[str, s
         payload = {"text": text, "unfurl_links": False, "unfurl_media": False}
         return json.dumps(payload).encode("ascii"), {"Content-Type": "application/json"}
     if settings.webhook_format == "ntfy":
-        match = SUBJECT_RE.match(event["subject"])
-        title = "%s: %s - %s" % match.group("name", "service", "label") if match else event["subject"]
+        title = event.get("title") or event["subject"]
         tags = [NTFY_TAGS.get(event["status"], "bell"), "selfheal"]
-        if NAME_RE.match(event.get("service", "")):
+        if NAME_RE.match(event.get("service", "")) and event["service"] not in tags:
             tags.append(event["service"])
         headers = {"Content-Type": "text/plain; charset=utf-8", "Title": header_safe(title),
                    "Priority": NTFY_PRIORITY.get(event["status"], "high"), "Tags": header_safe(",".join(tags))}
@@ -4605,122 +4772,6 @@ def post_webhook(settings: Settings, event: dict) -> str:
     if 300 <= status < 400:
         text += " (a redirect: set webhook_url to where it points)"
     raise WebhookError(text, permanent=300 <= status < 500 and status not in RETRY_STATUSES)
-
-
-def queue_webhook(paths: Paths, event: dict, suffix: str = ".json") -> Path:
-    """Keep a post that could not be made; flush_webhooks makes it later (with the
-    webhook_url and webhook_format in force then)."""
-    name = "%d-%s%s" % (time.time() * 1000, os.urandom(4).hex(), suffix)
-    ensure_dir(paths.spool, mode=0o700)  # never through a symlinked spool/ or webhook/
-    ensure_dir(paths.webhook_spool, mode=0o700)
-    path = paths.webhook_spool / name
-    atomic_write(path, json.dumps(event, sort_keys=True) + "\n", mode=0o600)
-    return path
-
-
-def deliver_webhook(config: Config, paths: Paths, event: dict) -> bool:
-    """Post now, or queue it; posts queued earlier go first. Never raises for a webhook
-    problem: like a mail, the post is never lost (a refused one is kept as .rejected)."""
-    settings, subject_text = config.settings, event.get("subject", "")
-    if not settings.webhook_url:
-        return False
-    try:  # queued first, then posted from the queue (as deliver_mail)
-        queued = queue_webhook(paths, event)
-    except OSError as exc:
-        log.error("could not queue the webhook post of %r before making it (%s); posting it directly",
-                  subject_text, exc)
-        queued = None
-    if queued is not None:
-        try:
-            flush_webhooks(config, paths, wait=5.0)
-        except Exception as exc:  # a broken queue: the post stays in it, for the next try
-            log.error("could not make the queued webhook posts: %s", exc)
-        if queued.exists():
-            log.warning("the webhook post of %r is queued as %s", subject_text, queued)
-            return False
-        return True
-    try:
-        try:
-            said = post_webhook(settings, event)
-        except Exception as exc:  # whatever went wrong, the post goes to the queue
-            permanent = isinstance(exc, WebhookError) and exc.permanent
-            where = queue_webhook(paths, event, ".rejected" if permanent else ".json")
-            if permanent:
-                log.error("webhook post %r refused for good (%s); kept as %s", subject_text, exc, where)
-            else:
-                log.warning("could not post %r to the webhook: %s; queued as %s", subject_text,
-                            exc if isinstance(exc, WebhookError) else explain_http_error(
-                                url_for_log(settings.webhook_url), exc, settings.webhook_timeout), where)
-            return False
-    except OSError as exc:
-        log.critical("could not post %r to the webhook nor queue it (%s); its summary follows:\n%s", subject_text, exc,
-                     event.get("summary", ""))
-        return False
-    log.info("posted %r to the webhook %s (%s)", subject_text, url_for_log(settings.webhook_url), said)
-    return True
-
-
-def webhook_queue(paths: Paths) -> List[Path]:
-    try:
-        return sorted(p for p in paths.webhook_spool.glob("*.json") if p.is_file() and not p.is_symlink())
-    except OSError:
-        return []
-
-
-def flush_webhooks(config: Config, paths: Paths, wait: float = 0.0) -> Tuple[int, int]:
-    """Make queued webhook posts, oldest first. Returns (posted, still queued).
-
-    Independent of the mail queue (its own directory and lock). Stops at the first post
-    that fails for now (a 5xx, 408, 425, 429 or no answer: the later ones would fail too).
-    One refused for good (another 3xx or 4xx) is set aside as .rejected, one too damaged to
-    read as .bad; both are logged and kept. Without webhook_url the queue waits.
-    """
-    linked = next((d for d in (paths.spool, paths.webhook_spool) if d.is_symlink()), None)
-    if linked is not None:
-        log.error("the webhook queue %s is a symlink; selfheal neither posts nor removes what it points at "
-                  "(remove the link)", linked)
-        return 0, 0
-    waiting = webhook_queue(paths)
-    if not waiting:
-        return 0, 0
-    if not config.settings.webhook_url:
-        log.warning("%d webhook post(s) queued, but webhook_url is not set; they wait", len(waiting))
-        return 0, len(waiting)
-    lock = Lock(paths.run / "locks" / "webhook-spool.lock")
-    if not (lock.wait(wait) if wait else lock.acquire()):
-        return 0, len(waiting)  # another run is flushing
-    sent = 0
-    try:
-        for path in waiting:
-            try:
-                event = json.loads(path.read_text(encoding="utf-8"))
-                if not isinstance(event, dict) or not isinstance(event.get("subject"), str) or not isinstance(
-                        event.get("summary", ""), str) or not isinstance(event.get("status", ""), str):
-                    raise ValueError("not a queued report")
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError) as exc:
-                path.rename(path.with_suffix(".bad"))
-                log.error("queued webhook post %s is damaged (%s); kept as %s", path, exc, path.with_suffix(".bad"))
-                continue
-            event.setdefault("summary", "")
-            event.setdefault("status", "")
-            try:
-                post_webhook(config.settings, event)
-            except Exception as exc:  # a surprise is treated as "not now": kept, retried
-                if isinstance(exc, WebhookError) and exc.permanent:
-                    path.rename(path.with_suffix(".rejected"))
-                    log.error("queued webhook post %r refused for good (%s); kept as %s", event["subject"], exc,
-                              path.with_suffix(".rejected"))
-                    continue
-                log.warning("queued webhook post still not delivered: %s", exc)
-                break
-            path.unlink()
-            sent += 1
-            log.info("posted queued report %r to the webhook", event["subject"])
-    finally:
-        lock.release()
-    return sent, len(webhook_queue(paths))
 
 
 def ping_heartbeat(config: Config, paths: Paths) -> bool:
@@ -5647,23 +5698,17 @@ def read_heal_events(paths: Paths) -> Tuple[List[dict], int, str]:
 
 
 def mail_queue_length(paths: Paths) -> Tuple[Optional[int], str]:
-    """Queued reports (the spool is root's: (None, why) for anyone else)."""
+    """Reports the mail channel still has to send (the outbox is root's: (None, why) for anyone else)."""
     try:
-        with os.scandir(str(paths.spool)) as entries:
-            return sum(1 for e in entries if e.name.endswith(".eml") and e.is_file(follow_symlinks=False)), ""
-    except FileNotFoundError:
-        return 0, ""
+        return queue_lengths(paths)["mail"], ""
     except OSError as exc:
         return None, _unreadable(exc)
 
 
 def webhook_queue_length(paths: Paths) -> Optional[int]:
-    """Queued webhook posts (None without root, like the mail queue)."""
+    """Reports the webhook channel still has to post (None without root, like the mail queue)."""
     try:
-        with os.scandir(str(paths.webhook_spool)) as entries:
-            return sum(1 for e in entries if e.name.endswith(".json") and e.is_file(follow_symlinks=False))
-    except FileNotFoundError:
-        return 0
+        return queue_lengths(paths)["webhook"]
     except OSError:
         return None
 
@@ -6452,8 +6497,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 report_watch_failure(config, paths, traceback.format_exc())
                 return EX_FAIL
         if args.command in ("flush-mail", "flush"):
-            sent, left = flush_spool(config, paths, wait=30.0)
-            posted, waiting = flush_webhooks(config, paths, wait=30.0)
+            counts = flush_outbox(config, paths, wait=30.0)
+            (sent, left), (posted, waiting) = counts["mail"], counts["webhook"]
             if sent or left or posted or waiting or not quiet:
                 webhook = "; webhook: %d sent, %d still queued" % (posted, waiting) if (
                     config.settings.webhook_url or posted or waiting) else ""
@@ -6515,10 +6560,10 @@ def cmd_test_email(config: Config) -> int:
     s = config.settings
     body = ("This is a test from selfheal %s on %s.\n\nIf you can read this, reports about %s will reach you.\n"
             % (VERSION, socket.gethostname(), ", ".join(config.services)))
-    msg = make_message(s, "🧪 %s: selfheal test mail" % s.name, body)
+    report = new_report(s, "🧪", "selfheal", "TEST", body, subject_text="🧪 %s: selfheal test mail" % s.name)
     rc = EX_OK
     try:
-        send(s, msg)
+        send(s, mail_message(s, report))
         print("test-email: sent to %s via %s:%d (%s)" % (", ".join(s.email_to), s.smtp_host, s.smtp_port,
                                                          s.smtp_security))
     except mail_errors() as exc:
@@ -6526,7 +6571,7 @@ def cmd_test_email(config: Config) -> int:
         rc = EX_FAIL
     if s.webhook_url:  # tested on its own: a broken mail setup says nothing about the webhook
         try:
-            said = post_webhook(s, report_event(s, msg, status="TEST"))
+            said = post_webhook(s, webhook_event(s, report))
             print("test-email: webhook: posted to %s as %s (%s)" % (url_for_log(s.webhook_url), s.webhook_format, said))
         except WebhookError as exc:
             print("test-email: webhook: FAILED: %s" % exc, file=sys.stderr)

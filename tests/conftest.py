@@ -421,8 +421,25 @@ class HealBed:
     def history(self, name=None):
         return selfheal.read_history(self.paths, name)
 
-    def spooled(self):
-        return sorted(self.paths.spool.glob("*.eml")) if self.paths.spool.is_dir() else []
+    def spooled(self, channel="mail"):
+        """Reports in the outbox that `channel` has still to send, oldest first."""
+        return queued_for(self.paths, channel)
+
+    def queued_subjects(self, channel="mail"):
+        return [json.loads(p.read_text())["subject"] for p in self.spooled(channel)]
+
+
+def queued_for(paths, channel="mail"):
+    """Reports in the outbox that `channel` has still to send, oldest first."""
+    return [p for p in selfheal.outbox(paths) if json.loads(p.read_text())["channels"].get(channel) == "queued"]
+
+
+def queue_report(paths, settings, subject, body="queued report\n", service="worker", status="RESOLVED"):
+    """A report put in the outbox the way a heal does, with the channels settings give it."""
+    path = selfheal.queue_report(paths, selfheal.new_report(settings, "", service, status, body,
+                                                            subject_text=subject))
+    time.sleep(0.002)  # records are named by the time in ms: keep them apart and in order
+    return path
 
 
 @pytest.fixture

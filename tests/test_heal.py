@@ -20,6 +20,7 @@ import types
 import pytest
 
 import selfheal
+from conftest import queue_report
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
 
@@ -816,7 +817,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(bed):
 
 
 def test_dry_run_leaves_queued_mail_in_the_queue(bed):
-    selfheal.spool(bed.paths, selfheal.make_message(bed.config.settings, "queued earlier", "body\n"))
+    queue_report(bed.paths, bed.config.settings, "queued earlier")
     bed.host.failed(WORKER)
     bed.heal("worker", dry_run=True)
     assert len(bed.spooled()) == 1

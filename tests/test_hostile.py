@@ -20,6 +20,7 @@ from typing import Callable, List, Optional
 import pytest
 
 import selfheal
+from conftest import queue_report
 
 WORKER = "worker.service"
 ROOT = os.geteuid() == 0
@@ -44,6 +45,8 @@ class Hostile:
         (self.elsewhere / "precious").write_text("not selfheal's\n")
         (self.elsewhere / "planted.eml").write_bytes(
             b"Subject: planted\r\nFrom: a@example.org\r\nTo: b@example.org\r\n\r\nnot from selfheal\r\n")
+        (self.elsewhere / "planted.json").write_text(json.dumps({
+            "subject": "planted", "body": "not from selfheal", "channels": {"mail": "queued"}}))
         self.arg = ""  # a path a row hands to its command
 
     # -- inputs -----------------------------------------------------------------------
@@ -55,7 +58,7 @@ class Hostile:
         return str(path)
 
     def queue(self, subject="good"):
-        return selfheal.spool(self.paths, selfheal.make_message(self.bed.config.settings, subject, "queued\n"))
+        return queue_report(self.paths, self.bed.config.settings, subject)
 
     def spool_file(self, data: bytes, name="0000000000001-deadbeef.eml"):
         self.paths.spool.mkdir(parents=True, exist_ok=True)
@@ -94,7 +97,7 @@ class Hostile:
         return rc, out + self.said()
 
     def flush(self):
-        sent, left = selfheal.flush_spool(self.bed.config, self.paths)
+        sent, left = selfheal.flush_outbox(self.bed.config, self.paths)["mail"]
         return None, "sent %d left %d\n%s" % (sent, left, self.said())
 
     def said(self):
@@ -116,7 +119,7 @@ class Hostile:
         return seen
 
     def elsewhere_untouched(self):
-        assert sorted(p.name for p in self.elsewhere.iterdir()) == ["planted.eml", "precious"]
+        assert sorted(p.name for p in self.elsewhere.iterdir()) == ["planted.eml", "planted.json", "precious"]
         assert (self.elsewhere / "precious").read_text() == "not selfheal's\n"
         assert (self.elsewhere / "planted.eml").read_bytes().startswith(b"Subject: planted")
 
@@ -230,14 +233,18 @@ def healed_but_not_queued_through_the_link(h):
     assert h.bed.sink.messages == []
 
 
-def queued_link(h):
-    h.link(h.paths.spool / "0000000000001-deadbeef.eml", h.elsewhere / "planted.eml")
-    h.queue("good")
+def queued_link(name):
+    def setup(h):
+        h.link(h.paths.spool / name, h.elsewhere / ("planted" + Path(name).suffix))
+        h.queue("good")
+    return setup
 
 
-def link_skipped_rest_sent(h):
-    assert h.subjects() == ["good"]
-    assert (h.paths.spool / "0000000000001-deadbeef.eml").is_symlink()
+def link_skipped_rest_sent(name):
+    def then(h):
+        assert h.subjects() == ["good"]
+        assert (h.paths.spool / name).is_symlink()
+    return then
 
 
 def history_link(h):
@@ -259,9 +266,10 @@ def log_link(h):
     h.link(h.paths.service_log("worker"), h.elsewhere / "precious")
 
 
-def damaged_spool(data):
+def damaged_spool(data, name="0000000000001-deadbeef.eml"):
+    """A damaged queued file: a record of the outbox (.json) or a mail an older selfheal queued (.eml)."""
     def setup(h):
-        h.spool_file(data)
+        h.spool_file(data, name)
         time.sleep(0.002)
         h.queue("good")
     return setup
@@ -270,7 +278,7 @@ def damaged_spool(data):
 def set_aside_rest_sent(h):
     assert h.subjects() == ["good"]
     assert (h.paths.spool / "0000000000001-deadbeef.bad").is_file()
-    assert list(h.paths.spool.glob("*.eml")) == []
+    assert list(h.paths.spool.glob("*.eml")) == [] and selfheal.outbox(h.paths) == []
 
 
 def spool_dir_named_eml(h):
@@ -469,8 +477,10 @@ ROWS = [
         setup=spool_symlinked_smtp_down, then=healed_but_not_queued_through_the_link),
     Row("spool-dir-symlinked-elsewhere-flush", lambda h: h.flush(), None, "is a symlink; selfheal neither sends",
         setup=spool_symlinked, then=spool_symlinked_not_sent),
-    Row("queued-file-symlinked-elsewhere", lambda h: h.flush(), None, "sent 1 left 0", setup=queued_link,
-        then=link_skipped_rest_sent),
+    Row("queued-file-symlinked-elsewhere", lambda h: h.flush(), None, "sent 1 left 0",
+        setup=queued_link("0000000000001-deadbeef.json"), then=link_skipped_rest_sent("0000000000001-deadbeef.json")),
+    Row("old-queued-mail-symlinked-elsewhere", lambda h: h.flush(), None, "sent 1 left 0",
+        setup=queued_link("0000000000001-deadbeef.eml"), then=link_skipped_rest_sent("0000000000001-deadbeef.eml")),
     Row("history-file-symlinked-elsewhere", lambda h: h.heal(), 0, "could not write the history",
         setup=history_link, then=healed_and_mailed),
     Row("state-dir-symlinked-elsewhere", lambda h: h.heal(), 0, "is a symlink, not a directory",
@@ -490,6 +500,15 @@ ROWS = [
     Row("spool-file-binary-after-a-subject", lambda h: h.flush(), None, "is damaged",
         setup=damaged_spool(b"Subject: x\r\nTo: owner@example.org\r\n\r\n\x00\xff\xfe\x89PNG"),
         then=set_aside_rest_sent),
+    Row("outbox-record-garbage", lambda h: h.flush(), None, "is damaged",
+        setup=damaged_spool(b"\x00\x01 garbage", "0000000000001-deadbeef.json"), then=set_aside_rest_sent),
+    Row("outbox-record-cut-off", lambda h: h.flush(), None, "is damaged",
+        setup=damaged_spool(b'{"subject": "half', "0000000000001-deadbeef.json"), then=set_aside_rest_sent),
+    Row("outbox-record-with-an-unknown-channel", lambda h: h.flush(), None, "is damaged",
+        setup=damaged_spool(b'{"subject": "x", "body": "", "channels": {"pager": "queued"}}',
+                            "0000000000001-deadbeef.json"), then=set_aside_rest_sent),
+    Row("outbox-record-not-an-object", lambda h: h.flush(), None, "is damaged",
+        setup=damaged_spool(b'["subject"]', "0000000000001-deadbeef.json"), then=set_aside_rest_sent),
     Row("spool-entry-that-is-a-directory", lambda h: h.flush(), None, "sent 1 left 0", setup=spool_dir_named_eml,
         then=dir_skipped_rest_sent),
     # The history and the state: damaged lines are skipped, never fatal.

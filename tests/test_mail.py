@@ -1,8 +1,7 @@
 """Mail: a report is sent, or queued when it cannot be and sent later; mail errors are
 explained in words; `test-email` says what fails. Runs against tests/smtp_sink.py."""
 
-import email
-import email.policy
+import json
 import os
 import smtplib
 import socket
@@ -13,6 +12,7 @@ import time
 import pytest
 
 import selfheal
+from conftest import queue_report
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
 
@@ -21,8 +21,12 @@ WORKER = "worker.service"
 
 def queue(bed, *subjects):
     for subject in subjects:
-        selfheal.spool(bed.paths, selfheal.make_message(bed.config.settings, subject, "queued report\n"))
-        time.sleep(0.002)  # queue names carry the time in ms: keep them apart
+        queue_report(bed.paths, bed.config.settings, subject)
+
+
+def flush(bed):
+    """flush_outbox's figures for the mail channel: (sent now, still queued)."""
+    return tuple(selfheal.flush_outbox(bed.config, bed.paths)["mail"])
 
 
 def test_smtp_down_queues_the_report_and_healing_still_completes(bed, closed_port, caplog):
@@ -35,8 +39,7 @@ def test_smtp_down_queues_the_report_and_healing_still_completes(bed, closed_por
     assert [e["outcome"] for e in bed.history("worker")] == ["RESOLVED"]
     (queued,) = bed.spooled()
     assert stat.S_IMODE(queued.stat().st_mode) == 0o600  # reports name hosts, pids, users
-    msg = email.message_from_bytes(queued.read_bytes(), policy=email.policy.default)
-    assert msg["Subject"] == "✅ MiracleMax: worker - RESOLVED"
+    assert json.loads(queued.read_text())["subject"] == "✅ MiracleMax: worker - RESOLVED"
     assert any("refused" in r.getMessage() and str(queued.name) in r.getMessage() for r in caplog.records)
 
 
@@ -47,14 +50,14 @@ def test_queued_report_is_sent_once_the_server_is_back_and_the_queue_empties(bed
     assert len(bed.spooled()) == 1
 
     bed.configure()  # the mail server is back
-    assert selfheal.flush_spool(bed.config, bed.paths) == (1, 0)
+    assert flush(bed) == (1, 0)
     assert bed.spooled() == []
     assert [m["Subject"] for m in bed.sink.messages] == ["✅ MiracleMax: worker - RESOLVED"]
 
 
 def test_flush_sends_the_oldest_first(bed):
     queue(bed, "first", "second", "third")
-    assert selfheal.flush_spool(bed.config, bed.paths) == (3, 0)
+    assert flush(bed) == (3, 0)
     assert [m["Subject"] for m in bed.sink.messages] == ["first", "second", "third"]
 
 
@@ -74,22 +77,24 @@ def test_new_report_waits_behind_queued_ones_while_the_server_still_refuses(bed,
     bed.host.failed(WORKER)
     bed.heal("worker")
     assert len(bed.spooled()) == 2
-    assert b"older report" in bed.spooled()[0].read_bytes()
+    assert bed.queued_subjects() == ["older report", "✅ MiracleMax: worker - RESOLVED"]
 
 
 def test_flush_stops_at_the_first_failure_and_keeps_every_message(bed, closed_port):
     queue(bed, "first", "second")
     bed.configure(smtp_port=closed_port)
-    assert selfheal.flush_spool(bed.config, bed.paths) == (0, 2)
+    assert flush(bed) == (0, 2)
     assert len(bed.spooled()) == 2
 
 
-def test_damaged_queued_file_is_set_aside_as_bad_and_the_rest_is_sent(bed):
+@pytest.mark.parametrize("name", ["0000000000001-deadbeef.json", "0000000000001-deadbeef.eml"],
+                         ids=["record", "older-selfheal-mail"])
+def test_damaged_queued_file_is_set_aside_as_bad_and_the_rest_is_sent(bed, name):
     bed.paths.spool.mkdir(parents=True)
-    damaged = bed.paths.spool / "0000000000001-deadbeef.eml"
+    damaged = bed.paths.spool / name
     damaged.write_bytes(b"\x00\x01 this was half written when the disk filled up")
     queue(bed, "good")
-    selfheal.flush_spool(bed.config, bed.paths)
+    selfheal.flush_outbox(bed.config, bed.paths)
     assert [m["Subject"] for m in bed.sink.messages] == ["good"]
     assert bed.spooled() == []
     assert damaged.with_suffix(".bad").is_file()
@@ -97,8 +102,8 @@ def test_damaged_queued_file_is_set_aside_as_bad_and_the_rest_is_sent(bed):
 
 def test_flush_mail_does_not_count_a_file_set_aside_as_still_queued(bed, capsys):
     bed.paths.spool.mkdir(parents=True)
-    (bed.paths.spool / "0000000000001-deadbeef.eml").write_bytes(b"\x00\x01 garbage")
-    assert selfheal.flush_spool(bed.config, bed.paths) == (0, 0)
+    (bed.paths.spool / "0000000000001-deadbeef.json").write_bytes(b"\x00\x01 garbage")
+    assert flush(bed) == (0, 0)
 
 
 def test_flush_mail_command_reports_counts_and_fails_while_mail_is_left(bed, closed_port, capsys):
@@ -115,8 +120,9 @@ def test_flush_mail_command_reports_counts_and_fails_while_mail_is_left(bed, clo
 
 def test_server_refusing_service_gets_the_report_queued_not_lost(bed):
     bed.sink.mode = "554"
-    msg = selfheal.make_message(bed.config.settings, "refused at the door", "body\n")
-    assert selfheal.deliver(bed.config, bed.paths, msg) is False
+    report = selfheal.new_report(bed.config.settings, "", "worker", "FAILED", "body\n",
+                                 subject_text="refused at the door")
+    assert selfheal.deliver(bed.config, bed.paths, report) is False
     assert len(bed.spooled()) == 1
 
 
@@ -126,7 +132,8 @@ def test_message_is_7bit_clean_and_the_text_arrives_unchanged(bed):
     raw = msg.as_bytes()
     raw.decode("ascii")  # no 8-bit data on the wire
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998
-    assert selfheal.deliver(bed.config, bed.paths, msg) is True
+    report = selfheal.new_report(bed.config.settings, "✅", "café", "RESOLVED", body)
+    assert selfheal.deliver(bed.config, bed.paths, report) is True
     (received,) = bed.sink.messages
     assert received["Subject"] == "✅ MiracleMax: café - RESOLVED"
     assert received.get_content() == body
@@ -260,18 +267,20 @@ def test_smtp_sink_unstuffs_dots_and_handles_rset_noop_and_quit(smtp_sink):
 def test_flush_sets_aside_a_message_refused_for_good_and_sends_the_rest(bed):
     queue(bed, "refused for good")
     bed.sink.mode = "rcpt-550"
-    assert selfheal.flush_spool(bed.config, bed.paths) == (0, 0)
+    assert flush(bed) == (0, 0)
     assert bed.spooled() == []
     [kept] = list(bed.paths.spool.glob("*.rejected"))  # set aside, never deleted unsent
-    assert b"refused for good" in kept.read_bytes()
+    record = json.loads(kept.read_text())
+    assert record["subject"] == "refused for good" and record["channels"]["mail"].startswith("rejected: ")
+    assert "550" in record["channels"]["mail"]
     bed.sink.mode = "ok"
     queue(bed, "later report")
-    assert selfheal.flush_spool(bed.config, bed.paths) == (1, 0)
+    assert flush(bed) == (1, 0)
     assert [m["Subject"] for m in bed.sink.messages] == ["later report"]
 
 
 def test_flush_keeps_a_message_refused_for_now_in_the_queue(bed):
     queue(bed, "refused for now")
     bed.sink.mode = "rcpt-450"
-    assert selfheal.flush_spool(bed.config, bed.paths) == (0, 1)
+    assert flush(bed) == (0, 1)
     assert len(bed.spooled()) == 1 and not list(bed.paths.spool.glob("*.rejected"))

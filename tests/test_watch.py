@@ -14,6 +14,7 @@ import types
 import pytest
 
 import selfheal
+from conftest import queue_report
 from smtp_sink import SmtpSink
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
@@ -847,10 +848,10 @@ def test_watch_of_a_port_held_by_the_unit_itself_is_ok(wb):
 
 def test_watch_run_sends_the_queued_mail(wb):
     all_healthy(wb)
-    selfheal.spool(wb.paths, selfheal.make_message(wb.config.settings, "queued while mail was down", "body\n"))
+    queue_report(wb.paths, wb.config.settings, "queued while mail was down")
     assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
     assert wb.subjects() == ["queued while mail was down"]
-    assert list(wb.paths.spool.glob("*.eml")) == []
+    assert selfheal.outbox(wb.paths) == []
 
 
 @pytest.fixture

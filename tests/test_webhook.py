@@ -12,6 +12,7 @@ import time
 import pytest
 
 import selfheal
+from conftest import queued_for
 from http_sink import HttpSink
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
@@ -45,16 +46,31 @@ def hooked(bed, sink, fmt="json", smtp_port=None, **keys):
 
 
 def queued_posts(bed):
-    return sorted(bed.paths.webhook_spool.glob("*.json")) if bed.paths.webhook_spool.is_dir() else []
+    """Reports in the outbox the webhook has still to post."""
+    return queued_for(bed.paths, "webhook")
 
 
 def posts(sink):
     return [r for r in sink.requests if r.path == HOOK]
 
 
+def report(bed, subject, body="x\n"):
+    """A report as the code makes one, for a subject "ICON NAME: SERVICE - LABEL"."""
+    head, _, label = subject.rpartition(" - ")
+    return selfheal.new_report(bed.config.settings, "", head.rpartition(": ")[2], label, body, subject_text=subject)
+
+
 def queue_post(bed, subject):
-    msg = selfheal.make_message(bed.config.settings, subject, "queued report\n")
-    return selfheal.queue_webhook(bed.paths, selfheal.report_event(bed.config.settings, msg))
+    """A report queued for the webhook alone (its mail went out already)."""
+    queued = dict(report(bed, subject, "queued report\n"), channels={"webhook": "queued"})
+    path = selfheal.queue_report(bed.paths, queued)
+    time.sleep(0.002)  # records are named by the time in ms: keep them in order
+    return path
+
+
+def flushed(bed, channel="webhook"):
+    """flush_outbox's figures for one channel: (sent now, still queued)."""
+    return tuple(selfheal.flush_outbox(bed.config, bed.paths)[channel])
 
 
 def all_healthy(bed):
@@ -127,8 +143,8 @@ def test_json_post_carries_the_documented_object_with_the_mail_subject_and_a_sho
     assert post.method == "POST" and post.header("Content-Type") == "application/json"
     assert post.header("User-Agent").startswith("selfheal/")
     event = post.json()
-    assert set(event) == {"version", "selfheal", "host", "name", "service", "status", "subject", "summary",
-                          "ts", "time", "thread"}
+    assert set(event) == {"version", "selfheal", "host", "name", "service", "status", "subject", "title",
+                          "summary", "ts", "time", "thread"}
     assert (event["version"], event["name"], event["service"], event["status"]) == (
         1, "MiracleMax", "worker", "RESOLVED")
     assert event["subject"] == mail["Subject"] == "✅ MiracleMax: worker - RESOLVED"
@@ -141,8 +157,7 @@ def test_json_post_carries_the_documented_object_with_the_mail_subject_and_a_sho
 
 def test_slack_post_is_a_text_object_with_markup_escaped_and_no_link_previews(bed, http_sink):
     hooked(bed, http_sink, "slack")
-    msg = selfheal.make_message(bed.config.settings, "❌ MiracleMax: worker - FAILED",
-                                "worker <https://evil.example/|click> & co broke\n")
+    msg = report(bed, "❌ MiracleMax: worker - FAILED", "worker <https://evil.example/|click> & co broke\n")
     assert selfheal.deliver(bed.config, bed.paths, msg) is True
     payload = http_sink.wait(1, path=HOOK)[0].json()
     assert set(payload) == {"text", "unfurl_links", "unfurl_media"}
@@ -185,7 +200,7 @@ def test_ntfy_post_is_plain_text_with_ascii_title_priority_and_tags(bed, http_si
 
 def test_ntfy_marks_a_failure_high_and_its_tag_says_so(bed, http_sink):
     hooked(bed, http_sink, "ntfy")
-    msg = selfheal.make_message(bed.config.settings, "🛑 MiracleMax: worker - ESCALATED", "too many heals\n")
+    msg = report(bed, "🛑 MiracleMax: worker - ESCALATED", "too many heals\n")
     selfheal.deliver(bed.config, bed.paths, msg)
     (post,) = http_sink.wait(1, path=HOOK)
     assert (post.header("Priority"), post.header("Tags")) == ("high", "octagonal_sign,selfheal,worker")
@@ -205,20 +220,24 @@ def test_nothing_that_reaches_an_ntfy_header_can_break_the_line_or_leave_ascii()
     assert body == "fine\r\nnow".encode("utf-8")  # the body is text; only headers are cleaned
 
 
-@pytest.mark.parametrize("subject, service, status", [
-    ("✅ MiracleMax: story-stages - RESOLVED (recovered by systemd)", "story-stages", "RESOLVED"),
-    ("✅ MiracleMax: worker - RESOLVED (was down 5 min)", "worker", "RESOLVED"),
-    ("⚠️ MiracleMax: worker - FLAPPING", "worker", "FLAPPING"),
-    ("⏸️ MiracleMax: worker - STOPPED", "worker", "STOPPED"),
-    ("⏰ MiracleMax: worker - STILL FAILING", "worker", "STILL FAILING"),
-    ("❌ MiracleMax: worker - FAILED (selfheal crashed)", "worker", "FAILED"),
-    ("❌ MiracleMax: selfheal - CONFIG BROKEN", "selfheal", "CONFIG BROKEN"),
-    ("❌ My: Host - 2: selfheal - WATCH FAILED", "selfheal", "WATCH FAILED"),
-    ("a subject selfheal does not write", "", "a subject selfheal does not write"),
+@pytest.mark.parametrize("icon, service, label, status", [
+    ("✅", "story-stages", "RESOLVED (recovered by systemd)", "RESOLVED"),
+    ("✅", "worker", "RESOLVED (was down 5 min)", "RESOLVED"),
+    ("⚠️", "worker", "FLAPPING", "FLAPPING"),
+    ("⏰", "worker", "STILL FAILING", "STILL FAILING"),
+    ("❌", "worker", "FAILED (selfheal crashed)", "FAILED"),
+    ("❌", "selfheal", "CONFIG BROKEN", "CONFIG BROKEN"),
 ])
-def test_every_subject_selfheal_mails_gives_the_webhook_its_service_and_status(bed, subject, service, status):
-    event = selfheal.report_event(bed.config.settings, selfheal.make_message(bed.config.settings, subject, "x\n"))
-    assert (event["service"], event["status"]) == (service, status)
+def test_the_webhook_is_told_the_reports_service_and_status_as_data_not_parsed_from_the_subject(
+        bed, icon, service, label, status):
+    made = selfheal.new_report(bed.config.settings, icon, service, label, "x\n")
+    assert made["subject"] == "%s MiracleMax: %s - %s" % (icon, service, label)
+    event = selfheal.webhook_event(bed.config.settings, made)
+    assert (event["service"], event["status"], event["title"]) == (service, status, made["subject"][len(icon) + 1:])
+    # A name with ": " and " - " in it, which no regex over the subject could split right.
+    odd = selfheal.Settings(name="My: Host - 2", email_to=("a@b.c",), email_from="s@b.c")
+    event = selfheal.webhook_event(odd, selfheal.new_report(odd, icon, service, label, "x\n"))
+    assert (event["service"], event["status"], event["name"]) == (service, status, "My: Host - 2")
 
 
 def test_flapping_summary_starts_with_the_flapping_preface(bed):
@@ -248,7 +267,8 @@ def test_webhook_down_queues_the_post_while_the_mail_goes_out_and_healing_comple
     assert bed.spooled() == []
     (queued,) = queued_posts(bed)
     assert stat.S_IMODE(queued.stat().st_mode) == 0o600
-    assert stat.S_IMODE(bed.paths.webhook_spool.stat().st_mode) == 0o700
+    assert stat.S_IMODE(bed.paths.spool.stat().st_mode) == 0o700
+    assert json.loads(queued.read_text())["channels"] == {"mail": "sent", "webhook": "queued"}
     assert json.loads(queued.read_text())["subject"] == "✅ MiracleMax: worker - RESOLVED"
 
 
@@ -278,9 +298,9 @@ def test_a_symlinked_webhook_queue_is_neither_posted_from_nor_emptied(bed, http_
     target = getattr(bed.paths, linked)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.symlink_to(elsewhere)
-    assert selfheal.flush_webhooks(bed.config, bed.paths) == (0, 0)
+    assert flushed(bed) == (0, 0)
     assert posts(http_sink) == [] and planted.exists()
-    assert "is a symlink; selfheal neither posts nor removes" in caplog.text
+    assert "is a symlink; selfheal neither sends nor removes" in caplog.text
 
 
 def test_queued_post_is_made_once_the_webhook_is_back_and_the_mail_is_not_sent_again(bed, closed_port, http_sink):
@@ -288,8 +308,8 @@ def test_queued_post_is_made_once_the_webhook_is_back_and_the_mail_is_not_sent_a
     bed.host.failed(WORKER)
     bed.heal("worker")
     hooked(bed, http_sink)  # the webhook is back
-    assert selfheal.flush_webhooks(bed.config, bed.paths) == (1, 0)
-    assert selfheal.flush_spool(bed.config, bed.paths) == (0, 0)
+    assert flushed(bed) == (1, 0)
+    assert flushed(bed, "mail") == (0, 0)
     assert [p.json()["subject"] for p in posts(http_sink)] == ["✅ MiracleMax: worker - RESOLVED"]
     assert len(bed.sink.messages) == 1 and queued_posts(bed) == []
 
@@ -309,7 +329,7 @@ def test_mail_down_queues_the_mail_while_the_webhook_posts_and_a_later_flush_pos
 def test_a_webhook_that_hangs_costs_a_report_only_its_timeout_and_the_post_is_queued(bed, http_sink):
     hooked(bed, http_sink, webhook_timeout="1s")
     http_sink.delay = 3
-    msg = selfheal.make_message(bed.config.settings, "❌ MiracleMax: worker - FAILED", "x\n")
+    msg = report(bed, "❌ MiracleMax: worker - FAILED", "x\n")
     import time
     started = time.monotonic()
     assert selfheal.deliver(bed.config, bed.paths, msg) is True  # the mail went out
@@ -321,11 +341,11 @@ def test_a_webhook_that_hangs_costs_a_report_only_its_timeout_and_the_post_is_qu
 def test_a_5xx_or_a_busy_answer_keeps_the_post_queued_for_the_next_try(bed, http_sink, status):
     hooked(bed, http_sink)
     http_sink.status = status
-    msg = selfheal.make_message(bed.config.settings, "❌ MiracleMax: worker - FAILED", "x\n")
+    msg = report(bed, "❌ MiracleMax: worker - FAILED", "x\n")
     selfheal.deliver(bed.config, bed.paths, msg)
     assert len(queued_posts(bed)) == 1
     http_sink.status = 200
-    assert selfheal.flush_webhooks(bed.config, bed.paths) == (1, 0)
+    assert flushed(bed) == (1, 0)
     assert [p.json()["status"] for p in posts(http_sink)] == ["FAILED", "FAILED"]
 
 
@@ -333,15 +353,17 @@ def test_a_5xx_or_a_busy_answer_keeps_the_post_queued_for_the_next_try(bed, http
 def test_a_4xx_or_a_redirect_sets_the_post_aside_as_rejected_and_later_posts_still_go(bed, http_sink, caplog, status):
     hooked(bed, http_sink)
     http_sink.status = status
-    first = selfheal.make_message(bed.config.settings, "❌ MiracleMax: worker - FAILED", "x\n")
+    first = report(bed, "❌ MiracleMax: worker - FAILED", "x\n")
     selfheal.deliver(bed.config, bed.paths, first)
     assert queued_posts(bed) == []
-    (kept,) = bed.paths.webhook_spool.glob("*.rejected")  # kept, never deleted unsent
-    assert json.loads(kept.read_text())["status"] == "FAILED"
+    (kept,) = bed.paths.spool.glob("*.rejected")  # kept, never deleted unsent
+    record = json.loads(kept.read_text())
+    assert record["status"] == "FAILED" and record["channels"]["mail"] == "sent"
+    assert record["channels"]["webhook"].startswith("rejected: ") and "HTTP %d" % status in record["channels"]["webhook"]
     assert any("refused for good" in r.getMessage() and "HTTP %d" % status in r.getMessage()
                for r in caplog.records if r.levelno == logging.ERROR)
     http_sink.status = 200
-    later = selfheal.make_message(bed.config.settings, "✅ MiracleMax: worker - RESOLVED", "x\n")
+    later = report(bed, "✅ MiracleMax: worker - RESOLVED", "x\n")
     assert selfheal.deliver(bed.config, bed.paths, later) is True
     assert [p.method for p in http_sink.requests] == ["POST", "POST"]  # a redirect is never followed
     assert [m["Subject"] for m in bed.sink.messages] == ["❌ MiracleMax: worker - FAILED",
@@ -352,8 +374,8 @@ def test_a_queued_post_refused_for_good_is_set_aside_and_the_rest_of_the_queue_g
     hooked(bed, http_sink)
     queue_post(bed, "❌ MiracleMax: worker - FAILED")
     http_sink.status = 404
-    assert selfheal.flush_webhooks(bed.config, bed.paths) == (0, 0)
-    assert len(list(bed.paths.webhook_spool.glob("*.rejected"))) == 1
+    assert flushed(bed) == (0, 0)
+    assert len(list(bed.paths.spool.glob("*.rejected"))) == 1
 
 
 def test_new_post_waits_behind_queued_ones_and_they_arrive_oldest_first(bed, http_sink):
@@ -362,7 +384,7 @@ def test_new_post_waits_behind_queued_ones_and_they_arrive_oldest_first(bed, htt
     import time
     time.sleep(0.002)
     queue_post(bed, "⏰ MiracleMax: worker - STILL FAILING")
-    msg = selfheal.make_message(bed.config.settings, "✅ MiracleMax: worker - RESOLVED (was down 1 h)", "x\n")
+    msg = report(bed, "✅ MiracleMax: worker - RESOLVED (was down 1 h)", "x\n")
     assert selfheal.deliver(bed.config, bed.paths, msg) is True
     assert [p.json()["status"] for p in posts(http_sink)] == ["FAILED", "STILL FAILING", "RESOLVED"]
     assert queued_posts(bed) == []
@@ -372,7 +394,7 @@ def test_new_post_is_queued_behind_older_ones_while_the_webhook_still_fails(bed,
     hooked(bed, http_sink)
     queue_post(bed, "❌ MiracleMax: worker - FAILED")
     http_sink.status = 502
-    msg = selfheal.make_message(bed.config.settings, "✅ MiracleMax: worker - RESOLVED", "x\n")
+    msg = report(bed, "✅ MiracleMax: worker - RESOLVED", "x\n")
     selfheal.deliver(bed.config, bed.paths, msg)
     assert len(http_sink.requests) == 1  # the older one was tried; the new one waits behind it
     assert [json.loads(p.read_text())["status"] for p in queued_posts(bed)] == ["FAILED", "RESOLVED"]
@@ -380,11 +402,11 @@ def test_new_post_is_queued_behind_older_ones_while_the_webhook_still_fails(bed,
 
 def test_damaged_queued_post_is_set_aside_as_bad_and_the_rest_is_posted(bed, http_sink):
     hooked(bed, http_sink)
-    bed.paths.webhook_spool.mkdir(parents=True)
-    damaged = bed.paths.webhook_spool / "0000000000001-deadbeef.json"
+    bed.paths.spool.mkdir(parents=True)
+    damaged = bed.paths.spool / "0000000000001-deadbeef.json"
     damaged.write_text('{"subject": "half written')
     queue_post(bed, "✅ MiracleMax: worker - RESOLVED")
-    assert selfheal.flush_webhooks(bed.config, bed.paths) == (1, 0)
+    assert flushed(bed) == (1, 0)
     assert damaged.with_suffix(".bad").is_file()
 
 
@@ -392,7 +414,7 @@ def test_queued_posts_wait_while_webhook_url_is_unset_and_are_not_dropped(bed, h
     hooked(bed, http_sink)
     queue_post(bed, "✅ MiracleMax: worker - RESOLVED")
     bed.configure()  # webhook_url removed from the config
-    assert selfheal.flush_webhooks(bed.config, bed.paths) == (0, 1)
+    assert flushed(bed) == (0, 1)
     assert len(queued_posts(bed)) == 1 and http_sink.requests == []
 
 
@@ -400,7 +422,7 @@ def test_a_queued_post_is_made_in_the_format_configured_when_it_is_sent(bed, htt
     hooked(bed, http_sink, "json")
     queue_post(bed, "✅ MiracleMax: worker - RESOLVED")
     hooked(bed, http_sink, "slack")
-    selfheal.flush_webhooks(bed.config, bed.paths)
+    selfheal.flush_outbox(bed.config, bed.paths)
     assert set(posts(http_sink)[0].json()) == {"text", "unfurl_links", "unfurl_media"}
 
 
@@ -433,7 +455,7 @@ def test_flush_mail_without_a_webhook_prints_what_it_always_did(bed, capsys):
 def test_user_and_password_in_the_url_become_basic_auth_and_no_log_line_shows_the_secret(bed, http_sink, caplog):
     caplog.set_level(logging.DEBUG, logger="selfheal")
     configure(bed, webhook_url="http://bot:pa%%40ss@127.0.0.1:%d%s" % (http_sink.port, HOOK))
-    msg = selfheal.make_message(bed.config.settings, "✅ MiracleMax: worker - RESOLVED", "x\n")
+    msg = report(bed, "✅ MiracleMax: worker - RESOLVED", "x\n")
     assert selfheal.deliver(bed.config, bed.paths, msg) is True
     (post,) = posts(http_sink)
     assert post.header("Authorization") == "Basic Ym90OnBhQHNz"  # bot:pa@ss
@@ -579,9 +601,8 @@ def test_a_queue_that_cannot_be_flushed_never_costs_the_new_report_on_either_cha
 
     def broken(*args, **kwargs):
         raise OSError(40, "Too many levels of symbolic links", "/run/selfheal/locks")
-    monkeypatch.setattr(selfheal, "flush_spool", broken)
-    monkeypatch.setattr(selfheal, "flush_webhooks", broken)
-    msg = selfheal.make_message(bed.config.settings, "❌ MiracleMax: worker - FAILED", "worker broke\n")
+    monkeypatch.setattr(selfheal, "flush_outbox", broken)
+    msg = report(bed, "❌ MiracleMax: worker - FAILED", "worker broke\n")
     assert selfheal.deliver(bed.config, bed.paths, msg) is False
     assert len(bed.spooled()) == 1 and len(queued_posts(bed)) == 1
 
@@ -623,9 +644,9 @@ def test_a_webhook_that_trickles_its_answer_is_given_up_after_webhook_timeout_in
     thread.start()
     try:
         configure(bed, webhook_url="http://127.0.0.1:%d%s" % (server.getsockname()[1], HOOK), webhook_timeout="1s")
-        msg = selfheal.make_message(bed.config.settings, "❌ MiracleMax: worker - FAILED", "worker broke\n")
+        msg = report(bed, "❌ MiracleMax: worker - FAILED", "worker broke\n")
         started = time.monotonic()
-        assert selfheal.deliver_webhook(bed.config, bed.paths, selfheal.report_event(bed.config.settings, msg)) is False
+        assert selfheal.deliver(bed.config, bed.paths, msg) is True  # the mail went; the post did not
         assert time.monotonic() - started < 3.0
         assert len(queued_posts(bed)) == 1
     finally:
