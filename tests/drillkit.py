@@ -144,3 +144,15 @@ def wait_past_start_grace(box, unit, grace):
     left = entered + grace + 0.5 - time.monotonic()
     if left > 0:
         time.sleep(left)
+
+
+OUTBOX = "/var/lib/selfheal/spool"
+_QUEUED_FOR = ("import glob, json, sys\n"
+               "for p in sorted(glob.glob('%s/*.json')):\n"
+               "    if json.load(open(p))['channels'].get(sys.argv[1]) == 'queued': print(p)\n" % OUTBOX)
+
+
+def queued_for(box, channel="mail"):
+    """The reports in the host's outbox that `channel` (mail, webhook) has still to send."""
+    return box.run(["python3", "-c", _QUEUED_FOR, channel]).stdout.split()
+

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from drillkit import queued_for
 from drillkit import (drill_suites, CLONE, REPO_INSIDE, SUITE_VERSIONS, about, body, clear_mailbox, history, http_get,
                       installed_host, passes_monitor_env, show)
 
@@ -194,7 +195,7 @@ def test_report_written_while_mail_server_is_down_arrives_when_it_is_back(host):
     try:
         host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "story-stages"])
         deadline = time.monotonic() + 30
-        while not host.sh("ls /var/lib/selfheal/spool/*.eml 2>/dev/null", check=False).stdout.strip():
+        while not queued_for(host, "mail"):
             assert time.monotonic() < deadline, "the report was not queued"
             time.sleep(0.1)
         assert http_get(host, 5002) == "200"  # healing did not wait on the mail server
@@ -203,7 +204,7 @@ def test_report_written_while_mail_server_is_down_arrives_when_it_is_back(host):
         host.run(["systemctl", "start", "postfix"])
     # Nobody re-sends it: the next watch run (selfheal-watch.timer, every 30 s) delivers the queue.
     host.wait_mail(about("story-stages", "RESOLVED"), timeout=90)
-    assert not host.sh("ls /var/lib/selfheal/spool/*.eml 2>/dev/null", check=False).stdout.strip()
+    assert not queued_for(host, "mail")
 
 
 def test_stale_process_of_the_service_holding_its_port_is_stopped_and_service_restarted(host):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from drillkit import queued_for
 from drillkit import (REPO_INSIDE, about, clear_mailbox, drill_suites, installed_host, kill, mails_about,
                       show, wait_idle, web_unit)
 
@@ -21,7 +22,6 @@ SINK = "/usr/local/bin/http-sink"
 SINK_LOG = "/var/log/http-sink.jsonl"
 HOOK = "/hook/drill-token"
 BEAT = "/ping/drill-uuid"
-QUEUE = "/var/lib/selfheal/spool/webhook"
 # systemd's catalog ids of "Starting UNIT..." and of the job that finished it (sd-messages.h);
 # the wording of those lines changed between versions, the ids did not.
 UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"
@@ -85,7 +85,7 @@ def wait_requests(box, path, count, timeout, since=0.0):
 
 
 def queued(box):
-    return box.sh("ls %s/*.json 2>/dev/null || true" % QUEUE).stdout.split()
+    return queued_for(box, "webhook")
 
 
 

@@ -1,14 +1,16 @@
 """Drills for reports that are never lost, on a real systemd with postfix: a tarpit SMTP server
 (a greeting of 220- lines that never ends) holds a heal no longer than smtp_timeout and the
 report stays queued; a heal stopped while it sends (`systemctl stop selfheal@NAME`) leaves its
-report queued; once the real mail server is configured again, each report arrives exactly once.
+report queued; once the real mail server is configured again, each report arrives exactly once,
+by mail and on the webhook (one outbox, each channel marking its own delivery).
 """
 
+import json
 import time
 
 import pytest
 
-from drillkit import (about, clear_mailbox, drill_suites, installed_host, kill, mails_about, show, wait_for,
+from drillkit import (REPO_INSIDE, queued_for, about, clear_mailbox, drill_suites, installed_host, kill, mails_about, show, wait_for,
                       wait_idle, web_unit)
 
 pytestmark = pytest.mark.drill
@@ -36,9 +38,12 @@ while True:
     threading.Thread(target=drip, args=(conn,), daemon=True).start()
 """ % TARPIT_PORT
 
+SINK, SINK_PORT, SINK_LOG, HOOK = "/usr/local/bin/http-sink", 5090, "/var/log/http-sink.jsonl", "/hook/outbox"
+
 UNITS = {
     "web.service": web_unit(5031),
     "tarpit.service": "[Service]\nExecStart=/usr/bin/python3 %s\n" % TARPIT,
+    "hooksink.service": "[Service]\nExecStart=/usr/bin/python3 %s %d %s\n" % (SINK, SINK_PORT, SINK_LOG),
 }
 
 CONFIG = """\
@@ -51,6 +56,8 @@ smtp_port = %d
 smtp_timeout = %s
 verify_timeout = 10s
 watch_interval = 1h
+webhook_url = http://127.0.0.1:5090/hook/outbox
+webhook_timeout = 2s
 
 [web]
 port = 5031
@@ -60,6 +67,17 @@ health_url = http://127.0.0.1:5031/health
 
 def setup(box):
     box.write(TARPIT, TARPIT_CODE, 0o755)
+    box.run(["install", "-m", "0755", REPO_INSIDE + "/tests/http_sink.py", SINK])
+
+
+def posts(box, service):
+    """Webhook posts the sink received about `service`."""
+    try:
+        text = box.read(SINK_LOG)
+    except FileNotFoundError:
+        return []
+    bodies = [json.loads(json.loads(line)["body"]) for line in text.splitlines() if line.strip()]
+    return [b for b in bodies if b.get("service") == service]
 
 
 @pytest.fixture(scope="module", params=drill_suites("bookworm", "trixie"))
@@ -67,14 +85,14 @@ def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
     with installed_host(repo_root, UNITS, CONFIG % (TARPIT_PORT, "3s"), suite=request.param,
-                        start=("web", "tarpit"), ports=(5031, TARPIT_PORT), setup=setup) as box:
+                        start=("web", "tarpit", "hooksink"), ports=(5031, TARPIT_PORT, SINK_PORT),
+                        setup=setup) as box:
         box.run(["systemctl", "stop", "selfheal-watch.timer"])  # the drill flushes when it wants to
         yield box
 
 
 def queued(box):
-    out = box.run(["sh", "-c", "ls /var/lib/selfheal/spool/*.eml 2>/dev/null"], check=False).stdout
-    return [line for line in out.splitlines() if line.strip()]
+    return queued_for(box, "mail")
 
 
 def use_config(box, port, timeout):
@@ -95,6 +113,8 @@ def test_tarpit_smtp_server_holds_the_heal_no_longer_than_smtp_timeout_and_the_r
     assert show(host, "selfheal@web.service", "Result") == "success"
     assert len(queued(host)) == before + 1
     assert host.mails() == []
+    posted = len(posts(host, "web"))
+    assert posted >= 1 and not queued_for(host, "webhook")  # the webhook did not wait for the mail
     # The real mail server again: the queued report arrives, once.
     use_config(host, 25, "3s")
     host.run(["/usr/local/sbin/selfheal", "flush-mail"], timeout=60)
@@ -103,6 +123,7 @@ def test_tarpit_smtp_server_holds_the_heal_no_longer_than_smtp_timeout_and_the_r
     host.run(["/usr/local/sbin/selfheal", "flush-mail"], timeout=60)
     time.sleep(1)
     assert len(mails_about(host, "web")) == 1
+    assert len(posts(host, "web")) == posted  # posted once, never again by a flush
 
 
 def test_heal_stopped_while_it_sends_leaves_its_report_queued_and_it_arrives_once(host):
@@ -116,12 +137,17 @@ def test_heal_stopped_while_it_sends_leaves_its_report_queued_and_it_arrives_onc
              "the heal to finish healing")
     time.sleep(1.0)
     assert show(host, "selfheal@web.service", "ActiveState") == "activating"  # still sending
+    posted = len(posts(host, "web"))
     host.run(["systemctl", "stop", "selfheal@web.service"], timeout=60)
     assert len(queued(host)) == 1, host.journal("selfheal@web.service", lines=40)
-    assert host.mails() == []
+    assert len(queued_for(host, "webhook")) == 1  # not yet posted: the mail channel goes first
+    assert host.mails() == [] and len(posts(host, "web")) == posted
     use_config(host, 25, "3s")
     host.run(["/usr/local/sbin/selfheal", "flush-mail"], timeout=60)
     [mail] = host.wait_mail(about("web", "RESOLVED"), timeout=30)
     assert queued(host) == []
     time.sleep(1)
     assert len(mails_about(host, "web")) == 1
+    assert len(posts(host, "web")) == posted + 1 and not queued_for(host, "webhook")
+    host.run(["/usr/local/sbin/selfheal", "flush-mail"], timeout=60)
+    assert len(mails_about(host, "web")) == 1 and len(posts(host, "web")) == posted + 1

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from drillkit import OUTBOX, queued_for
 from drillkit import (REPO_INSIDE, about, body, clear_mailbox, drill_suites, history, installed_host,
                       kill, mails_about, show, starts, wait_for, wait_idle, web_unit)
 
@@ -28,8 +29,6 @@ ROUNDS = 20
 # most of it starting Python: started first, it looks at the units about when the kill
 # lands) to +240 ms (it looks while, or after, the heal runs).
 OFFSETS_MS = [-520 + 40 * i for i in range(ROUNDS)]
-SPOOL = "/var/lib/selfheal/spool"
-WEBHOOK_QUEUE = SPOOL + "/webhook"
 SINK_PORT = 5090
 SINK = "/usr/local/bin/http-sink"
 SINK_LOG = "/var/log/http-sink.jsonl"
@@ -88,10 +87,6 @@ def posts(box, service):
     found = [json.loads(line) for line in text.splitlines() if line.strip()]
     bodies = [json.loads(r["body"]) for r in found if r["path"] == HOOK]
     return [b for b in bodies if b.get("service") == service]
-
-
-def queued(box, where, suffix):
-    return [f for f in box.run(["ls", where]).stdout.split() if f.endswith(suffix)]
 
 
 
@@ -157,8 +152,8 @@ def test_report_queued_before_a_reboot_is_delivered_after_it_by_mail_and_webhook
     wait_for(lambda: bool(history(host, "sleeper")) and show(host, "sleeper.service", "ActiveState") == "active",
              30, "the heal of sleeper")
     wait_idle(host, "sleeper")
-    assert queued(host, SPOOL, ".eml"), "no mail queued in " + SPOOL
-    assert queued(host, WEBHOOK_QUEUE, ".json"), "no post queued in " + WEBHOOK_QUEUE
+    assert queued_for(host, "mail"), "no mail queued in " + OUTBOX
+    assert queued_for(host, "webhook"), "no post queued in " + OUTBOX
     assert not host.mails() and not posts(host, "sleeper")
 
     host.reboot()
@@ -168,7 +163,7 @@ def test_report_queued_before_a_reboot_is_delivered_after_it_by_mail_and_webhook
     text = body(msg)
     assert "KILL" in text
     wait_for(lambda: len(posts(host, "sleeper")) == 1, 30, "the queued webhook post")
-    wait_for(lambda: not queued(host, SPOOL, ".eml") and not queued(host, WEBHOOK_QUEUE, ".json"),
+    wait_for(lambda: not queued_for(host, "mail") and not queued_for(host, "webhook"),
              10, "both queues to empty")
     assert len(mails_about(host, "sleeper")) == 1 and len(posts(host, "sleeper")) == 1
     assert posts(host, "sleeper")[0]["status"] == "RESOLVED"
