@@ -79,6 +79,7 @@ COMMAND_TIMEOUT = 15.0  # seconds for any external command unless said otherwise
 MAX_CONFIG_BYTES = 1 << 20  # a services.conf larger than 1 MiB is not one
 POLL_INTERVAL = 0.05  # seconds between verification probes
 RECHECK_DELAY = 2.0  # after a look that found a hang, the watch looks again this soon
+WATCH_BUDGET = (20.0, 240.0)  # a watch run's total: watch_interval, within these (TimeoutStartSec=5min)
 SETTLE_SECONDS = 3.0  # a service with neither port nor health check must stay up this long
 MANUAL_TRIGGER = "manual"  # `selfheal heal NAME` from a shell: asked for, not a failure
 HEALTH_BODY_LIMIT = 65536  # health_expect_text is looked for in this much of the answer
@@ -1152,6 +1153,25 @@ def within(seconds: float, work: Callable[[], object], name: str = "selfheal-cal
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome.get("answer")
+
+
+_DEADLINES: List[float] = []  # when the run under way must be done (monotonic): the watch's budget
+
+
+@contextlib.contextmanager
+def budget(seconds: float):
+    """A total time for what runs inside (a watch run): checks that time_left() says is
+    spent are not begun; what they would have done waits for the next run."""
+    _DEADLINES.append(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _DEADLINES.pop()
+
+
+def time_left() -> Optional[float]:
+    """Seconds left in the budget of the run under way (never below 0); None without one."""
+    return max(0.0, _DEADLINES[-1] - time.monotonic()) if _DEADLINES else None
 
 
 def is_root() -> bool:
@@ -3651,19 +3671,29 @@ def remember_restarts(paths: Paths, name: str, unit: Dict[str, str]) -> None:
         log.warning("could not update the watch state of %s: %s", name, exc)
 
 
-def health_checks(services: Sequence[Service]) -> Dict[str, Tuple[bool, str]]:
+def health_checks(services: Sequence[Service], late: Optional[List[str]] = None
+                  ) -> Dict[str, Tuple[bool, str]]:
     """GET every health_url, run every health_command, at once (threads), so one slow
-    service does not delay the rest."""
+    service does not delay the rest. What has not answered when the watch's budget is
+    spent is not judged this run: its name goes into `late`."""
     import concurrent.futures
 
     todo = [svc for svc in services if svc.health_url or svc.health_command]
     if not todo:
         return {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
-        futures = {svc.name: pool.submit(health_check, svc) if svc.health_command else
-                   pool.submit(http_check, svc.health_url, svc.health_timeout,
-                               svc.health_expect_status, svc.health_expect_text) for svc in todo}
-    answers = {name: future.result() for name, future in futures.items()}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(todo)))
+    futures = {svc.name: pool.submit(health_check, svc) if svc.health_command else
+               pool.submit(http_check, svc.health_url, svc.health_timeout,
+                           svc.health_expect_status, svc.health_expect_text) for svc in todo}
+    concurrent.futures.wait(futures.values(), timeout=time_left())
+    pool.shutdown(wait=False)  # each check ends within its own health_timeout
+    answers = {name: future.result() for name, future in futures.items() if future.done()}
+    for name in futures:
+        if name not in answers:
+            log.warning("%s: its health check had not answered when the watch run's budget was spent; "
+                        "not judged this run", name)
+            if late is not None:
+                late.append(name)
     for name, (ok, detail) in list(answers.items()):
         if not ok and CANNOT_RUN in detail:  # a missing checker says nothing about the service
             log.warning("%s: health_command %s; not judged by it this run", name, detail)
@@ -3849,9 +3879,10 @@ def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
 
 
 def look(config: Config, paths: Paths, services: Sequence[Service], verdicts: Dict[str, str],
-         errors: List[str]) -> Tuple[Dict[str, Dict[str, str]], Optional[set]]:
+         errors: List[str], late: Optional[List[str]] = None) -> Tuple[Dict[str, Dict[str, str]], Optional[set]]:
     """One look at these services: one systemctl show, one read of the ports, the health
-    checks at once; each service's verdict into `verdicts`, a broken one into `errors`."""
+    checks at once; each service's verdict into `verdicts`, a broken one into `errors`,
+    one whose health check outlived the watch's budget into `late`."""
     now = time.time()
     units = show_units([svc.unit for svc in services])
     ports = listening_ports()
@@ -3860,7 +3891,7 @@ def look(config: Config, paths: Paths, services: Sequence[Service], verdicts: Di
     # port_owner = any: whoever publishes the port (docker-proxy) is the service's; no ss.
     holders = port_holders([svc for svc in active if svc.port and ports is not None and svc.port_owner == "unit"],
                            units)
-    health = health_checks([svc for svc in active if holders.get(svc.name, (None,))[0] is not False])
+    health = health_checks([svc for svc in active if holders.get(svc.name, (None,))[0] is not False], late)
     for svc in services:
         try:
             verdicts[svc.name] = watch_service(config, paths, svc, units.get(svc.unit, {}), ports,
@@ -3874,10 +3905,22 @@ def look(config: Config, paths: Paths, services: Sequence[Service], verdicts: Di
 def watch(config: Config, paths: Paths) -> int:
     """The `watch` command (selfheal-watch.timer): look at every service once, act on what
     OnFailure= cannot see, retry queued mail. A broken run reports itself by mail."""
+    with budget(watch_budget(config.settings)):
+        return watch_run(config, paths)
+
+
+def watch_budget(settings: Settings) -> float:
+    """A watch run's total time: one watch_interval, within WATCH_BUDGET. What is left to
+    do then (a late health check, queued reports) waits for the next run."""
+    return min(max(settings.watch_interval, WATCH_BUDGET[0]), WATCH_BUDGET[1])
+
+
+def watch_run(config: Config, paths: Paths) -> int:
     services = list(config.services.values())
     verdicts: Dict[str, str] = {}
     errors: List[str] = []
-    units, ports = look(config, paths, services, verdicts, errors)
+    late: List[str] = []
+    units, ports = look(config, paths, services, verdicts, errors, late)
     # A hang found at one look is looked at again within seconds, not a whole interval later:
     # watch_confirm looks in a row still decide, but a frozen service is healed sooner.
     for _ in range(config.settings.watch_confirm - 1):
@@ -3885,8 +3928,13 @@ def watch(config: Config, paths: Paths) -> int:
                  and int(load_watch_state(paths, svc.name).get("fails") or 0) > 0]
         if not again:
             break
+        left = time_left()
+        if left is not None and left < RECHECK_DELAY + max(svc.health_timeout for svc in again):
+            log.info("watch: no time left in this run to look at %s again; the next run does",
+                     ", ".join(svc.name for svc in again))
+            break
         time.sleep(RECHECK_DELAY)
-        look(config, paths, again, verdicts, errors)
+        look(config, paths, again, verdicts, errors, late)
     flush_outbox(config, paths)
     summary = ", ".join("%s %s" % (name, verdict) for name, verdict in verdicts.items())
     log.debug("watch: %s", summary)
@@ -3895,7 +3943,7 @@ def watch(config: Config, paths: Paths) -> int:
         return EX_FAIL
     # The heartbeat says "every service was looked at": a run that could not ask systemd
     # about one, or read the listening ports, stays silent, and the dead-man's switch alerts.
-    blind = [svc.name for svc in services if not units.get(svc.unit)]
+    blind = [svc.name for svc in services if not units.get(svc.unit)] + late
     if ports is None and any(svc.port for svc in services):
         blind.append("ports (/proc/net/tcp unreadable)")
     if blind:
@@ -4333,6 +4381,10 @@ def flush_outbox(config: Config, paths: Paths, wait: float = 0.0,
             channels = report["channels"]
             for channel in sorted(channels):
                 if channels[channel] != "queued" or channel in blocked:
+                    continue
+                if time_left() == 0.0:  # the watch run's budget is spent: the next run sends it
+                    blocked[channel] = "no time left in this watch run"
+                    log.info("%s: %r waits for the next watch run (its budget is spent)", channel, report["subject"])
                     continue
                 try:
                     said = CHANNELS[channel](config, report)

@@ -1044,3 +1044,55 @@ def test_a_hang_is_restarted_without_asking_the_hung_health_check_first(wb):
     asked_at_restarts.clear()
     assert wb.heal("story-stages")[0] == selfheal.EX_OK
     assert asked_at_restarts and min(asked_at_restarts) >= 1, asked_at_restarts
+
+
+# =============================================================================
+# The watch run's budget: one slow check or a slow mail server cannot hold it
+# =============================================================================
+
+
+def test_a_health_check_still_running_when_the_budget_is_spent_is_not_judged_and_the_run_ends(wb, monkeypatch):
+    all_healthy(wb)
+    monkeypatch.setattr(selfheal, "WATCH_BUDGET", (1.0, 1.0))
+    wb.health.answers[HEALTH] = lambda: time.sleep(4) or HANG  # a check with a long health_timeout
+    started = time.monotonic()
+    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    took = time.monotonic() - started
+    assert took < 2.5, "the watch run took %.1f s with a budget of 1 s" % took
+    assert int(wb.watch_state("story-stages").get("fails") or 0) == 0  # not judged, so not counted
+    assert wb.triggers() == []
+
+
+def test_a_late_health_check_means_no_heartbeat_this_run(wb, monkeypatch):
+    all_healthy(wb)
+    pings = []
+    monkeypatch.setattr(selfheal, "ping_heartbeat", lambda config, paths: pings.append(1))
+    selfheal.watch(wb.config, wb.paths)
+    assert pings == [1]
+    monkeypatch.setattr(selfheal, "WATCH_BUDGET", (0.5, 0.5))
+    wb.health.answers[HEALTH] = lambda: time.sleep(2) or FINE
+    selfheal.watch(wb.config, wb.paths)
+    assert pings == [1]  # the dead-man's switch alerts when the watch cannot look at everything
+
+
+def test_a_hang_is_not_looked_at_again_when_the_budget_has_no_room_for_it(wb, monkeypatch):
+    all_healthy(wb)
+    wb.health.answers[HEALTH] = HANG
+    monkeypatch.setattr(selfheal, "WATCH_BUDGET", (3.0, 3.0))  # RECHECK_DELAY 2 s + health_timeout 5 s
+    started = time.monotonic()
+    selfheal.watch(wb.config, wb.paths)
+    assert time.monotonic() - started < 2.0  # no second look within this run
+    assert wb.watch_state("story-stages")["fails"] == 1 and wb.triggers() == []
+    monkeypatch.setattr(selfheal, "WATCH_BUDGET", (20.0, 240.0))
+    selfheal.watch(wb.config, wb.paths)  # the next run: two more looks, two in a row is enough
+    assert wb.triggers()
+
+
+def test_queued_reports_past_the_budget_wait_for_the_next_run(wb, monkeypatch):
+    all_healthy(wb)
+    for subject in ("first", "second"):
+        queue_report(wb.paths, wb.config.settings, subject)
+    with selfheal.budget(0):
+        assert selfheal.flush_outbox(wb.config, wb.paths)["mail"] == [0, 2]
+    assert wb.sink.messages == []
+    assert selfheal.flush_outbox(wb.config, wb.paths)["mail"] == [2, 0]
