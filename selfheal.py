@@ -3673,32 +3673,59 @@ def remember_restarts(paths: Paths, name: str, unit: Dict[str, str]) -> None:
 
 def health_checks(services: Sequence[Service], late: Optional[List[str]] = None
                   ) -> Dict[str, Tuple[bool, str]]:
-    """GET every health_url, run every health_command, at once (threads), so one slow
+    """GET every health_url, run every health_command, at once (up to 8 threads), so one slow
     service does not delay the rest. What has not answered when the watch's budget is
     spent is not judged this run: its name goes into `late`."""
-    import concurrent.futures
+    import queue
+    import threading
 
     todo = [svc for svc in services if svc.health_url or svc.health_command]
     if not todo:
         return {}
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(todo)))
-    futures = {svc.name: pool.submit(health_check, svc) if svc.health_command else
-               pool.submit(http_check, svc.health_url, svc.health_timeout,
-                           svc.health_expect_status, svc.health_expect_text) for svc in todo}
-    concurrent.futures.wait(futures.values(), timeout=time_left())
-    pool.shutdown(wait=False)  # each check ends within its own health_timeout
-    answers = {name: future.result() for name, future in futures.items() if future.done()}
-    for name in futures:
-        if name not in answers:
+    waiting: "queue.Queue[Service]" = queue.Queue()
+    for svc in todo:
+        waiting.put(svc)
+    answers: Dict[str, object] = {}
+    lock, finished = threading.Lock(), threading.Event()
+
+    def checker() -> None:
+        while True:
+            try:
+                svc = waiting.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                answer: object = health_check(svc) if svc.health_command else http_check(
+                    svc.health_url, svc.health_timeout, svc.health_expect_status, svc.health_expect_text)
+            except Exception as exc:  # raised in the watch below, as a bug of selfheal's
+                answer = exc
+            with lock:
+                answers[svc.name] = answer
+                if len(answers) == len(todo):
+                    finished.set()
+
+    # Daemon threads, not a pool: a check still running when the budget is spent must not
+    # hold the process at exit (each one ends within its own health_timeout anyway).
+    for _ in range(min(8, len(todo))):
+        threading.Thread(target=checker, name="selfheal-health", daemon=True).start()
+    finished.wait(time_left())
+    with lock:
+        got = dict(answers)
+    for name, answer in got.items():
+        if isinstance(answer, Exception):
+            raise answer
+    for svc in todo:
+        if svc.name not in got:
             log.warning("%s: its health check had not answered when the watch run's budget was spent; "
-                        "not judged this run", name)
+                        "not judged this run", svc.name)
             if late is not None:
-                late.append(name)
-    for name, (ok, detail) in list(answers.items()):
+                late.append(svc.name)
+    result: Dict[str, Tuple[bool, str]] = {name: answer for name, answer in got.items()}  # type: ignore[misc]
+    for name, (ok, detail) in list(result.items()):
         if not ok and CANNOT_RUN in detail:  # a missing checker says nothing about the service
             log.warning("%s: health_command %s; not judged by it this run", name, detail)
-            del answers[name]
-    return answers
+            del result[name]
+    return result
 
 
 def port_holders(services: Sequence[Service], units: Dict[str, Dict[str, str]]

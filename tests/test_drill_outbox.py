@@ -38,11 +38,32 @@ while True:
     threading.Thread(target=drip, args=(conn,), daemon=True).start()
 """ % TARPIT_PORT
 
+TRICKLE_PORT = 5032
+TRICKLE_CODE = """\
+import socket, threading, time
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", %d))
+server.listen(16)
+def trickle(conn):
+    with conn:
+        for byte in b"HTTP/1.1 200 OK\\r\\nX-Slow: " + b"a" * 10000:
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.5)
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+""" % TRICKLE_PORT
+
 SINK, SINK_PORT, SINK_LOG, HOOK = "/usr/local/bin/http-sink", 5090, "/var/log/http-sink.jsonl", "/hook/outbox"
 
 UNITS = {
     "web.service": web_unit(5031),
     "tarpit.service": "[Service]\nExecStart=/usr/bin/python3 %s\n" % TARPIT,
+    "trickle.service": "[Service]\nExecStart=/usr/bin/python3 /usr/local/bin/trickle\n",
     "hooksink.service": "[Service]\nExecStart=/usr/bin/python3 %s %d %s\n" % (SINK, SINK_PORT, SINK_LOG),
 }
 
@@ -67,6 +88,7 @@ health_url = http://127.0.0.1:5031/health
 
 def setup(box):
     box.write(TARPIT, TARPIT_CODE, 0o755)
+    box.write("/usr/local/bin/trickle", TRICKLE_CODE, 0o755)
     box.run(["install", "-m", "0755", REPO_INSIDE + "/tests/http_sink.py", SINK])
 
 
@@ -85,7 +107,8 @@ def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
     with installed_host(repo_root, UNITS, CONFIG % (TARPIT_PORT, "3s"), suite=request.param,
-                        start=("web", "tarpit", "hooksink"), ports=(5031, TARPIT_PORT, SINK_PORT),
+                        start=("web", "tarpit", "hooksink", "trickle"),
+                        ports=(5031, TARPIT_PORT, SINK_PORT, TRICKLE_PORT),
                         setup=setup) as box:
         box.run(["systemctl", "stop", "selfheal-watch.timer"])  # the drill flushes when it wants to
         yield box
@@ -151,3 +174,31 @@ def test_heal_stopped_while_it_sends_leaves_its_report_queued_and_it_arrives_onc
     assert len(posts(host, "web")) == posted + 1 and not queued_for(host, "webhook")
     host.run(["/usr/local/sbin/selfheal", "flush-mail"], timeout=60)
     assert len(mails_about(host, "web")) == 1 and len(posts(host, "web")) == posted + 1
+
+
+def test_a_health_endpoint_that_trickles_its_answer_does_not_hold_the_watch_run_past_its_budget(host):
+    """health_timeout = 2min for an endpoint that answers a byte every 0.5 s: the watch run
+    (budget: watch_interval = 20s) still ends in about 20 s, judges the other service, and
+    says which one it could not judge."""
+    conf = (CONFIG % (25, "3s")).replace("watch_interval = 1h", "watch_interval = 20s") + (
+        "\n[trickle]\nport = %d\nhealth_url = http://127.0.0.1:%d/health\nhealth_timeout = 2min\n"
+        % (TRICKLE_PORT, TRICKLE_PORT))
+    host.write("/etc/selfheal/services.conf", conf, 0o644)
+    try:
+        host.run(["systemctl", "reset-failed", "selfheal-watch.service"], check=False)
+        since = time.time()
+        started = time.monotonic()
+        host.run(["systemctl", "start", "selfheal-watch.service"], timeout=200, check=False)
+        took = time.monotonic() - started
+        print("\ntrickling health endpoint: watch run took %.1f s (budget 20 s, health_timeout 2 min)" % took)
+        journal = host.run(["journalctl", "-u", "selfheal-watch.service", "--since", "@%d" % int(since),
+                            "-o", "cat", "--no-pager"]).stdout
+        assert 19 < took < 30, journal
+        assert "trickle: its health check had not answered when the watch run's budget was spent" in journal
+        assert "no heartbeat this run" in journal or "could not check trickle" in journal
+        status = json.loads(host.run(["/usr/local/sbin/selfheal", "status", "--json"]).stdout)
+        web = next(s for s in status["services"] if s["name"] == "web")
+        assert web["watch_checked"] >= since - 1, web  # the other service was looked at in that run
+    finally:
+        use_config(host, 25, "3s")
+
