@@ -1933,8 +1933,10 @@ def health_check(svc: Service) -> Tuple[bool, str]:
 # =============================================================================
 
 
-def probe(svc: Service, health: bool = True) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
-    """One look at the service: unit active, then port listening, then health URL answering.
+def probe(svc: Service, health: bool = True, within_seconds: Optional[float] = None
+          ) -> Tuple[Tuple[Check, ...], Dict[str, str]]:
+    """One look at the service: unit active, then port listening, then health URL answering
+    (within_seconds: the health check gets no more than that, however long health_timeout).
 
     The port counts only when a process of the unit holds it (port_holder): a stale or
     foreign listener is not the new run, which is about to fail on bind. When the holder
@@ -1971,6 +1973,8 @@ def probe(svc: Service, health: bool = True) -> Tuple[Tuple[Check, ...], Dict[st
         checks.append(Check("port", listening, detail))
     if not health:
         return tuple(checks), unit
+    if within_seconds is not None and within_seconds < svc.health_timeout:
+        svc = dataclasses.replace(svc, health_timeout=max(within_seconds, 0.1))
     if svc.health_url and all(c.ok for c in checks):
         ok, detail = http_check(svc.health_url, svc.health_timeout, svc.health_expect_status,
                                 svc.health_expect_text)
@@ -1994,7 +1998,8 @@ def verify(svc: Service, timeout: float, clock=time.monotonic, sleep=time.sleep)
     settle = SETTLE_SECONDS if not (svc.port or svc.health_url or svc.health_command) else 0.0
     steady_since, steady_run = None, ""
     while True:
-        checks, unit = probe(svc)
+        # The health check gets only what is left of the timeout: verify never runs past it.
+        checks, unit = probe(svc, within_seconds=timeout - (clock() - start))
         elapsed = clock() - start
         if all(c.ok for c in checks):
             run_id = unit.get("InvocationID", "")

@@ -1176,3 +1176,23 @@ def test_probe_judges_a_oneshot_job_by_its_runs_result(fake_host, props, ok):
     fake_host.unit(WORKER, **props)
     checks, _ = selfheal.probe(selfheal.Service(name="worker", unit=WORKER))
     assert all(c.ok for c in checks) is ok
+
+
+def test_verify_never_runs_past_verify_timeout_however_long_health_timeout_is(fake_host, monkeypatch):
+    """A health endpoint that trickles its answer: each check gets only what is left."""
+    fake_host.unit(STORY, ActiveState="active")
+    fake_host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service")
+    given = []
+
+    def slow_check(url, timeout, expect_status=(), expect_text=""):
+        given.append(timeout)
+        time.sleep(timeout)
+        return False, "no answer within %s" % selfheal.format_duration(timeout)
+
+    monkeypatch.setattr(selfheal, "http_check", slow_check)
+    svc = dataclasses.replace(STORY_SVC, health_url="http://127.0.0.1:5002/health", health_timeout=30.0)
+    started = time.monotonic()
+    result = selfheal.verify(svc, 1.5)
+    took = time.monotonic() - started
+    assert not result.ok and took < 2.5, took
+    assert given and all(t <= 1.5 for t in given)
