@@ -46,7 +46,7 @@ import time
 import traceback
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:
     from email.message import EmailMessage
@@ -221,6 +221,10 @@ class Paths:
 
     def service_state(self, name: str) -> Path:
         return self.state / "services" / (name + ".json")
+
+    def summary(self, name: str) -> Path:
+        """What the hot paths need of a service's history (its last event, recent heals)."""
+        return self.state / "summary" / (name + ".json")
 
     @property
     def public_config(self) -> Path:
@@ -2993,29 +2997,185 @@ def restrict(fd: int, mode: int) -> None:
         os.fchmod(fd, mode)
 
 
-def read_history(paths: Paths, service: Optional[str] = None, since: float = 0.0) -> List[dict]:
-    """Heal events, oldest first. A damaged line (a crash mid-write) is skipped, not fatal."""
-    events = []
+# -- History: heal events, rotated, with a small summary per service ----------------------
+# history.jsonl is append-only, one event per line, and rotated when it passes
+# HISTORY_ROTATE_BYTES (history.jsonl.1 ... .HISTORY_KEEP, the oldest dropped). What the
+# hot paths need (a service's last event, its recent heals for failure_threshold) is kept
+# per service in summary/NAME.json, written with each event: no heal, watch run or dashboard
+# reads the whole history. The dashboard's activity window reads the files from the end.
+
+HISTORY_ROTATE_BYTES = 1 << 20  # history.jsonl is rotated at 1 MiB (about 1,500 events)
+HISTORY_KEEP = 4  # rotated files kept: the history takes at most 5 MiB
+SERVICE_LOG_ROTATE_BYTES = 1 << 20  # /var/log/selfheal/NAME.log is rotated at 1 MiB, one kept
+SUMMARY_ATTEMPTS = 256  # heal times kept per service: failure_threshold is at most this
+HISTORY_CHUNK = 1 << 16
+
+
+def record_event(paths: Paths, event: dict) -> None:
+    """One heal event: a line in the history, the service's summary, and a rotation when the
+    history has grown past its bound. Raises OSError (the caller logs it)."""
+    event = clean_data(event)
+    lock = Lock(paths.run / "locks" / "history.lock")
     try:
-        with open(str(paths.history), encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if not isinstance(event, dict):
-                    continue
-                if service and event.get("service") != service:
-                    continue
-                try:
-                    ts = float(event.get("ts", 0))
-                except (TypeError, ValueError):
-                    continue  # a hand edit: not a heal event
-                if ts >= since:
-                    events.append(event)
-    except FileNotFoundError:
+        locked = lock.wait(10.0)
+    except OSError:  # no lock directory (a full or odd /run): append all the same
+        locked = False
+    try:
+        named = isinstance(event.get("service"), str) and NAME_RE.match(event["service"])
+        summary = history_summary(paths, event["service"]) if named else {}  # (before this event)
+        append_line(paths.history, json.dumps(event, sort_keys=True))
+        if named:
+            atomic_write(paths.summary(event["service"]), json.dumps(
+                summarize(summary, event), sort_keys=True) + "\n")
+        if locked:  # two rotating at once could drop a generation early
+            rotate(paths.history, HISTORY_ROTATE_BYTES, HISTORY_KEEP)
+    finally:
+        if locked:
+            lock.release()
+
+
+def summarize(summary: dict, event: dict) -> dict:
+    """summary with one more event: the last one, heals by outcome, recent heal times."""
+    outcome = str(event.get("outcome") or "?")
+    counts = dict(summary.get("counts") or {})
+    counts[outcome] = int(counts.get(outcome) or 0) + 1
+    attempts = list(summary.get("attempts") or [])
+    if counts_as_attempt(event):
+        attempts = (attempts + [float(event["ts"])])[-SUMMARY_ATTEMPTS:]
+    return {"version": 1, "last": event, "counts": counts, "attempts": attempts}
+
+
+def counts_as_attempt(event: dict) -> bool:
+    """A heal that counts toward failure_threshold: selfheal's own repair or failure, not
+    what systemd's Restart= repaired and not a heal asked for by hand."""
+    return event.get("outcome") in (Outcome.RESOLVED.value, Outcome.FAILED.value) and \
+        event.get("trigger") != MANUAL_TRIGGER
+
+
+def history_summary(paths: Paths, name: str) -> dict:
+    """The service's summary; made from the end of the history when there is none yet (an
+    older selfheal kept none)."""
+    try:
+        data = json.loads(paths.summary(name).read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.get("version") == 1 and isinstance(data.get("attempts"), list):
+            return data
+    except (OSError, ValueError):
         pass
-    return events
+    summary: dict = {}
+    try:
+        events = scan_history(paths, name, max_bytes=HISTORY_ROTATE_BYTES * (HISTORY_KEEP + 1))[0]
+    except OSError:
+        events = []
+    for event in events:
+        summary = summarize(summary, event)
+    return summary
+
+
+def last_event(paths: Paths, name: str) -> Optional[dict]:
+    last = history_summary(paths, name).get("last")
+    return last if isinstance(last, dict) else None
+
+
+def heal_attempts(paths: Paths, name: str, since: float) -> List[float]:
+    """When selfheal healed the service since `since` (what failure_threshold counts)."""
+    times = []
+    for ts in history_summary(paths, name).get("attempts", []):
+        with contextlib.suppress(TypeError, ValueError):
+            if float(ts) >= since:
+                times.append(float(ts))
+    return times
+
+
+def rotate(path: Path, limit: int, keep: int) -> None:
+    """path -> path.1 -> ... -> path.KEEP (the oldest dropped), once path is over limit bytes."""
+    try:
+        if os.lstat(str(path)).st_size < limit:
+            return
+    except FileNotFoundError:
+        return
+    for number in range(keep, 0, -1):
+        newer = path if number == 1 else path.with_name("%s.%d" % (path.name, number - 1))
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(str(newer), str(path.with_name("%s.%d" % (path.name, number))))  # renames a link, never follows
+    fsync_dir(path.parent)
+
+
+def history_files(paths: Paths) -> List[Path]:
+    """The history, newest first: history.jsonl, then .1, .2, ..."""
+    return [paths.history] + [paths.history.with_name("%s.%d" % (paths.history.name, n))
+                              for n in range(1, HISTORY_KEEP + 1)]
+
+
+def lines_backward(path: Path) -> Iterator[bytes]:
+    """The lines of a file, last first, read in chunks from its end (raises OSError)."""
+    fd = os.open(str(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        position, rest = os.fstat(fd).st_size, b""
+        while position > 0:
+            size = min(HISTORY_CHUNK, position)
+            position -= size
+            lines = (os.pread(fd, size, position) + rest).split(b"\n")
+            rest = lines.pop(0)
+            yield from reversed(lines)
+        yield rest
+    finally:
+        os.close(fd)
+
+
+def read_history(paths: Paths, service: Optional[str] = None, since: float = 0.0) -> List[dict]:
+    """Heal events since `since` (of one service, or all), oldest first; [] when unreadable."""
+    try:
+        return scan_history(paths, service, since)[0]
+    except OSError:
+        return []
+
+
+def scan_history(paths: Paths, service: Optional[str] = None, since: float = 0.0,
+                 max_bytes: Optional[int] = None) -> Tuple[List[dict], int]:
+    """Heal events since `since` (of one service, or all), oldest first, and how many lines
+    were damaged (a crash mid-write, a hand edit: skipped, never fatal). The one reader of
+    the history: from its end, so a window costs what is in it, not the history's size;
+    max_bytes stops it earlier. Raises OSError when the history cannot be read."""
+    events: List[dict] = []
+    damaged, read, older_seen = 0, 0, 0  # older_seen: lines before since in a row (a clock
+    done = False  # step may mix a few lines, so a window ends after 100 of them)
+    for path in history_files(paths):
+        try:
+            with contextlib.closing(lines_backward(path)) as lines:
+                for line in lines:
+                    read += len(line) + 1
+                    if max_bytes is not None and read > max_bytes:
+                        done = True
+                        break
+                    if not line.strip():
+                        continue
+                    try:
+                        event = json.loads(line.decode("utf-8", "replace"))
+                        event["ts"] = float(event["ts"])
+                        if not 0 < event["ts"] < 1e11:  # also NaN
+                            raise ValueError("not a time")
+                        if not isinstance(event["service"], str) or not isinstance(event.get("outcome", ""), str):
+                            raise TypeError("not a heal event")
+                    except (ValueError, KeyError, TypeError, IndexError):
+                        damaged += 1
+                        continue
+                    if event["ts"] < since:
+                        older_seen += 1
+                        if older_seen >= 100:
+                            done = True
+                            break
+                        continue
+                    older_seen = 0
+                    if service is None or event["service"] == service:
+                        events.append(clean_data(event))  # written clean; an older version's may not be
+        except FileNotFoundError:
+            continue
+        if done:
+            break
+    events.reverse()
+    return events, damaged
 
 
 def load_service_state(paths: Paths, name: str) -> dict:
@@ -3135,8 +3295,9 @@ def record_heal(paths: Paths, result: HealResult, report_text: str) -> None:
     # fields only, cleaned; the report (journal lines, config diffs) goes to the 0640 log.
     event = clean_data(event)
     steps = [
-        (lambda: append_line(paths.history, json.dumps(event, sort_keys=True)), "history"),
+        (lambda: record_event(paths, event), "history"),
         (lambda: atomic_write(paths.status(svc.name), json.dumps(event, sort_keys=True) + "\n"), "status file"),
+        (lambda: rotate(paths.service_log(svc.name), SERVICE_LOG_ROTATE_BYTES, 1), "service log"),
         (lambda: append_line(paths.service_log(svc.name), clean(report_text.rstrip()) + "\n" + "-" * 72,
                              SERVICE_LOG_MODE), "service log"),
     ]
@@ -3209,9 +3370,7 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
     window_start = max(started_at - settings.failure_window, float(service_state_now.get("rearmed_at", 0.0)))
     # selfheal's own repairs count; what systemd's Restart= repaired by itself does not.
     # A heal asked for by hand (`selfheal heal NAME`, as a FAILED mail suggests) is not a failure.
-    attempts = [e for e in read_history(paths, svc.name, since=window_start)
-                if e.get("outcome") in (Outcome.RESOLVED.value, Outcome.FAILED.value)
-                and e.get("trigger") != MANUAL_TRIGGER]
+    attempts = heal_attempts(paths, svc.name, window_start)
     if len(attempts) >= settings.failure_threshold and not dry_run:
         return finish(Outcome.ESCALATED,
                       "%d heals of %s within %s (failure_threshold = %d): selfheal stops healing it "
@@ -3255,8 +3414,8 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
         if all(c.ok for c in checks):
             runs.append(StrategyRun("none", (), Verification(True, 0.0, checks, unit),
                                     "it was already running again and healthy when selfheal looked"))
-            earlier = read_history(paths, svc.name)[-1:]
-            if earlier and earlier[0].get("healed_invocation") == unit.get("InvocationID"):
+            earlier = last_event(paths, svc.name)
+            if earlier and earlier.get("healed_invocation") == unit.get("InvocationID"):
                 # A heal that ran while this trigger waited already brought back this very
                 # run of the service, and reported it: nothing new to do or to say.
                 return finish(Outcome.HEALTHY)
@@ -3446,9 +3605,9 @@ def report_heal_stopped(config: Config, paths: Paths, svc: Service, trigger: str
            "a shutdown or `systemctl stop`" % (svc.name, svc.unit))
     log.error("%s; recording it and queueing the report", why)
     with contextlib.suppress(OSError):
-        append_line(paths.history, json.dumps(clean_data({
+        record_event(paths, {
             "ts": round(now, 3), "time": iso(now), "service": svc.name, "unit": svc.unit, "outcome": "FAILED",
-            "trigger": trigger, "root_cause": why})))
+            "trigger": trigger, "root_cause": why})
     body = ("%s.\n\nIt may still be broken. Look at it now:\n  systemctl status %s\n"
             "  journalctl -u %s -n 100 --no-pager\n  journalctl -u selfheal@%s.service -n 50 --no-pager\n"
             % (why, svc.unit, svc.unit, svc.name))
@@ -3465,9 +3624,9 @@ def report_heal_crash(config: Config, paths: Paths, svc: Service, trace: str) ->
             "What selfheal hit (please report it):\n\n%s" % (
                 svc.name, svc.unit, socket.gethostname(), svc.unit, svc.unit, trace))
     try:
-        append_line(paths.history, json.dumps(clean_data({
+        record_event(paths, {
             "ts": round(time.time(), 3), "time": iso(time.time()), "service": svc.name, "unit": svc.unit,
-            "outcome": "FAILED", "trigger": "selfheal crashed", "root_cause": trace.splitlines()[-1]})))
+            "outcome": "FAILED", "trigger": "selfheal crashed", "root_cause": trace.splitlines()[-1]})
     except OSError:
         pass
     deliver(config, paths, new_report(config.settings, SUBJECT_ICON[Outcome.FAILED], svc.name,
@@ -3819,11 +3978,11 @@ def run_age(unit: Dict[str, str]) -> Optional[float]:
 
 def known_problem(paths: Paths, svc: Service, unit: Dict[str, str]) -> bool:
     """True when selfheal already reported this very run of the unit as a problem."""
-    last = read_history(paths, svc.name)[-1:]
+    last = last_event(paths, svc.name)
     rearmed = float(load_service_state(paths, svc.name).get("rearmed_at", 0.0))
-    return bool(last) and float(last[0].get("ts", 0)) >= rearmed and \
-        last[0].get("last_invocation") == unit.get("InvocationID") and \
-        last[0].get("outcome") in [o.value for o in PROBLEM_OUTCOMES]
+    return last is not None and float(last.get("ts", 0)) >= rearmed and \
+        last.get("last_invocation") == unit.get("InvocationID") and \
+        last.get("outcome") in [o.value for o in PROBLEM_OUTCOMES]
 
 
 def start_heal(paths: Paths, name: str, finding: Finding) -> None:
@@ -5750,35 +5909,29 @@ def unit_states(units: Sequence[str], wants_detail: Callable[[str, Dict[str, str
     return states, ""
 
 
-def read_heal_events(paths: Paths) -> Tuple[List[dict], int, str]:
-    """Every heal event, oldest first, read once: (events, damaged lines, error).
-
-    A damaged line (a crash mid-write, or a hand edit) is counted and skipped, never fatal;
-    an unreadable history (not root) is an error string, not an exception.
-    """
+def read_heal_events(paths: Paths, since: float = 0.0) -> Tuple[List[dict], int, str]:
+    """Heal events since `since`, oldest first: (events, damaged lines, error). An unreadable
+    history (not root) is an error string, not an exception."""
     try:
-        with open(str(paths.history), "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        return [], 0, ""
+        events, damaged = scan_history(paths, since=since)
     except OSError as exc:
         return [], 0, _unreadable(exc)
-    events, damaged = [], 0
-    for line in data.decode("utf-8", "replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-            event["ts"] = float(event["ts"])
-            if not 0 < event["ts"] < 1e11:  # also NaN
-                raise ValueError("not a time")
-            if not isinstance(event["service"], str) or not isinstance(event.get("outcome", ""), str):
-                raise TypeError("not a heal event")
-        except (ValueError, KeyError, TypeError, IndexError):
-            damaged += 1
-            continue
-        events.append(clean_data(event))  # written clean; an older version's lines may not be
     return events, damaged, ""
+
+
+def last_events(paths: Paths, names: Iterable[str]) -> Dict[str, dict]:
+    """Each service's last heal event, from its summary (never the whole history)."""
+    found = {}
+    for name in names:
+        try:
+            data = json.loads(paths.summary(name).read_text(encoding="utf-8"))
+            last = data.get("last") if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            last = None
+        if isinstance(last, dict):
+            with contextlib.suppress(TypeError, ValueError):
+                found[name] = dict(clean_data(last), ts=float(last["ts"]))
+    return found
 
 
 def mail_queue_length(paths: Paths) -> Tuple[Optional[int], str]:
@@ -5856,11 +6009,15 @@ def collect_dashboard(config: Config, paths: Paths, only: Sequence[str] = (), si
 
     units, systemd_error = unit_states([svc.unit for svc in services] + [WATCH_TIMER], wants_detail)
     ports = listening_ports(proc) if any(svc.port for svc in services) else None
-    events, damaged, history_error = read_heal_events(paths)
+    events, damaged, history_error = read_heal_events(paths, since=now - since)
     events.sort(key=lambda e: e["ts"])  # a hand edit or a clock step may have mixed the lines
-    last: Dict[str, dict] = {}
-    for event in events:
-        last[event["service"]] = event
+    last = last_events(paths, [svc.name for svc in services])
+    if not history_error and any(svc.name not in last for svc in services):
+        # No summary (a history an older selfheal wrote, or no heal yet): the end of the history.
+        with contextlib.suppress(OSError):
+            for event in scan_history(paths, max_bytes=HISTORY_ROTATE_BYTES * (HISTORY_KEEP + 1))[0]:
+                if event["service"] not in last or last[event["service"]]["ts"] <= event["ts"]:
+                    last[event["service"]] = event
     btime = boot_time()
     rows = tuple(service_status(svc, units.get(svc.unit, {}), paths, load_service_state(paths, svc.name),
                                 watch[svc.name], ports, last.get(svc.name), btime, now) for svc in services)

@@ -669,11 +669,12 @@ def test_a_torn_last_history_line_is_skipped_and_counted(host, capsys):
 
 
 class NoPermission(types.ModuleType):
-    """selfheal's `os` as a user without root sees it: the spool cannot be listed."""
+    """selfheal's `os` as a user without root sees it: the spool cannot be listed, the
+    history cannot be opened."""
 
-    def __init__(self, spool):
+    def __init__(self, spool, history=None):
         super().__init__("os")
-        self._spool = str(spool)
+        self._spool, self._history = str(spool), str(history)
 
     def __getattr__(self, name):
         return getattr(os, name)
@@ -683,18 +684,16 @@ class NoPermission(types.ModuleType):
             raise PermissionError(13, "Permission denied", str(path))
         return os.scandir(path)
 
+    def open(self, path, *args, **kwargs):
+        if str(path) == self._history:
+            raise PermissionError(13, "Permission denied", str(path))
+        return os.open(path, *args, **kwargs)
+
 
 def test_without_root_what_is_root_only_is_unknown_and_nothing_fails(host, capsys, monkeypatch):
     host.paths.spool.mkdir(parents=True)
-    monkeypatch.setattr(selfheal, "os", NoPermission(host.paths.spool))
-    real_open = open
-
-    def no_history(path, *args, **kw):
-        if str(path) == str(host.paths.history):
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, *args, **kw)
-
-    monkeypatch.setattr(selfheal, "open", no_history, raising=False)
+    host.paths.history.write_text("")
+    monkeypatch.setattr(selfheal, "os", NoPermission(host.paths.spool, host.paths.history))
     code, out, err = status(capsys)
     assert (code, err) == (0, "")  # the services are fine; not knowing the queue is not a failure
     assert "Mail queue    unknown (not readable without root)" in out
