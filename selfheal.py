@@ -657,7 +657,7 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         smtp_user=take(s, g, "smtp_user", check_header_text, GLOBAL_DEFAULTS["smtp_user"]),
         smtp_password_file=take(s, g, "smtp_password_file", check_abs_path, GLOBAL_DEFAULTS["smtp_password_file"]),
         smtp_timeout=take(s, g, "smtp_timeout", positive_duration, GLOBAL_DEFAULTS["smtp_timeout"]),
-        failure_threshold=take(s, g, "failure_threshold", positive_int, GLOBAL_DEFAULTS["failure_threshold"]),
+        failure_threshold=take(s, g, "failure_threshold", check_failure_threshold, GLOBAL_DEFAULTS["failure_threshold"]),
         failure_window=take(s, g, "failure_window", positive_duration, GLOBAL_DEFAULTS["failure_window"]),
         verify_timeout=take(s, g, "verify_timeout", positive_duration, GLOBAL_DEFAULTS["verify_timeout"]),
         heal_timeout=take(s, g, "heal_timeout", check_heal_timeout, GLOBAL_DEFAULTS["heal_timeout"]),
@@ -827,6 +827,13 @@ def check_webhook_timeout(value: str) -> float:
     if seconds > MAX_WEBHOOK_TIMEOUT:
         raise ValueError("must be %d s or less (a notification must not hold up healing)" % MAX_WEBHOOK_TIMEOUT)
     return seconds
+
+
+def check_failure_threshold(value: str) -> int:
+    number = positive_int(value)
+    if number > SUMMARY_ATTEMPTS:
+        raise ValueError("must be %d or less (the heals a service's summary keeps)" % SUMMARY_ATTEMPTS)
+    return number
 
 
 def check_flap_threshold(value: str) -> int:

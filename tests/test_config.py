@@ -88,6 +88,8 @@ BAD = [
     ("duration-words", glob("smtp_timeout = soon"), [("smtp_timeout", 1, "selfheal", "smtp_timeout", "not a duration")]),
     ("threshold-zero", glob("failure_threshold = 0"),
      [("failure_threshold", 1, "selfheal", "failure_threshold", "whole number")]),
+    ("threshold-beyond-the-summary", glob("failure_threshold = 257"),
+     [("failure_threshold", 1, "selfheal", "failure_threshold", "256 or less")]),
     ("security-unknown", glob("smtp_security = tls"),
      [("smtp_security", 1, "selfheal", "smtp_security", "starttls")]),
     ("bool-unknown", svc("critical = maybe"), [("critical = maybe", 1, "story-stages", "critical", "yes or no")]),
