@@ -3094,16 +3094,30 @@ def heal_attempts(paths: Paths, name: str, since: float) -> List[float]:
 
 
 def rotate(path: Path, limit: int, keep: int) -> None:
-    """path -> path.1 -> ... -> path.KEEP (the oldest dropped), once path is over limit bytes."""
+    """path -> path.1 -> ... -> path.KEEP (the oldest dropped), once path is over limit bytes.
+    A file far over it (one an older selfheal let grow for a year) keeps its last `limit`
+    bytes, from a line's start, as path.1: the bound holds from the first rotation."""
     try:
-        if os.lstat(str(path)).st_size < limit:
-            return
+        size = os.lstat(str(path)).st_size
     except FileNotFoundError:
+        return
+    if size < limit:
         return
     for number in range(keep, 0, -1):
         newer = path if number == 1 else path.with_name("%s.%d" % (path.name, number - 1))
         with contextlib.suppress(FileNotFoundError):
             os.replace(str(newer), str(path.with_name("%s.%d" % (path.name, number))))  # renames a link, never follows
+    if size > 2 * limit and keep:
+        first = path.with_name(path.name + ".1")
+        fd = os.open(str(first), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            tail = os.pread(fd, limit, size - limit)
+            tail = tail[tail.find(b"\n") + 1:]
+            os.pwrite(fd, tail, 0)
+            os.ftruncate(fd, len(tail))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     fsync_dir(path.parent)
 
 

@@ -110,3 +110,18 @@ def test_a_damaged_summary_is_made_again_from_the_history(paths):
     paths.summary("worker").write_text("{not json")
     selfheal.record_event(paths, event(now, "RESOLVED"))
     assert json.loads(paths.summary("worker").read_text())["counts"] == {"FAILED": 1, "RESOLVED": 1}
+
+
+def test_a_history_an_older_selfheal_let_grow_is_cut_to_the_bound_at_the_first_rotation(paths, monkeypatch):
+    monkeypatch.setattr(selfheal, "HISTORY_ROTATE_BYTES", 10000)
+    now = time.time()
+    paths.state.mkdir(parents=True)
+    lines = [json.dumps(event(now - 100000 + i, "RECOVERED")) + "\n" for i in range(5000)]  # ~0.5 MB
+    paths.history.write_text("".join(lines))
+    selfheal.record_event(paths, event(now, "RESOLVED"))
+    kept = paths.history.with_name("history.jsonl.1")
+    assert 9000 < kept.stat().st_size <= 10000
+    assert kept.read_text().endswith(json.dumps(event(now, "RESOLVED"), sort_keys=True) + "\n")
+    events = selfheal.read_history(paths)
+    assert events[-1]["outcome"] == "RESOLVED" and len(events) > 50  # whole lines, the newest kept
+    assert not paths.history.exists() or paths.history.stat().st_size == 0
