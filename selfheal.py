@@ -3075,6 +3075,11 @@ def history_summary(paths: Paths, name: str) -> dict:
         events = []
     for event in events:
         summary = summarize(summary, event)
+    if summary:
+        summary["last"] = clean_data(summary["last"])
+        if is_root():  # made once: the next heal, watch run and dashboard read it
+            with contextlib.suppress(OSError):
+                atomic_write(paths.summary(name), json.dumps(summary, sort_keys=True) + "\n")
     return summary
 
 
@@ -3148,7 +3153,7 @@ def lines_backward(path: Path) -> Iterator[bytes]:
 def read_history(paths: Paths, service: Optional[str] = None, since: float = 0.0) -> List[dict]:
     """Heal events since `since` (of one service, or all), oldest first; [] when unreadable."""
     try:
-        return scan_history(paths, service, since)[0]
+        return [clean_data(event) for event in scan_history(paths, service, since)[0]]
     except OSError:
         return []
 
@@ -3158,7 +3163,8 @@ def scan_history(paths: Paths, service: Optional[str] = None, since: float = 0.0
     """Heal events since `since` (of one service, or all), oldest first, and how many lines
     were damaged (a crash mid-write, a hand edit: skipped, never fatal). The one reader of
     the history: from its end, so a window costs what is in it, not the history's size;
-    max_bytes stops it earlier. Raises OSError when the history cannot be read."""
+    max_bytes stops it earlier. Raises OSError when the history cannot be read. The events
+    are as written (clean since 0.1.0): what is shown of them goes through clean_data."""
     events: List[dict] = []
     damaged, read, older_seen = 0, 0, 0  # older_seen: lines before since in a row (a clock
     done = False  # step may mix a few lines, so a window ends after 100 of them)
@@ -3190,7 +3196,7 @@ def scan_history(paths: Paths, service: Optional[str] = None, since: float = 0.0
                         continue
                     older_seen = 0
                     if service is None or event["service"] == service:
-                        events.append(clean_data(event))  # written clean; an older version's may not be
+                        events.append(event)
         except FileNotFoundError:
             continue
         if done:
@@ -6038,7 +6044,7 @@ def collect_dashboard(config: Config, paths: Paths, only: Sequence[str] = (), si
         with contextlib.suppress(OSError):
             for event in scan_history(paths, max_bytes=HISTORY_ROTATE_BYTES * (HISTORY_KEEP + 1))[0]:
                 if event["service"] not in last or last[event["service"]]["ts"] <= event["ts"]:
-                    last[event["service"]] = event
+                    last[event["service"]] = clean_data(event)
     btime = boot_time()
     rows = tuple(service_status(svc, units.get(svc.unit, {}), paths, load_service_state(paths, svc.name),
                                 watch[svc.name], ports, last.get(svc.name), btime, now) for svc in services)
@@ -6047,9 +6053,10 @@ def collect_dashboard(config: Config, paths: Paths, only: Sequence[str] = (), si
     window = [e for e in events if e["ts"] >= now - since and (not only or e["service"] in names)]
     by_outcome: Dict[str, int] = {}
     for event in window:
-        outcome = event.get("outcome") or "?"
+        outcome = clean(event.get("outcome") or "?")
         by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
-    activity = Activity(now - since, len(window), by_outcome, tuple(reversed(window[-RECENT_EVENTS:])),
+    activity = Activity(now - since, len(window), by_outcome,
+                        tuple(clean_data(e) for e in reversed(window[-RECENT_EVENTS:])),
                         damaged, history_error)
 
     timer = units.get(WATCH_TIMER, {})

@@ -43,7 +43,7 @@ name = MiracleMax
 email_to = root@localhost
 email_from = selfheal@miraclemax.localdomain
 # the benchmark hangs it on purpose, many times an hour: no escalation, no FLAPPING
-failure_threshold = 1000
+failure_threshold = 256
 flap_threshold = 1000
 
 [story-stages]
