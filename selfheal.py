@@ -75,7 +75,7 @@ PYTHON = "/usr/bin/python3"
 SYSTEMCTL = "systemctl"
 JOURNALCTL = "journalctl"
 SS = "ss"
-PROC_DIR = Path("/proc")  # this host's; a test's fake /proc is read as files, never asked of the kernel
+PROC_DIR = Path("/proc")
 
 COMMAND_TIMEOUT = 15.0  # seconds for any external command unless said otherwise
 MAX_CONFIG_BYTES = 1 << 20  # a services.conf larger than 1 MiB is not one
@@ -1730,16 +1730,18 @@ def sock_diag_listeners(timeout: float = SOCK_DIAG_TIMEOUT) -> List[Tuple[int, s
     return found
 
 
-def proc_net_listeners(proc: Path = PROC_DIR) -> Optional[List[Tuple[int, str]]]:
+def proc_net_listeners(proc: Path) -> Optional[List[Tuple[int, str]]]:
     """(port, inode) of every TCP socket in LISTEN state, from proc's net/tcp and tcp6; None
-    when unreadable. Every socket of the host is a line there: about 0.2 s with 20,000
-    connections, hence sock_diag_listeners first."""
+    when unreadable (no net/tcp: ProcSubset=pid, say). Every socket of the host is a line
+    there: about 0.2 s with 20,000 connections, hence sock_diag_listeners first."""
     found = []
     for name in ("tcp", "tcp6"):
         try:
             text = (proc / "net" / name).read_text()
         except FileNotFoundError:
-            continue  # no IPv6 here
+            if name == "tcp6":
+                continue  # no IPv6 here
+            return None
         except OSError:
             return None
         for line in text.splitlines()[1:]:
@@ -1756,14 +1758,14 @@ def _say_listen_source(source: str, text: str, *args) -> None:
         log.debug(text, *args)
 
 
-def tcp_listen_sockets(proc: Path = PROC_DIR) -> Optional[List[Tuple[int, str]]]:
+def tcp_listen_sockets(proc: Optional[Path] = None) -> Optional[List[Tuple[int, str]]]:
     """(port, inode as /proc writes it) of every TCP socket in LISTEN state, IPv4 and IPv6:
-    from the kernel (sock_diag_listeners), else from /proc/net/tcp and tcp6 when netlink
+    from the kernel (sock_diag_listeners), else from PROC_DIR's net/tcp and tcp6 when netlink
     fails (a sandbox without AF_NETLINK, a kernel without inet_diag); None when neither
-    answers. A proc other than PROC_DIR (a test's) is read as files: the kernel speaks for
-    this host's /proc only."""
+    answers. Given a proc (a test's fake /proc), its files alone are read."""
     why = ""
-    if proc == PROC_DIR:
+    if proc is None:
+        proc = PROC_DIR
         try:
             sockets = sock_diag_listeners()
         except (OSError, ValueError) as exc:
@@ -1778,7 +1780,7 @@ def tcp_listen_sockets(proc: Path = PROC_DIR) -> Optional[List[Tuple[int, str]]]
     return found
 
 
-def listening_ports(proc: Path = PROC_DIR) -> Optional[set]:
+def listening_ports(proc: Optional[Path] = None) -> Optional[set]:
     """TCP ports in LISTEN state (tcp_listen_sockets: no process started); None when unreadable."""
     sockets = tcp_listen_sockets(proc)
     return None if sockets is None else {port for port, _ in sockets}
@@ -1810,7 +1812,7 @@ def systemd_facts(timeout: float = VERSION_PROBE_TIMEOUT) -> List[str]:
     return [detail, "MONITOR_* on failure: %s" % monitor]
 
 
-def listen_inodes(port: int, proc: Path = PROC_DIR) -> Optional[set]:
+def listen_inodes(port: int, proc: Optional[Path] = None) -> Optional[set]:
     """Inodes of the TCP sockets listening on port (tcp_listen_sockets); None when unreadable."""
     sockets = tcp_listen_sockets(proc)
     return None if sockets is None else {inode for listening, inode in sockets if listening == port}
@@ -5825,9 +5827,10 @@ def service_status(svc: Service, unit: Dict[str, str], paths: Paths, state: dict
 
 
 def collect_dashboard(config: Config, paths: Paths, only: Sequence[str] = (), since: float = DEFAULT_SINCE,
-                      now: Optional[float] = None, proc: Path = Path("/proc")) -> Dashboard:
+                      now: Optional[float] = None, proc: Optional[Path] = None) -> Dashboard:
     """Everything the dashboard shows, asked once: the states of all services and the timer
-    from at most two processes (unit_states), /proc, statvfs, and selfheal's own files."""
+    from at most two processes (unit_states), /proc and the kernel's listening sockets,
+    statvfs, and selfheal's own files. proc: a fake /proc (tests), read instead of both."""
     now = time.time() if now is None else now
     services = [svc for svc in config.services.values() if not only or svc.name in only]
     watch = {svc.name: load_watch_state(paths, svc.name) for svc in services}
@@ -5871,7 +5874,8 @@ def collect_dashboard(config: Config, paths: Paths, only: Sequence[str] = (), si
         s.watch_interval, max(checks) if checks else None, len(config.services),
         sum(1 for svc in config.services.values() if svc.critical), s.email_to, s.failure_threshold,
         s.failure_window, queue, queue_error, systemd_error, webhook_queue_length(paths))
-    return Dashboard(s.name, collect_system(config, now, services, proc), rows, activity, setup, tuple(only))
+    return Dashboard(s.name, collect_system(config, now, services, proc or PROC_DIR), rows, activity, setup,
+                     tuple(only))
 
 
 # -- JSON: the documented shape (README, "status --json") -------------------------
