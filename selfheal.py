@@ -5068,12 +5068,13 @@ SystemCallFilter=@system-service
 SystemCallFilter=~@resources
 SystemCallErrorNumber=EPERM
 # AF_INET/AF_INET6: smtp_host, health_url, webhook_url (http/https); AF_UNIX: systemd and the
-# journal; AF_NETLINK: ss asks the kernel for the listening sockets (and glibc's resolver).
+# journal; AF_NETLINK: the listening sockets, asked of the kernel (NETLINK_SOCK_DIAG, by selfheal
+# and by ss), and glibc's resolver.
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 # Omitted on purpose:
 # PrivateNetwork=, IPAddressDeny=: smtp_host, health_url and the webhook/heartbeat URLs may be anywhere.
 # ProtectProc=invisible, ProcSubset=pid: it must see other users' processes (who holds the
-#   port, in which cgroup) and /proc/stat, /proc/net/tcp.
+#   port, in which cgroup) and /proc/stat (and /proc/net/tcp, should netlink be refused).
 # MemoryDenyWriteExecute=: config_check may be a JIT runtime (java, node), which it breaks.
 # RestrictSUIDSGID=: db_mode may declare a setgid data directory (e.g. 2770).
 # UMask=0077: history and watch status are for the dashboard without root (0644); files
@@ -5137,11 +5138,12 @@ SystemCallFilter=@system-service
 SystemCallFilter=~@resources
 SystemCallErrorNumber=EPERM
 # AF_INET/AF_INET6: mail, health_url, webhook and heartbeat; AF_UNIX: systemd, journal; AF_NETLINK:
-# glibc's resolver (and ss, should /proc/net/tcp be unreadable).
+# the listening sockets, asked of the kernel (NETLINK_SOCK_DIAG, by selfheal and by ss --cgroup),
+# and glibc's resolver.
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 # Omitted on purpose:
 # PrivateNetwork=, IPAddressDeny=: smtp_host, health_url and the webhook/heartbeat URLs may be anywhere.
-# ProcSubset=pid: it reads /proc/net/tcp and /proc/stat.
+# ProcSubset=pid: it reads /proc/stat (and /proc/net/tcp, should netlink be refused).
 # UMask=0077: its status files are for the dashboard without root (0644).
 # Bounds: measured peak (largest process, RSS) of a watch run: 41-43 MB on systemd 252 and
 # 257; 3x that is allowed. Tasks: health checks run at most 8 at a time, plus mail and posts.
