@@ -38,6 +38,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import syslog
@@ -74,6 +75,7 @@ PYTHON = "/usr/bin/python3"
 SYSTEMCTL = "systemctl"
 JOURNALCTL = "journalctl"
 SS = "ss"
+PROC_DIR = Path("/proc")
 
 COMMAND_TIMEOUT = 15.0  # seconds for any external command unless said otherwise
 MAX_CONFIG_BYTES = 1 << 20  # a services.conf larger than 1 MiB is not one
@@ -88,6 +90,7 @@ MAX_JOB_SECONDS = 600.0  # the longest a systemctl job may take (selfheal@.servi
 MAX_HEAL_SECONDS = 480.0  # heal_timeout's ceiling: the unit's 10 min less time to report
 HEAL_RESERVE = 5.0  # of heal_timeout, kept for recording what happened after the last step
 JOURNAL_LINES = 30
+SOCK_DIAG_TIMEOUT = 0.5  # seconds for the kernel's list of listening sockets (netlink), both families
 
 EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 
@@ -1667,26 +1670,152 @@ def signal_name(number: str) -> str:
         return number
 
 
-def listening_ports(proc: Path = Path("/proc")) -> Optional[set]:
-    """TCP ports in LISTEN state, from /proc/net/tcp and tcp6 (no process started)."""
-    ports = set()
+# NETLINK_SOCK_DIAG (linux/netlink.h, sock_diag.h, inet_diag.h): what `ss -tl` asks the kernel.
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+TCP_LISTEN = 10  # the state /proc/net/tcp writes as 0A
+NLMSG_HDR = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, port id
+# inet_diag_req_v2: family, protocol, extensions, pad, states (a bit per state), inet_diag_sockid
+INET_DIAG_REQ_V2 = struct.Struct("=BBBBI48s")
+# inet_diag_msg: family, state, timer, retrans, then inet_diag_sockid (sport and dport in network
+# byte order, src, dst, interface, cookie), expires, rqueue, wqueue, uid, inode
+INET_DIAG_MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
+SOCK_DIAG_BUFFER = 1 << 16  # the kernel fills at most 32 KiB per datagram of a dump
+_LISTEN_SOURCES_SAID: set = set()  # which source tcp_listen_sockets used, said once per process
+
+
+def sock_diag_request(family: int, seq: int) -> bytes:
+    """A SOCK_DIAG_BY_FAMILY dump request for family's TCP sockets in LISTEN state only: the
+    kernel then walks its listening table alone, never the established connections."""
+    request = INET_DIAG_REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN, b"")
+    return NLMSG_HDR.pack(NLMSG_HDR.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP,
+                          seq, 0) + request
+
+
+def parse_sock_diag(data: bytes, seq: int) -> Tuple[List[Tuple[int, str]], bool]:
+    """One datagram of the reply to sock_diag_request(..., seq) -> ((port, inode) of each TCP
+    socket in LISTEN state in it, whether the dump ended there). An NLMSG_ERROR (or a dump the
+    kernel ended with an error) raises OSError with its errno; bytes that are not a whole
+    reply raise ValueError. Messages of another seq are skipped."""
+    found: List[Tuple[int, str]] = []
+    offset = 0
+    while offset < len(data):
+        if len(data) - offset < NLMSG_HDR.size:
+            raise ValueError("sock_diag: %d stray bytes at the end of a reply" % (len(data) - offset))
+        length, kind, _, msg_seq, _ = NLMSG_HDR.unpack_from(data, offset)
+        if length < NLMSG_HDR.size or offset + length > len(data):
+            raise ValueError("sock_diag: a message of %d bytes at byte %d of %d" % (length, offset, len(data)))
+        body = data[offset + NLMSG_HDR.size:offset + length]
+        offset += (length + 3) & ~3  # NLMSG_ALIGN
+        if msg_seq != seq:
+            continue
+        if kind in (NLMSG_DONE, NLMSG_ERROR):
+            if len(body) < 4:
+                if kind == NLMSG_DONE:
+                    return found, True
+                raise ValueError("sock_diag: an error message of %d bytes" % len(body))
+            (code,) = struct.unpack_from("=i", body)
+            if code < 0:
+                raise OSError(-code, "sock_diag: %s" % os.strerror(-code))
+            if kind == NLMSG_DONE:
+                return found, True
+            continue  # NLMSG_ERROR with 0: an acknowledgement
+        if kind != SOCK_DIAG_BY_FAMILY:
+            continue  # NLMSG_NOOP
+        if len(body) < INET_DIAG_MSG.size:
+            raise ValueError("sock_diag: a socket of %d bytes, not %d" % (len(body), INET_DIAG_MSG.size))
+        fields = INET_DIAG_MSG.unpack_from(body)
+        family, state, sport, inode = fields[0], fields[1], fields[4], fields[-1]
+        if state == TCP_LISTEN and family in (socket.AF_INET, socket.AF_INET6):
+            found.append((int.from_bytes(sport, "big"), str(inode)))
+    return found, False
+
+
+def sock_diag_listeners(timeout: float = SOCK_DIAG_TIMEOUT) -> List[Tuple[int, str]]:
+    """(port, inode) of every TCP socket in LISTEN state, IPv4 and IPv6, asked of the kernel
+    over NETLINK_SOCK_DIAG as `ss -tl` does: as fast with 20,000 connections as with none,
+    and no capability needed. Raises OSError when the kernel or a sandbox refuses (EPERM,
+    EAFNOSUPPORT, EPROTONOSUPPORT: no AF_NETLINK, no inet_diag) or timeout passes, ValueError
+    for a reply it cannot read."""
+    deadline = time.monotonic() + timeout
+    found: List[Tuple[int, str]] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as sock:
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+            try:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock.sendto(sock_diag_request(family, seq), (0, 0))
+                done = False
+                while not done:
+                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                    data, _, flags, _ = sock.recvmsg(SOCK_DIAG_BUFFER)
+                    if flags & socket.MSG_TRUNC:
+                        raise ValueError("sock_diag: a reply longer than %d bytes" % SOCK_DIAG_BUFFER)
+                    sockets, done = parse_sock_diag(data, seq)
+                    found.extend(sockets)
+            except OSError as exc:
+                if family == socket.AF_INET6 and exc.errno == errno.ENOENT:
+                    continue  # a kernel without IPv6 has no table for it (as /proc has no tcp6)
+                raise
+    return found
+
+
+def proc_net_listeners(proc: Path) -> Optional[List[Tuple[int, str]]]:
+    """(port, inode) of every TCP socket in LISTEN state, from proc's net/tcp and tcp6; None
+    when unreadable (no net/tcp: ProcSubset=pid, say). Every socket of the host is a line
+    there: 0.15 s a call with 20,000 connections (tests/bench_listeners.py), hence
+    sock_diag_listeners first."""
+    found = []
     for name in ("tcp", "tcp6"):
         try:
             text = (proc / "net" / name).read_text()
         except FileNotFoundError:
-            continue  # no IPv6 here
+            if name == "tcp6":
+                continue  # no IPv6 here
+            return None
         except OSError:
             return None
         for line in text.splitlines()[1:]:
             fields = line.split()
-            if len(fields) > 3 and fields[3] == "0A":  # 0A is TCP_LISTEN
-                ports.add(int(fields[1].rpartition(":")[2], 16))
-    return ports
+            if len(fields) > 9 and fields[3] == "0A":  # 0A is TCP_LISTEN
+                found.append((int(fields[1].rpartition(":")[2], 16), fields[9]))
+    return found
 
 
-def port_listening(port: int) -> bool:
-    ports = listening_ports()
-    return port in ports if ports is not None else bool(listeners_on(port))
+def _say_listen_source(source: str, text: str, *args) -> None:
+    """A debug line (-v) about where the listening sockets came from, once per process."""
+    if source not in _LISTEN_SOURCES_SAID:
+        _LISTEN_SOURCES_SAID.add(source)
+        log.debug(text, *args)
+
+
+def tcp_listen_sockets(proc: Optional[Path] = None) -> Optional[List[Tuple[int, str]]]:
+    """(port, inode as /proc writes it) of every TCP socket in LISTEN state, IPv4 and IPv6:
+    from the kernel (sock_diag_listeners), else from PROC_DIR's net/tcp and tcp6 when netlink
+    fails (a sandbox without AF_NETLINK, a kernel without inet_diag); None when neither
+    answers. Given a proc (a test's fake /proc), its files alone are read."""
+    why = ""
+    if proc is None:
+        proc = PROC_DIR
+        try:
+            sockets = sock_diag_listeners()
+        except (OSError, ValueError) as exc:
+            why = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
+        else:
+            _say_listen_source("netlink", "listening sockets: asked of the kernel (NETLINK_SOCK_DIAG)")
+            return sockets
+    found = proc_net_listeners(proc)
+    _say_listen_source("proc" if found is not None else "none", "listening sockets: %s %s/net/tcp%s",
+                       "read from" if found is not None else "cannot read", proc,
+                       " (netlink: %s)" % why if why else "")
+    return found
+
+
+def listening_ports(proc: Optional[Path] = None) -> Optional[set]:
+    """TCP ports in LISTEN state (tcp_listen_sockets: no process started); None when unreadable."""
+    sockets = tcp_listen_sockets(proc)
+    return None if sockets is None else {port for port, _ in sockets}
 
 
 def systemd_version(timeout: float = VERSION_PROBE_TIMEOUT) -> Tuple[Optional[int], str]:
@@ -1715,21 +1844,10 @@ def systemd_facts(timeout: float = VERSION_PROBE_TIMEOUT) -> List[str]:
     return [detail, "MONITOR_* on failure: %s" % monitor]
 
 
-def listen_inodes(port: int, proc: Path = Path("/proc")) -> Optional[set]:
-    """Inodes of the TCP sockets listening on port, from /proc/net/tcp and tcp6; None when unreadable."""
-    inodes = set()
-    for name in ("tcp", "tcp6"):
-        try:
-            text = (proc / "net" / name).read_text()
-        except FileNotFoundError:
-            continue
-        except OSError:
-            return None
-        for line in text.splitlines()[1:]:
-            fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and fields[1].endswith(":%04X" % port):
-                inodes.add(fields[9])
-    return inodes
+def listen_inodes(port: int, proc: Optional[Path] = None) -> Optional[set]:
+    """Inodes of the TCP sockets listening on port (tcp_listen_sockets); None when unreadable."""
+    sockets = tcp_listen_sockets(proc)
+    return None if sockets is None else {inode for listening, inode in sockets if listening == port}
 
 
 def main_holds_port(inodes: set, main_pid: int, unit: str, control_group: str = "",
@@ -4163,7 +4281,7 @@ def watch_run(config: Config, paths: Paths) -> int:
     # about one, or read the listening ports, stays silent, and the dead-man's switch alerts.
     blind = [svc.name for svc in services if not units.get(svc.unit)] + late
     if ports is None and any(svc.port for svc in services):
-        blind.append("ports (/proc/net/tcp unreadable)")
+        blind.append("ports (neither netlink nor /proc/net/tcp answered)")
     if blind:
         log.warning("watch: could not check %s; no heartbeat this run", ", ".join(blind))
     else:
@@ -5272,12 +5390,13 @@ SystemCallFilter=@system-service
 SystemCallFilter=~@resources
 SystemCallErrorNumber=EPERM
 # AF_INET/AF_INET6: smtp_host, health_url, webhook_url (http/https); AF_UNIX: systemd and the
-# journal; AF_NETLINK: ss asks the kernel for the listening sockets (and glibc's resolver).
+# journal; AF_NETLINK: the listening sockets, asked of the kernel (NETLINK_SOCK_DIAG, by selfheal
+# and by ss), and glibc's resolver.
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 # Omitted on purpose:
 # PrivateNetwork=, IPAddressDeny=: smtp_host, health_url and the webhook/heartbeat URLs may be anywhere.
 # ProtectProc=invisible, ProcSubset=pid: it must see other users' processes (who holds the
-#   port, in which cgroup) and /proc/stat, /proc/net/tcp.
+#   port, in which cgroup) and /proc/stat (and /proc/net/tcp, should netlink be refused).
 # MemoryDenyWriteExecute=: config_check may be a JIT runtime (java, node), which it breaks.
 # RestrictSUIDSGID=: db_mode may declare a setgid data directory (e.g. 2770).
 # UMask=0077: history and watch status are for the dashboard without root (0644); files
@@ -5341,11 +5460,12 @@ SystemCallFilter=@system-service
 SystemCallFilter=~@resources
 SystemCallErrorNumber=EPERM
 # AF_INET/AF_INET6: mail, health_url, webhook and heartbeat; AF_UNIX: systemd, journal; AF_NETLINK:
-# glibc's resolver (and ss, should /proc/net/tcp be unreadable).
+# the listening sockets, asked of the kernel (NETLINK_SOCK_DIAG, by selfheal and by ss --cgroup),
+# and glibc's resolver.
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 # Omitted on purpose:
 # PrivateNetwork=, IPAddressDeny=: smtp_host, health_url and the webhook/heartbeat URLs may be anywhere.
-# ProcSubset=pid: it reads /proc/net/tcp and /proc/stat.
+# ProcSubset=pid: it reads /proc/stat (and /proc/net/tcp, should netlink be refused).
 # UMask=0077: its status files are for the dashboard without root (0644).
 # Bounds: measured peak (largest process, RSS) of a watch run: 41-43 MB on systemd 252 and
 # 257; 3x that is allowed. Tasks: health checks run at most 8 at a time, plus mail and posts.
@@ -5713,7 +5833,7 @@ class ServiceStatus(NamedTuple):
     sub_state: str = ""
     result: str = ""
     port: Optional[int] = None
-    listening: Optional[bool] = None  # None: no port, not running, or /proc/net/tcp unreadable
+    listening: Optional[bool] = None  # None: no port, not running, or the listening sockets unreadable
     domain: str = ""
     critical: bool = False
     paused_until: Optional[float] = None  # None: not paused; 0.0: until resumed
@@ -6019,9 +6139,10 @@ def service_status(svc: Service, unit: Dict[str, str], paths: Paths, state: dict
 
 
 def collect_dashboard(config: Config, paths: Paths, only: Sequence[str] = (), since: float = DEFAULT_SINCE,
-                      now: Optional[float] = None, proc: Path = Path("/proc")) -> Dashboard:
+                      now: Optional[float] = None, proc: Optional[Path] = None) -> Dashboard:
     """Everything the dashboard shows, asked once: the states of all services and the timer
-    from at most two processes (unit_states), /proc, statvfs, and selfheal's own files."""
+    from at most two processes (unit_states), /proc and the kernel's listening sockets,
+    statvfs, and selfheal's own files. proc: a fake /proc (tests), read instead of both."""
     now = time.time() if now is None else now
     services = [svc for svc in config.services.values() if not only or svc.name in only]
     watch = {svc.name: load_watch_state(paths, svc.name) for svc in services}
@@ -6070,7 +6191,8 @@ def collect_dashboard(config: Config, paths: Paths, only: Sequence[str] = (), si
         s.watch_interval, max(checks) if checks else None, len(config.services),
         sum(1 for svc in config.services.values() if svc.critical), s.email_to, s.failure_threshold,
         s.failure_window, queue, queue_error, systemd_error, webhook_queue_length(paths))
-    return Dashboard(s.name, collect_system(config, now, services, proc), rows, activity, setup, tuple(only))
+    return Dashboard(s.name, collect_system(config, now, services, proc or PROC_DIR), rows, activity, setup,
+                     tuple(only))
 
 
 # -- JSON: the documented shape (README, "status --json") -------------------------

@@ -12,10 +12,12 @@ import pwd
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -131,6 +133,199 @@ def test_listening_ports_reads_listen_sockets_of_tcp_and_tcp6(tmp_path):
     (tmp_path / "net" / "tcp6").write_text(
         header + "   0: %s:0050 %s:0000 0A" % ("0" * 32, "0" * 32) + rest)  # [::]:80 LISTEN
     assert selfheal.listening_ports(tmp_path) == {5002, 80}
+
+
+def test_listening_ports_of_a_proc_without_net_tcp_are_unknown_not_none_listening(tmp_path):
+    assert selfheal.listening_ports(tmp_path) is None  # ProcSubset=pid hides /proc/net: unknown
+    assert selfheal.listen_inodes(5002, tmp_path) is None
+
+
+# -- the kernel's answer (NETLINK_SOCK_DIAG), fed as bytes and asked for real ----------
+
+NLM_F_MULTI = 0x2
+
+
+def nlmsg(kind, body, seq=1):
+    """One netlink message as the kernel sends it: nlmsghdr, body, padding to 4 bytes."""
+    raw = selfheal.NLMSG_HDR.pack(selfheal.NLMSG_HDR.size + len(body), kind, NLM_F_MULTI, seq, 0) + body
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def diag_msg(family, port, inode, state=selfheal.TCP_LISTEN, seq=1):
+    """A SOCK_DIAG_BY_FAMILY reply: one inet_diag_msg (the port in network byte order)."""
+    body = selfheal.INET_DIAG_MSG.pack(family, state, 0, 0, port.to_bytes(2, "big"), b"\0\0", b"", b"", 0,
+                                       b"", 0, 0, 0, 0, inode)
+    return nlmsg(selfheal.SOCK_DIAG_BY_FAMILY, body, seq)
+
+
+def done_msg(seq=1, code=0):
+    return nlmsg(selfheal.NLMSG_DONE, struct.pack("=i", code), seq)
+
+
+def error_msg(code, seq=1):
+    """NLMSG_ERROR: the negative errno (0: an acknowledgement), then the request's header."""
+    return nlmsg(selfheal.NLMSG_ERROR, struct.pack("=i", code) + selfheal.NLMSG_HDR.pack(72, 20, 0x301, seq, 0), seq)
+
+
+def test_sock_diag_request_asks_for_tcp_sockets_in_listen_state_only():
+    data = selfheal.sock_diag_request(socket.AF_INET6, 7)
+    length, kind, flags, seq, _ = selfheal.NLMSG_HDR.unpack_from(data)
+    family, protocol, _, _, states, sockid = selfheal.INET_DIAG_REQ_V2.unpack_from(data, selfheal.NLMSG_HDR.size)
+    assert (length, kind, flags, seq) == (len(data), 20, 0x301, 7)  # SOCK_DIAG_BY_FAMILY, REQUEST|DUMP
+    assert (family, protocol, states, sockid) == (socket.AF_INET6, socket.IPPROTO_TCP, 1 << 10, b"\0" * 48)
+
+
+def test_sock_diag_reply_gives_port_and_inode_of_each_listen_socket_until_done():
+    one = diag_msg(socket.AF_INET, 5002, 111) + diag_msg(socket.AF_INET6, 80, 4294967295)
+    assert selfheal.parse_sock_diag(one, 1) == ([(5002, "111"), (80, "4294967295")], False)
+    assert selfheal.parse_sock_diag(done_msg(), 1) == ([], True)
+
+
+def test_sock_diag_reply_in_many_parts_is_read_until_done_and_nothing_after_it():
+    parts = [diag_msg(socket.AF_INET, 5002, 111), diag_msg(socket.AF_INET, 5003, 333) + done_msg()
+             + diag_msg(socket.AF_INET, 9999, 999)]
+    assert selfheal.parse_sock_diag(parts[0], 1) == ([(5002, "111")], False)
+    assert selfheal.parse_sock_diag(parts[1], 1) == ([(5003, "333")], True)
+
+
+def test_sock_diag_reply_skips_other_states_other_requests_noops_and_acknowledgements():
+    data = (diag_msg(socket.AF_INET, 40000, 222, state=1)  # ESTABLISHED: never asked for, never counted
+            + diag_msg(socket.AF_INET, 6000, 666, seq=2)   # the answer to another request
+            + nlmsg(1, b"x")                                # NLMSG_NOOP, 17 bytes: padded to 20
+            + error_msg(0)                                  # an acknowledgement
+            + diag_msg(socket.AF_INET, 5002, 111))
+    assert selfheal.parse_sock_diag(data, 1) == ([(5002, "111")], False)
+
+
+@pytest.mark.parametrize("reply, code", [
+    (error_msg(-errno.EPERM), errno.EPERM),                                       # NLMSG_ERROR
+    (diag_msg(socket.AF_INET, 5002, 111) + done_msg(code=-errno.EINTR), errno.EINTR),  # a dump ended by an error
+])
+def test_sock_diag_error_in_the_reply_raises_its_errno(reply, code):
+    with pytest.raises(OSError) as raised:
+        selfheal.parse_sock_diag(reply, 1)
+    assert raised.value.errno == code
+
+
+def test_sock_diag_reply_cut_anywhere_gives_a_prefix_or_a_value_error_never_a_wrong_socket():
+    whole = diag_msg(socket.AF_INET, 5002, 111) + diag_msg(socket.AF_INET6, 80, 444) + done_msg()
+    full = [(5002, "111"), (80, "444")]
+    for cut in range(1, len(whole)):
+        try:
+            found, done = selfheal.parse_sock_diag(whole[:cut], 1)
+        except ValueError:
+            continue
+        assert found == full[:len(found)] and not done, cut
+    for garbage in (b"\0" * 16, b"\xff" * 20, selfheal.NLMSG_HDR.pack(8, 20, 0, 1, 0)):  # lengths 0, huge, < header
+        with pytest.raises(ValueError):
+            selfheal.parse_sock_diag(garbage, 1)
+
+
+@pytest.fixture
+def sockets_here():
+    """On 127.0.0.1 (and ::1 when this host has it): a listening socket, and an established
+    connection to another listener -> (listeners {port: {inodes}}, the client's local port,
+    the server side's inode of that connection)."""
+    opened = []
+
+    def track(sock):
+        opened.append(sock)
+        return sock
+
+    def listener(family, address, port=0):
+        sock = track(socket.socket(family))
+        sock.bind((address, port))
+        sock.listen()
+        return sock
+
+    def inode(sock):
+        return str(os.fstat(sock.fileno()).st_ino)
+
+    try:
+        listen = listener(socket.AF_INET, "127.0.0.1")
+        port = listen.getsockname()[1]
+        listeners = {port: {inode(listen)}}
+        try:
+            listeners[port].add(inode(listener(socket.AF_INET6, "::1", port)))  # the same port on ::1
+        except OSError:
+            pass  # no IPv6 here: IPv4 alone
+        server = listener(socket.AF_INET, "127.0.0.1")
+        listeners[server.getsockname()[1]] = {inode(server)}
+        client = track(socket.create_connection(server.getsockname(), timeout=5))
+        accepted = track(server.accept()[0])
+        yield listeners, client.getsockname()[1], inode(accepted)
+    finally:
+        for sock in opened:
+            sock.close()
+
+
+def test_kernel_names_the_listening_sockets_here_and_not_an_established_connection(sockets_here):
+    listeners, client_port, accepted = sockets_here
+    found = selfheal.sock_diag_listeners()  # really asked, IPv4 and IPv6: it must not fail here
+    for port, inodes in listeners.items():
+        assert {inode for p, inode in found if p == port} == inodes
+    assert client_port not in {p for p, _ in found}
+    assert accepted not in {inode for _, inode in found}
+    # /proc/net/tcp says the same of these sockets
+    from_proc = selfheal.proc_net_listeners(selfheal.PROC_DIR)
+    for port, inodes in listeners.items():
+        assert {inode for p, inode in from_proc if p == port} == inodes
+    # and so do listening_ports and listen_inodes
+    ports = selfheal.listening_ports()
+    assert set(listeners) <= ports and client_port not in ports
+    assert all(selfheal.listen_inodes(port) == inodes for port, inodes in listeners.items())
+
+
+def _netlink_refused(monkeypatch):  # a sandbox without AF_NETLINK (or seccomp) says EPERM
+    def refuse(timeout=None):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(selfheal, "sock_diag_listeners", refuse)
+    return "Operation not permitted"
+
+
+def _no_such_netlink_family(monkeypatch):  # the kernel itself refuses the socket()
+    monkeypatch.setattr(selfheal, "NETLINK_SOCK_DIAG", 32)  # >= MAX_LINKS: EPROTONOSUPPORT
+    return os.strerror(errno.EPROTONOSUPPORT)
+
+
+def _reply_not_understood(monkeypatch):
+    def garbled(data, seq):
+        raise ValueError("sock_diag: a message of 0 bytes at byte 0 of 16")
+    monkeypatch.setattr(selfheal, "parse_sock_diag", garbled)
+    return "sock_diag: a message of 0 bytes at byte 0 of 16"
+
+
+@pytest.mark.parametrize("fail", [_netlink_refused, _no_such_netlink_family, _reply_not_understood])
+def test_listening_sockets_come_from_proc_net_tcp_when_netlink_fails_and_it_is_said_once(
+        sockets_here, monkeypatch, caplog, fail):
+    listeners, client_port, _ = sockets_here
+    monkeypatch.setattr(selfheal, "_LISTEN_SOURCES_SAID", set())
+    why = fail(monkeypatch)
+    caplog.set_level(logging.DEBUG, logger="selfheal")
+    for _ in range(3):
+        ports = selfheal.listening_ports()
+        assert set(listeners) <= ports and client_port not in ports
+        assert all(selfheal.listen_inodes(port) == inodes for port, inodes in listeners.items())
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("listening sockets:")]
+    assert said == ["listening sockets: read from /proc/net/tcp (netlink: %s)" % why]
+
+
+def test_listening_sockets_asked_of_the_kernel_are_said_once_per_process(sockets_here, monkeypatch, caplog):
+    listeners, _, _ = sockets_here
+    monkeypatch.setattr(selfheal, "_LISTEN_SOURCES_SAID", set())
+    monkeypatch.setattr(selfheal, "PROC_DIR", Path("/nonexistent-proc"))  # so /proc cannot be what answers
+    caplog.set_level(logging.DEBUG, logger="selfheal")
+    for _ in range(3):
+        assert set(listeners) <= selfheal.listening_ports()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("listening sockets:")]
+    assert said == ["listening sockets: asked of the kernel (NETLINK_SOCK_DIAG)"]
+
+
+def test_listening_sockets_are_unknown_when_neither_netlink_nor_proc_answers(monkeypatch, tmp_path):
+    _netlink_refused(monkeypatch)
+    monkeypatch.setattr(selfheal, "PROC_DIR", tmp_path)  # no net/tcp in it
+    assert selfheal.listening_ports() is None
+    assert selfheal.listen_inodes(5002) is None
 
 
 SS_LINES = [

@@ -1,0 +1,111 @@
+"""Drills on a real systemd (issue: the port check read every socket of the host from
+/proc/net/tcp): inside the real sandboxes of selfheal@.service and selfheal-watch.service the
+listening sockets are asked of the kernel (NETLINK_SOCK_DIAG), and the port is still proven
+to be the restarted service's; where a sandbox refuses AF_NETLINK, /proc/net/tcp answers.
+
+The units run with -v (a drop-in): each process says once which source it used. One suite:
+what is tested is the kernel and the units' sandbox, which systemd 247, 252 and 257 applied
+alike when this drill was run on all three.
+"""
+
+import json
+
+import pytest
+
+from drillkit import (about, body, clear_mailbox, drill_suites, installed_host, kill, show, wait_idle,
+                      web_unit)
+
+pytestmark = pytest.mark.drill
+
+UNITS = {"ears.service": web_unit(5041), "nonet.service": web_unit(5042)}
+
+CONFIG = """\
+[selfheal]
+name = MiracleMax
+email_to = root@localhost
+email_from = selfheal@miraclemax.localdomain
+smtp_host = 127.0.0.1
+smtp_timeout = 3s
+verify_timeout = 10s
+watch_interval = 1h
+
+[ears]
+port = 5041
+health_url = http://127.0.0.1:5041/health
+strategies = service_restart
+
+[nonet]
+port = 5042
+health_url = http://127.0.0.1:5042/health
+strategies = service_restart
+"""
+
+FROM_KERNEL = "selfheal: listening sockets: asked of the kernel (NETLINK_SOCK_DIAG)"
+FROM_PROC = "selfheal: listening sockets: read from /proc/net/tcp (netlink: Address family not supported by protocol)"
+
+
+def verbose(box, unit, installed):
+    """A drop-in that runs the installed unit's command line with -v (debug lines on stderr)."""
+    (line,) = [x for x in box.read("/etc/systemd/system/" + installed).splitlines() if x.startswith("ExecStart=")]
+    assert 'selfheal.main())" ' in line, line
+    box.write("/etc/systemd/system/%s.d/verbose.conf" % unit,
+              "[Service]\nExecStart=\n%s\n" % line.replace('selfheal.main())" ', 'selfheal.main())" -v ', 1))
+
+
+@pytest.fixture(scope="module", params=drill_suites("bookworm"))
+def host(request, bed_reason, repo_root):
+    if bed_reason:
+        pytest.skip(bed_reason)
+    with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("ears", "nonet"),
+                        ports=(5041, 5042)) as box:
+        for unit in ("selfheal@ears.service", "selfheal@nonet.service"):
+            verbose(box, unit, "selfheal@.service")
+        verbose(box, "selfheal-watch.service", "selfheal-watch.service")
+        # a sandbox without AF_NETLINK (an admin's drop-in, or a kernel that refuses it)
+        box.write("/etc/systemd/system/selfheal@nonet.service.d/no-netlink.conf",
+                  "[Service]\nRestrictAddressFamilies=\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n")
+        box.run(["systemctl", "daemon-reload"])
+        yield box
+
+
+def said(box, unit):
+    """What the last run of unit wrote on stderr (one line per debug record, -v)."""
+    invocation = show(box, unit, "InvocationID")
+    assert invocation, unit
+    return box.run(["journalctl", "--no-pager", "-o", "cat", "_SYSTEMD_INVOCATION_ID=" + invocation,
+                    "_TRANSPORT=stdout"]).stdout.splitlines()
+
+
+def test_heal_in_its_sandbox_asks_the_kernel_for_the_port_and_proves_it_is_the_new_runs(host):
+    clear_mailbox(host)
+    kill(host, "ears.service")
+    [mail] = host.wait_mail(about("ears", "RESOLVED"), timeout=30)
+    wait_idle(host, "ears")
+    pid = show(host, "ears.service", "MainPID")
+    # the inode netlink gave is the one the new main process holds (main_holds_port, /proc/PID/fd)
+    assert "port: 5041 listening (pid %s of ears.service)" % pid in body(mail)
+    lines = said(host, "selfheal@ears.service")
+    assert lines.count(FROM_KERNEL) == 1, lines  # once per process, however many probes
+    assert not [x for x in lines if "/proc/net/tcp" in x], lines
+
+
+def test_heal_in_a_sandbox_without_af_netlink_reads_proc_net_tcp_and_still_proves_the_port(host):
+    clear_mailbox(host)
+    kill(host, "nonet.service")
+    [mail] = host.wait_mail(about("nonet", "RESOLVED"), timeout=30)
+    wait_idle(host, "nonet")
+    pid = show(host, "nonet.service", "MainPID")
+    assert "port: 5042 listening (pid %s of nonet.service)" % pid in body(mail)
+    lines = said(host, "selfheal@nonet.service")
+    assert lines.count(FROM_PROC) == 1, lines
+    assert FROM_KERNEL not in lines, lines
+
+
+def test_watch_in_its_sandbox_asks_the_kernel_and_finds_both_ports(host):
+    host.run(["systemctl", "start", "selfheal-watch.service"], timeout=60)
+    assert show(host, "selfheal-watch.service", "Result") == "success"
+    lines = said(host, "selfheal-watch.service")
+    assert lines.count(FROM_KERNEL) == 1, lines
+    for name in ("ears", "nonet"):  # "ok" needs the port listening (a look, not a heal)
+        state = json.loads(host.run(["cat", "/run/selfheal/watch/%s.json" % name]).stdout)
+        assert state["verdict"] == "ok", state
