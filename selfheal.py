@@ -5754,14 +5754,14 @@ class Installer:
         if self.manifest_path().exists():
             self.manifest_path().unlink()
         if purge:
-            for path in (self.host("/etc/selfheal"), self.host(STATE_DIR), self.host(LOG_DIR)):
+            for path in (self.host("/etc/selfheal"), self.host(STATE_DIR), self.host(LOG_DIR), self.host(RUN_DIR)):
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(str(path))
                     self.changes += 1
                     self.say("  purged %s" % path)
         else:
-            self.say("  kept %s, %s and %s (history and queued mail); --purge removes them"
-                     % (CONFIG_PATH, STATE_DIR, LOG_DIR))
+            self.say("  kept %s, %s and %s (the config, history, summaries, logs and queued reports); "
+                     "--purge removes them" % (CONFIG_PATH, STATE_DIR, LOG_DIR))
         if self.live:
             run([SYSTEMCTL, "daemon-reload"], timeout=60)
         self.say("selfheal uninstalled; the services themselves were not touched.")

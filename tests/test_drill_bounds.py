@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from drillkit import about, body, clear_mailbox, drill_suites, installed_host, kill, wait_idle, web_unit
+from drillkit import CLONE, about, body, clear_mailbox, drill_suites, installed_host, kill, wait_idle, web_unit
 from loadkit import load, open_sockets, state_bytes
 
 pytestmark = pytest.mark.drill
@@ -68,3 +68,11 @@ def test_a_crash_on_a_loaded_host_is_healed_and_mailed_and_the_state_is_cut_to_i
     print("\nloaded host: %d sockets, %.0f MB of history seeded; crash -> mail %.2f s; dashboard %.2f s "
           "before the first heal, %.2f s after; state kept %.1f MiB"
           % (sockets, host.seeded / 1e6, took, before, after, total / (1 << 20)))
+
+
+def test_uninstall_purge_removes_every_file_selfheal_kept_and_the_service_keeps_running(host):
+    out = host.run([CLONE + "/install.sh", "--uninstall", "--purge"], timeout=120).stdout
+    for path in ("/etc/selfheal", "/var/lib/selfheal", "/var/log/selfheal", "/run/selfheal"):
+        assert "purged %s" % path in out, out
+        assert host.run(["test", "-e", path], check=False).returncode == 1, path
+    assert host.run(["systemctl", "is-active", "web"], check=False).stdout.strip() == "active"
