@@ -751,13 +751,15 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
                     key == "health_expect_status" or "health_command" not in values):
                 problem(line_of(section, key), section, key, "needs health_url" if key == "health_expect_status"
                         else "needs health_url or health_command")
-        for strategy, needs in STRATEGY_NEEDS.items():
-            if strategy in svc.strategies and not any(getattr(svc, key) or key in values for key in needs):
+        for strategy in STRATEGIES.values():
+            if strategy.name in svc.strategies and strategy.needs and not any(
+                    getattr(svc, key) or key in values for key in strategy.needs):
                 problem(line_of(section, "strategies"), section, "strategies",
-                        "%s needs %s" % (strategy, " or ".join(needs)))
-        for key, strategy in STRATEGY_KEYS.items():
-            if key in values and strategy not in svc.strategies:
-                problem(line_of(section, key), section, key, "is used by %s, which is not in strategies" % strategy)
+                        "%s needs %s" % (strategy.name, " or ".join(strategy.needs)))
+            for key in strategy.keys:
+                if key in values and strategy.name not in svc.strategies:
+                    problem(line_of(section, key), section, key,
+                            "is used by %s, which is not in strategies" % strategy.name)
         services[section] = svc
     if not services and not any(s not in ("selfheal", None) for s, _ in lines):
         problem(None, None, None, "no services listed: add one [section] per service")
@@ -2862,42 +2864,93 @@ def sqlite_quick_check(handle, workdir: Optional[str] = None) -> str:
 
 
 
-STRATEGIES: Dict[str, Callable[[HealContext], str]] = {
-    "service_restart": strategy_service_restart,
-    "port_conflict": strategy_port_conflict,
-    "config_validation": strategy_config_validation,
-    "environment_check": strategy_environment_check,
-    "database_check": strategy_database_check,
-}
-# What a strategy needs in its section (any one of), and which keys belong to which strategy.
-STRATEGY_NEEDS = {"port_conflict": ("port",), "config_validation": ("config_check", "config_files"),
-                  "database_check": ("db_path", "symlinks")}
-STRATEGY_KEYS = {"config_check": "config_validation", "config_files": "config_validation",
-                 "env_file": "environment_check", "required_env": "environment_check",
-                 "db_path": "database_check", "db_owner": "database_check", "db_mode": "database_check",
-                 "symlinks": "database_check"}
-# Which failure each strategy can fix: triage tries it first when the evidence says so.
-STRATEGY_FITS = {"port_conflict": ("port_in_use",), "config_validation": ("bad_config",),
-                 "environment_check": ("missing_env",),
-                 "database_check": ("database", "missing_file", "permission", "disk_full")}
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """One repair: what it does, what its section must set (any one of `needs`), and the
+    keys that belong to it (set without it in `strategies`: a config error). Which failures
+    it fits is said by FAILURE_KINDS."""
+
+    name: str
+    act: Callable[[HealContext], str]
+    needs: Tuple[str, ...] = ()
+    keys: Tuple[str, ...] = ()
+
+
+STRATEGIES: Dict[str, Strategy] = {strategy.name: strategy for strategy in (
+    Strategy("service_restart", strategy_service_restart),
+    Strategy("port_conflict", strategy_port_conflict, needs=("port",)),
+    Strategy("config_validation", strategy_config_validation, needs=("config_check", "config_files"),
+             keys=("config_check", "config_files")),
+    Strategy("environment_check", strategy_environment_check, keys=("env_file", "required_env")),
+    Strategy("database_check", strategy_database_check, needs=("db_path", "symlinks"),
+             keys=("db_path", "db_owner", "db_mode", "symlinks")),
+)}
 
 
 # =============================================================================
 # Diagnosis -> root cause (pure)
 # =============================================================================
 
-TRIAGE_PATTERNS = tuple((kind, re.compile(pattern, re.I)) for kind, pattern in (
-    ("port_in_use", r"address already in use|EADDRINUSE|bind\(\).*failed"),
-    ("missing_env", r"KeyError: '(?-i:[A-Z_][A-Z0-9_]*)'|environment variable\W+[A-Za-z_][A-Za-z0-9_]*\W+(is )?"
-                    r"(not set|missing|required|unset|empty)|\b(?-i:[A-Z_][A-Z0-9_]{2,}) (is )?(not set|unset|missing|required)\b"),
-    ("bad_config", r"\bconfig(uration)?\b.{0,40}\b(error|invalid|failed)|syntax error|parse error|"
-                   r"invalid (option|directive|value)|unknown (directive|option)"),
-    ("database", r"database (disk image )?is malformed|unable to open database|no such table|database is locked"),
-    ("disk_full", r"no space left on device|ENOSPC|disk quota exceeded"),
-    ("permission", r"permission denied|EACCES|operation not permitted"),
-    ("missing_file", r"no such file or directory|ENOENT"),
-    ("oom", r"out of memory|MemoryError|Cannot allocate memory|\boom(?:[_-]kill(?:er)?)?\b"),
-))
+@dataclasses.dataclass(frozen=True)
+class FailureKind:
+    """A failure a failed run's journal can show: the line that says so, what the report
+    gives as its cause ("It exited with status 1: <cause>."), how sure that is, what a human
+    should do, and the strategies that can fix it (tried first, in the configured order)."""
+
+    kind: str
+    pattern: "re.Pattern[str]"
+    cause: str
+    confidence: str
+    advice: str
+    strategies: Tuple[str, ...] = ()
+
+
+def _kind(kind, pattern, cause, confidence, advice, strategies=()) -> FailureKind:
+    return FailureKind(kind, re.compile(pattern, re.I), cause, confidence, advice, tuple(strategies))
+
+
+# In the order they are tried on each line: triage and the root cause both take the failed
+# run's last line that matches any, and the first kind that matches it.
+FAILURE_KINDS: Tuple[FailureKind, ...] = (
+    _kind("port_in_use", r"address already in use|EADDRINUSE|bind\(\).*failed",
+          "its port was already taken when it started", "high",
+          "Find what holds the port (ss -tlnp) and make sure only one copy of the service runs.",
+          ["port_conflict"]),
+    _kind("missing_env", r"KeyError: '(?-i:[A-Z_][A-Z0-9_]*)'|environment variable\W+[A-Za-z_][A-Za-z0-9_]*\W+(is )?"
+          r"(not set|missing|required|unset|empty)|\b(?-i:[A-Z_][A-Z0-9_]{2,}) (is )?(not set|unset|missing|required)\b",
+          "a required environment variable is missing or empty", "high",
+          "Set it in the service's environment file (selfheal never invents values); environment_check names it.",
+          ["environment_check"]),
+    _kind("bad_config", r"\bconfig(uration)?\b.{0,40}\b(error|invalid|failed)|syntax error|parse error|"
+          r"invalid (option|directive|value)|unknown (directive|option)",
+          "its configuration is invalid", "high",
+          "Fix the configuration; a config_check lets selfheal verify it before restarting.",
+          ["config_validation"]),
+    _kind("database", r"database (disk image )?is malformed|unable to open database|no such table|database is locked",
+          "its database is damaged or unreachable", "high",
+          "Check the database file (sqlite3 FILE 'PRAGMA integrity_check') and restore it from a backup.",
+          ["database_check"]),
+    _kind("disk_full", r"no space left on device|ENOSPC|disk quota exceeded",
+          "its disk is full", "high", "Free space on the filesystem it writes to.", ["database_check"]),
+    _kind("permission", r"permission denied|EACCES|operation not permitted",
+          "it was denied access to a file or port", "medium",
+          "Check the owner and mode of the files it uses, and its User= in the unit.", ["database_check"]),
+    _kind("missing_file", r"no such file or directory|ENOENT",
+          "a file it needs is missing", "medium", "Restore the missing file named in the journal lines.",
+          ["database_check"]),
+    _kind("oom", r"out of memory|MemoryError|Cannot allocate memory|\boom(?:[_-]kill(?:er)?)?\b",
+          "it ran out of memory", "medium", "Check its memory use and the host's free memory."),
+)
+FAILURE_KIND = {kind.kind: kind for kind in FAILURE_KINDS}
+
+
+def journal_kind(journal: Sequence[str]) -> Optional[Tuple[FailureKind, str]]:
+    """The failure the journal shows: its last line that matches a kind, and that kind."""
+    for line in reversed(journal):
+        for kind in FAILURE_KINDS:
+            if kind.pattern.search(line):
+                return kind, line
+    return None
 
 
 def triage(diag: Diagnosis) -> Tuple[str, str]:
@@ -2915,10 +2968,9 @@ def triage(diag: Diagnosis) -> Tuple[str, str]:
     for line in reversed(diag.journal):
         if "Failed to load environment files" in line:  # systemd's own: a missing EnvironmentFile=
             return "missing_env", line
-    for line in reversed(diag.journal):
-        for kind, pattern in TRIAGE_PATTERNS:
-            if pattern.search(line):
-                return kind, line
+    found = journal_kind(diag.journal)
+    if found:
+        return found[0].kind, found[1]
     if diag.exit_code in ("killed", "dumped"):
         return ("crash" if diag.exit_code == "dumped" else "killed"), "signal %s" % diag.exit_status
     return ("exit" if diag.exit_code == "exited" else "unknown"), ""
@@ -2926,29 +2978,9 @@ def triage(diag: Diagnosis) -> Tuple[str, str]:
 
 def plan_strategies(configured: Sequence[str], kind: str) -> List[str]:
     """The configured strategies, the ones that fit the evidence first (in their order)."""
-    fitting = [name for name in configured if kind in STRATEGY_FITS.get(name, ())]
+    fits = FAILURE_KIND[kind].strategies if kind in FAILURE_KIND else ()
+    fitting = [name for name in configured if name in fits]
     return fitting + [name for name in configured if name not in fitting]
-
-
-JOURNAL_HINTS = (
-    (re.compile(r"address already in use|EADDRINUSE|bind\(\).*failed", re.I),
-     "its port was already taken when it started", "high",
-     "Find what holds the port (ss -tlnp) and make sure only one copy of the service runs."),
-    (re.compile(r"out of memory|MemoryError|Cannot allocate memory|\boom(?:[_-]kill(?:er)?)?\b", re.I),
-     "it ran out of memory", "medium", "Check its memory use and the host's free memory."),
-    (dict(TRIAGE_PATTERNS)["missing_env"], "a required environment variable is missing or empty", "high",
-     "Set it in the service's environment file (selfheal never invents values); environment_check names it."),
-    (dict(TRIAGE_PATTERNS)["bad_config"], "its configuration is invalid", "high",
-     "Fix the configuration; a config_check lets selfheal verify it before restarting."),
-    (dict(TRIAGE_PATTERNS)["database"], "its database is damaged or unreachable", "high",
-     "Check the database file (sqlite3 FILE 'PRAGMA integrity_check') and restore it from a backup."),
-    (dict(TRIAGE_PATTERNS)["disk_full"], "its disk is full", "high", "Free space on the filesystem it writes to."),
-    (re.compile(r"permission denied|EACCES", re.I),
-     "it was denied access to a file or port", "medium",
-     "Check the owner and mode of the files it uses, and its User= in the unit."),
-    (re.compile(r"no such file or directory|ENOENT|not found", re.I),
-     "a file it needs is missing", "medium", "Restore the missing file named in the journal lines."),
-)
 
 
 def root_cause(svc: Service, diag: Diagnosis) -> RootCause:
@@ -2983,11 +3015,7 @@ def _failure_cause(svc: Service, diag: Diagnosis) -> RootCause:
     evidence = "systemd result %r" % (result or "unknown")
     if code:
         evidence += ", main process %s %s" % (code, status)
-    hint_line = ""
-    for line in reversed(diag.journal):
-        if JOURNAL_HINTS[0][0].search(line):
-            hint_line = line
-            break
+    found = journal_kind(diag.journal)
     if result == "oom-kill":
         memory = " (peak memory %s)" % format_bytes(peak) if format_bytes(peak) else ""
         return RootCause("The kernel's out-of-memory killer ended it%s." % memory, "high", evidence,
@@ -2996,9 +3024,8 @@ def _failure_cause(svc: Service, diag: Diagnosis) -> RootCause:
     if result == "start-limit-hit":
         return RootCause("It failed too often in a row and systemd stopped restarting it (start limit hit).",
                          "high", evidence, "Read the journal lines below for why each start failed.")
-    if hint_line:
-        return RootCause("It could not start: its port was already taken.", "high",
-                         hint_line, JOURNAL_HINTS[0][3])
+    if found and found[0].kind == "port_in_use":
+        return RootCause("It could not start: its port was already taken.", "high", found[1], found[0].advice)
     if code == "exited" and status.isdigit() and int(status) in SYSTEMD_EXIT_STATUS:
         name, meaning = SYSTEMD_EXIT_STATUS[int(status)]
         line = next((ln for ln in reversed(diag.journal) if name in ln or "Failed to" in ln), "")
@@ -3025,10 +3052,10 @@ def _failure_cause(svc: Service, diag: Diagnosis) -> RootCause:
         return RootCause("It was ended by signal %s." % status, "medium", evidence,
                          "Find who sent the signal; the journal lines show what it was doing.")
     if code == "exited" and status not in ("", "0"):
-        for pattern, summary, confidence, advice in JOURNAL_HINTS[1:]:
-            line = next((ln for ln in reversed(diag.journal) if pattern.search(ln)), "")
-            if line:
-                return RootCause("It exited with status %s: %s." % (status, summary), confidence, line, advice)
+        if found:
+            kind, line = found
+            return RootCause("It exited with status %s: %s." % (status, kind.cause), kind.confidence, line,
+                             kind.advice)
         last = diag.journal[-1] if diag.journal else evidence
         return RootCause("It exited with status %s." % status, "low", last,
                          "Read the journal lines below: the service's last words usually name the cause.")
@@ -3609,7 +3636,7 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
     for name in order:
         ctx = HealContext(svc, diag, settings, dry_run, paths, deadline)
         try:
-            note = STRATEGIES[name](ctx)
+            note = STRATEGIES[name].act(ctx)
         except Escalation as exc:
             runs.append(StrategyRun(name, tuple(ctx.actions), None, str(exc), tuple(ctx.found)))
             return finish(Outcome.FAILED, str(exc), exc)

@@ -182,7 +182,7 @@ def test_plan_moves_the_fitting_strategy_first_and_keeps_the_configured_order_ot
     assert selfheal.plan_strategies(configured, kind) == planned
 
 
-KINDS = sorted({kind for kind, _ in selfheal.TRIAGE_PATTERNS} |
+KINDS = sorted({kind.kind for kind in selfheal.FAILURE_KINDS} |
                {"hang", "stopped", "exec", "start_limit", "crash", "killed", "exit", "unknown"})
 
 
@@ -195,11 +195,30 @@ def test_plan_never_adds_drops_or_repeats_a_strategy(kind):
         assert len(planned) == len(set(planned))
 
 
-def test_every_strategy_fits_only_kinds_that_triage_can_give():
-    fits = {kind for kinds in selfheal.STRATEGY_FITS.values() for kind in kinds}
-    assert fits <= set(KINDS)
-    assert set(selfheal.STRATEGY_FITS) <= set(selfheal.STRATEGIES)
-    assert set(selfheal.STRATEGY_KEYS.values()) <= set(selfheal.STRATEGIES)
+def test_every_failure_kind_names_strategies_that_exist_and_every_strategy_key_is_a_service_key():
+    named = {name for kind in selfheal.FAILURE_KINDS for name in kind.strategies}
+    assert named and named <= set(selfheal.STRATEGIES)
+    keys = {key for strategy in selfheal.STRATEGIES.values() for key in strategy.keys + strategy.needs}
+    assert keys and keys <= selfheal.SERVICE_KEYS
+
+
+@pytest.mark.parametrize("line, kind", [
+    ("OSError: [Errno 98] Address already in use", "port_in_use"),
+    ("KeyError: 'DATABASE_URL'", "missing_env"),
+    ("nginx: [emerg] unknown directive \"servr\" in /etc/nginx/sites-enabled/default:3", "bad_config"),
+    ("sqlite3.DatabaseError: database disk image is malformed", "database"),
+    ("OSError: [Errno 28] No space left on device", "disk_full"),
+    ("PermissionError: [Errno 13] Permission denied: '/srv/app/data'", "permission"),
+    ("FileNotFoundError: [Errno 2] No such file or directory: '/srv/app/app.yml'", "missing_file"),
+    ("MemoryError", "oom"),
+])
+def test_triage_and_the_root_cause_name_the_same_failure_from_one_table(line, kind):
+    """Triage's kind and the report's ROOT CAUSE come from FAILURE_KINDS alike: they cannot disagree."""
+    diag = make_diag(journal=("vm app[7]: starting", "vm app[7]: " + line))
+    assert selfheal.triage(diag) == (kind, "vm app[7]: " + line)
+    cause = selfheal.root_cause(selfheal.Service(name="app", unit="app.service"), diag)
+    assert selfheal.FAILURE_KIND[kind].cause in cause.summary or "port was already taken" in cause.summary
+    assert cause.evidence == "vm app[7]: " + line
 
 
 # =============================================================================
