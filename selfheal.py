@@ -260,66 +260,6 @@ class Paths:
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """The [selfheal] section."""
-
-    name: str
-    email_to: Tuple[str, ...]
-    email_from: str
-    smtp_host: str = "localhost"
-    smtp_port: int = 25
-    smtp_security: str = "none"
-    smtp_user: str = ""
-    smtp_password_file: str = ""
-    smtp_timeout: float = 10.0
-    failure_threshold: int = 3
-    failure_window: float = 3600.0
-    verify_timeout: float = 30.0
-    heal_timeout: float = 300.0  # the whole heal, all strategies and their checks; the report after it
-    syslog_ident: str = "miraclemax-self-heal"
-    watch_interval: float = 30.0  # selfheal-watch.timer
-    watch_confirm: int = 2  # failed probes in a row before acting
-    flap_threshold: int = 3  # failures within flap_window: one FLAPPING mail
-    flap_window: float = 900.0
-    reminder_interval: float = 86400.0  # re-send an unresolved FAILED/ESCALATED
-    incident_quiet: float = 600.0  # healthy this long: the incident is over
-    notify: str = "always"  # always | on-failure | never
-    heartbeat_url: str = ""  # GET after every watch run that checked every service (dead-man's switch)
-    webhook_url: str = ""  # every report is also POSTed here, queued like mail when it fails
-    webhook_format: str = "json"  # json | slack | ntfy
-    webhook_timeout: float = 5.0  # for webhook_url and heartbeat_url
-
-
-@dataclasses.dataclass(frozen=True)
-class Service:
-    """One service section."""
-
-    name: str
-    unit: str
-    port: Optional[int] = None
-    domain: str = ""
-    critical: bool = False
-    strategies: Tuple[str, ...] = ("service_restart",)
-    health_url: str = ""
-    health_command: Tuple[str, ...] = ()  # instead of health_url: an argument list; healthy: exit 0
-    health_timeout: float = 5.0
-    health_expect_status: Tuple[int, ...] = ()  # empty: any 2xx or 3xx
-    health_expect_text: str = ""  # must appear in the body (or health_command's output)
-    on_stopped: str = "heal"  # heal | report | ignore
-    port_owner: str = "unit"  # unit: only the unit's processes count as listening | any
-    notify: str = ""  # always | on-failure | never; empty: the global notify
-    config_check: Tuple[str, ...] = ()  # config_validation: a checker, as an argument list
-    config_files: Tuple[str, ...] = ()  # config_validation: shown when changed since a healthy start
-    env_file: Tuple[str, ...] = ()  # environment_check: besides the unit's EnvironmentFile=
-    required_env: Tuple[str, ...] = ()  # environment_check: names that must be set, non-empty
-    db_path: str = ""  # database_check: a file or directory
-    db_owner: str = ""  # database_check: user or user:group (default: the unit's User=)
-    db_mode: Optional[int] = None  # database_check: e.g. 0640
-    symlinks: Tuple[Tuple[str, str], ...] = ()  # database_check: (link, target) pairs
-    start_grace: float = 0.0  # a run younger than this (never less than verify_timeout) is starting, not unhealthy
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
     path: str
     settings: Settings
@@ -566,13 +506,6 @@ def _scan_lines(text: str):
         yield lineno, section, key
 
 
-GLOBAL_KEYS = {f.name for f in dataclasses.fields(Settings)}
-SERVICE_KEYS = {f.name for f in dataclasses.fields(Service)} - {"name"}
-# The defaults live in the dataclasses only (and, documented, in the shipped services.conf).
-GLOBAL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING}
-SERVICE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Service) if f.default is not dataclasses.MISSING}
-
-
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
     return " (did you mean %r?)" % close[0] if close else ""
@@ -649,34 +582,15 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
                     "unknown key" + _did_you_mean(key, GLOBAL_KEYS))
     g = raw_global
     s = GLOBAL_SECTION
-    settings = Settings(
-        name=take(s, g, "name", check_header_text, default_name),
-        email_to=take(s, g, "email_to", check_addresses, ("root@localhost",)),
-        email_from=take(s, g, "email_from", check_address, "selfheal@%s" % hostname
-                        if HOST_RE.match(hostname) else "selfheal@localhost"),
-        smtp_host=take(s, g, "smtp_host", check_host, GLOBAL_DEFAULTS["smtp_host"]),
-        smtp_port=take(s, g, "smtp_port", check_port, GLOBAL_DEFAULTS["smtp_port"]),
-        smtp_security=take(s, g, "smtp_security", choice(SMTP_SECURITY), GLOBAL_DEFAULTS["smtp_security"]),
-        smtp_user=take(s, g, "smtp_user", check_header_text, GLOBAL_DEFAULTS["smtp_user"]),
-        smtp_password_file=take(s, g, "smtp_password_file", check_abs_path, GLOBAL_DEFAULTS["smtp_password_file"]),
-        smtp_timeout=take(s, g, "smtp_timeout", positive_duration, GLOBAL_DEFAULTS["smtp_timeout"]),
-        failure_threshold=take(s, g, "failure_threshold", check_failure_threshold, GLOBAL_DEFAULTS["failure_threshold"]),
-        failure_window=take(s, g, "failure_window", positive_duration, GLOBAL_DEFAULTS["failure_window"]),
-        verify_timeout=take(s, g, "verify_timeout", positive_duration, GLOBAL_DEFAULTS["verify_timeout"]),
-        heal_timeout=take(s, g, "heal_timeout", check_heal_timeout, GLOBAL_DEFAULTS["heal_timeout"]),
-        syslog_ident=take(s, g, "syslog_ident", check_ident, GLOBAL_DEFAULTS["syslog_ident"]),
-        watch_interval=take(s, g, "watch_interval", check_watch_interval, GLOBAL_DEFAULTS["watch_interval"]),
-        watch_confirm=take(s, g, "watch_confirm", positive_int, GLOBAL_DEFAULTS["watch_confirm"]),
-        flap_threshold=take(s, g, "flap_threshold", check_flap_threshold, GLOBAL_DEFAULTS["flap_threshold"]),
-        flap_window=take(s, g, "flap_window", positive_duration, GLOBAL_DEFAULTS["flap_window"]),
-        reminder_interval=take(s, g, "reminder_interval", positive_duration, GLOBAL_DEFAULTS["reminder_interval"]),
-        incident_quiet=take(s, g, "incident_quiet", positive_duration, GLOBAL_DEFAULTS["incident_quiet"]),
-        notify=take(s, g, "notify", choice(NOTIFY), GLOBAL_DEFAULTS["notify"]),
-        heartbeat_url=take(s, g, "heartbeat_url", check_url, GLOBAL_DEFAULTS["heartbeat_url"]),
-        webhook_url=take(s, g, "webhook_url", check_url, GLOBAL_DEFAULTS["webhook_url"]),
-        webhook_format=take(s, g, "webhook_format", choice(WEBHOOK_FORMATS), GLOBAL_DEFAULTS["webhook_format"]),
-        webhook_timeout=take(s, g, "webhook_timeout", check_webhook_timeout, GLOBAL_DEFAULTS["webhook_timeout"]),
-    )
+
+    def read_keys(section: str, values: Dict[str, str], keys, defaults: Dict[str, object]) -> Dict[str, object]:
+        """Every key of the table for this section: its value, or its default."""
+        return {name: take(section, values, name, field.metadata["parse"], defaults.get(name, field.default))
+                for name, field in keys.items()}
+
+    settings = Settings(**read_keys(s, g, GLOBAL_KEYS, {  # type: ignore[arg-type]
+        "name": default_name,
+        "email_from": "selfheal@%s" % hostname if HOST_RE.match(hostname) else "selfheal@localhost"}))
     if settings.heal_timeout < settings.verify_timeout + HEAL_RESERVE:
         key = "heal_timeout" if "heal_timeout" in g else "verify_timeout"
         problem(line_of(s, key), s, key, "heal_timeout (%s) must be at least verify_timeout (%s) + %s"
@@ -712,37 +626,14 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
             if key not in SERVICE_KEYS:
                 problem(line_of(section, key), section, key, "unknown key" + _did_you_mean(key, SERVICE_KEYS))
         # The default unit goes through the same check: [sshd] must not wrap sshd.service.
-        unit = take(section, dict(values, unit=values.get("unit", section + ".service")), "unit",
-                    check_unit, section + ".service")
+        values.setdefault("unit", section + ".service")
+        unit = take(section, values, "unit", check_unit, section + ".service")
         if unit in units_seen:
             problem(line_of(section, "unit"), section, "unit",
                     "%s is already listed as [%s]" % (unit, units_seen[unit]))
         units_seen[unit] = section
-        svc = Service(
-            name=section,
-            unit=unit,
-            port=take(section, values, "port", check_port, SERVICE_DEFAULTS["port"]),
-            domain=take(section, values, "domain", check_host, SERVICE_DEFAULTS["domain"]),
-            critical=take(section, values, "critical", check_bool, SERVICE_DEFAULTS["critical"]),
-            strategies=take(section, values, "strategies", check_strategies, SERVICE_DEFAULTS["strategies"]),
-            health_url=take(section, values, "health_url", check_url, SERVICE_DEFAULTS["health_url"]),
-            health_command=take(section, values, "health_command", check_command, SERVICE_DEFAULTS["health_command"]),
-            health_timeout=take(section, values, "health_timeout", positive_duration, SERVICE_DEFAULTS["health_timeout"]),
-            health_expect_status=take(section, values, "health_expect_status", check_statuses, SERVICE_DEFAULTS["health_expect_status"]),
-            health_expect_text=take(section, values, "health_expect_text", check_expect_text, SERVICE_DEFAULTS["health_expect_text"]),
-            on_stopped=take(section, values, "on_stopped", choice(ON_STOPPED), SERVICE_DEFAULTS["on_stopped"]),
-            port_owner=take(section, values, "port_owner", choice(PORT_OWNERS), SERVICE_DEFAULTS["port_owner"]),
-            notify=take(section, values, "notify", choice(NOTIFY), SERVICE_DEFAULTS["notify"]),
-            config_check=take(section, values, "config_check", check_command, SERVICE_DEFAULTS["config_check"]),
-            config_files=take(section, values, "config_files", check_paths, SERVICE_DEFAULTS["config_files"]),
-            env_file=take(section, values, "env_file", check_paths, SERVICE_DEFAULTS["env_file"]),
-            required_env=take(section, values, "required_env", check_env_names, SERVICE_DEFAULTS["required_env"]),
-            db_path=take(section, values, "db_path", check_abs_path, SERVICE_DEFAULTS["db_path"]),
-            db_owner=take(section, values, "db_owner", check_owner, SERVICE_DEFAULTS["db_owner"]),
-            db_mode=take(section, values, "db_mode", check_mode, SERVICE_DEFAULTS["db_mode"]),
-            symlinks=take(section, values, "symlinks", check_symlinks, SERVICE_DEFAULTS["symlinks"]),
-            start_grace=take(section, values, "start_grace", check_start_grace, SERVICE_DEFAULTS["start_grace"]),
-        )
+        others = {name: field for name, field in SERVICE_KEYS.items() if name != "unit"}  # (checked above)
+        svc = Service(name=section, unit=unit, **read_keys(section, values, others, {}))  # type: ignore[arg-type]
         if "health_url" in values and "health_command" in values:
             problem(line_of(section, "health_command"), section, "health_command",
                     "use health_url or health_command, not both")
@@ -998,6 +889,107 @@ def choice(options: Sequence[str]) -> Callable[[str], str]:
             raise ValueError("must be one of %s" % " | ".join(options))
         return value.lower()
     return check
+
+
+# -- The key table: every services.conf key, declared once -------------------------------
+# A key is a field of Settings ([selfheal]) or Service (one per service section), declared
+# with key(): its default, the checker that turns its text into a value (or says why it
+# cannot, raising ValueError) and one line of documentation. parse_config, the defaults,
+# its problem messages and `selfheal validate --help` all read it from here.
+
+
+def key(default, parse: Callable[[str], object], doc: str, derived: str = ""):
+    """One services.conf key. derived: how a default made at parse time is said (the host's name)."""
+    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc, "derived": derived})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The [selfheal] section."""
+
+    name: str = key("localhost", check_header_text, "prefix of every subject", derived="the short host name")
+    email_to: Tuple[str, ...] = key(("root@localhost",), check_addresses, "comma-separated recipients")
+    email_from: str = key("selfheal@localhost", check_address, "sender", derived="selfheal@<host>")
+    smtp_host: str = key("localhost", check_host, "mail server")
+    smtp_port: int = key(25, check_port, "its port")
+    smtp_security: str = key("none", choice(SMTP_SECURITY), "none, starttls or ssl")
+    smtp_user: str = key("", check_header_text, "login (needs smtp_password_file)")
+    smtp_password_file: str = key("", check_abs_path, "the login's password: root's, mode 0600 or 0400")
+    smtp_timeout: float = key(10.0, positive_duration, "one SMTP session in all; then the report is queued")
+    failure_threshold: int = key(3, check_failure_threshold, "heals per failure_window before escalating (at most 256)")
+    failure_window: float = key(3600.0, positive_duration, "the window of failure_threshold")
+    verify_timeout: float = key(30.0, positive_duration, "how long a repaired service has to become healthy")
+    heal_timeout: float = key(300.0, check_heal_timeout, "the whole heal, all strategies and their checks (at most 8min)")
+    syslog_ident: str = key("miraclemax-self-heal", check_ident, "journal identifier")
+    watch_interval: float = key(30.0, check_watch_interval, "how often the watch looks (5s or more); a run's budget")
+    watch_confirm: int = key(2, positive_int, "failed looks in a row before the watch acts")
+    flap_threshold: int = key(3, check_flap_threshold, "failures within flap_window that make an incident FLAPPING")
+    flap_window: float = key(900.0, positive_duration, "the window of flap_threshold")
+    reminder_interval: float = key(86400.0, positive_duration, "re-send an unresolved FAILED/ESCALATED/STOPPED")
+    incident_quiet: float = key(600.0, positive_duration, "healthy this long: the incident (mail thread) is over")
+    notify: str = key("always", choice(NOTIFY), "always, on-failure or never (mail and webhook alike)")
+    heartbeat_url: str = key("", check_url, "GET after every watch run that checked every service (dead-man's switch)")
+    webhook_url: str = key("", check_url, "every report is also POSTed here, queued like mail")
+    webhook_format: str = key("json", choice(WEBHOOK_FORMATS), "json, slack or ntfy")
+    webhook_timeout: float = key(5.0, check_webhook_timeout, "for webhook_url and heartbeat_url (60s at most)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Service:
+    """One service section; its name is the section's."""
+
+    name: str = ""
+    unit: str = key("", check_unit, "the systemd unit", derived="<name>.service")
+    port: Optional[int] = key(None, check_port, "TCP port it listens on, checked after a repair")
+    domain: str = key("", check_host, "the public name it serves, shown in reports")
+    critical: bool = key(False, check_bool, "yes or no: shown as the report's priority")
+    strategies: Tuple[str, ...] = key(("service_restart",), check_strategies, "repairs to try, in order")
+    health_url: str = key("", check_url, "http(s) URL that must answer 2xx/3xx after a repair and at each look")
+    health_command: Tuple[str, ...] = key((), check_command, "instead of health_url: an argument list; healthy: exit 0")
+    health_timeout: float = key(5.0, positive_duration, "one health_url request or health_command in all")
+    health_expect_status: Tuple[int, ...] = key((), check_statuses, "the status(es) that count as healthy (default 2xx/3xx)")
+    health_expect_text: str = key("", check_expect_text, "text that must appear in the answer (or the command's output)")
+    on_stopped: str = key("heal", choice(ON_STOPPED), "heal, report or ignore: when the watch finds it stopped")
+    port_owner: str = key("unit", choice(PORT_OWNERS), "unit, or any when another unit's process serves the port")
+    notify: str = key("", choice(NOTIFY), "always, on-failure or never", derived="the global notify")
+    config_check: Tuple[str, ...] = key((), check_command, "config_validation: the checker, as an argument list")
+    config_files: Tuple[str, ...] = key((), check_paths, "config_validation: shown when changed since a healthy start")
+    env_file: Tuple[str, ...] = key((), check_paths, "environment_check: besides the unit's EnvironmentFile=")
+    required_env: Tuple[str, ...] = key((), check_env_names, "environment_check: names that must be set, non-empty")
+    db_path: str = key("", check_abs_path, "database_check: its database file or data directory")
+    db_owner: str = key("", check_owner, "database_check: user or user:group (default: the unit's User=)")
+    db_mode: Optional[int] = key(None, check_mode, "database_check: its mode, e.g. 0640")
+    symlinks: Tuple[Tuple[str, str], ...] = key((), check_symlinks, "database_check: /path/link -> /path/target, ...")
+    start_grace: float = key(0.0, check_start_grace, "a run younger than this is starting, not hung (at least verify_timeout)",
+                             derived="verify_timeout")
+
+
+GLOBAL_KEYS = {f.name: f for f in dataclasses.fields(Settings) if "parse" in f.metadata}
+SERVICE_KEYS = {f.name: f for f in dataclasses.fields(Service) if "parse" in f.metadata}
+
+
+def keys_help() -> str:
+    """The key table as text, for `selfheal validate --help`."""
+    def shown(field) -> str:
+        value = field.default
+        if field.metadata["derived"]:
+            return field.metadata["derived"]
+        if value in ("", (), None):
+            return "(none)"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, float):  # a duration, as one would write it
+            for unit, size in (("h", 3600), ("min", 60)):
+                if value >= size and value % size == 0:
+                    return "%d%s" % (value // size, unit)
+            return "%gs" % value
+        return ", ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    lines = []
+    for title, keys in (("[selfheal]", GLOBAL_KEYS), ("[SERVICE] (one section per service)", SERVICE_KEYS)):
+        lines += ["", "services.conf %s:" % title]
+        lines += ["  %-20s %-22s %s" % (name, shown(f), f.metadata["doc"]) for name, f in keys.items()]
+    return "\n".join(lines[1:])
 
 
 def never_touch(unit: str) -> bool:
@@ -6841,7 +6833,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the diagnosis and the plan; change nothing")
     p.add_argument("--trigger", default=MANUAL_TRIGGER, help=argparse.SUPPRESS)
 
-    p = add("validate", help="check a services.conf and print every problem (like nginx -t)")
+    p = sub.add_parser("validate", help="check a services.conf and print every problem (like nginx -t)",
+                       parents=[common], epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", nargs="?", help="the file to check (default: --config or %s)" % CONFIG_PATH)
 
     p = add("install", help="install selfheal on this host (what install.sh runs)")

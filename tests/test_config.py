@@ -180,23 +180,54 @@ def test_shipped_config_has_the_miraclemax_ports_and_critical_flags():
 
 def test_shipped_config_shows_every_global_key_at_its_default():
     text = open(REPO_CONF, encoding="utf-8").read()
-    for field in dataclasses.fields(selfheal.Settings):
-        match = re.search(r"^#?\s*%s\s*=\s*(.*)$" % re.escape(field.name), text, re.M)
-        assert match, "[selfheal] %s is neither set nor commented in services.conf" % field.name
-        line = match.group(0)
-        if line.startswith("#") and field.default not in ("", dataclasses.MISSING):
-            value = match.group(1).strip()
-            shown = selfheal.parse_duration(value) if isinstance(field.default, float) else type(field.default)(value)
+    for name, field in selfheal.GLOBAL_KEYS.items():
+        match = re.search(r"^#?[ \t]*%s[ \t]*=[ \t]*(.*)$" % re.escape(name), text, re.M)
+        assert match, "[selfheal] %s is neither set nor commented in services.conf" % name
+        # A commented key shows its default; one without a default shows an example instead.
+        if match.group(0).startswith("#") and field.default not in ("", ()) and not field.metadata["derived"]:
+            shown = field.metadata["parse"](match.group(1).strip())  # read by the key's own checker
             assert shown == field.default, "%s is commented as %r, but the default is %r" % (
-                field.name, value, field.default)
+                name, match.group(1).strip(), field.default)
 
 
-def test_shipped_config_documents_every_service_key():
+def test_shipped_config_documents_every_service_key_and_names_no_other():
     text = open(REPO_CONF, encoding="utf-8").read()
     for key in selfheal.SERVICE_KEYS:
         assert re.search(r"^#\s+%s\s+=" % re.escape(key), text, re.M), "service key %s is not documented" % key
     strategies = set(re.findall(r"^#\s+(\w+):", text, re.M))
     assert set(selfheal.STRATEGIES) <= strategies
+    written = set(re.findall(r"^#?\s*([a-z_]+)\s*=", text, re.M))
+    assert written <= set(selfheal.GLOBAL_KEYS) | set(selfheal.SERVICE_KEYS), written - set(
+        selfheal.GLOBAL_KEYS) - set(selfheal.SERVICE_KEYS)
+
+
+README = os.path.join(os.path.dirname(REPO_CONF), "README.md")
+
+
+def test_the_readme_names_every_key_and_its_global_table_gives_the_true_defaults():
+    text = open(README, encoding="utf-8").read()
+    section = text[text.index("## services.conf"):text.index("Every problem in a config is reported at once")]
+    for key in list(selfheal.GLOBAL_KEYS) + list(selfheal.SERVICE_KEYS):
+        assert "`%s`" % key in section, "README's services.conf section does not name %s" % key
+    checked = 0
+    for row in re.findall(r"^\| (`[a-z_]+`(?:, `[a-z_]+`)*) \| ([^|]*) \|", section, re.M):
+        keys = re.findall(r"`([a-z_]+)`", row[0])
+        defaults = re.findall(r"`([^`]*)`", row[1])
+        assert all(key in selfheal.GLOBAL_KEYS for key in keys), keys
+        for key, shown in zip(keys, defaults if len(defaults) == len(keys) else []):
+            field = selfheal.GLOBAL_KEYS[key]
+            if not field.metadata["derived"]:
+                assert field.metadata["parse"](shown) == field.default, "README: %s %r" % (key, shown)
+                checked += 1
+    assert checked >= 15  # the table was read, not skipped
+
+
+def test_validate_help_lists_every_key_with_its_doc(capsys):
+    with pytest.raises(SystemExit):
+        selfheal.main(["validate", "--help"])
+    out = capsys.readouterr().out
+    for name, field in list(selfheal.GLOBAL_KEYS.items()) + list(selfheal.SERVICE_KEYS.items()):
+        assert re.search(r"^  %s\s+.*%s" % (re.escape(name), re.escape(field.metadata["doc"][:30])), out, re.M), name
 
 
 def test_text_before_the_first_section_is_reported_at_line_1():

@@ -199,7 +199,7 @@ def test_every_failure_kind_names_strategies_that_exist_and_every_strategy_key_i
     named = {name for kind in selfheal.FAILURE_KINDS for name in kind.strategies}
     assert named and named <= set(selfheal.STRATEGIES)
     keys = {key for strategy in selfheal.STRATEGIES.values() for key in strategy.keys + strategy.needs}
-    assert keys and keys <= selfheal.SERVICE_KEYS
+    assert keys and keys <= set(selfheal.SERVICE_KEYS)
 
 
 @pytest.mark.parametrize("line, kind", [
