@@ -13,6 +13,23 @@ The watch also catches what OnFailure= never sees: hung, stopped, or auto-restar
 
 Python standard library only; Python 3.9+, systemd 247+.
 Run ``selfheal.py --help`` for the commands.
+
+Sections, in the order data flows (search for the title):
+  Constants, Errors, Data model   paths, binaries, limits; SelfhealError; Paths, Outcome, Finding, ...
+  State and files                 atomic writes, locks, history (rotated) and per-service summaries
+  Files a service controls        open_safely: the trust boundary for paths a service account owns
+  Config                          the key table (Settings, Service: one key() each), parse_config
+  Probes                          systemctl, the journal, listening sockets (netlink), who holds a port
+  Triage and root cause           FAILURE_KINDS: one table for the kind, its cause and its strategies
+  Verification                    probe and verify: active, port held by the unit, health check
+  Strategies                      one Strategy record per repair (STRATEGIES)
+  Healing                         heal(): diagnose, refuse or repair, verify; heal_rounds
+  Reporting                       the report's text (pure)
+  Outbox, Mail, Webhook           a report is queued first; mail and the webhook send it from there
+  Incidents                       one mail thread per incident, flapping, reminders
+  Watch                           the periodic look: hangs, stops, restarts systemd repaired
+  Install, Dashboard              units and drop-ins; miraclemax-status
+  CLI                             build_parser, main, and every command's handler: cmd_<command>
 """
 
 from __future__ import annotations
@@ -143,6 +160,7 @@ MONITOR_ENV_SINCE = 251
 VERSION_PROBE_TIMEOUT = 5.0  # seconds for `systemctl --version` (--version, heal -v)
 
 log = logging.getLogger("selfheal")
+
 
 # =============================================================================
 # Errors
@@ -430,6 +448,707 @@ class HealResult:
     def strategy(self) -> str:
         healed = [r.name for r in self.runs if r.healed]
         return healed[0] if healed else (self.runs[-1].name if self.runs else "none")
+
+
+# =============================================================================
+# State and files: atomic writes, locks, history, per-service state, status files
+# =============================================================================
+
+
+def ensure_dir(path: Path, mode: int = 0o755) -> None:
+    """Create a directory selfheal writes into, and refuse one that is a symlink: it could
+    point anywhere, and selfheal (root) never writes through it. A missing directory is
+    refused when the nearest existing one above it is a symlink (state/ for state/spool/)."""
+    existing = path
+    while not os.path.lexists(str(existing)) and existing.parent != existing:
+        existing = existing.parent
+    if existing.is_symlink():
+        raise OSError(errno.ELOOP, "%s is a symlink, not a directory; selfheal does not write through it "
+                      "(remove the link)" % existing)
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+
+
+def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a whole file so a crash leaves the old or the new one, never half of one."""
+    ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix="." + path.name + ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, str(path))
+        fsync_dir(path.parent)  # the new name too survives a power cut
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def append_line(path: Path, line: str, mode: int = 0o644) -> None:
+    """Append one line to an O_APPEND file: a crash loses at most that line.
+
+    If an earlier writer died mid-line, a newline is put first so the torn line stays
+    alone (readers skip it) and this one is whole. mode 0640 files go to group adm (as the
+    journal does), and a file left more open by an older version is narrowed.
+    """
+    ensure_dir(path.parent)
+    fd = os.open(str(path), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        restrict(fd, mode)
+        data = (line.rstrip("\n") + "\n").encode("utf-8")
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def restrict(fd: int, mode: int) -> None:
+    """A root-only file (mode without o+r) is made so on its descriptor: 0640 belongs to
+    group adm when it exists (readers of the journal may read what holds journal lines)."""
+    if mode & 0o004 or not is_root():
+        return
+    st = os.fstat(fd)
+    gid = 0
+    if mode & 0o040:
+        with contextlib.suppress(KeyError):
+            gid = grp.getgrnam(LOG_GROUP).gr_gid
+    if st.st_uid != 0 or st.st_gid != gid:
+        os.fchown(fd, 0, gid)
+    if st.st_mode & 0o7777 != mode:
+        os.fchmod(fd, mode)
+
+
+# -- History: heal events, rotated, with a small summary per service ----------------------
+# history.jsonl is append-only, one event per line, and rotated when it passes
+# HISTORY_ROTATE_BYTES (history.jsonl.1 ... .HISTORY_KEEP, the oldest dropped). What the
+# hot paths need (a service's last event, its recent heals for failure_threshold) is kept
+# per service in summary/NAME.json, written with each event: no heal, watch run or dashboard
+# reads the whole history. The dashboard's activity window reads the files from the end.
+
+HISTORY_ROTATE_BYTES = 1 << 20  # history.jsonl is rotated at 1 MiB (about 1,500 events)
+HISTORY_KEEP = 4  # rotated files kept: the history takes at most 5 MiB
+SERVICE_LOG_ROTATE_BYTES = 1 << 20  # /var/log/selfheal/NAME.log is rotated at 1 MiB, one kept
+SUMMARY_ATTEMPTS = 256  # heal times kept per service: failure_threshold is at most this
+HISTORY_CHUNK = 1 << 16
+
+
+def record_event(paths: Paths, event: dict) -> None:
+    """One heal event: a line in the history, the service's summary, and a rotation when the
+    history has grown past its bound. Raises OSError (the caller logs it)."""
+    event = clean_data(event)
+    lock = Lock(paths.run / "locks" / "history.lock")
+    try:
+        locked = lock.wait(10.0)
+    except OSError:  # no lock directory (a full or odd /run): append all the same
+        locked = False
+    try:
+        named = isinstance(event.get("service"), str) and NAME_RE.match(event["service"])
+        summary = history_summary(paths, event["service"]) if named else {}  # (before this event)
+        append_line(paths.history, json.dumps(event, sort_keys=True))
+        if named:
+            atomic_write(paths.summary(event["service"]), json.dumps(
+                summarize(summary, event), sort_keys=True) + "\n")
+        if locked:  # two rotating at once could drop a generation early
+            rotate(paths.history, HISTORY_ROTATE_BYTES, HISTORY_KEEP)
+    finally:
+        if locked:
+            lock.release()
+
+
+def summarize(summary: dict, event: dict) -> dict:
+    """summary with one more event: the last one, heals by outcome, recent heal times."""
+    outcome = str(event.get("outcome") or "?")
+    counts = dict(summary.get("counts") or {})
+    counts[outcome] = int(counts.get(outcome) or 0) + 1
+    attempts = list(summary.get("attempts") or [])
+    if counts_as_attempt(event):
+        attempts = (attempts + [float(event["ts"])])[-SUMMARY_ATTEMPTS:]
+    return {"version": 1, "last": event, "counts": counts, "attempts": attempts}
+
+
+def counts_as_attempt(event: dict) -> bool:
+    """A heal that counts toward failure_threshold: selfheal's own repair or failure, not
+    what systemd's Restart= repaired and not a heal asked for by hand."""
+    return event.get("outcome") in (Outcome.RESOLVED.value, Outcome.FAILED.value) and \
+        event.get("trigger") != MANUAL_TRIGGER
+
+
+def history_summary(paths: Paths, name: str) -> dict:
+    """The service's summary; made from the end of the history when there is none yet (an
+    older selfheal kept none)."""
+    try:
+        data = json.loads(paths.summary(name).read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.get("version") == 1 and isinstance(data.get("attempts"), list):
+            return data
+    except (OSError, ValueError):
+        pass
+    summary: dict = {}
+    try:
+        events = scan_history(paths, name, max_bytes=HISTORY_ROTATE_BYTES * (HISTORY_KEEP + 1))[0]
+    except OSError:
+        events = []
+    for event in events:
+        summary = summarize(summary, event)
+    if summary:
+        summary["last"] = clean_data(summary["last"])
+        if is_root():  # made once: the next heal, watch run and dashboard read it
+            with contextlib.suppress(OSError):
+                atomic_write(paths.summary(name), json.dumps(summary, sort_keys=True) + "\n")
+    return summary
+
+
+def last_event(paths: Paths, name: str) -> Optional[dict]:
+    last = history_summary(paths, name).get("last")
+    return last if isinstance(last, dict) else None
+
+
+def heal_attempts(paths: Paths, name: str, since: float) -> List[float]:
+    """When selfheal healed the service since `since` (what failure_threshold counts)."""
+    times = []
+    for ts in history_summary(paths, name).get("attempts", []):
+        with contextlib.suppress(TypeError, ValueError):
+            if float(ts) >= since:
+                times.append(float(ts))
+    return times
+
+
+def rotate(path: Path, limit: int, keep: int) -> None:
+    """path -> path.1 -> ... -> path.KEEP (the oldest dropped), once path is over limit bytes.
+    A file far over it (one an older selfheal let grow for a year) keeps its last `limit`
+    bytes, from a line's start, as path.1: the bound holds from the first rotation."""
+    try:
+        size = os.lstat(str(path)).st_size
+    except FileNotFoundError:
+        return
+    if size < limit:
+        return
+    for number in range(keep, 0, -1):
+        newer = path if number == 1 else path.with_name("%s.%d" % (path.name, number - 1))
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(str(newer), str(path.with_name("%s.%d" % (path.name, number))))  # renames a link, never follows
+    if size > 2 * limit and keep:
+        first = path.with_name(path.name + ".1")
+        fd = os.open(str(first), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            tail = os.pread(fd, limit, size - limit)
+            tail = tail[tail.find(b"\n") + 1:]
+            os.pwrite(fd, tail, 0)
+            os.ftruncate(fd, len(tail))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(path.parent)
+
+
+def history_files(paths: Paths) -> List[Path]:
+    """The history, newest first: history.jsonl, then .1, .2, ..."""
+    return [paths.history] + [paths.history.with_name("%s.%d" % (paths.history.name, n))
+                              for n in range(1, HISTORY_KEEP + 1)]
+
+
+def lines_backward(path: Path) -> Iterator[bytes]:
+    """The lines of a file, last first, read in chunks from its end (raises OSError)."""
+    fd = os.open(str(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        position, rest = os.fstat(fd).st_size, b""
+        while position > 0:
+            size = min(HISTORY_CHUNK, position)
+            position -= size
+            lines = (os.pread(fd, size, position) + rest).split(b"\n")
+            rest = lines.pop(0)
+            yield from reversed(lines)
+        yield rest
+    finally:
+        os.close(fd)
+
+
+def read_history(paths: Paths, service: Optional[str] = None, since: float = 0.0) -> List[dict]:
+    """Heal events since `since` (of one service, or all), oldest first; [] when unreadable."""
+    try:
+        return [clean_data(event) for event in scan_history(paths, service, since)[0]]
+    except OSError:
+        return []
+
+
+def scan_history(paths: Paths, service: Optional[str] = None, since: float = 0.0,
+                 max_bytes: Optional[int] = None) -> Tuple[List[dict], int]:
+    """Heal events since `since` (of one service, or all), oldest first, and how many lines
+    were damaged (a crash mid-write, a hand edit: skipped, never fatal). The one reader of
+    the history: from its end, so a window costs what is in it, not the history's size;
+    max_bytes stops it earlier. Raises OSError when the history cannot be read. The events
+    are as written (clean since 0.1.0): what is shown of them goes through clean_data."""
+    events: List[dict] = []
+    damaged, read, older_seen = 0, 0, 0  # older_seen: lines before since in a row (a clock
+    done = False  # step may mix a few lines, so a window ends after 100 of them)
+    for path in history_files(paths):
+        try:
+            with contextlib.closing(lines_backward(path)) as lines:
+                for line in lines:
+                    read += len(line) + 1
+                    if max_bytes is not None and read > max_bytes:
+                        done = True
+                        break
+                    if not line.strip():
+                        continue
+                    try:
+                        event = json.loads(line.decode("utf-8", "replace"))
+                        event["ts"] = float(event["ts"])
+                        if not 0 < event["ts"] < 1e11:  # also NaN
+                            raise ValueError("not a time")
+                        if not isinstance(event["service"], str) or not isinstance(event.get("outcome", ""), str):
+                            raise TypeError("not a heal event")
+                    except (ValueError, KeyError, TypeError, IndexError):
+                        damaged += 1
+                        continue
+                    if event["ts"] < since:
+                        older_seen += 1
+                        if older_seen >= 100:
+                            done = True
+                            break
+                        continue
+                    older_seen = 0
+                    if service is None or event["service"] == service:
+                        events.append(event)
+        except FileNotFoundError:
+            continue
+        if done:
+            break
+    events.reverse()
+    return events, damaged
+
+
+def load_service_state(paths: Paths, name: str) -> dict:
+    try:
+        data = json.loads(paths.service_state(name).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_service_state(paths: Paths, name: str, data: dict) -> None:
+    atomic_write(paths.service_state(name), json.dumps(clean_data(data), sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def service_state(paths: Paths, name: str, best_effort: bool = False):
+    """Load, change and save a service's state under its own lock, so a pause, a heal and
+    the watch never overwrite each other's changes. Saved only if the block succeeds.
+
+    best_effort: a state that cannot be locked or saved (a full disk) is logged, not raised,
+    so what the caller does next (mail a report) still happens; unlocked, it is not saved."""
+    lock = Lock(paths.service_state(name).with_suffix(".lock"))
+    try:
+        locked = lock.wait(10.0)
+    except OSError as exc:
+        if not best_effort:
+            raise
+        log.error("could not lock the state of %s: %s", name, exc)
+        locked = False
+    if not locked and not best_effort:
+        raise SelfhealError("the state of %s stayed locked for 10 s" % name)
+    try:
+        state = load_service_state(paths, name)
+        yield state
+        if locked:
+            save_service_state(paths, name, state)
+    except OSError as exc:
+        if not best_effort:
+            raise
+        log.error("could not save the state of %s: %s", name, exc)
+    finally:
+        lock.release()
+
+
+def paused_until(paths: Paths, name: str, now: Optional[float] = None) -> Optional[float]:
+    """None when not paused; 0.0 when paused until resumed; else the end of the pause."""
+    now = time.time() if now is None else now
+    state = load_service_state(paths, name)
+    if "paused_until" not in state:
+        return None
+    try:
+        until = float(state["paused_until"] or 0.0)
+    except (TypeError, ValueError):
+        until = 0.0  # paused; a value that is not a time means until resumed
+    if until and until <= now:
+        return None
+    return until
+
+
+class Lock:
+    """One heal per service at a time: a non-blocking flock on a file under RUN_DIR."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> bool:
+        ensure_dir(self.path.parent)
+        self.fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            os.close(self.fd)
+            self.fd = None
+            return False
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.acquire():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_INTERVAL)
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def record_heal(paths: Paths, result: HealResult, report_text: str) -> None:
+    """History line, status file and service log; each failure logged, none fatal."""
+    svc = result.service
+    event = {
+        "ts": round(result.started_at, 3),
+        "time": iso(result.started_at),
+        "service": svc.name,
+        "unit": svc.unit,
+        "outcome": result.outcome.value,
+        "trigger": result.trigger,
+        "strategy": result.strategy,
+        "healing_seconds": None if result.healing_seconds is None else round(result.healing_seconds, 3),
+        "result": result.diagnosis.result,
+        "exit": ("%s %s" % (result.diagnosis.exit_code, result.diagnosis.exit_status)).strip(),
+        "root_cause": result.root_cause.summary,
+        # The run selfheal brought back: a trigger that finds this run healthy is not news.
+        "healed_invocation": result.post.get("InvocationID", "")
+        if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED) else "",
+        # The run selfheal last looked at: the watch does not act twice on a known problem.
+        "last_invocation": result.post.get("InvocationID", ""),
+        "trigger_detail": result.diagnosis.finding.detail if result.diagnosis.finding else "",
+    }
+    # history and the status file are for the dashboard without root (0644): the event's
+    # fields only, cleaned; the report (journal lines, config diffs) goes to the 0640 log.
+    event = clean_data(event)
+    steps = [
+        (lambda: record_event(paths, event), "history"),
+        (lambda: atomic_write(paths.status(svc.name), json.dumps(event, sort_keys=True) + "\n"), "status file"),
+        (lambda: rotate(paths.service_log(svc.name), SERVICE_LOG_ROTATE_BYTES, 1), "service log"),
+        (lambda: append_line(paths.service_log(svc.name), clean(report_text.rstrip()) + "\n" + "-" * 72,
+                             SERVICE_LOG_MODE), "service log"),
+    ]
+    for step, what in steps:
+        try:
+            step()
+        except OSError as exc:
+            log.error("could not write the %s: %s", what, exc)
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+# =============================================================================
+# Files a service controls: reached without following its links, bounded, never blocking
+# =============================================================================
+#
+# selfheal is root; a service's data dir, env file and config files belong to the service's
+# account, which may be hostile. Every strategy, the watch and the report reach such a path
+# only through open_safely(): it walks the path one component at a time (openat with
+# O_NOFOLLOW), acts on the descriptor it opened (fstat, fchown, fchmod, read), accepts only
+# a regular file or a directory, never blocks (O_NONBLOCK: a FIFO is refused, not waited
+# on) and reads at most a bounded size. A symlink is followed only when it cannot be a trap:
+#   - owned by root in a directory only root can write (/etc/nginx/sites-enabled/x), or
+#   - owned by the same user as what it finally leads to (app's own link to app's own file:
+#     nothing app could not reach itself); a link of root's in app's directory counts as app's.
+#     A link owned by app that leads to root's file, another user's, a device or a FIFO is
+#     refused, and so is a path with links of two users.
+
+SAFE_READ_LIMIT = 1 << 20  # an env or config file larger than 1 MiB is not read
+MAX_DIFF_LINES = 2000  # config_files longer than this are compared by size and time only
+SQLITE_COPY_LIMIT = 256 << 20  # SQLite checks a private copy; a larger database is not checked
+MAX_LINK_HOPS = 40  # as the kernel's ELOOP limit
+
+_O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+
+def within(seconds: float, work: Callable[[], object], name: str = "selfheal-call"):
+    """work() with `seconds` for the whole of it, not for each socket operation (a server
+    that answers a byte at a time, a tarpit sending 220- lines forever). Still running then:
+    left behind in a daemon thread, and socket.timeout is raised here. Its own exception is
+    raised here as it is."""
+    import threading
+
+    outcome: Dict[str, object] = {}
+
+    def attempt() -> None:
+        try:
+            outcome["answer"] = work()
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=attempt, name=name, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise socket.timeout("timed out")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome.get("answer")
+
+
+_DEADLINES: List[float] = []  # when the run under way must be done (monotonic): the watch's budget
+
+
+@contextlib.contextmanager
+def budget(seconds: float):
+    """A total time for what runs inside (a watch run): checks that time_left() says is
+    spent are not begun; what they would have done waits for the next run."""
+    _DEADLINES.append(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _DEADLINES.pop()
+
+
+def time_left() -> Optional[float]:
+    """Seconds left in the budget of the run under way (never below 0); None without one."""
+    return max(0.0, _DEADLINES[-1] - time.monotonic()) if _DEADLINES else None
+
+
+def is_root() -> bool:
+    """The one place selfheal asks whether it runs as root (tests patch it)."""
+    return os.geteuid() == 0
+
+
+def owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "uid %d" % uid
+
+
+def file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
+class SafeFile(NamedTuple):
+    """What open_safely opened: the descriptor (O_RDONLY), its fstat, and the path it was
+    reached by once trusted links are resolved."""
+    fd: int
+    st: os.stat_result
+    real: str
+
+
+def open_safely(path: str, what: str, want: str = "file") -> SafeFile:
+    """Open `path` (key `what` of the config, for messages) as root without following a link
+    the service's account could have planted. want: "file", "dir" or "any" (either).
+
+    Raises Refused for a link not followed, a FIFO/device/socket, a second hard link of
+    someone else's, a non-directory in the middle ("..", as the kernel would, goes up one
+    directory already opened); OSError (FileNotFoundError...) as the kernel says. The
+    caller closes .fd."""
+    if not path.startswith("/"):
+        raise Refused("%s %s: not an absolute path; not followed" % (what, path))
+    todo = [part for part in path.split("/") if part]
+    stack = [os.open("/", _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
+    names: List[str] = []
+    link_owners = set()
+    hops = 0
+    try:
+        while True:
+            here = "/" + "/".join(names)
+            if not todo:  # the path was "/" or ended in a trusted link to "/"
+                name, parent = ".", stack[-1]
+                break
+            name = todo.pop(0)
+            if name == ".":
+                continue
+            if name == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                    names.pop()
+                continue
+            fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stack[-1])
+            st = os.fstat(fd)
+            shown = os.path.join(here, name)
+            if stat.S_ISLNK(st.st_mode):
+                os.close(fd)
+                parent_st = os.fstat(stack[-1])
+                root_link = st.st_uid == 0 and parent_st.st_uid == 0 and not parent_st.st_mode & 0o022
+                if not root_link:
+                    # A link of root's in a directory of the account's (one selfheal made for
+                    # `symlinks`, say) may have been moved there by the account: it counts as
+                    # the directory owner's.
+                    link_owners.add(st.st_uid or parent_st.st_uid)
+                    if len(link_owners) > 1:
+                        raise Refused("%s %s: %s is a symlink owned by %s, after a link of another user: "
+                                      "not followed" % (what, path, shown, owner_name(st.st_uid or parent_st.st_uid)))
+                hops += 1
+                if hops > MAX_LINK_HOPS:
+                    raise Refused("%s %s: more than %d symlinks: not followed" % (what, path, MAX_LINK_HOPS))
+                target = os.readlink(name, dir_fd=stack[-1])
+                if target.startswith("/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                    names = []
+                todo = [part for part in target.split("/") if part] + todo
+                continue
+            if todo:  # a directory on the way
+                if not stat.S_ISDIR(st.st_mode):
+                    os.close(fd)
+                    raise Refused("%s %s: %s is %s, not a directory: not followed" % (
+                        what, path, shown, file_kind(st.st_mode)))
+                stack.append(fd)
+                names.append(name)
+                continue
+            os.close(fd)
+            parent = stack[-1]
+            break
+        # The last component: check its kind on an O_PATH descriptor (opening a FIFO or a
+        # device for reading could block or act), then open it for real and make sure it is
+        # still the same file.
+        probe_fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            st = os.fstat(probe_fd)
+        finally:
+            os.close(probe_fd)
+        shown = "/" + "/".join(names + ([name] if name != "." else []))
+        if link_owners and st.st_uid not in link_owners:
+            link_owner = owner_name(next(iter(link_owners)))
+            raise Refused("%s %s is a symlink owned by %s (or reached through one) that leads to %s, "
+                          "owned by %s: not followed" % (what, path, link_owner, shown, owner_name(st.st_uid)))
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and st.st_uid != os.fstat(parent).st_uid:
+            # Another name for it may be anyone's (with fs.protected_hardlinks=0, /etc/shadow).
+            raise Refused("%s %s: %s has %d hard links and is owned by %s, not by the owner of its "
+                          "directory: not read" % (what, path, shown, st.st_nlink, owner_name(st.st_uid)))
+        allowed = {"file": stat.S_ISREG(st.st_mode), "dir": stat.S_ISDIR(st.st_mode),
+                   "any": stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)}[want]
+        if not allowed:
+            expected = {"file": "a regular file", "dir": "a directory", "any": "a regular file or directory"}[want]
+            raise Refused("%s %s: %s is %s, not %s: not read" % (
+                what, path, shown if shown != path else "it", file_kind(st.st_mode), expected))
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        if stat.S_ISDIR(st.st_mode):
+            flags |= os.O_DIRECTORY
+        fd = os.open(name, flags, dir_fd=parent)
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            raise Refused("%s %s: it changed while selfheal looked at it: not read" % (what, path))
+        return SafeFile(fd, opened, shown)
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+def read_safely(path: str, what: str, limit: int = SAFE_READ_LIMIT) -> Tuple[str, os.stat_result]:
+    """The text of a service's file (UTF-8, undecodable bytes replaced), reached by
+    open_safely; Refused when it is larger than `limit`."""
+    handle = open_safely(path, what, "file")
+    try:
+        if handle.st.st_size > limit:
+            raise Refused("%s %s: %s, larger than the %s selfheal reads: not read" % (
+                what, path, format_bytes(str(handle.st.st_size)), format_bytes(str(limit))))
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(handle.fd, min(65536, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:  # it grew while read
+            raise Refused("%s %s: larger than the %s selfheal reads: not read" % (
+                what, path, format_bytes(str(limit))))
+        return b"".join(chunks).decode("utf-8", "replace"), handle.st
+    finally:
+        os.close(handle.fd)
+
+
+def stat_safely(path: str, what: str, want: str = "any") -> os.stat_result:
+    handle = open_safely(path, what, want)
+    os.close(handle.fd)
+    return handle.st
+
+
+# --- text from outside: what selfheal writes never carries a secret or a control character
+
+# The user info runs to the LAST @ of the authority (a password may hold one), as urlsplit
+# reads it; "https:\/\/" is how JSON logs write a URL.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*:(?:\\?/){2})[^/\\\s?#]*@")
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators; tab and newline stay.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def without_credentials(text: str) -> str:
+    """Every URL in `text` without its user:password@ ("http://***@host/...")."""
+    return _URL_USERINFO.sub(r"\1***@", text)
+
+
+def escape_controls(text: str) -> str:
+    """Control characters (a terminal's escape sequences, a carriage return that hides a
+    line) shown as \\xNN, as journalctl shows them; tab and newline are kept."""
+    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
+                        else "\\u%04x" % ord(m.group()), text)
+
+
+def one_line(text: str) -> str:
+    """clean(), and newlines and tabs escaped too: for a value that is one line of a report
+    (a path, a refusal, a verdict), so a name planted with a newline cannot start a section."""
+    return clean(text).replace("\n", "\\n").replace("\t", "\\t")
+
+
+def clean(text: str) -> str:
+    """Text from outside (journal, health replies, process names, config diffs, findings)
+    made fit for a mail, a webhook, a file or a terminal: no URL credentials, no controls."""
+    return escape_controls(without_credentials(str(text)))
+
+
+def clean_data(value):
+    """clean() applied to every string in a JSON-able value (history lines, state files)."""
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, dict):
+        return {clean_data(k): clean_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_data(v) for v in value]
+    return value
+
+
+def display_url(url: str) -> str:
+    """A URL as selfheal shows it anywhere: without user:password@."""
+    return without_credentials(url)
 
 
 # =============================================================================
@@ -1115,283 +1834,6 @@ def load_config(path: str, trusted: bool = True) -> Config:
 
 
 # =============================================================================
-# Files a service controls: reached without following its links, bounded, never blocking
-# =============================================================================
-#
-# selfheal is root; a service's data dir, env file and config files belong to the service's
-# account, which may be hostile. Every strategy, the watch and the report reach such a path
-# only through open_safely(): it walks the path one component at a time (openat with
-# O_NOFOLLOW), acts on the descriptor it opened (fstat, fchown, fchmod, read), accepts only
-# a regular file or a directory, never blocks (O_NONBLOCK: a FIFO is refused, not waited
-# on) and reads at most a bounded size. A symlink is followed only when it cannot be a trap:
-#   - owned by root in a directory only root can write (/etc/nginx/sites-enabled/x), or
-#   - owned by the same user as what it finally leads to (app's own link to app's own file:
-#     nothing app could not reach itself); a link of root's in app's directory counts as app's.
-#     A link owned by app that leads to root's file, another user's, a device or a FIFO is
-#     refused, and so is a path with links of two users.
-
-SAFE_READ_LIMIT = 1 << 20  # an env or config file larger than 1 MiB is not read
-MAX_DIFF_LINES = 2000  # config_files longer than this are compared by size and time only
-SQLITE_COPY_LIMIT = 256 << 20  # SQLite checks a private copy; a larger database is not checked
-MAX_LINK_HOPS = 40  # as the kernel's ELOOP limit
-
-_O_PATH = getattr(os, "O_PATH", 0o10000000)
-
-
-def within(seconds: float, work: Callable[[], object], name: str = "selfheal-call"):
-    """work() with `seconds` for the whole of it, not for each socket operation (a server
-    that answers a byte at a time, a tarpit sending 220- lines forever). Still running then:
-    left behind in a daemon thread, and socket.timeout is raised here. Its own exception is
-    raised here as it is."""
-    import threading
-
-    outcome: Dict[str, object] = {}
-
-    def attempt() -> None:
-        try:
-            outcome["answer"] = work()
-        except BaseException as exc:  # handed to the caller below
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=attempt, name=name, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        raise socket.timeout("timed out")
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome.get("answer")
-
-
-_DEADLINES: List[float] = []  # when the run under way must be done (monotonic): the watch's budget
-
-
-@contextlib.contextmanager
-def budget(seconds: float):
-    """A total time for what runs inside (a watch run): checks that time_left() says is
-    spent are not begun; what they would have done waits for the next run."""
-    _DEADLINES.append(time.monotonic() + seconds)
-    try:
-        yield
-    finally:
-        _DEADLINES.pop()
-
-
-def time_left() -> Optional[float]:
-    """Seconds left in the budget of the run under way (never below 0); None without one."""
-    return max(0.0, _DEADLINES[-1] - time.monotonic()) if _DEADLINES else None
-
-
-def is_root() -> bool:
-    """The one place selfheal asks whether it runs as root (tests patch it)."""
-    return os.geteuid() == 0
-
-
-def owner_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return "uid %d" % uid
-
-
-def file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "an unknown kind of file"
-
-
-class SafeFile(NamedTuple):
-    """What open_safely opened: the descriptor (O_RDONLY), its fstat, and the path it was
-    reached by once trusted links are resolved."""
-    fd: int
-    st: os.stat_result
-    real: str
-
-
-def open_safely(path: str, what: str, want: str = "file") -> SafeFile:
-    """Open `path` (key `what` of the config, for messages) as root without following a link
-    the service's account could have planted. want: "file", "dir" or "any" (either).
-
-    Raises Refused for a link not followed, a FIFO/device/socket, a second hard link of
-    someone else's, a non-directory in the middle ("..", as the kernel would, goes up one
-    directory already opened); OSError (FileNotFoundError...) as the kernel says. The
-    caller closes .fd."""
-    if not path.startswith("/"):
-        raise Refused("%s %s: not an absolute path; not followed" % (what, path))
-    todo = [part for part in path.split("/") if part]
-    stack = [os.open("/", _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
-    names: List[str] = []
-    link_owners = set()
-    hops = 0
-    try:
-        while True:
-            here = "/" + "/".join(names)
-            if not todo:  # the path was "/" or ended in a trusted link to "/"
-                name, parent = ".", stack[-1]
-                break
-            name = todo.pop(0)
-            if name == ".":
-                continue
-            if name == "..":
-                if len(stack) > 1:
-                    os.close(stack.pop())
-                    names.pop()
-                continue
-            fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stack[-1])
-            st = os.fstat(fd)
-            shown = os.path.join(here, name)
-            if stat.S_ISLNK(st.st_mode):
-                os.close(fd)
-                parent_st = os.fstat(stack[-1])
-                root_link = st.st_uid == 0 and parent_st.st_uid == 0 and not parent_st.st_mode & 0o022
-                if not root_link:
-                    # A link of root's in a directory of the account's (one selfheal made for
-                    # `symlinks`, say) may have been moved there by the account: it counts as
-                    # the directory owner's.
-                    link_owners.add(st.st_uid or parent_st.st_uid)
-                    if len(link_owners) > 1:
-                        raise Refused("%s %s: %s is a symlink owned by %s, after a link of another user: "
-                                      "not followed" % (what, path, shown, owner_name(st.st_uid or parent_st.st_uid)))
-                hops += 1
-                if hops > MAX_LINK_HOPS:
-                    raise Refused("%s %s: more than %d symlinks: not followed" % (what, path, MAX_LINK_HOPS))
-                target = os.readlink(name, dir_fd=stack[-1])
-                if target.startswith("/"):
-                    while len(stack) > 1:
-                        os.close(stack.pop())
-                    names = []
-                todo = [part for part in target.split("/") if part] + todo
-                continue
-            if todo:  # a directory on the way
-                if not stat.S_ISDIR(st.st_mode):
-                    os.close(fd)
-                    raise Refused("%s %s: %s is %s, not a directory: not followed" % (
-                        what, path, shown, file_kind(st.st_mode)))
-                stack.append(fd)
-                names.append(name)
-                continue
-            os.close(fd)
-            parent = stack[-1]
-            break
-        # The last component: check its kind on an O_PATH descriptor (opening a FIFO or a
-        # device for reading could block or act), then open it for real and make sure it is
-        # still the same file.
-        probe_fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-        try:
-            st = os.fstat(probe_fd)
-        finally:
-            os.close(probe_fd)
-        shown = "/" + "/".join(names + ([name] if name != "." else []))
-        if link_owners and st.st_uid not in link_owners:
-            link_owner = owner_name(next(iter(link_owners)))
-            raise Refused("%s %s is a symlink owned by %s (or reached through one) that leads to %s, "
-                          "owned by %s: not followed" % (what, path, link_owner, shown, owner_name(st.st_uid)))
-        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and st.st_uid != os.fstat(parent).st_uid:
-            # Another name for it may be anyone's (with fs.protected_hardlinks=0, /etc/shadow).
-            raise Refused("%s %s: %s has %d hard links and is owned by %s, not by the owner of its "
-                          "directory: not read" % (what, path, shown, st.st_nlink, owner_name(st.st_uid)))
-        allowed = {"file": stat.S_ISREG(st.st_mode), "dir": stat.S_ISDIR(st.st_mode),
-                   "any": stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)}[want]
-        if not allowed:
-            expected = {"file": "a regular file", "dir": "a directory", "any": "a regular file or directory"}[want]
-            raise Refused("%s %s: %s is %s, not %s: not read" % (
-                what, path, shown if shown != path else "it", file_kind(st.st_mode), expected))
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-        if stat.S_ISDIR(st.st_mode):
-            flags |= os.O_DIRECTORY
-        fd = os.open(name, flags, dir_fd=parent)
-        opened = os.fstat(fd)
-        if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
-            os.close(fd)
-            raise Refused("%s %s: it changed while selfheal looked at it: not read" % (what, path))
-        return SafeFile(fd, opened, shown)
-    finally:
-        for fd in stack:
-            os.close(fd)
-
-
-def read_safely(path: str, what: str, limit: int = SAFE_READ_LIMIT) -> Tuple[str, os.stat_result]:
-    """The text of a service's file (UTF-8, undecodable bytes replaced), reached by
-    open_safely; Refused when it is larger than `limit`."""
-    handle = open_safely(path, what, "file")
-    try:
-        if handle.st.st_size > limit:
-            raise Refused("%s %s: %s, larger than the %s selfheal reads: not read" % (
-                what, path, format_bytes(str(handle.st.st_size)), format_bytes(str(limit))))
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(handle.fd, min(65536, limit + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > limit:  # it grew while read
-            raise Refused("%s %s: larger than the %s selfheal reads: not read" % (
-                what, path, format_bytes(str(limit))))
-        return b"".join(chunks).decode("utf-8", "replace"), handle.st
-    finally:
-        os.close(handle.fd)
-
-
-def stat_safely(path: str, what: str, want: str = "any") -> os.stat_result:
-    handle = open_safely(path, what, want)
-    os.close(handle.fd)
-    return handle.st
-
-
-# --- text from outside: what selfheal writes never carries a secret or a control character
-
-# The user info runs to the LAST @ of the authority (a password may hold one), as urlsplit
-# reads it; "https:\/\/" is how JSON logs write a URL.
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*:(?:\\?/){2})[^/\\\s?#]*@")
-# C0 and C1 controls, DEL, and the Unicode line and paragraph separators; tab and newline stay.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def without_credentials(text: str) -> str:
-    """Every URL in `text` without its user:password@ ("http://***@host/...")."""
-    return _URL_USERINFO.sub(r"\1***@", text)
-
-
-def escape_controls(text: str) -> str:
-    """Control characters (a terminal's escape sequences, a carriage return that hides a
-    line) shown as \\xNN, as journalctl shows them; tab and newline are kept."""
-    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
-                        else "\\u%04x" % ord(m.group()), text)
-
-
-def one_line(text: str) -> str:
-    """clean(), and newlines and tabs escaped too: for a value that is one line of a report
-    (a path, a refusal, a verdict), so a name planted with a newline cannot start a section."""
-    return clean(text).replace("\n", "\\n").replace("\t", "\\t")
-
-
-def clean(text: str) -> str:
-    """Text from outside (journal, health replies, process names, config diffs, findings)
-    made fit for a mail, a webhook, a file or a terminal: no URL credentials, no controls."""
-    return escape_controls(without_credentials(str(text)))
-
-
-def clean_data(value):
-    """clean() applied to every string in a JSON-able value (history lines, state files)."""
-    if isinstance(value, str):
-        return clean(value)
-    if isinstance(value, dict):
-        return {clean_data(k): clean_data(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean_data(v) for v in value]
-    return value
-
-
-def display_url(url: str) -> str:
-    """A URL as selfheal shows it anywhere: without user:password@."""
-    return without_credentials(url)
-
-
-# =============================================================================
 # Probes: what the host says
 # =============================================================================
 
@@ -2059,6 +2501,199 @@ def health_check(svc: Service) -> Tuple[bool, str]:
         ok, detail = command_check(svc.health_command, svc.health_timeout, svc.health_expect_text)
         return ok, "`%s`: %s" % (shlex_join(svc.health_command), detail)
     return http_check(svc.health_url, svc.health_timeout, svc.health_expect_status, svc.health_expect_text)
+
+
+# =============================================================================
+# Triage and root cause (pure): what kind of failure, and why
+# =============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class FailureKind:
+    """A failure a failed run's journal can show: the line that says so, what the report
+    gives as its cause ("It exited with status 1: <cause>."), how sure that is, what a human
+    should do, and the strategies that can fix it (tried first, in the configured order)."""
+
+    kind: str
+    pattern: "re.Pattern[str]"
+    cause: str
+    confidence: str
+    advice: str
+    strategies: Tuple[str, ...] = ()
+
+
+def _kind(kind, pattern, cause, confidence, advice, strategies=()) -> FailureKind:
+    return FailureKind(kind, re.compile(pattern, re.I), cause, confidence, advice, tuple(strategies))
+
+
+# In the order they are tried on each line: triage and the root cause both take the failed
+# run's last line that matches any, and the first kind that matches it.
+FAILURE_KINDS: Tuple[FailureKind, ...] = (
+    _kind("port_in_use", r"address already in use|EADDRINUSE|bind\(\).*failed",
+          "its port was already taken when it started", "high",
+          "Find what holds the port (ss -tlnp) and make sure only one copy of the service runs.",
+          ["port_conflict"]),
+    _kind("missing_env", r"KeyError: '(?-i:[A-Z_][A-Z0-9_]*)'|environment variable\W+[A-Za-z_][A-Za-z0-9_]*\W+(is )?"
+          r"(not set|missing|required|unset|empty)|\b(?-i:[A-Z_][A-Z0-9_]{2,}) (is )?(not set|unset|missing|required)\b",
+          "a required environment variable is missing or empty", "high",
+          "Set it in the service's environment file (selfheal never invents values); environment_check names it.",
+          ["environment_check"]),
+    _kind("bad_config", r"\bconfig(uration)?\b.{0,40}\b(error|invalid|failed)|syntax error|parse error|"
+          r"invalid (option|directive|value)|unknown (directive|option)",
+          "its configuration is invalid", "high",
+          "Fix the configuration; a config_check lets selfheal verify it before restarting.",
+          ["config_validation"]),
+    _kind("database", r"database (disk image )?is malformed|unable to open database|no such table|database is locked",
+          "its database is damaged or unreachable", "high",
+          "Check the database file (sqlite3 FILE 'PRAGMA integrity_check') and restore it from a backup.",
+          ["database_check"]),
+    _kind("disk_full", r"no space left on device|ENOSPC|disk quota exceeded",
+          "its disk is full", "high", "Free space on the filesystem it writes to.", ["database_check"]),
+    _kind("permission", r"permission denied|EACCES|operation not permitted",
+          "it was denied access to a file or port", "medium",
+          "Check the owner and mode of the files it uses, and its User= in the unit.", ["database_check"]),
+    _kind("missing_file", r"no such file or directory|ENOENT",
+          "a file it needs is missing", "medium", "Restore the missing file named in the journal lines.",
+          ["database_check"]),
+    _kind("oom", r"out of memory|MemoryError|Cannot allocate memory|\boom(?:[_-]kill(?:er)?)?\b",
+          "it ran out of memory", "medium", "Check its memory use and the host's free memory."),
+)
+FAILURE_KIND = {kind.kind: kind for kind in FAILURE_KINDS}
+
+
+def journal_kind(journal: Sequence[str]) -> Optional[Tuple[FailureKind, str]]:
+    """The failure the journal shows: its last line that matches a kind, and that kind."""
+    for line in reversed(journal):
+        for kind in FAILURE_KINDS:
+            if kind.pattern.search(line):
+                return kind, line
+    return None
+
+
+def triage(diag: Diagnosis) -> Tuple[str, str]:
+    """What kind of failure this is, and the evidence: (kind, the line or fact that says so)."""
+    if diag.finding and diag.finding.kind in ("unhealthy", "stopped"):
+        return {"unhealthy": "hang", "stopped": "stopped"}[diag.finding.kind], diag.finding.detail
+    if diag.result == "oom-kill":
+        return "oom", "systemd result oom-kill"
+    if diag.result == "start-limit-hit":
+        return "start_limit", "systemd result start-limit-hit"
+    if diag.result in ("timeout", "watchdog"):
+        return "hang", "systemd result %s" % diag.result
+    if diag.exit_code == "exited" and diag.exit_status == "203":
+        return "exec", "exit status 203/EXEC"
+    for line in reversed(diag.journal):
+        if "Failed to load environment files" in line:  # systemd's own: a missing EnvironmentFile=
+            return "missing_env", line
+    found = journal_kind(diag.journal)
+    if found:
+        return found[0].kind, found[1]
+    if diag.exit_code in ("killed", "dumped"):
+        return ("crash" if diag.exit_code == "dumped" else "killed"), "signal %s" % diag.exit_status
+    return ("exit" if diag.exit_code == "exited" else "unknown"), ""
+
+
+def plan_strategies(configured: Sequence[str], kind: str) -> List[str]:
+    """The configured strategies, the ones that fit the evidence first (in their order)."""
+    fits = FAILURE_KIND[kind].strategies if kind in FAILURE_KIND else ()
+    fitting = [name for name in configured if name in fits]
+    return fitting + [name for name in configured if name not in fitting]
+
+
+def root_cause(svc: Service, diag: Diagnosis) -> RootCause:
+    """Explain the failure from what the watch saw, systemd's result, the exit status and
+    the journal."""
+    finding = diag.finding
+    if finding and finding.kind == "unhealthy":
+        if "no answer" in finding.detail or "timed out" in finding.detail:
+            return RootCause("It hung: %s, while systemd still counted it as running." % finding.detail,
+                             "high", "watch: " + finding.detail,
+                             "A hang is a deadlock, an exhausted pool or a blocking call. Next time, "
+                             "before it is restarted, look at what it waits for (py-spy dump, gdb -p PID, "
+                             "/proc/PID/stack); pause selfheal for it to keep it in that state.")
+        return RootCause("It was running but not serving: %s." % finding.detail, "medium",
+                         "watch: " + finding.detail,
+                         "Read its journal for errors; check what it needs (database, disk, config).")
+    if finding and finding.kind == "stopped" and diag.active_state == "inactive" and diag.result in ("", "success"):
+        return RootCause("It was stopped cleanly (systemctl stop, or a unit it depends on stopped), not crashed.",
+                         "high", "systemd: inactive (dead), result success",
+                         "If that was maintenance, pause selfheal first next time: selfheal pause %s. "
+                         "To leave stopped services alone, set on_stopped = report or ignore." % svc.name)
+    cause = _failure_cause(svc, diag)
+    if finding and finding.kind == "restarted":
+        return RootCause("It crashed and systemd's Restart= brought it back by itself. " + cause.summary,
+                         cause.confidence, cause.evidence, cause.recommendation)
+    return cause
+
+
+def _failure_cause(svc: Service, diag: Diagnosis) -> RootCause:
+    result, code, status = diag.result, diag.exit_code, diag.exit_status
+    peak = diag.unit.get("MemoryPeak", "")
+    evidence = "systemd result %r" % (result or "unknown")
+    if code:
+        evidence += ", main process %s %s" % (code, status)
+    found = journal_kind(diag.journal)
+    if result == "oom-kill":
+        memory = " (peak memory %s)" % format_bytes(peak) if format_bytes(peak) else ""
+        return RootCause("The kernel's out-of-memory killer ended it%s." % memory, "high", evidence,
+                         "It needs more memory than it had: look for a leak or a load spike, "
+                         "raise MemoryMax= or add memory/swap.")
+    if result == "start-limit-hit":
+        return RootCause("It failed too often in a row and systemd stopped restarting it (start limit hit).",
+                         "high", evidence, "Read the journal lines below for why each start failed.")
+    if found and found[0].kind == "port_in_use":
+        return RootCause("It could not start: its port was already taken.", "high", found[1], found[0].advice)
+    if code == "exited" and status.isdigit() and int(status) in SYSTEMD_EXIT_STATUS:
+        name, meaning = SYSTEMD_EXIT_STATUS[int(status)]
+        line = next((ln for ln in reversed(diag.journal) if name in ln or "Failed to" in ln), "")
+        return RootCause("systemd could not start it: %s (status %s/%s)." % (meaning, status, name),
+                         "high", line or evidence,
+                         "Fix the unit or restore what it points to; restarting will not help until then.")
+    if result == "core-dump" or code == "dumped":
+        return RootCause("It crashed (signal %s, core dumped)." % status, "high", evidence,
+                         "A crash is a bug or corrupt input: keep the core (coredumpctl) and look at what "
+                         "it was doing in the journal lines below.")
+    if result == "watchdog":
+        return RootCause("It stopped answering systemd's watchdog (hung).", "high", evidence,
+                         "Look for a deadlock or a blocking call; the journal lines show its last words.")
+    if result == "timeout":
+        return RootCause("It did not start or stop within its time limit.", "medium", evidence,
+                         "Check what it waits for at start (database, network) and TimeoutStartSec=.")
+    if result == "signal" or code == "killed":
+        if status == "KILL":
+            return RootCause("It was killed with SIGKILL from outside the service (an operator, a script, "
+                             "or the kernel); systemd does not report an out-of-memory kill here.",
+                             "medium", evidence,
+                             "If nobody killed it on purpose, check `journalctl -k` for the kernel's view "
+                             "and who else runs on this host.")
+        return RootCause("It was ended by signal %s." % status, "medium", evidence,
+                         "Find who sent the signal; the journal lines show what it was doing.")
+    if code == "exited" and status not in ("", "0"):
+        if found:
+            kind, line = found
+            return RootCause("It exited with status %s: %s." % (status, kind.cause), kind.confidence, line,
+                             kind.advice)
+        last = diag.journal[-1] if diag.journal else evidence
+        return RootCause("It exited with status %s." % status, "low", last,
+                         "Read the journal lines below: the service's last words usually name the cause.")
+    if diag.active_state == "inactive":
+        return RootCause("It was not running (stopped, or never started).", "low", evidence,
+                         "If it was stopped on purpose, pause selfheal for it: selfheal pause %s." % svc.name)
+    return RootCause("systemd reports it %s (result %s)." % (diag.active_state or "unknown", result or "unknown"),
+                     "low", evidence, "Read the journal lines below.")
+
+
+def format_bytes(value: str) -> str:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return ""
+    if number <= 0 or number >= 2 ** 63:  # systemd says [not set] as UINT64_MAX
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if number < 1024 or unit == "GiB":
+            return ("%d %s" % (number, unit)) if unit == "B" else ("%.1f %s" % (number, unit))
+        number /= 1024.0
+    return ""
 
 
 # =============================================================================
@@ -2880,623 +3515,6 @@ STRATEGIES: Dict[str, Strategy] = {strategy.name: strategy for strategy in (
 
 
 # =============================================================================
-# Diagnosis -> root cause (pure)
-# =============================================================================
-
-@dataclasses.dataclass(frozen=True)
-class FailureKind:
-    """A failure a failed run's journal can show: the line that says so, what the report
-    gives as its cause ("It exited with status 1: <cause>."), how sure that is, what a human
-    should do, and the strategies that can fix it (tried first, in the configured order)."""
-
-    kind: str
-    pattern: "re.Pattern[str]"
-    cause: str
-    confidence: str
-    advice: str
-    strategies: Tuple[str, ...] = ()
-
-
-def _kind(kind, pattern, cause, confidence, advice, strategies=()) -> FailureKind:
-    return FailureKind(kind, re.compile(pattern, re.I), cause, confidence, advice, tuple(strategies))
-
-
-# In the order they are tried on each line: triage and the root cause both take the failed
-# run's last line that matches any, and the first kind that matches it.
-FAILURE_KINDS: Tuple[FailureKind, ...] = (
-    _kind("port_in_use", r"address already in use|EADDRINUSE|bind\(\).*failed",
-          "its port was already taken when it started", "high",
-          "Find what holds the port (ss -tlnp) and make sure only one copy of the service runs.",
-          ["port_conflict"]),
-    _kind("missing_env", r"KeyError: '(?-i:[A-Z_][A-Z0-9_]*)'|environment variable\W+[A-Za-z_][A-Za-z0-9_]*\W+(is )?"
-          r"(not set|missing|required|unset|empty)|\b(?-i:[A-Z_][A-Z0-9_]{2,}) (is )?(not set|unset|missing|required)\b",
-          "a required environment variable is missing or empty", "high",
-          "Set it in the service's environment file (selfheal never invents values); environment_check names it.",
-          ["environment_check"]),
-    _kind("bad_config", r"\bconfig(uration)?\b.{0,40}\b(error|invalid|failed)|syntax error|parse error|"
-          r"invalid (option|directive|value)|unknown (directive|option)",
-          "its configuration is invalid", "high",
-          "Fix the configuration; a config_check lets selfheal verify it before restarting.",
-          ["config_validation"]),
-    _kind("database", r"database (disk image )?is malformed|unable to open database|no such table|database is locked",
-          "its database is damaged or unreachable", "high",
-          "Check the database file (sqlite3 FILE 'PRAGMA integrity_check') and restore it from a backup.",
-          ["database_check"]),
-    _kind("disk_full", r"no space left on device|ENOSPC|disk quota exceeded",
-          "its disk is full", "high", "Free space on the filesystem it writes to.", ["database_check"]),
-    _kind("permission", r"permission denied|EACCES|operation not permitted",
-          "it was denied access to a file or port", "medium",
-          "Check the owner and mode of the files it uses, and its User= in the unit.", ["database_check"]),
-    _kind("missing_file", r"no such file or directory|ENOENT",
-          "a file it needs is missing", "medium", "Restore the missing file named in the journal lines.",
-          ["database_check"]),
-    _kind("oom", r"out of memory|MemoryError|Cannot allocate memory|\boom(?:[_-]kill(?:er)?)?\b",
-          "it ran out of memory", "medium", "Check its memory use and the host's free memory."),
-)
-FAILURE_KIND = {kind.kind: kind for kind in FAILURE_KINDS}
-
-
-def journal_kind(journal: Sequence[str]) -> Optional[Tuple[FailureKind, str]]:
-    """The failure the journal shows: its last line that matches a kind, and that kind."""
-    for line in reversed(journal):
-        for kind in FAILURE_KINDS:
-            if kind.pattern.search(line):
-                return kind, line
-    return None
-
-
-def triage(diag: Diagnosis) -> Tuple[str, str]:
-    """What kind of failure this is, and the evidence: (kind, the line or fact that says so)."""
-    if diag.finding and diag.finding.kind in ("unhealthy", "stopped"):
-        return {"unhealthy": "hang", "stopped": "stopped"}[diag.finding.kind], diag.finding.detail
-    if diag.result == "oom-kill":
-        return "oom", "systemd result oom-kill"
-    if diag.result == "start-limit-hit":
-        return "start_limit", "systemd result start-limit-hit"
-    if diag.result in ("timeout", "watchdog"):
-        return "hang", "systemd result %s" % diag.result
-    if diag.exit_code == "exited" and diag.exit_status == "203":
-        return "exec", "exit status 203/EXEC"
-    for line in reversed(diag.journal):
-        if "Failed to load environment files" in line:  # systemd's own: a missing EnvironmentFile=
-            return "missing_env", line
-    found = journal_kind(diag.journal)
-    if found:
-        return found[0].kind, found[1]
-    if diag.exit_code in ("killed", "dumped"):
-        return ("crash" if diag.exit_code == "dumped" else "killed"), "signal %s" % diag.exit_status
-    return ("exit" if diag.exit_code == "exited" else "unknown"), ""
-
-
-def plan_strategies(configured: Sequence[str], kind: str) -> List[str]:
-    """The configured strategies, the ones that fit the evidence first (in their order)."""
-    fits = FAILURE_KIND[kind].strategies if kind in FAILURE_KIND else ()
-    fitting = [name for name in configured if name in fits]
-    return fitting + [name for name in configured if name not in fitting]
-
-
-def root_cause(svc: Service, diag: Diagnosis) -> RootCause:
-    """Explain the failure from what the watch saw, systemd's result, the exit status and
-    the journal."""
-    finding = diag.finding
-    if finding and finding.kind == "unhealthy":
-        if "no answer" in finding.detail or "timed out" in finding.detail:
-            return RootCause("It hung: %s, while systemd still counted it as running." % finding.detail,
-                             "high", "watch: " + finding.detail,
-                             "A hang is a deadlock, an exhausted pool or a blocking call. Next time, "
-                             "before it is restarted, look at what it waits for (py-spy dump, gdb -p PID, "
-                             "/proc/PID/stack); pause selfheal for it to keep it in that state.")
-        return RootCause("It was running but not serving: %s." % finding.detail, "medium",
-                         "watch: " + finding.detail,
-                         "Read its journal for errors; check what it needs (database, disk, config).")
-    if finding and finding.kind == "stopped" and diag.active_state == "inactive" and diag.result in ("", "success"):
-        return RootCause("It was stopped cleanly (systemctl stop, or a unit it depends on stopped), not crashed.",
-                         "high", "systemd: inactive (dead), result success",
-                         "If that was maintenance, pause selfheal first next time: selfheal pause %s. "
-                         "To leave stopped services alone, set on_stopped = report or ignore." % svc.name)
-    cause = _failure_cause(svc, diag)
-    if finding and finding.kind == "restarted":
-        return RootCause("It crashed and systemd's Restart= brought it back by itself. " + cause.summary,
-                         cause.confidence, cause.evidence, cause.recommendation)
-    return cause
-
-
-def _failure_cause(svc: Service, diag: Diagnosis) -> RootCause:
-    result, code, status = diag.result, diag.exit_code, diag.exit_status
-    peak = diag.unit.get("MemoryPeak", "")
-    evidence = "systemd result %r" % (result or "unknown")
-    if code:
-        evidence += ", main process %s %s" % (code, status)
-    found = journal_kind(diag.journal)
-    if result == "oom-kill":
-        memory = " (peak memory %s)" % format_bytes(peak) if format_bytes(peak) else ""
-        return RootCause("The kernel's out-of-memory killer ended it%s." % memory, "high", evidence,
-                         "It needs more memory than it had: look for a leak or a load spike, "
-                         "raise MemoryMax= or add memory/swap.")
-    if result == "start-limit-hit":
-        return RootCause("It failed too often in a row and systemd stopped restarting it (start limit hit).",
-                         "high", evidence, "Read the journal lines below for why each start failed.")
-    if found and found[0].kind == "port_in_use":
-        return RootCause("It could not start: its port was already taken.", "high", found[1], found[0].advice)
-    if code == "exited" and status.isdigit() and int(status) in SYSTEMD_EXIT_STATUS:
-        name, meaning = SYSTEMD_EXIT_STATUS[int(status)]
-        line = next((ln for ln in reversed(diag.journal) if name in ln or "Failed to" in ln), "")
-        return RootCause("systemd could not start it: %s (status %s/%s)." % (meaning, status, name),
-                         "high", line or evidence,
-                         "Fix the unit or restore what it points to; restarting will not help until then.")
-    if result == "core-dump" or code == "dumped":
-        return RootCause("It crashed (signal %s, core dumped)." % status, "high", evidence,
-                         "A crash is a bug or corrupt input: keep the core (coredumpctl) and look at what "
-                         "it was doing in the journal lines below.")
-    if result == "watchdog":
-        return RootCause("It stopped answering systemd's watchdog (hung).", "high", evidence,
-                         "Look for a deadlock or a blocking call; the journal lines show its last words.")
-    if result == "timeout":
-        return RootCause("It did not start or stop within its time limit.", "medium", evidence,
-                         "Check what it waits for at start (database, network) and TimeoutStartSec=.")
-    if result == "signal" or code == "killed":
-        if status == "KILL":
-            return RootCause("It was killed with SIGKILL from outside the service (an operator, a script, "
-                             "or the kernel); systemd does not report an out-of-memory kill here.",
-                             "medium", evidence,
-                             "If nobody killed it on purpose, check `journalctl -k` for the kernel's view "
-                             "and who else runs on this host.")
-        return RootCause("It was ended by signal %s." % status, "medium", evidence,
-                         "Find who sent the signal; the journal lines show what it was doing.")
-    if code == "exited" and status not in ("", "0"):
-        if found:
-            kind, line = found
-            return RootCause("It exited with status %s: %s." % (status, kind.cause), kind.confidence, line,
-                             kind.advice)
-        last = diag.journal[-1] if diag.journal else evidence
-        return RootCause("It exited with status %s." % status, "low", last,
-                         "Read the journal lines below: the service's last words usually name the cause.")
-    if diag.active_state == "inactive":
-        return RootCause("It was not running (stopped, or never started).", "low", evidence,
-                         "If it was stopped on purpose, pause selfheal for it: selfheal pause %s." % svc.name)
-    return RootCause("systemd reports it %s (result %s)." % (diag.active_state or "unknown", result or "unknown"),
-                     "low", evidence, "Read the journal lines below.")
-
-
-def format_bytes(value: str) -> str:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        return ""
-    if number <= 0 or number >= 2 ** 63:  # systemd says [not set] as UINT64_MAX
-        return ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if number < 1024 or unit == "GiB":
-            return ("%d %s" % (number, unit)) if unit == "B" else ("%.1f %s" % (number, unit))
-        number /= 1024.0
-    return ""
-
-
-# =============================================================================
-# State: history, per-service state, status files, locks
-# =============================================================================
-
-
-def ensure_dir(path: Path, mode: int = 0o755) -> None:
-    """Create a directory selfheal writes into, and refuse one that is a symlink: it could
-    point anywhere, and selfheal (root) never writes through it. A missing directory is
-    refused when the nearest existing one above it is a symlink (state/ for state/spool/)."""
-    existing = path
-    while not os.path.lexists(str(existing)) and existing.parent != existing:
-        existing = existing.parent
-    if existing.is_symlink():
-        raise OSError(errno.ELOOP, "%s is a symlink, not a directory; selfheal does not write through it "
-                      "(remove the link)" % existing)
-    path.mkdir(parents=True, exist_ok=True, mode=mode)
-
-
-def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write a whole file so a crash leaves the old or the new one, never half of one."""
-    ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix="." + path.name + ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, str(path))
-        fsync_dir(path.parent)  # the new name too survives a power cut
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def append_line(path: Path, line: str, mode: int = 0o644) -> None:
-    """Append one line to an O_APPEND file: a crash loses at most that line.
-
-    If an earlier writer died mid-line, a newline is put first so the torn line stays
-    alone (readers skip it) and this one is whole. mode 0640 files go to group adm (as the
-    journal does), and a file left more open by an older version is narrowed.
-    """
-    ensure_dir(path.parent)
-    fd = os.open(str(path), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        restrict(fd, mode)
-        data = (line.rstrip("\n") + "\n").encode("utf-8")
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            data = b"\n" + data
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def restrict(fd: int, mode: int) -> None:
-    """A root-only file (mode without o+r) is made so on its descriptor: 0640 belongs to
-    group adm when it exists (readers of the journal may read what holds journal lines)."""
-    if mode & 0o004 or not is_root():
-        return
-    st = os.fstat(fd)
-    gid = 0
-    if mode & 0o040:
-        with contextlib.suppress(KeyError):
-            gid = grp.getgrnam(LOG_GROUP).gr_gid
-    if st.st_uid != 0 or st.st_gid != gid:
-        os.fchown(fd, 0, gid)
-    if st.st_mode & 0o7777 != mode:
-        os.fchmod(fd, mode)
-
-
-# -- History: heal events, rotated, with a small summary per service ----------------------
-# history.jsonl is append-only, one event per line, and rotated when it passes
-# HISTORY_ROTATE_BYTES (history.jsonl.1 ... .HISTORY_KEEP, the oldest dropped). What the
-# hot paths need (a service's last event, its recent heals for failure_threshold) is kept
-# per service in summary/NAME.json, written with each event: no heal, watch run or dashboard
-# reads the whole history. The dashboard's activity window reads the files from the end.
-
-HISTORY_ROTATE_BYTES = 1 << 20  # history.jsonl is rotated at 1 MiB (about 1,500 events)
-HISTORY_KEEP = 4  # rotated files kept: the history takes at most 5 MiB
-SERVICE_LOG_ROTATE_BYTES = 1 << 20  # /var/log/selfheal/NAME.log is rotated at 1 MiB, one kept
-SUMMARY_ATTEMPTS = 256  # heal times kept per service: failure_threshold is at most this
-HISTORY_CHUNK = 1 << 16
-
-
-def record_event(paths: Paths, event: dict) -> None:
-    """One heal event: a line in the history, the service's summary, and a rotation when the
-    history has grown past its bound. Raises OSError (the caller logs it)."""
-    event = clean_data(event)
-    lock = Lock(paths.run / "locks" / "history.lock")
-    try:
-        locked = lock.wait(10.0)
-    except OSError:  # no lock directory (a full or odd /run): append all the same
-        locked = False
-    try:
-        named = isinstance(event.get("service"), str) and NAME_RE.match(event["service"])
-        summary = history_summary(paths, event["service"]) if named else {}  # (before this event)
-        append_line(paths.history, json.dumps(event, sort_keys=True))
-        if named:
-            atomic_write(paths.summary(event["service"]), json.dumps(
-                summarize(summary, event), sort_keys=True) + "\n")
-        if locked:  # two rotating at once could drop a generation early
-            rotate(paths.history, HISTORY_ROTATE_BYTES, HISTORY_KEEP)
-    finally:
-        if locked:
-            lock.release()
-
-
-def summarize(summary: dict, event: dict) -> dict:
-    """summary with one more event: the last one, heals by outcome, recent heal times."""
-    outcome = str(event.get("outcome") or "?")
-    counts = dict(summary.get("counts") or {})
-    counts[outcome] = int(counts.get(outcome) or 0) + 1
-    attempts = list(summary.get("attempts") or [])
-    if counts_as_attempt(event):
-        attempts = (attempts + [float(event["ts"])])[-SUMMARY_ATTEMPTS:]
-    return {"version": 1, "last": event, "counts": counts, "attempts": attempts}
-
-
-def counts_as_attempt(event: dict) -> bool:
-    """A heal that counts toward failure_threshold: selfheal's own repair or failure, not
-    what systemd's Restart= repaired and not a heal asked for by hand."""
-    return event.get("outcome") in (Outcome.RESOLVED.value, Outcome.FAILED.value) and \
-        event.get("trigger") != MANUAL_TRIGGER
-
-
-def history_summary(paths: Paths, name: str) -> dict:
-    """The service's summary; made from the end of the history when there is none yet (an
-    older selfheal kept none)."""
-    try:
-        data = json.loads(paths.summary(name).read_text(encoding="utf-8"))
-        if isinstance(data, dict) and data.get("version") == 1 and isinstance(data.get("attempts"), list):
-            return data
-    except (OSError, ValueError):
-        pass
-    summary: dict = {}
-    try:
-        events = scan_history(paths, name, max_bytes=HISTORY_ROTATE_BYTES * (HISTORY_KEEP + 1))[0]
-    except OSError:
-        events = []
-    for event in events:
-        summary = summarize(summary, event)
-    if summary:
-        summary["last"] = clean_data(summary["last"])
-        if is_root():  # made once: the next heal, watch run and dashboard read it
-            with contextlib.suppress(OSError):
-                atomic_write(paths.summary(name), json.dumps(summary, sort_keys=True) + "\n")
-    return summary
-
-
-def last_event(paths: Paths, name: str) -> Optional[dict]:
-    last = history_summary(paths, name).get("last")
-    return last if isinstance(last, dict) else None
-
-
-def heal_attempts(paths: Paths, name: str, since: float) -> List[float]:
-    """When selfheal healed the service since `since` (what failure_threshold counts)."""
-    times = []
-    for ts in history_summary(paths, name).get("attempts", []):
-        with contextlib.suppress(TypeError, ValueError):
-            if float(ts) >= since:
-                times.append(float(ts))
-    return times
-
-
-def rotate(path: Path, limit: int, keep: int) -> None:
-    """path -> path.1 -> ... -> path.KEEP (the oldest dropped), once path is over limit bytes.
-    A file far over it (one an older selfheal let grow for a year) keeps its last `limit`
-    bytes, from a line's start, as path.1: the bound holds from the first rotation."""
-    try:
-        size = os.lstat(str(path)).st_size
-    except FileNotFoundError:
-        return
-    if size < limit:
-        return
-    for number in range(keep, 0, -1):
-        newer = path if number == 1 else path.with_name("%s.%d" % (path.name, number - 1))
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(str(newer), str(path.with_name("%s.%d" % (path.name, number))))  # renames a link, never follows
-    if size > 2 * limit and keep:
-        first = path.with_name(path.name + ".1")
-        fd = os.open(str(first), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            tail = os.pread(fd, limit, size - limit)
-            tail = tail[tail.find(b"\n") + 1:]
-            os.pwrite(fd, tail, 0)
-            os.ftruncate(fd, len(tail))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fsync_dir(path.parent)
-
-
-def history_files(paths: Paths) -> List[Path]:
-    """The history, newest first: history.jsonl, then .1, .2, ..."""
-    return [paths.history] + [paths.history.with_name("%s.%d" % (paths.history.name, n))
-                              for n in range(1, HISTORY_KEEP + 1)]
-
-
-def lines_backward(path: Path) -> Iterator[bytes]:
-    """The lines of a file, last first, read in chunks from its end (raises OSError)."""
-    fd = os.open(str(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return
-        position, rest = os.fstat(fd).st_size, b""
-        while position > 0:
-            size = min(HISTORY_CHUNK, position)
-            position -= size
-            lines = (os.pread(fd, size, position) + rest).split(b"\n")
-            rest = lines.pop(0)
-            yield from reversed(lines)
-        yield rest
-    finally:
-        os.close(fd)
-
-
-def read_history(paths: Paths, service: Optional[str] = None, since: float = 0.0) -> List[dict]:
-    """Heal events since `since` (of one service, or all), oldest first; [] when unreadable."""
-    try:
-        return [clean_data(event) for event in scan_history(paths, service, since)[0]]
-    except OSError:
-        return []
-
-
-def scan_history(paths: Paths, service: Optional[str] = None, since: float = 0.0,
-                 max_bytes: Optional[int] = None) -> Tuple[List[dict], int]:
-    """Heal events since `since` (of one service, or all), oldest first, and how many lines
-    were damaged (a crash mid-write, a hand edit: skipped, never fatal). The one reader of
-    the history: from its end, so a window costs what is in it, not the history's size;
-    max_bytes stops it earlier. Raises OSError when the history cannot be read. The events
-    are as written (clean since 0.1.0): what is shown of them goes through clean_data."""
-    events: List[dict] = []
-    damaged, read, older_seen = 0, 0, 0  # older_seen: lines before since in a row (a clock
-    done = False  # step may mix a few lines, so a window ends after 100 of them)
-    for path in history_files(paths):
-        try:
-            with contextlib.closing(lines_backward(path)) as lines:
-                for line in lines:
-                    read += len(line) + 1
-                    if max_bytes is not None and read > max_bytes:
-                        done = True
-                        break
-                    if not line.strip():
-                        continue
-                    try:
-                        event = json.loads(line.decode("utf-8", "replace"))
-                        event["ts"] = float(event["ts"])
-                        if not 0 < event["ts"] < 1e11:  # also NaN
-                            raise ValueError("not a time")
-                        if not isinstance(event["service"], str) or not isinstance(event.get("outcome", ""), str):
-                            raise TypeError("not a heal event")
-                    except (ValueError, KeyError, TypeError, IndexError):
-                        damaged += 1
-                        continue
-                    if event["ts"] < since:
-                        older_seen += 1
-                        if older_seen >= 100:
-                            done = True
-                            break
-                        continue
-                    older_seen = 0
-                    if service is None or event["service"] == service:
-                        events.append(event)
-        except FileNotFoundError:
-            continue
-        if done:
-            break
-    events.reverse()
-    return events, damaged
-
-
-def load_service_state(paths: Paths, name: str) -> dict:
-    try:
-        data = json.loads(paths.service_state(name).read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def save_service_state(paths: Paths, name: str, data: dict) -> None:
-    atomic_write(paths.service_state(name), json.dumps(clean_data(data), sort_keys=True) + "\n")
-
-
-@contextlib.contextmanager
-def service_state(paths: Paths, name: str, best_effort: bool = False):
-    """Load, change and save a service's state under its own lock, so a pause, a heal and
-    the watch never overwrite each other's changes. Saved only if the block succeeds.
-
-    best_effort: a state that cannot be locked or saved (a full disk) is logged, not raised,
-    so what the caller does next (mail a report) still happens; unlocked, it is not saved."""
-    lock = Lock(paths.service_state(name).with_suffix(".lock"))
-    try:
-        locked = lock.wait(10.0)
-    except OSError as exc:
-        if not best_effort:
-            raise
-        log.error("could not lock the state of %s: %s", name, exc)
-        locked = False
-    if not locked and not best_effort:
-        raise SelfhealError("the state of %s stayed locked for 10 s" % name)
-    try:
-        state = load_service_state(paths, name)
-        yield state
-        if locked:
-            save_service_state(paths, name, state)
-    except OSError as exc:
-        if not best_effort:
-            raise
-        log.error("could not save the state of %s: %s", name, exc)
-    finally:
-        lock.release()
-
-
-def paused_until(paths: Paths, name: str, now: Optional[float] = None) -> Optional[float]:
-    """None when not paused; 0.0 when paused until resumed; else the end of the pause."""
-    now = time.time() if now is None else now
-    state = load_service_state(paths, name)
-    if "paused_until" not in state:
-        return None
-    try:
-        until = float(state["paused_until"] or 0.0)
-    except (TypeError, ValueError):
-        until = 0.0  # paused; a value that is not a time means until resumed
-    if until and until <= now:
-        return None
-    return until
-
-
-class Lock:
-    """One heal per service at a time: a non-blocking flock on a file under RUN_DIR."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd: Optional[int] = None
-
-    def acquire(self) -> bool:
-        ensure_dir(self.path.parent)
-        self.fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            os.close(self.fd)
-            self.fd = None
-            return False
-
-    def wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.acquire():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(POLL_INTERVAL)
-        return True
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def record_heal(paths: Paths, result: HealResult, report_text: str) -> None:
-    """History line, status file and service log; each failure logged, none fatal."""
-    svc = result.service
-    event = {
-        "ts": round(result.started_at, 3),
-        "time": iso(result.started_at),
-        "service": svc.name,
-        "unit": svc.unit,
-        "outcome": result.outcome.value,
-        "trigger": result.trigger,
-        "strategy": result.strategy,
-        "healing_seconds": None if result.healing_seconds is None else round(result.healing_seconds, 3),
-        "result": result.diagnosis.result,
-        "exit": ("%s %s" % (result.diagnosis.exit_code, result.diagnosis.exit_status)).strip(),
-        "root_cause": result.root_cause.summary,
-        # The run selfheal brought back: a trigger that finds this run healthy is not news.
-        "healed_invocation": result.post.get("InvocationID", "")
-        if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED) else "",
-        # The run selfheal last looked at: the watch does not act twice on a known problem.
-        "last_invocation": result.post.get("InvocationID", ""),
-        "trigger_detail": result.diagnosis.finding.detail if result.diagnosis.finding else "",
-    }
-    # history and the status file are for the dashboard without root (0644): the event's
-    # fields only, cleaned; the report (journal lines, config diffs) goes to the 0640 log.
-    event = clean_data(event)
-    steps = [
-        (lambda: record_event(paths, event), "history"),
-        (lambda: atomic_write(paths.status(svc.name), json.dumps(event, sort_keys=True) + "\n"), "status file"),
-        (lambda: rotate(paths.service_log(svc.name), SERVICE_LOG_ROTATE_BYTES, 1), "service log"),
-        (lambda: append_line(paths.service_log(svc.name), clean(report_text.rstrip()) + "\n" + "-" * 72,
-                             SERVICE_LOG_MODE), "service log"),
-    ]
-    for step, what in steps:
-        try:
-            step()
-        except OSError as exc:
-            log.error("could not write the %s: %s", what, exc)
-
-
-def iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-
-
-# =============================================================================
 # Healing: diagnose, refuse or repair, verify
 # =============================================================================
 
@@ -3653,53 +3671,6 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
     return finish(Outcome.FAILED, why)
 
 
-def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.environ,
-                 dry_run: bool = False, out=None) -> int:
-    """The `heal` command: refuse, lock, heal, record, mail; loop if it failed again meanwhile."""
-    out = out or sys.stdout
-    if name not in config.services:
-        raise UsageError("%r is not listed in %s (listed: %s)"
-                         % (name, config.path, ", ".join(config.services) or "none"))
-    svc = config.services[name]
-    if never_touch(svc.unit):
-        raise UsageError("selfheal never touches %s" % svc.unit)
-    pause = paused_until(paths, name)
-    if pause is not None and not dry_run:
-        log.info("%s is paused%s; not healing", name, " until " + iso(pause) if pause else "")
-        print("%s is paused; not healing (selfheal resume %s)" % (name, name), file=out)
-        return EX_OK
-    lock = Lock(paths.lock(name))
-    # A trigger that comes during a heal waits for it, then finds that run healthy and says
-    # nothing (see heal); it is never lost, and never a second restart.
-    patience = 2 * config.settings.verify_timeout + 2 * config.settings.smtp_timeout + 10
-    if config.settings.webhook_url:
-        patience += 2 * config.settings.webhook_timeout
-    if not dry_run and not lock.wait(patience):
-        log.warning("a heal of %s has been running for over %s; this trigger gives up", name,
-                    format_duration(patience))
-        print("a heal of %s is already running" % name, file=out)
-        return EX_OK
-    if log.isEnabledFor(logging.DEBUG):  # a process more: only when someone reads it (-v)
-        log.debug("this host: %s", "; ".join(systemd_facts()))
-    try:
-        # Started as selfheal@NAME.service: by OnFailure=, or by the watch, which leaves a
-        # finding. (systemd sets MONITOR_* in both cases: it describes the unit whose
-        # OnFailure= names this instance, whoever started it.)
-        finding = None
-        if trigger == "onfailure" and not dry_run:
-            finding = take_finding(paths, name, 3 * config.settings.watch_interval)
-            if finding and finding.invocation and finding.invocation != show_unit(svc.unit).get("InvocationID"):
-                finding = None  # about a run that is gone: this heal is for something newer
-            if finding:
-                trigger = "watch"
-                if finding.kind in ("unhealthy", "restarted"):
-                    env = {}  # MONITOR_* would describe an earlier run, not this problem
-        with stop_on_sigterm(not dry_run):
-            return heal_rounds(config, svc, paths, trigger, env, dry_run, finding, out)
-    finally:
-        lock.release()
-
-
 @contextlib.contextmanager
 def stop_on_sigterm(active: bool = True):
     """While a heal runs, SIGTERM raises Stopped (caught by heal_rounds), so what is in
@@ -3828,563 +3799,6 @@ def log_outcome(result: HealResult) -> None:
     level = logging.INFO if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY) else logging.ERROR
     log.log(level, "%s: %s; strategy %s; cause: %s", result.service.name, summary_line(result),
             result.strategy, result.root_cause.summary)
-
-
-# =============================================================================
-# Incidents: one mail thread per incident, flapping, reminders, notify policy
-# =============================================================================
-
-FAILURE_OUTCOMES = (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.FAILED, Outcome.ESCALATED, Outcome.STOPPED)
-PROBLEM_OUTCOMES = (Outcome.FAILED, Outcome.ESCALATED, Outcome.STOPPED)  # a human must act
-FAILURE_LABELS = ("FAILED", "ESCALATED", "FLAPPING", "STOPPED", "STILL FAILING")
-
-
-def should_mail(settings: Settings, svc: Service, label: str, closes_problem: bool = False) -> bool:
-    """The notify policy: always | on-failure | never (per service, else global)."""
-    policy = svc.notify or settings.notify
-    if policy == "never":
-        return False
-    if policy == "on-failure":
-        return label in FAILURE_LABELS or closes_problem  # "it is fixed" ends a failure thread
-    return True
-
-
-def open_incident(state: dict, now: float) -> dict:
-    incident = state.get("incident")
-    if not incident or incident.get("closed"):
-        incident = {"opened": now, "failures": [], "message_id": "", "flapping": False,
-                    "problem": "", "last_mail": 0.0, "mails": 0}
-        state["incident"] = incident
-    return incident
-
-
-def thread_report(config: Config, incident: dict, icon: str, service: str, label: str, body: str) -> dict:
-    """One report of an incident: the first starts the mail thread, the rest reply to it."""
-    report = new_report(config.settings, icon, service, label, body, thread=incident.get("message_id", ""))
-    if not incident.get("message_id"):
-        incident["message_id"] = report["message_id"]
-    incident["last_mail"] = time.time()
-    incident["mails"] = incident.get("mails", 0) + 1
-    return report
-
-
-def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> None:
-    """Decide what a heal's report becomes: a mail in the incident's thread, a FLAPPING mail
-    (once), nothing (later recoveries of a flapping service; the notify policy), and keep
-    the incident's state. Never raises for a mail problem."""
-    settings, svc, now = config.settings, result.service, result.started_at
-    report: Optional[dict] = None
-    with service_state(paths, svc.name, best_effort=True) as state:
-        escalated_before = bool(state.get("escalated"))
-        if result.outcome is Outcome.ESCALATED:
-            state["escalated"] = state.get("escalated") or now
-        incident = open_incident(state, now)
-        incident["failures"] = [t for t in incident["failures"] if t >= now - settings.flap_window]
-        if result.trigger != MANUAL_TRIGGER:  # a heal asked for by hand is not a failure
-            incident["failures"].append(now)
-            incident["last_failure"] = now
-        label = subject_label(result)
-        send, body, closes_problem = True, text, False
-        if result.outcome is Outcome.ESCALATED and escalated_before:
-            send = False  # the one escalation mail was sent already
-        elif result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
-            closes_problem = bool(incident.get("problem"))
-            incident["problem"] = ""
-            if len(incident["failures"]) >= settings.flap_threshold:
-                if incident.get("flapping"):
-                    send = False  # one FLAPPING mail per incident; the history has every heal
-                else:
-                    incident["flapping"] = True
-                    label = "FLAPPING"
-                    body = flapping_preface(settings, svc, incident["failures"]) + text
-        if result.outcome in PROBLEM_OUTCOMES:
-            incident["problem"] = result.outcome.value
-            incident["problem_since"] = incident.get("problem_since") or now
-        else:
-            incident.pop("problem_since", None)
-        if send and should_mail(settings, svc, label, closes_problem):
-            report = thread_report(config, incident, subject_icon(result.outcome, label), svc.name, label, body)
-        elif send:
-            log.info("%s: %s not mailed (notify = %s)", svc.name, label, svc.notify or settings.notify)
-        else:
-            log.info("%s: %s not mailed (already told in this incident)", svc.name, label)
-    if report is not None:  # sent after the state is saved: a slow mail server holds no lock
-        deliver(config, paths, report)
-
-
-def flapping_preface(settings: Settings, svc: Service, failures: Sequence[float]) -> str:
-    times = ", ".join(time.strftime("%H:%M:%S", time.localtime(t)) for t in failures)
-    return ("FLAPPING: %s failed %d times within %s (%s).\n"
-            "selfheal keeps healing it up to failure_threshold = %d per %s; further recoveries in this\n"
-            "incident are recorded in the history but not mailed one by one.\n\n"
-            % (svc.name, len(failures), format_duration(settings.flap_window), times,
-               settings.failure_threshold, format_duration(settings.failure_window)))
-
-
-def incident_healthy(config: Config, paths: Paths, svc: Service, now: float) -> None:
-    """The watch found the service healthy: close a quiet incident; say when a problem a
-    human had to fix (FAILED, ESCALATED, STOPPED) is gone, and how long it lasted."""
-    incident = load_service_state(paths, svc.name).get("incident")
-    if not incident or incident.get("closed"):
-        return  # the common case, decided without the lock
-    report: Optional[dict] = None
-    with service_state(paths, svc.name) as state:
-        incident = state.get("incident")
-        if not incident or incident.get("closed"):
-            return
-        if incident.get("problem"):
-            # The heal that opened the problem may have begun after this watch run did.
-            now = max(now, time.time())
-            down = max(0.0, now - float(incident.get("problem_since") or incident.get("opened") or now))
-            body = ("%s is healthy again: the watch found it active and answering at %s.\n"
-                    "It was down (%s) for %s, since %s.\n\nselfheal did not repair it this time; "
-                    "someone or something else did. Healing is armed again.\n"
-                    % (svc.name, iso(now), incident["problem"], format_duration(down), iso(now - down)))
-            if should_mail(config.settings, svc, "RESOLVED", closes_problem=True):
-                report = thread_report(config, incident, SUBJECT_ICON[Outcome.RESOLVED], svc.name,
-                                    "RESOLVED (was down %s)" % format_duration(down), body)
-            incident["closed"] = now
-            state.pop("escalated", None)
-        elif now - float(incident.get("last_failure", incident.get("opened", now))) >= config.settings.incident_quiet:
-            incident["closed"] = now
-    if report is not None:
-        deliver(config, paths, report)
-
-
-def remind_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, str], now: float) -> None:
-    """An unresolved FAILED/ESCALATED/STOPPED incident is mailed again every reminder_interval."""
-    report: Optional[dict] = None
-    with service_state(paths, svc.name) as state:
-        incident = state.get("incident")
-        if not incident or incident.get("closed") or not incident.get("problem"):
-            return
-        if now - float(incident.get("last_mail") or 0.0) < config.settings.reminder_interval:
-            return
-        since = float(incident.get("problem_since") or incident.get("opened") or now)
-        body = ("Reminder: %s is still not healthy: %s (%s) since %s, %s ago.\n\n"
-                "The first mail of this thread has the diagnosis. Fix it, or pause selfheal for it:\n"
-                "  systemctl status %s\n  journalctl -u %s -n 100 --no-pager\n  selfheal pause %s\n"
-                % (svc.name, unit.get("ActiveState", "?"), unit.get("SubState", "?"), iso(since),
-                   format_duration(now - since), svc.unit, svc.unit, svc.name))
-        if should_mail(config.settings, svc, "STILL FAILING"):
-            report = thread_report(config, incident, "⏰", svc.name, "STILL FAILING", body)
-        else:
-            incident["last_mail"] = now
-    if report is not None:
-        deliver(config, paths, report)
-
-
-# =============================================================================
-# Watch: the periodic path for what OnFailure= never sees
-# =============================================================================
-
-
-def write_finding(paths: Paths, name: str, finding: Finding) -> None:
-    atomic_write(paths.finding(name), json.dumps(dataclasses.asdict(finding)) + "\n", 0o600)
-
-
-def take_finding(paths: Paths, name: str, max_age: float) -> Optional[Finding]:
-    """The watch's finding for this heal, consumed; None when there is none or it is stale."""
-    path = paths.finding(name)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        path.unlink()
-        finding = Finding(kind=str(data["kind"]), detail=str(data["detail"]), at=float(data["at"]),
-                          since=float(data.get("since", 0.0)),
-                          nrestarts=tuple(int(n) for n in data.get("nrestarts", (0, 0)))[:2],
-                          invocation=str(data.get("invocation", "")), previous=str(data.get("previous", "")))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return finding if time.time() - finding.at <= max_age else None
-
-
-def load_watch_state(paths: Paths, name: str) -> dict:
-    try:
-        data = json.loads(paths.watch_state(name).read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def save_watch_state(paths: Paths, name: str, data: dict) -> None:
-    atomic_write(paths.watch_state(name), json.dumps(clean_data(data), sort_keys=True) + "\n")
-
-
-def remember_restarts(paths: Paths, name: str, unit: Dict[str, str]) -> None:
-    """After a heal, systemd's restart count as it is now is not news for the watch."""
-    try:
-        state = load_watch_state(paths, name)
-        state["nrestarts"] = int(unit.get("NRestarts") or 0)
-        save_watch_state(paths, name, state)
-    except (OSError, ValueError) as exc:
-        log.warning("could not update the watch state of %s: %s", name, exc)
-
-
-def health_checks(services: Sequence[Service], late: Optional[List[str]] = None
-                  ) -> Dict[str, Tuple[bool, str]]:
-    """GET every health_url, run every health_command, at once (up to 8 threads), so one slow
-    service does not delay the rest. What has not answered when the watch's budget is
-    spent is not judged this run: its name goes into `late`."""
-    import queue
-    import threading
-
-    todo = [svc for svc in services if svc.health_url or svc.health_command]
-    if not todo:
-        return {}
-    waiting: "queue.Queue[Service]" = queue.Queue()
-    for svc in todo:
-        waiting.put(svc)
-    answers: Dict[str, object] = {}
-    lock, finished = threading.Lock(), threading.Event()
-
-    def checker() -> None:
-        while True:
-            try:
-                svc = waiting.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                answer: object = health_check(svc) if svc.health_command else http_check(
-                    svc.health_url, svc.health_timeout, svc.health_expect_status, svc.health_expect_text)
-            except Exception as exc:  # raised in the watch below, as a bug of selfheal's
-                answer = exc
-            with lock:
-                answers[svc.name] = answer
-                if len(answers) == len(todo):
-                    finished.set()
-
-    # Daemon threads, not a pool: a check still running when the budget is spent must not
-    # hold the process at exit (each one ends within its own health_timeout anyway).
-    for _ in range(min(8, len(todo))):
-        threading.Thread(target=checker, name="selfheal-health", daemon=True).start()
-    finished.wait(time_left())
-    with lock:
-        got = dict(answers)
-    for name, answer in got.items():
-        if isinstance(answer, Exception):
-            raise answer
-    for svc in todo:
-        if svc.name not in got:
-            log.warning("%s: its health check had not answered when the watch run's budget was spent; "
-                        "not judged this run", svc.name)
-            if late is not None:
-                late.append(svc.name)
-    result: Dict[str, Tuple[bool, str]] = {name: answer for name, answer in got.items()}  # type: ignore[misc]
-    for name, (ok, detail) in list(result.items()):
-        if not ok and CANNOT_RUN in detail:  # a missing checker says nothing about the service
-            log.warning("%s: health_command %s; not judged by it this run", name, detail)
-            del result[name]
-    return result
-
-
-def port_holders(services: Sequence[Service], units: Dict[str, Dict[str, str]]
-                 ) -> Dict[str, Tuple[Optional[bool], str]]:
-    """port_holder for each service whose port listens, from one `ss -p` for them all."""
-    if not services:
-        return {}
-    result = run([SS, "-H", "-t", "-l", "-n", "-p"])
-    if not result.ok:
-        return {svc.name: (None, "holder unknown: %s" % result.brief()) for svc in services}
-    listeners = parse_ss(result.out)
-    asked: List[Optional[Dict[int, List[str]]]] = []
-
-    def cgroups() -> Optional[Dict[int, List[str]]]:  # one `ss --cgroup` at most, when needed
-        if not asked:
-            asked.append(socket_cgroups())
-        return asked[0]
-
-    holders = {}
-    for svc in services:
-        shown = units.get(svc.unit, {})
-        holders[svc.name] = port_holder(svc.port, svc.unit, shown.get("ControlGroup", ""), listeners,
-                                        parse_usec_timestamp(shown.get("InactiveExitTimestampMonotonic", "")),
-                                        cgroups)
-    return holders
-
-
-def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
-           health: Optional[Tuple[bool, str]], baseline: Optional[int],
-           holder: Optional[Tuple[Optional[bool], str]] = None, grace: float = 0.0) -> Tuple[str, str]:
-    """What the watch makes of one service: (verdict, detail). holder is port_holder's
-    answer for its listening port: a port held only by others' processes is unhealthy.
-    A run younger than `grace` (start_grace, at least verify_timeout) whose port or health
-    check fails is still starting: transient, not unhealthy.
-
-    ok | restarted (systemd's Restart= repaired a crash since the last look) | unhealthy |
-    stopped | failed | transient (starting or stopping: look again next time) | missing.
-    """
-    active, sub = unit.get("ActiveState", ""), unit.get("SubState", "")
-    state = "%s (%s)" % (active or "unknown", sub or "unknown")
-    if unit.get("LoadState") in ("not-found", "masked", "bad-setting", "error") or not unit:
-        return "missing", "unit %s" % (unit.get("LoadState") or "unknown")  # install warned; not ours to start
-    if active == "active":
-        problem = ""
-        if svc.port and ports is not None and svc.port not in ports:
-            problem = "port %d not listening while the unit is %s" % (svc.port, state)
-        elif holder is not None and holder[0] is False:
-            problem = "port %d %s while the unit is %s" % (svc.port, holder[1], state)
-        elif health is not None and not health[0]:
-            where = "port %d open but " % svc.port if svc.port else ""
-            problem = ("%s%s" % (where, health[1]) if svc.health_command
-                       else "%sGET %s: %s" % (where, display_url(svc.health_url), health[1]))
-        if problem:
-            age = run_age(unit)
-            if age is not None and age < grace:
-                return "transient", "starting (%s of start_grace = %s): %s" % (
-                    format_duration(round(age)), format_duration(grace), problem)
-            return "unhealthy", problem
-        nrestarts = int(unit.get("NRestarts") or 0)
-        if baseline is not None and nrestarts > baseline:
-            return "restarted", "systemd restarted it by itself (restarts %d -> %d)" % (baseline, nrestarts)
-        return "ok", state
-    if active == "failed":
-        return "failed", "%s, result %s" % (state, unit.get("Result", "?"))
-    if active == "inactive":
-        if unit.get("Result", "success") not in ("", "success"):
-            return "failed", "%s, result %s" % (state, unit.get("Result"))
-        if finished_oneshot(unit):
-            return "ok", "a oneshot job that finished successfully: %s" % state
-        return "stopped", "found stopped: %s" % state
-    return "transient", state
-
-
-def finished_oneshot(unit: Dict[str, str]) -> bool:
-    """Type=oneshot without RemainAfterExit=: inactive after a successful run is its rest
-    state, not a stop."""
-    return (unit.get("Type") == "oneshot" and unit.get("RemainAfterExit") != "yes"
-            and unit.get("ActiveState") == "inactive" and unit.get("Result", "success") in ("", "success"))
-
-
-def run_age(unit: Dict[str, str]) -> Optional[float]:
-    """Seconds since the unit's current run became active (None when systemd does not say)."""
-    entered = parse_usec_timestamp(unit.get("ActiveEnterTimestampMonotonic", ""))
-    return max(0.0, time.monotonic() - entered) if entered else None
-
-
-def known_problem(paths: Paths, svc: Service, unit: Dict[str, str]) -> bool:
-    """True when selfheal already reported this very run of the unit as a problem."""
-    last = last_event(paths, svc.name)
-    rearmed = float(load_service_state(paths, svc.name).get("rearmed_at", 0.0))
-    return last is not None and float(last.get("ts", 0)) >= rearmed and \
-        last.get("last_invocation") == unit.get("InvocationID") and \
-        last.get("outcome") in [o.value for o in PROBLEM_OUTCOMES]
-
-
-def start_heal(paths: Paths, name: str, finding: Finding) -> None:
-    """Hand the finding to selfheal@NAME.service: the same path, lock and log as a crash."""
-    write_finding(paths, name, finding)
-    result = run([SYSTEMCTL, "start", "--no-block", "selfheal@%s.service" % name])
-    if not result.ok:
-        try:
-            paths.finding(name).unlink()  # no heal will read it; a later one must not
-        except OSError:
-            pass
-        raise SelfhealError("could not start selfheal@%s.service: %s" % (name, result.brief()))
-    log.info("%s: %s; healing (selfheal@%s.service)", name, finding.detail, name)
-
-
-def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, str],
-                  ports: Optional[set], health: Optional[Tuple[bool, str]], now: float,
-                  holder: Optional[Tuple[Optional[bool], str]] = None) -> str:
-    """One service, one watch run. Returns the verdict (for the summary).
-
-    Holds the service's heal lock while it decides, so it never decides on a heal's
-    half-done work; a heal that is running owns the service until the next look.
-    """
-    lock = Lock(paths.lock(svc.name))
-    if not lock.acquire():
-        return "healing"
-    finding = None
-    try:
-        state = load_watch_state(paths, svc.name)
-        baseline = state.get("nrestarts")
-        nrestarts = int(unit["NRestarts"]) if unit.get("NRestarts", "").isdigit() else None
-        if nrestarts is not None and baseline is not None and nrestarts < baseline:
-            # A heal saw a newer count than this run's snapshot, or systemd reset it (a
-            # manual start): ask again, for this one service.
-            unit = show_unit(svc.unit)
-            nrestarts = int(unit["NRestarts"]) if unit.get("NRestarts", "").isdigit() else None
-            if nrestarts is not None and nrestarts < baseline:
-                baseline = nrestarts
-        if paused_until(paths, svc.name, now) is not None:
-            # Restarts during maintenance are not news after it.
-            state.update(verdict="paused", detail="paused", checked=now, fails=0,
-                         nrestarts=nrestarts if nrestarts is not None else baseline)
-            save_watch_state(paths, svc.name, state)
-            return "paused"
-        verdict, detail = assess(svc, unit, ports, health, baseline, holder,
-                                 max(svc.start_grace, config.settings.verify_timeout))
-        # The restart count moves on only when it was seen healthy or reported: a look that
-        # lands while systemd's new run is still starting does not swallow the crash.
-        if nrestarts is not None and (baseline is None or verdict in ("ok", "restarted", "missing")):
-            state["nrestarts"] = nrestarts
-        invocation = unit.get("InvocationID", "")
-        if verdict == "ok":
-            state["fails"] = 0
-            state["healthy_invocation"] = invocation
-            remember_config_files(paths, svc, unit)
-            incident_healthy(config, paths, svc, now)
-        elif verdict == "restarted":
-            state["fails"] = 0
-            finding = Finding("restarted", detail, now, float(state.get("checked") or now - 60),
-                              (int(baseline or 0), int(nrestarts or 0)), invocation,
-                              state.get("healthy_invocation", ""))
-        elif verdict in ("unhealthy", "stopped", "failed"):
-            if known_problem(paths, svc, unit):
-                state["fails"] = 0
-                remind_if_due(config, paths, svc, unit, now)
-            elif verdict == "stopped" and svc.on_stopped == "ignore":
-                state["fails"] = 0
-            else:
-                state["fails"] = int(state.get("fails") or 0) + 1
-                state["first_fail"] = now if state["fails"] == 1 else float(state.get("first_fail") or now)
-                if state["fails"] >= config.settings.watch_confirm:
-                    detail += " (%d checks in a row over %s)" % (
-                        state["fails"], format_duration(round(now - state["first_fail"])))
-                    finding = Finding(verdict, detail, now, since=float(state["first_fail"]), invocation=invocation)
-                    state["fails"] = 0
-        else:
-            state["fails"] = 0  # starting, stopping or missing: "in a row" starts again
-        state.update(verdict=verdict, detail=detail, checked=now)
-        save_watch_state(paths, svc.name, state)
-    finally:
-        lock.release()
-    if finding is not None:  # the heal takes the lock we just let go
-        start_heal(paths, svc.name, finding)
-    return verdict
-
-
-def look(config: Config, paths: Paths, services: Sequence[Service], verdicts: Dict[str, str],
-         errors: List[str], late: Optional[List[str]] = None) -> Tuple[Dict[str, Dict[str, str]], Optional[set]]:
-    """One look at these services: one systemctl show, one read of the ports, the health
-    checks at once; each service's verdict into `verdicts`, a broken one into `errors`,
-    one whose health check outlived the watch's budget into `late`."""
-    now = time.time()
-    units = show_units([svc.unit for svc in services])
-    ports = listening_ports()
-    active = [svc for svc in services if units.get(svc.unit, {}).get("ActiveState") == "active"
-              and (not svc.port or ports is None or svc.port in ports)]
-    # port_owner = any: whoever publishes the port (docker-proxy) is the service's; no ss.
-    holders = port_holders([svc for svc in active if svc.port and ports is not None and svc.port_owner == "unit"],
-                           units)
-    health = health_checks([svc for svc in active if holders.get(svc.name, (None,))[0] is not False], late)
-    for svc in services:
-        try:
-            verdicts[svc.name] = watch_service(config, paths, svc, units.get(svc.unit, {}), ports,
-                                               health.get(svc.name), now, holders.get(svc.name))
-        except Exception:  # one broken service must not blind the watch to the others
-            log.exception("watch of %s failed", svc.name)
-            errors.append("%s:\n%s" % (svc.name, traceback.format_exc()))
-    return units, ports
-
-
-def watch(config: Config, paths: Paths) -> int:
-    """The `watch` command (selfheal-watch.timer): look at every service once, act on what
-    OnFailure= cannot see, retry queued mail. A broken run reports itself by mail."""
-    with budget(watch_budget(config.settings)):
-        return watch_run(config, paths)
-
-
-def watch_budget(settings: Settings) -> float:
-    """A watch run's total time: one watch_interval, within WATCH_BUDGET. What is left to
-    do then (a late health check, queued reports) waits for the next run."""
-    return min(max(settings.watch_interval, WATCH_BUDGET[0]), WATCH_BUDGET[1])
-
-
-def watch_run(config: Config, paths: Paths) -> int:
-    services = list(config.services.values())
-    verdicts: Dict[str, str] = {}
-    errors: List[str] = []
-    late: List[str] = []
-    units, ports = look(config, paths, services, verdicts, errors, late)
-    # A hang found at one look is looked at again within seconds, not a whole interval later:
-    # watch_confirm looks in a row still decide, but a frozen service is healed sooner.
-    for _ in range(config.settings.watch_confirm - 1):
-        again = [svc for svc in services if verdicts.get(svc.name) == "unhealthy"
-                 and int(load_watch_state(paths, svc.name).get("fails") or 0) > 0]
-        if not again:
-            break
-        left = time_left()
-        if left is not None and left < RECHECK_DELAY + max(svc.health_timeout for svc in again):
-            log.info("watch: no time left in this run to look at %s again; the next run does",
-                     ", ".join(svc.name for svc in again))
-            break
-        time.sleep(RECHECK_DELAY)
-        look(config, paths, again, verdicts, errors, late)
-    flush_outbox(config, paths)
-    summary = ", ".join("%s %s" % (name, verdict) for name, verdict in verdicts.items())
-    log.debug("watch: %s", summary)
-    if errors:
-        report_watch_failure(config, paths, "\n".join(errors))
-        return EX_FAIL
-    # The heartbeat says "every service was looked at": a run that could not ask systemd
-    # about one, or read the listening ports, stays silent, and the dead-man's switch alerts.
-    blind = [svc.name for svc in services if not units.get(svc.unit)] + late
-    if ports is None and any(svc.port for svc in services):
-        blind.append("ports (neither netlink nor /proc/net/tcp answered)")
-    if blind:
-        log.warning("watch: could not check %s; no heartbeat this run", ", ".join(blind))
-    else:
-        ping_heartbeat(config, paths)
-    return EX_OK
-
-
-def keep_last_good(paths: Paths, config_path: str) -> None:
-    """Keep a copy of the config that last loaded, so a broken edit can still be reported."""
-    try:
-        text = Path(config_path).read_text(encoding="utf-8")
-        copy = paths.state / "last-good.conf"
-        if not copy.exists() or copy.read_text(encoding="utf-8") != text:
-            atomic_write(copy, text, 0o600)
-    except OSError as exc:
-        log.debug("could not keep a copy of the config: %s", exc)
-
-
-def last_mailed(paths: Paths, name: str) -> float:
-    """When a rate-limited mail (NAME.json) last went out: kept in the state directory, or
-    in the run directory while the state's disk is full."""
-    last = 0.0
-    for marker in (paths.state / name, paths.run / name):
-        try:
-            last = max(last, float(json.loads(marker.read_text(encoding="utf-8")).get("mailed", 0)))
-        except (OSError, ValueError, TypeError, AttributeError):
-            pass
-    return last
-
-
-def remember_mailed(paths: Paths, name: str) -> None:
-    for marker in (paths.state / name, paths.run / name):
-        try:
-            atomic_write(marker, json.dumps({"mailed": time.time()}) + "\n")
-            return
-        except OSError as exc:
-            log.error("could not note that %s was mailed in %s: %s", name, marker, exc)
-
-
-def report_broken_config(paths: Paths, exc: ConfigError) -> None:
-    """The config stopped loading: heals and the watch are off. Mail it (at most hourly)
-    with the mail settings of the last config that loaded."""
-    try:
-        good = load_config(str(paths.state / "last-good.conf"), trusted=False)
-    except SelfhealError:
-        return  # never had a good one: nobody to tell but the journal
-    if time.time() - last_mailed(paths, "config-broken.json") < 3600:
-        return
-    body = ("selfheal on %s cannot load its config, so it heals nothing until this is fixed:\n\n%s\n\n"
-            "Fix it, then check with: selfheal validate\n" % (socket.gethostname(), "\n".join(exc.problems)))
-    deliver(good, paths, new_report(good.settings, "❌", "selfheal", "CONFIG BROKEN", body))
-    remember_mailed(paths, "config-broken.json")
-
-
-def report_watch_failure(config: Config, paths: Paths, what: str) -> None:
-    """The healer itself is broken: say so by mail (at most once an hour), never silently."""
-    if time.time() - last_mailed(paths, "watch-failure.json") < 3600:
-        return
-    body = ("selfheal's watch run failed on %s at %s. Services may be unwatched until this is fixed.\n\n"
-            "%s\n\nLook at: journalctl -t %s -n 50; systemctl status selfheal-watch.service\n"
-            % (socket.gethostname(), iso(time.time()), what, config.settings.syslog_ident))
-    deliver(config, paths, new_report(config.settings, "❌", "selfheal", "WATCH FAILED", body))
-    remember_mailed(paths, "watch-failure.json")
 
 
 # =============================================================================
@@ -5250,6 +4664,555 @@ def ping_heartbeat(config: Config, paths: Paths) -> bool:
 
 
 # =============================================================================
+# Incidents: one mail thread per incident, flapping, reminders, notify policy
+# =============================================================================
+
+PROBLEM_OUTCOMES = (Outcome.FAILED, Outcome.ESCALATED, Outcome.STOPPED)  # a human must act
+FAILURE_LABELS = ("FAILED", "ESCALATED", "FLAPPING", "STOPPED", "STILL FAILING")
+
+
+def should_mail(settings: Settings, svc: Service, label: str, closes_problem: bool = False) -> bool:
+    """The notify policy: always | on-failure | never (per service, else global)."""
+    policy = svc.notify or settings.notify
+    if policy == "never":
+        return False
+    if policy == "on-failure":
+        return label in FAILURE_LABELS or closes_problem  # "it is fixed" ends a failure thread
+    return True
+
+
+def open_incident(state: dict, now: float) -> dict:
+    incident = state.get("incident")
+    if not incident or incident.get("closed"):
+        incident = {"opened": now, "failures": [], "message_id": "", "flapping": False,
+                    "problem": "", "last_mail": 0.0, "mails": 0}
+        state["incident"] = incident
+    return incident
+
+
+def thread_report(config: Config, incident: dict, icon: str, service: str, label: str, body: str) -> dict:
+    """One report of an incident: the first starts the mail thread, the rest reply to it."""
+    report = new_report(config.settings, icon, service, label, body, thread=incident.get("message_id", ""))
+    if not incident.get("message_id"):
+        incident["message_id"] = report["message_id"]
+    incident["last_mail"] = time.time()
+    incident["mails"] = incident.get("mails", 0) + 1
+    return report
+
+
+def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> None:
+    """Decide what a heal's report becomes: a mail in the incident's thread, a FLAPPING mail
+    (once), nothing (later recoveries of a flapping service; the notify policy), and keep
+    the incident's state. Never raises for a mail problem."""
+    settings, svc, now = config.settings, result.service, result.started_at
+    report: Optional[dict] = None
+    with service_state(paths, svc.name, best_effort=True) as state:
+        escalated_before = bool(state.get("escalated"))
+        if result.outcome is Outcome.ESCALATED:
+            state["escalated"] = state.get("escalated") or now
+        incident = open_incident(state, now)
+        incident["failures"] = [t for t in incident["failures"] if t >= now - settings.flap_window]
+        if result.trigger != MANUAL_TRIGGER:  # a heal asked for by hand is not a failure
+            incident["failures"].append(now)
+            incident["last_failure"] = now
+        label = subject_label(result)
+        send, body, closes_problem = True, text, False
+        if result.outcome is Outcome.ESCALATED and escalated_before:
+            send = False  # the one escalation mail was sent already
+        elif result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
+            closes_problem = bool(incident.get("problem"))
+            incident["problem"] = ""
+            if len(incident["failures"]) >= settings.flap_threshold:
+                if incident.get("flapping"):
+                    send = False  # one FLAPPING mail per incident; the history has every heal
+                else:
+                    incident["flapping"] = True
+                    label = "FLAPPING"
+                    body = flapping_preface(settings, svc, incident["failures"]) + text
+        if result.outcome in PROBLEM_OUTCOMES:
+            incident["problem"] = result.outcome.value
+            incident["problem_since"] = incident.get("problem_since") or now
+        else:
+            incident.pop("problem_since", None)
+        if send and should_mail(settings, svc, label, closes_problem):
+            report = thread_report(config, incident, subject_icon(result.outcome, label), svc.name, label, body)
+        elif send:
+            log.info("%s: %s not mailed (notify = %s)", svc.name, label, svc.notify or settings.notify)
+        else:
+            log.info("%s: %s not mailed (already told in this incident)", svc.name, label)
+    if report is not None:  # sent after the state is saved: a slow mail server holds no lock
+        deliver(config, paths, report)
+
+
+def flapping_preface(settings: Settings, svc: Service, failures: Sequence[float]) -> str:
+    times = ", ".join(time.strftime("%H:%M:%S", time.localtime(t)) for t in failures)
+    return ("FLAPPING: %s failed %d times within %s (%s).\n"
+            "selfheal keeps healing it up to failure_threshold = %d per %s; further recoveries in this\n"
+            "incident are recorded in the history but not mailed one by one.\n\n"
+            % (svc.name, len(failures), format_duration(settings.flap_window), times,
+               settings.failure_threshold, format_duration(settings.failure_window)))
+
+
+def incident_healthy(config: Config, paths: Paths, svc: Service, now: float) -> None:
+    """The watch found the service healthy: close a quiet incident; say when a problem a
+    human had to fix (FAILED, ESCALATED, STOPPED) is gone, and how long it lasted."""
+    incident = load_service_state(paths, svc.name).get("incident")
+    if not incident or incident.get("closed"):
+        return  # the common case, decided without the lock
+    report: Optional[dict] = None
+    with service_state(paths, svc.name) as state:
+        incident = state.get("incident")
+        if not incident or incident.get("closed"):
+            return
+        if incident.get("problem"):
+            # The heal that opened the problem may have begun after this watch run did.
+            now = max(now, time.time())
+            down = max(0.0, now - float(incident.get("problem_since") or incident.get("opened") or now))
+            body = ("%s is healthy again: the watch found it active and answering at %s.\n"
+                    "It was down (%s) for %s, since %s.\n\nselfheal did not repair it this time; "
+                    "someone or something else did. Healing is armed again.\n"
+                    % (svc.name, iso(now), incident["problem"], format_duration(down), iso(now - down)))
+            if should_mail(config.settings, svc, "RESOLVED", closes_problem=True):
+                report = thread_report(config, incident, SUBJECT_ICON[Outcome.RESOLVED], svc.name,
+                                    "RESOLVED (was down %s)" % format_duration(down), body)
+            incident["closed"] = now
+            state.pop("escalated", None)
+        elif now - float(incident.get("last_failure", incident.get("opened", now))) >= config.settings.incident_quiet:
+            incident["closed"] = now
+    if report is not None:
+        deliver(config, paths, report)
+
+
+def remind_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, str], now: float) -> None:
+    """An unresolved FAILED/ESCALATED/STOPPED incident is mailed again every reminder_interval."""
+    report: Optional[dict] = None
+    with service_state(paths, svc.name) as state:
+        incident = state.get("incident")
+        if not incident or incident.get("closed") or not incident.get("problem"):
+            return
+        if now - float(incident.get("last_mail") or 0.0) < config.settings.reminder_interval:
+            return
+        since = float(incident.get("problem_since") or incident.get("opened") or now)
+        body = ("Reminder: %s is still not healthy: %s (%s) since %s, %s ago.\n\n"
+                "The first mail of this thread has the diagnosis. Fix it, or pause selfheal for it:\n"
+                "  systemctl status %s\n  journalctl -u %s -n 100 --no-pager\n  selfheal pause %s\n"
+                % (svc.name, unit.get("ActiveState", "?"), unit.get("SubState", "?"), iso(since),
+                   format_duration(now - since), svc.unit, svc.unit, svc.name))
+        if should_mail(config.settings, svc, "STILL FAILING"):
+            report = thread_report(config, incident, "⏰", svc.name, "STILL FAILING", body)
+        else:
+            incident["last_mail"] = now
+    if report is not None:
+        deliver(config, paths, report)
+
+
+# =============================================================================
+# Watch: the periodic path for what OnFailure= never sees
+# =============================================================================
+
+
+def write_finding(paths: Paths, name: str, finding: Finding) -> None:
+    atomic_write(paths.finding(name), json.dumps(dataclasses.asdict(finding)) + "\n", 0o600)
+
+
+def take_finding(paths: Paths, name: str, max_age: float) -> Optional[Finding]:
+    """The watch's finding for this heal, consumed; None when there is none or it is stale."""
+    path = paths.finding(name)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        path.unlink()
+        finding = Finding(kind=str(data["kind"]), detail=str(data["detail"]), at=float(data["at"]),
+                          since=float(data.get("since", 0.0)),
+                          nrestarts=tuple(int(n) for n in data.get("nrestarts", (0, 0)))[:2],
+                          invocation=str(data.get("invocation", "")), previous=str(data.get("previous", "")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return finding if time.time() - finding.at <= max_age else None
+
+
+def load_watch_state(paths: Paths, name: str) -> dict:
+    try:
+        data = json.loads(paths.watch_state(name).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_watch_state(paths: Paths, name: str, data: dict) -> None:
+    atomic_write(paths.watch_state(name), json.dumps(clean_data(data), sort_keys=True) + "\n")
+
+
+def remember_restarts(paths: Paths, name: str, unit: Dict[str, str]) -> None:
+    """After a heal, systemd's restart count as it is now is not news for the watch."""
+    try:
+        state = load_watch_state(paths, name)
+        state["nrestarts"] = int(unit.get("NRestarts") or 0)
+        save_watch_state(paths, name, state)
+    except (OSError, ValueError) as exc:
+        log.warning("could not update the watch state of %s: %s", name, exc)
+
+
+def health_checks(services: Sequence[Service], late: Optional[List[str]] = None
+                  ) -> Dict[str, Tuple[bool, str]]:
+    """GET every health_url, run every health_command, at once (up to 8 threads), so one slow
+    service does not delay the rest. What has not answered when the watch's budget is
+    spent is not judged this run: its name goes into `late`."""
+    import queue
+    import threading
+
+    todo = [svc for svc in services if svc.health_url or svc.health_command]
+    if not todo:
+        return {}
+    waiting: "queue.Queue[Service]" = queue.Queue()
+    for svc in todo:
+        waiting.put(svc)
+    answers: Dict[str, object] = {}
+    lock, finished = threading.Lock(), threading.Event()
+
+    def checker() -> None:
+        while True:
+            try:
+                svc = waiting.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                answer: object = health_check(svc) if svc.health_command else http_check(
+                    svc.health_url, svc.health_timeout, svc.health_expect_status, svc.health_expect_text)
+            except Exception as exc:  # raised in the watch below, as a bug of selfheal's
+                answer = exc
+            with lock:
+                answers[svc.name] = answer
+                if len(answers) == len(todo):
+                    finished.set()
+
+    # Daemon threads, not a pool: a check still running when the budget is spent must not
+    # hold the process at exit (each one ends within its own health_timeout anyway).
+    for _ in range(min(8, len(todo))):
+        threading.Thread(target=checker, name="selfheal-health", daemon=True).start()
+    finished.wait(time_left())
+    with lock:
+        got = dict(answers)
+    for name, answer in got.items():
+        if isinstance(answer, Exception):
+            raise answer
+    for svc in todo:
+        if svc.name not in got:
+            log.warning("%s: its health check had not answered when the watch run's budget was spent; "
+                        "not judged this run", svc.name)
+            if late is not None:
+                late.append(svc.name)
+    result: Dict[str, Tuple[bool, str]] = {name: answer for name, answer in got.items()}  # type: ignore[misc]
+    for name, (ok, detail) in list(result.items()):
+        if not ok and CANNOT_RUN in detail:  # a missing checker says nothing about the service
+            log.warning("%s: health_command %s; not judged by it this run", name, detail)
+            del result[name]
+    return result
+
+
+def port_holders(services: Sequence[Service], units: Dict[str, Dict[str, str]]
+                 ) -> Dict[str, Tuple[Optional[bool], str]]:
+    """port_holder for each service whose port listens, from one `ss -p` for them all."""
+    if not services:
+        return {}
+    result = run([SS, "-H", "-t", "-l", "-n", "-p"])
+    if not result.ok:
+        return {svc.name: (None, "holder unknown: %s" % result.brief()) for svc in services}
+    listeners = parse_ss(result.out)
+    asked: List[Optional[Dict[int, List[str]]]] = []
+
+    def cgroups() -> Optional[Dict[int, List[str]]]:  # one `ss --cgroup` at most, when needed
+        if not asked:
+            asked.append(socket_cgroups())
+        return asked[0]
+
+    holders = {}
+    for svc in services:
+        shown = units.get(svc.unit, {})
+        holders[svc.name] = port_holder(svc.port, svc.unit, shown.get("ControlGroup", ""), listeners,
+                                        parse_usec_timestamp(shown.get("InactiveExitTimestampMonotonic", "")),
+                                        cgroups)
+    return holders
+
+
+def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
+           health: Optional[Tuple[bool, str]], baseline: Optional[int],
+           holder: Optional[Tuple[Optional[bool], str]] = None, grace: float = 0.0) -> Tuple[str, str]:
+    """What the watch makes of one service: (verdict, detail). holder is port_holder's
+    answer for its listening port: a port held only by others' processes is unhealthy.
+    A run younger than `grace` (start_grace, at least verify_timeout) whose port or health
+    check fails is still starting: transient, not unhealthy.
+
+    ok | restarted (systemd's Restart= repaired a crash since the last look) | unhealthy |
+    stopped | failed | transient (starting or stopping: look again next time) | missing.
+    """
+    active, sub = unit.get("ActiveState", ""), unit.get("SubState", "")
+    state = "%s (%s)" % (active or "unknown", sub or "unknown")
+    if unit.get("LoadState") in ("not-found", "masked", "bad-setting", "error") or not unit:
+        return "missing", "unit %s" % (unit.get("LoadState") or "unknown")  # install warned; not ours to start
+    if active == "active":
+        problem = ""
+        if svc.port and ports is not None and svc.port not in ports:
+            problem = "port %d not listening while the unit is %s" % (svc.port, state)
+        elif holder is not None and holder[0] is False:
+            problem = "port %d %s while the unit is %s" % (svc.port, holder[1], state)
+        elif health is not None and not health[0]:
+            where = "port %d open but " % svc.port if svc.port else ""
+            problem = ("%s%s" % (where, health[1]) if svc.health_command
+                       else "%sGET %s: %s" % (where, display_url(svc.health_url), health[1]))
+        if problem:
+            age = run_age(unit)
+            if age is not None and age < grace:
+                return "transient", "starting (%s of start_grace = %s): %s" % (
+                    format_duration(round(age)), format_duration(grace), problem)
+            return "unhealthy", problem
+        nrestarts = int(unit.get("NRestarts") or 0)
+        if baseline is not None and nrestarts > baseline:
+            return "restarted", "systemd restarted it by itself (restarts %d -> %d)" % (baseline, nrestarts)
+        return "ok", state
+    if active == "failed":
+        return "failed", "%s, result %s" % (state, unit.get("Result", "?"))
+    if active == "inactive":
+        if unit.get("Result", "success") not in ("", "success"):
+            return "failed", "%s, result %s" % (state, unit.get("Result"))
+        if finished_oneshot(unit):
+            return "ok", "a oneshot job that finished successfully: %s" % state
+        return "stopped", "found stopped: %s" % state
+    return "transient", state
+
+
+def finished_oneshot(unit: Dict[str, str]) -> bool:
+    """Type=oneshot without RemainAfterExit=: inactive after a successful run is its rest
+    state, not a stop."""
+    return (unit.get("Type") == "oneshot" and unit.get("RemainAfterExit") != "yes"
+            and unit.get("ActiveState") == "inactive" and unit.get("Result", "success") in ("", "success"))
+
+
+def run_age(unit: Dict[str, str]) -> Optional[float]:
+    """Seconds since the unit's current run became active (None when systemd does not say)."""
+    entered = parse_usec_timestamp(unit.get("ActiveEnterTimestampMonotonic", ""))
+    return max(0.0, time.monotonic() - entered) if entered else None
+
+
+def known_problem(paths: Paths, svc: Service, unit: Dict[str, str]) -> bool:
+    """True when selfheal already reported this very run of the unit as a problem."""
+    last = last_event(paths, svc.name)
+    rearmed = float(load_service_state(paths, svc.name).get("rearmed_at", 0.0))
+    return last is not None and float(last.get("ts", 0)) >= rearmed and \
+        last.get("last_invocation") == unit.get("InvocationID") and \
+        last.get("outcome") in [o.value for o in PROBLEM_OUTCOMES]
+
+
+def start_heal(paths: Paths, name: str, finding: Finding) -> None:
+    """Hand the finding to selfheal@NAME.service: the same path, lock and log as a crash."""
+    write_finding(paths, name, finding)
+    result = run([SYSTEMCTL, "start", "--no-block", "selfheal@%s.service" % name])
+    if not result.ok:
+        try:
+            paths.finding(name).unlink()  # no heal will read it; a later one must not
+        except OSError:
+            pass
+        raise SelfhealError("could not start selfheal@%s.service: %s" % (name, result.brief()))
+    log.info("%s: %s; healing (selfheal@%s.service)", name, finding.detail, name)
+
+
+def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, str],
+                  ports: Optional[set], health: Optional[Tuple[bool, str]], now: float,
+                  holder: Optional[Tuple[Optional[bool], str]] = None) -> str:
+    """One service, one watch run. Returns the verdict (for the summary).
+
+    Holds the service's heal lock while it decides, so it never decides on a heal's
+    half-done work; a heal that is running owns the service until the next look.
+    """
+    lock = Lock(paths.lock(svc.name))
+    if not lock.acquire():
+        return "healing"
+    finding = None
+    try:
+        state = load_watch_state(paths, svc.name)
+        baseline = state.get("nrestarts")
+        nrestarts = int(unit["NRestarts"]) if unit.get("NRestarts", "").isdigit() else None
+        if nrestarts is not None and baseline is not None and nrestarts < baseline:
+            # A heal saw a newer count than this run's snapshot, or systemd reset it (a
+            # manual start): ask again, for this one service.
+            unit = show_unit(svc.unit)
+            nrestarts = int(unit["NRestarts"]) if unit.get("NRestarts", "").isdigit() else None
+            if nrestarts is not None and nrestarts < baseline:
+                baseline = nrestarts
+        if paused_until(paths, svc.name, now) is not None:
+            # Restarts during maintenance are not news after it.
+            state.update(verdict="paused", detail="paused", checked=now, fails=0,
+                         nrestarts=nrestarts if nrestarts is not None else baseline)
+            save_watch_state(paths, svc.name, state)
+            return "paused"
+        verdict, detail = assess(svc, unit, ports, health, baseline, holder,
+                                 max(svc.start_grace, config.settings.verify_timeout))
+        # The restart count moves on only when it was seen healthy or reported: a look that
+        # lands while systemd's new run is still starting does not swallow the crash.
+        if nrestarts is not None and (baseline is None or verdict in ("ok", "restarted", "missing")):
+            state["nrestarts"] = nrestarts
+        invocation = unit.get("InvocationID", "")
+        if verdict == "ok":
+            state["fails"] = 0
+            state["healthy_invocation"] = invocation
+            remember_config_files(paths, svc, unit)
+            incident_healthy(config, paths, svc, now)
+        elif verdict == "restarted":
+            state["fails"] = 0
+            finding = Finding("restarted", detail, now, float(state.get("checked") or now - 60),
+                              (int(baseline or 0), int(nrestarts or 0)), invocation,
+                              state.get("healthy_invocation", ""))
+        elif verdict in ("unhealthy", "stopped", "failed"):
+            if known_problem(paths, svc, unit):
+                state["fails"] = 0
+                remind_if_due(config, paths, svc, unit, now)
+            elif verdict == "stopped" and svc.on_stopped == "ignore":
+                state["fails"] = 0
+            else:
+                state["fails"] = int(state.get("fails") or 0) + 1
+                state["first_fail"] = now if state["fails"] == 1 else float(state.get("first_fail") or now)
+                if state["fails"] >= config.settings.watch_confirm:
+                    detail += " (%d checks in a row over %s)" % (
+                        state["fails"], format_duration(round(now - state["first_fail"])))
+                    finding = Finding(verdict, detail, now, since=float(state["first_fail"]), invocation=invocation)
+                    state["fails"] = 0
+        else:
+            state["fails"] = 0  # starting, stopping or missing: "in a row" starts again
+        state.update(verdict=verdict, detail=detail, checked=now)
+        save_watch_state(paths, svc.name, state)
+    finally:
+        lock.release()
+    if finding is not None:  # the heal takes the lock we just let go
+        start_heal(paths, svc.name, finding)
+    return verdict
+
+
+def look(config: Config, paths: Paths, services: Sequence[Service], verdicts: Dict[str, str],
+         errors: List[str], late: Optional[List[str]] = None) -> Tuple[Dict[str, Dict[str, str]], Optional[set]]:
+    """One look at these services: one systemctl show, one read of the ports, the health
+    checks at once; each service's verdict into `verdicts`, a broken one into `errors`,
+    one whose health check outlived the watch's budget into `late`."""
+    now = time.time()
+    units = show_units([svc.unit for svc in services])
+    ports = listening_ports()
+    active = [svc for svc in services if units.get(svc.unit, {}).get("ActiveState") == "active"
+              and (not svc.port or ports is None or svc.port in ports)]
+    # port_owner = any: whoever publishes the port (docker-proxy) is the service's; no ss.
+    holders = port_holders([svc for svc in active if svc.port and ports is not None and svc.port_owner == "unit"],
+                           units)
+    health = health_checks([svc for svc in active if holders.get(svc.name, (None,))[0] is not False], late)
+    for svc in services:
+        try:
+            verdicts[svc.name] = watch_service(config, paths, svc, units.get(svc.unit, {}), ports,
+                                               health.get(svc.name), now, holders.get(svc.name))
+        except Exception:  # one broken service must not blind the watch to the others
+            log.exception("watch of %s failed", svc.name)
+            errors.append("%s:\n%s" % (svc.name, traceback.format_exc()))
+    return units, ports
+
+
+def watch_budget(settings: Settings) -> float:
+    """A watch run's total time: one watch_interval, within WATCH_BUDGET. What is left to
+    do then (a late health check, queued reports) waits for the next run."""
+    return min(max(settings.watch_interval, WATCH_BUDGET[0]), WATCH_BUDGET[1])
+
+
+def watch_run(config: Config, paths: Paths) -> int:
+    services = list(config.services.values())
+    verdicts: Dict[str, str] = {}
+    errors: List[str] = []
+    late: List[str] = []
+    units, ports = look(config, paths, services, verdicts, errors, late)
+    # A hang found at one look is looked at again within seconds, not a whole interval later:
+    # watch_confirm looks in a row still decide, but a frozen service is healed sooner.
+    for _ in range(config.settings.watch_confirm - 1):
+        again = [svc for svc in services if verdicts.get(svc.name) == "unhealthy"
+                 and int(load_watch_state(paths, svc.name).get("fails") or 0) > 0]
+        if not again:
+            break
+        left = time_left()
+        if left is not None and left < RECHECK_DELAY + max(svc.health_timeout for svc in again):
+            log.info("watch: no time left in this run to look at %s again; the next run does",
+                     ", ".join(svc.name for svc in again))
+            break
+        time.sleep(RECHECK_DELAY)
+        look(config, paths, again, verdicts, errors, late)
+    flush_outbox(config, paths)
+    summary = ", ".join("%s %s" % (name, verdict) for name, verdict in verdicts.items())
+    log.debug("watch: %s", summary)
+    if errors:
+        report_watch_failure(config, paths, "\n".join(errors))
+        return EX_FAIL
+    # The heartbeat says "every service was looked at": a run that could not ask systemd
+    # about one, or read the listening ports, stays silent, and the dead-man's switch alerts.
+    blind = [svc.name for svc in services if not units.get(svc.unit)] + late
+    if ports is None and any(svc.port for svc in services):
+        blind.append("ports (neither netlink nor /proc/net/tcp answered)")
+    if blind:
+        log.warning("watch: could not check %s; no heartbeat this run", ", ".join(blind))
+    else:
+        ping_heartbeat(config, paths)
+    return EX_OK
+
+
+def keep_last_good(paths: Paths, config_path: str) -> None:
+    """Keep a copy of the config that last loaded, so a broken edit can still be reported."""
+    try:
+        text = Path(config_path).read_text(encoding="utf-8")
+        copy = paths.state / "last-good.conf"
+        if not copy.exists() or copy.read_text(encoding="utf-8") != text:
+            atomic_write(copy, text, 0o600)
+    except OSError as exc:
+        log.debug("could not keep a copy of the config: %s", exc)
+
+
+def last_mailed(paths: Paths, name: str) -> float:
+    """When a rate-limited mail (NAME.json) last went out: kept in the state directory, or
+    in the run directory while the state's disk is full."""
+    last = 0.0
+    for marker in (paths.state / name, paths.run / name):
+        try:
+            last = max(last, float(json.loads(marker.read_text(encoding="utf-8")).get("mailed", 0)))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+    return last
+
+
+def remember_mailed(paths: Paths, name: str) -> None:
+    for marker in (paths.state / name, paths.run / name):
+        try:
+            atomic_write(marker, json.dumps({"mailed": time.time()}) + "\n")
+            return
+        except OSError as exc:
+            log.error("could not note that %s was mailed in %s: %s", name, marker, exc)
+
+
+def report_broken_config(paths: Paths, exc: ConfigError) -> None:
+    """The config stopped loading: heals and the watch are off. Mail it (at most hourly)
+    with the mail settings of the last config that loaded."""
+    try:
+        good = load_config(str(paths.state / "last-good.conf"), trusted=False)
+    except SelfhealError:
+        return  # never had a good one: nobody to tell but the journal
+    if time.time() - last_mailed(paths, "config-broken.json") < 3600:
+        return
+    body = ("selfheal on %s cannot load its config, so it heals nothing until this is fixed:\n\n%s\n\n"
+            "Fix it, then check with: selfheal validate\n" % (socket.gethostname(), "\n".join(exc.problems)))
+    deliver(good, paths, new_report(good.settings, "❌", "selfheal", "CONFIG BROKEN", body))
+    remember_mailed(paths, "config-broken.json")
+
+
+def report_watch_failure(config: Config, paths: Paths, what: str) -> None:
+    """The healer itself is broken: say so by mail (at most once an hour), never silently."""
+    if time.time() - last_mailed(paths, "watch-failure.json") < 3600:
+        return
+    body = ("selfheal's watch run failed on %s at %s. Services may be unwatched until this is fixed.\n\n"
+            "%s\n\nLook at: journalctl -t %s -n 50; systemctl status selfheal-watch.service\n"
+            % (socket.gethostname(), iso(time.time()), what, config.settings.syslog_ident))
+    deliver(config, paths, new_report(config.settings, "❌", "selfheal", "WATCH FAILED", body))
+    remember_mailed(paths, "watch-failure.json")
+
+
+# =============================================================================
 # Install: units, drop-ins, files (install.sh calls this too)
 # =============================================================================
 
@@ -5625,7 +5588,8 @@ class Installer:
                 raise ConfigError(problems)
         if (self.put(libdir + "/selfheal.py", self_text, 0o755) or not self.host(libdir + "/__pycache__").is_dir()) \
                 and not self.dry_run:
-            # Compiled now, so the first heal does not pay for compiling 2,000 lines.
+            # Compiled now: /usr is read-only in the heal's sandbox, so Python could not cache
+            # it there, and every heal would compile the whole file again.
             py_compile.compile(str(self.host(libdir + "/selfheal.py")), doraise=True,
                                invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
         readme = Path(os.path.realpath(__file__)).with_name("README.md")
@@ -6601,7 +6565,7 @@ def terminal_wants_colour(out, env=os.environ) -> bool:
     return bool(isatty and isatty()) and not env.get("NO_COLOR") and env.get("TERM", "") != "dumb"
 
 
-def cmd_status(config: Config, paths: Paths, as_json: bool = False, out=None, only: Sequence[str] = (),
+def show_dashboard(config: Config, paths: Paths, as_json: bool = False, out=None, only: Sequence[str] = (),
                since: float = DEFAULT_SINCE, unicode: Optional[bool] = None, color: Optional[bool] = None,
                width: Optional[int] = None, compact: bool = False) -> int:
     """Print the dashboard once; exit status 0 all healthy, 1 something failed or unhealthy."""
@@ -6649,44 +6613,6 @@ def status_interval(text: str) -> float:
     return seconds
 
 
-def status_command(args, config_path: str, paths: Paths, out=None) -> int:
-    """`status` / miraclemax-status: 0 all healthy, 1 something failed or unhealthy,
-    2 not installed, a config it cannot read, or a bad command line."""
-    out = out or sys.stdout
-    if not os.path.exists(config_path):
-        text = ("selfheal is not installed here (no %s). Install it with: sudo ./install.sh "
-                "(from a clone), or: sudo python3 selfheal.py install --config services.conf" % config_path)
-        print(text, file=sys.stderr if args.json else out)
-        return EX_USAGE
-    only = tuple(dict.fromkeys(args.service or ()))
-
-    def load() -> Config:
-        try:
-            config = load_config(config_path, trusted=False)
-        except ConfigError:
-            # Not root and the config is root's alone (it holds secrets): the copy without them.
-            if os.access(config_path, os.R_OK) or not paths.public_config.is_file():
-                raise
-            config = load_config(str(paths.public_config), trusted=False)
-        unknown = [name for name in only if name not in config.services]
-        if unknown:
-            raise UsageError("--service %r: not in %s%s" % (unknown[0], config_path,
-                                                           _did_you_mean(unknown[0], config.services)))
-        return config
-
-    try:
-        config = load()
-        if args.watch is None:
-            return cmd_status(config, paths, args.json, out, only, args.since)
-        return status_watch(load, paths, args, out, only)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
-        print("%d problem(s) in the config; the dashboard needs one that loads." % len(exc.problems),
-              file=sys.stderr)
-        return EX_USAGE
-
-
 def status_watch(load: Callable[[], Config], paths: Paths, args, out, only: Sequence[str]) -> int:
     """Redraw every args.watch seconds until Ctrl-C (exit 0): in place on a terminal, else one
     frame after another (with --json: one JSON document per line)."""
@@ -6717,7 +6643,7 @@ def status_watch(load: Callable[[], Config], paths: Paths, args, out, only: Sequ
             try:
                 config = load()
                 width = min(100, shutil.get_terminal_size((80, 24)).columns)
-                cmd_status(config, paths, args.json, frame, only, args.since, unicode, colour, width,
+                show_dashboard(config, paths, args.json, frame, only, args.since, unicode, colour, width,
                            compact=True)
                 if not args.json:
                     frame.write("\n" + footer + "\n")
@@ -6898,15 +6824,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(args.verbose, quiet, None)
     try:
         if args.command == "validate":
-            path = args.file or config_path
-            config = load_config(path, trusted=os.path.abspath(path) == CONFIG_PATH)
-            check_on_host(config)
-            print("%s: ok, %d service(s): %s" % (path, len(config.services), ", ".join(config.services)))
-            return EX_OK
+            return cmd_validate(args.file or config_path)
         if args.command == "install":
             return cmd_install(args, config_path)
         if args.command == "status":
-            return status_command(args, config_path, paths)
+            return cmd_status(args, config_path, paths)
         try:
             config = load_config(config_path)
         except ConfigError as exc:
@@ -6919,23 +6841,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "heal":
             if not args.dry_run:
                 require_root("heal")
-            return heal_service(config, args.name, paths, args.trigger, dry_run=args.dry_run)
+            return cmd_heal(config, args.name, paths, args.trigger, dry_run=args.dry_run)
         if args.command == "watch":
             require_root("watch")
-            try:
-                return watch(config, paths)
-            except Exception:  # the healer itself is broken: say so, never die silently
-                log.exception("the watch run failed")
-                report_watch_failure(config, paths, traceback.format_exc())
-                return EX_FAIL
+            return cmd_watch(config, paths)
         if args.command in ("flush-mail", "flush"):
-            counts = flush_outbox(config, paths, wait=30.0)
-            (sent, left), (posted, waiting) = counts["mail"], counts["webhook"]
-            if sent or left or posted or waiting or not quiet:
-                webhook = "; webhook: %d sent, %d still queued" % (posted, waiting) if (
-                    config.settings.webhook_url or posted or waiting) else ""
-                print("flush-mail: %d sent, %d still queued%s" % (sent, left, webhook))
-            return EX_OK if not left and not waiting else EX_FAIL
+            return cmd_flush(config, paths, quiet)
         if args.command == "test-email":
             return cmd_test_email(config)
         if args.command in ("pause", "resume"):
@@ -6953,6 +6864,122 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     parser.error("unknown command %s" % args.command)
     return EX_USAGE
+
+
+def cmd_validate(path: str) -> int:
+    """`validate [FILE]`: the file, then the host it names (raises ConfigError)."""
+    config = load_config(path, trusted=os.path.abspath(path) == CONFIG_PATH)
+    check_on_host(config)
+    print("%s: ok, %d service(s): %s" % (path, len(config.services), ", ".join(config.services)))
+    return EX_OK
+
+
+def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.environ,
+                 dry_run: bool = False, out=None) -> int:
+    """`heal NAME`: refuse, lock, heal, record, mail; loop if it failed again meanwhile."""
+    out = out or sys.stdout
+    if name not in config.services:
+        raise UsageError("%r is not listed in %s (listed: %s)"
+                         % (name, config.path, ", ".join(config.services) or "none"))
+    svc = config.services[name]
+    if never_touch(svc.unit):
+        raise UsageError("selfheal never touches %s" % svc.unit)
+    pause = paused_until(paths, name)
+    if pause is not None and not dry_run:
+        log.info("%s is paused%s; not healing", name, " until " + iso(pause) if pause else "")
+        print("%s is paused; not healing (selfheal resume %s)" % (name, name), file=out)
+        return EX_OK
+    lock = Lock(paths.lock(name))
+    # A trigger that comes during a heal waits for it, then finds that run healthy and says
+    # nothing (see heal); it is never lost, and never a second restart.
+    patience = 2 * config.settings.verify_timeout + 2 * config.settings.smtp_timeout + 10
+    if config.settings.webhook_url:
+        patience += 2 * config.settings.webhook_timeout
+    if not dry_run and not lock.wait(patience):
+        log.warning("a heal of %s has been running for over %s; this trigger gives up", name,
+                    format_duration(patience))
+        print("a heal of %s is already running" % name, file=out)
+        return EX_OK
+    if log.isEnabledFor(logging.DEBUG):  # a process more: only when someone reads it (-v)
+        log.debug("this host: %s", "; ".join(systemd_facts()))
+    try:
+        # Started as selfheal@NAME.service: by OnFailure=, or by the watch, which leaves a
+        # finding. (systemd sets MONITOR_* in both cases: it describes the unit whose
+        # OnFailure= names this instance, whoever started it.)
+        finding = None
+        if trigger == "onfailure" and not dry_run:
+            finding = take_finding(paths, name, 3 * config.settings.watch_interval)
+            if finding and finding.invocation and finding.invocation != show_unit(svc.unit).get("InvocationID"):
+                finding = None  # about a run that is gone: this heal is for something newer
+            if finding:
+                trigger = "watch"
+                if finding.kind in ("unhealthy", "restarted"):
+                    env = {}  # MONITOR_* would describe an earlier run, not this problem
+        with stop_on_sigterm(not dry_run):
+            return heal_rounds(config, svc, paths, trigger, env, dry_run, finding, out)
+    finally:
+        lock.release()
+
+
+def cmd_watch(config: Config, paths: Paths) -> int:
+    """The `watch` command (selfheal-watch.timer): look at every service once, act on what
+    OnFailure= cannot see, retry queued mail. A broken run reports itself by mail."""
+    try:
+        with budget(watch_budget(config.settings)):
+            return watch_run(config, paths)
+    except Exception:  # the healer itself is broken: say so, never die silently
+        log.exception("the watch run failed")
+        report_watch_failure(config, paths, traceback.format_exc())
+        return EX_FAIL
+
+
+def cmd_flush(config: Config, paths: Paths, quiet: bool = False) -> int:
+    """`flush-mail`: send what the outbox holds; 1 while anything is left."""
+    counts = flush_outbox(config, paths, wait=30.0)
+    (sent, left), (posted, waiting) = counts["mail"], counts["webhook"]
+    if sent or left or posted or waiting or not quiet:
+        webhook = "; webhook: %d sent, %d still queued" % (posted, waiting) if (
+            config.settings.webhook_url or posted or waiting) else ""
+        print("flush-mail: %d sent, %d still queued%s" % (sent, left, webhook))
+    return EX_OK if not left and not waiting else EX_FAIL
+
+
+def cmd_status(args, config_path: str, paths: Paths, out=None) -> int:
+    """`status` / miraclemax-status: 0 all healthy, 1 something failed or unhealthy,
+    2 not installed, a config it cannot read, or a bad command line."""
+    out = out or sys.stdout
+    if not os.path.exists(config_path):
+        text = ("selfheal is not installed here (no %s). Install it with: sudo ./install.sh "
+                "(from a clone), or: sudo python3 selfheal.py install --config services.conf" % config_path)
+        print(text, file=sys.stderr if args.json else out)
+        return EX_USAGE
+    only = tuple(dict.fromkeys(args.service or ()))
+
+    def load() -> Config:
+        try:
+            config = load_config(config_path, trusted=False)
+        except ConfigError:
+            # Not root and the config is root's alone (it holds secrets): the copy without them.
+            if os.access(config_path, os.R_OK) or not paths.public_config.is_file():
+                raise
+            config = load_config(str(paths.public_config), trusted=False)
+        unknown = [name for name in only if name not in config.services]
+        if unknown:
+            raise UsageError("--service %r: not in %s%s" % (unknown[0], config_path,
+                                                           _did_you_mean(unknown[0], config.services)))
+        return config
+
+    try:
+        config = load()
+        if args.watch is None:
+            return show_dashboard(config, paths, args.json, out, only, args.since)
+        return status_watch(load, paths, args, out, only)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        print("%d problem(s) in the config; the dashboard needs one that loads." % len(exc.problems),
+              file=sys.stderr)
+        return EX_USAGE
 
 
 def cmd_install(args, config_path: str) -> int:

@@ -414,7 +414,7 @@ class HealBed:
     def heal(self, name, trigger="onfailure", env=None, dry_run=False):
         """selfheal's `heal` command in-process -> (exit status, what it printed)."""
         out = io.StringIO()
-        rc = selfheal.heal_service(self.config, name, self.paths, trigger, env=env or {},
+        rc = selfheal.cmd_heal(self.config, name, self.paths, trigger, env=env or {},
                                    dry_run=dry_run, out=out)
         return rc, out.getvalue()
 

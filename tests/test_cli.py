@@ -156,7 +156,7 @@ def test_status_shows_a_paused_service_as_paused_and_its_last_heal(fake_host, wr
         {"ts": 1.0, "time": "2024-11-28 05:00:00 UTC", "service": "story-stages", "outcome": "RESOLVED"}))
     assert selfheal.main(["pause", "worker", "30m"]) == 0
     out = io.StringIO()
-    assert selfheal.cmd_status(selfheal.load_config(path), fake_host.paths, True, out=out) == 0  # paused: not down
+    assert selfheal.show_dashboard(selfheal.load_config(path), fake_host.paths, True, out=out) == 0  # paused: not down
     rows = {r["name"]: r for r in json.loads(out.getvalue())["services"]}
     assert rows["worker"]["state"] == "paused"
     assert (rows["story-stages"]["last_outcome"], rows["story-stages"]["last_heal"]) == (

@@ -130,7 +130,7 @@ def test_watch_finds_a_service_whose_health_command_hangs_and_hands_it_to_selfhe
     running(wb.host, "redis-server.service")
     # One watch run: the hang is seen, looked at again a moment later (RECHECK_DELAY), and
     # handed over after watch_confirm = 2 looks in a row, not a whole interval later.
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_OK
     assert wb.watch_state("redis-server")["verdict"] == "unhealthy"
     assert wb.triggers() == [["start", "--no-block", "selfheal@redis-server.service"]]
     assert wb.finding("redis-server")["detail"].startswith(
@@ -142,7 +142,7 @@ def test_watch_of_a_service_whose_health_command_answers_is_ok(wb):
     wb.configure(extra="[redis-server]\nhealth_command = echo PONG\nhealth_expect_text = PONG\n")
     running(wb.host, "redis-server.service")
     for _ in range(3):
-        selfheal.watch(wb.config, wb.paths)
+        selfheal.cmd_watch(wb.config, wb.paths)
     assert wb.watch_state("redis-server")["verdict"] == "ok"
     assert wb.triggers() == []
 
@@ -166,6 +166,6 @@ def test_watch_never_acts_on_a_health_command_that_cannot_run(wb):
     wb.configure(extra="[redis-server]\nhealth_command = /nonexistent/redis-cli ping\n")
     running(wb.host, "redis-server.service")
     for _ in range(3):
-        selfheal.watch(wb.config, wb.paths)
+        selfheal.cmd_watch(wb.config, wb.paths)
     assert wb.watch_state("redis-server")["verdict"] == "ok"
     assert wb.triggers() == []

@@ -140,7 +140,7 @@ from test_watch import STORY, clock, health, module_sink, running, sink, wb  # n
 def test_heal_of_a_running_service_whose_port_another_unit_holds_restarts_nothing_and_says_why(wb):
     running(wb.host, STORY, ControlGroup="/system.slice/story-stages.service")
     wb.host.listen(5002, pid=4242, cgroup="/system.slice/other-app.service", cmdline="python3 -m http.server 5002")
-    selfheal.watch(wb.config, wb.paths)  # two looks in a row within the run: handed over
+    selfheal.cmd_watch(wb.config, wb.paths)  # two looks in a row within the run: handed over
     assert wb.triggers() == [["start", "--no-block", "selfheal@story-stages.service"]]
     rc, _ = wb.heal("story-stages")
     assert wb.touched(STORY) == []

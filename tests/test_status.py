@@ -807,7 +807,7 @@ def test_colour_through_main_on_a_terminal(host, monkeypatch):
 
 def test_cmd_status_prints_to_the_stream_it_is_given(host):
     out = io.StringIO()
-    assert selfheal.cmd_status(selfheal.load_config(os.environ["SELFHEAL_CONFIG"], trusted=False), host.paths,
+    assert selfheal.show_dashboard(selfheal.load_config(os.environ["SELFHEAL_CONFIG"], trusted=False), host.paths,
                                as_json=True, out=out) == 0
     check_shape(json.loads(out.getvalue()))
 

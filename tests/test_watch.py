@@ -121,7 +121,7 @@ class WatchBed:
     def heal(self, name, trigger="onfailure"):
         """What selfheal@NAME.service runs (heal --trigger onfailure NAME) -> (rc, printed)."""
         out = io.StringIO()
-        rc = selfheal.heal_service(self.config, name, self.paths, trigger, env={}, out=out)
+        rc = selfheal.cmd_heal(self.config, name, self.paths, trigger, env={}, out=out)
         return rc, out.getvalue()
 
     def triggers(self):
@@ -471,7 +471,7 @@ def test_damaged_finding_is_ignored(fake_host, text):
 
 
 # =============================================================================
-# heal_service() started by the watch: the finding decides the report
+# cmd_heal() started by the watch: the finding decides the report
 # =============================================================================
 
 
@@ -763,7 +763,7 @@ def all_healthy(wb):
 
 def test_watch_of_healthy_services_asks_systemctl_once_and_starts_nothing(wb):
     all_healthy(wb)
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_OK
     assert [c[1] for c in wb.host.calls("systemctl")] == ["show"]
     assert {n: wb.watch_state(n)["verdict"] for n in ("story-stages", "worker")} == {
         "story-stages": "ok", "worker": "ok"}
@@ -781,17 +781,17 @@ def test_watch_with_one_broken_service_still_looks_at_the_others_and_mails_watch
         return real_watch_service(config, paths, svc, *args)
 
     monkeypatch.setattr(selfheal, "watch_service", broken_for_story)
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_FAIL
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_FAIL
     assert wb.watch_state("worker")["verdict"] == "ok"  # looked at after the broken one
     (msg,) = wb.sink.messages
     assert msg["Subject"] == "❌ MiracleMax: selfheal - WATCH FAILED"
     assert "story-stages:" in msg.get_content() and "RuntimeError: disk on fire" in msg.get_content()
 
     wb.clock.advance(1800)
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_FAIL
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_FAIL
     assert len(wb.sink.messages) == 1
     wb.clock.advance(1801)
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_FAIL
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_FAIL
     assert len(wb.sink.messages) == 2
 
 
@@ -801,7 +801,7 @@ def test_watch_finds_a_port_held_by_another_units_process_unhealthy_without_aski
     running(wb.host, WORKER)
     asked = []
     wb.health.answers[HEALTH] = lambda: asked.append(HEALTH) or FINE
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_OK
     state = wb.watch_state("story-stages")
     assert state["verdict"] == "unhealthy"
     assert state["detail"].startswith("port 5002 held by pid 4242 (user root, cgroup /system.slice/other-app.service")
@@ -818,7 +818,7 @@ def test_watch_without_the_holders_pids_judges_every_port_by_one_ss_cgroup_call(
     running(wb.host, WORKER)
     wb.host.listen(5002, cgroup="/system.slice/other-app.service")  # no pid: ss -p may not see it
     wb.host.listen(5003, cgroup="/system.slice/books.service")
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_OK
     assert wb.watch_state("story-stages")["verdict"] == "unhealthy"
     assert "held by a socket of /system.slice/other-app.service" in wb.watch_state("story-stages")["detail"]
     assert wb.watch_state("books")["verdict"] == "ok"
@@ -833,7 +833,7 @@ def test_watch_of_a_port_published_by_another_unit_with_port_owner_any_is_ok_and
     running(wb.host, "proxied.service", ControlGroup="/system.slice/proxied.service")
     wb.host.listen(5004, pid=4242, cgroup="/system.slice/docker.service", cmdline="/usr/bin/docker-proxy -host-port 5004")
     running(wb.host, WORKER)
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_OK
     assert wb.watch_state("proxied")["verdict"] == "ok"
     assert all("5004" not in " ".join(c) for c in wb.host.calls("ss"))
 
@@ -842,14 +842,14 @@ def test_watch_of_a_port_held_by_the_unit_itself_is_ok(wb):
     running(wb.host, STORY)
     wb.host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service")
     running(wb.host, WORKER)
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_OK
     assert wb.watch_state("story-stages")["verdict"] == "ok"
 
 
 def test_watch_run_sends_the_queued_mail(wb):
     all_healthy(wb)
     queue_report(wb.paths, wb.config.settings, "queued while mail was down")
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_OK
     assert wb.subjects() == ["queued while mail was down"]
     assert selfheal.outbox(wb.paths) == []
 
@@ -889,7 +889,7 @@ def test_health_url_answering_something_else_than_http_is_unhealthy_and_the_watc
     monkeypatch.setattr(selfheal, "http_check", REAL_HTTP_CHECK)
     wb.configure(health_url=not_http)
     all_healthy(wb)
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_OK
     assert wb.watch_state("story-stages")["verdict"] == "unhealthy"
     assert wb.watch_state("worker")["verdict"] == "ok"
 
@@ -1009,7 +1009,7 @@ def test_one_watch_run_looks_at_a_hang_again_within_seconds_and_hands_it_over(wb
     running(wb.host, WORKER)
     wb.health.answers[HEALTH] = HANG
     started = time.monotonic()
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_OK
     assert time.monotonic() - started >= 0.3
     assert wb.triggers() == [["start", "--no-block", "selfheal@story-stages.service"]]
     assert "(2 checks in a row over" in wb.finding("story-stages")["detail"]
@@ -1021,7 +1021,7 @@ def test_a_hang_that_clears_by_the_second_look_is_not_handed_over(wb, monkeypatc
     wb.host.listen(5002)
     answers = iter([HANG, FINE])
     wb.health.answers[HEALTH] = lambda: next(answers)
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_OK
     assert wb.triggers() == []
     assert wb.watch_state("story-stages")["verdict"] == "ok"
 
@@ -1056,7 +1056,7 @@ def test_a_health_check_still_running_when_the_budget_is_spent_is_not_judged_and
     monkeypatch.setattr(selfheal, "WATCH_BUDGET", (1.0, 1.0))
     wb.health.answers[HEALTH] = lambda: time.sleep(4) or HANG  # a check with a long health_timeout
     started = time.monotonic()
-    assert selfheal.watch(wb.config, wb.paths) == selfheal.EX_OK
+    assert selfheal.cmd_watch(wb.config, wb.paths) == selfheal.EX_OK
     took = time.monotonic() - started
     assert took < 2.5, "the watch run took %.1f s with a budget of 1 s" % took
     assert int(wb.watch_state("story-stages").get("fails") or 0) == 0  # not judged, so not counted
@@ -1067,11 +1067,11 @@ def test_a_late_health_check_means_no_heartbeat_this_run(wb, monkeypatch):
     all_healthy(wb)
     pings = []
     monkeypatch.setattr(selfheal, "ping_heartbeat", lambda config, paths: pings.append(1))
-    selfheal.watch(wb.config, wb.paths)
+    selfheal.cmd_watch(wb.config, wb.paths)
     assert pings == [1]
     monkeypatch.setattr(selfheal, "WATCH_BUDGET", (0.5, 0.5))
     wb.health.answers[HEALTH] = lambda: time.sleep(2) or FINE
-    selfheal.watch(wb.config, wb.paths)
+    selfheal.cmd_watch(wb.config, wb.paths)
     assert pings == [1]  # the dead-man's switch alerts when the watch cannot look at everything
 
 
@@ -1080,11 +1080,11 @@ def test_a_hang_is_not_looked_at_again_when_the_budget_has_no_room_for_it(wb, mo
     wb.health.answers[HEALTH] = HANG
     monkeypatch.setattr(selfheal, "WATCH_BUDGET", (3.0, 3.0))  # RECHECK_DELAY 2 s + health_timeout 5 s
     started = time.monotonic()
-    selfheal.watch(wb.config, wb.paths)
+    selfheal.cmd_watch(wb.config, wb.paths)
     assert time.monotonic() - started < 2.0  # no second look within this run
     assert wb.watch_state("story-stages")["fails"] == 1 and wb.triggers() == []
     monkeypatch.setattr(selfheal, "WATCH_BUDGET", (20.0, 240.0))
-    selfheal.watch(wb.config, wb.paths)  # the next run: two more looks, two in a row is enough
+    selfheal.cmd_watch(wb.config, wb.paths)  # the next run: two more looks, two in a row is enough
     assert wb.triggers()
 
 

@@ -430,7 +430,7 @@ def test_watch_run_makes_the_queued_posts(bed, http_sink):
     hooked(bed, http_sink)
     all_healthy(bed)
     queue_post(bed, "✅ MiracleMax: worker - RESOLVED")
-    assert selfheal.watch(bed.config, bed.paths) == 0
+    assert selfheal.cmd_watch(bed.config, bed.paths) == 0
     assert len(posts(http_sink)) == 1 and queued_posts(bed) == []
 
 
@@ -505,10 +505,10 @@ def test_dashboard_counts_the_queued_posts(bed, http_sink):
 def test_a_watch_run_that_checked_every_service_pings_the_heartbeat(bed, http_sink):
     configure(bed, heartbeat_url=http_sink.url(BEAT))
     all_healthy(bed)
-    assert selfheal.watch(bed.config, bed.paths) == 0
+    assert selfheal.cmd_watch(bed.config, bed.paths) == 0
     (ping,) = http_sink.wait(1, path=BEAT)
     assert ping.method == "GET" and ping.header("User-Agent").startswith("selfheal/")
-    assert selfheal.watch(bed.config, bed.paths) == 0
+    assert selfheal.cmd_watch(bed.config, bed.paths) == 0
     assert len(http_sink.wait(2, path=BEAT)) == 2  # every run
 
 
@@ -517,7 +517,7 @@ def test_a_watch_run_that_finds_a_service_down_still_pings_it_was_checked(bed, h
     all_healthy(bed)
     bed.host.failed(WORKER)
     bed.host.unit("selfheal@.service")
-    assert selfheal.watch(bed.config, bed.paths) == 0
+    assert selfheal.cmd_watch(bed.config, bed.paths) == 0
     assert len(http_sink.wait(1, path=BEAT)) == 1
 
 
@@ -526,7 +526,7 @@ def test_a_watch_run_that_could_not_ask_systemd_about_a_service_does_not_ping(be
     all_healthy(bed)
     real = selfheal.show_units
     monkeypatch.setattr(selfheal, "show_units", lambda units, *a: dict(real(units, *a), **{WORKER: {}}))
-    assert selfheal.watch(bed.config, bed.paths) == 0
+    assert selfheal.cmd_watch(bed.config, bed.paths) == 0
     assert http_sink.requests == []
     assert any("could not check worker; no heartbeat" in r.getMessage() for r in caplog.records)
 
@@ -535,7 +535,7 @@ def test_a_watch_run_that_could_not_read_the_listening_ports_does_not_ping(bed, 
     configure(bed, heartbeat_url=http_sink.url(BEAT))
     all_healthy(bed)
     monkeypatch.setattr(selfheal, "listening_ports", lambda proc=None: None)
-    assert selfheal.watch(bed.config, bed.paths) == 0
+    assert selfheal.cmd_watch(bed.config, bed.paths) == 0
     assert http_sink.requests == []
 
 
@@ -550,7 +550,7 @@ def test_a_watch_run_that_broke_on_a_service_does_not_ping(bed, http_sink, monke
         return real(config, paths, svc, *args)
 
     monkeypatch.setattr(selfheal, "watch_service", broken_for_worker)
-    assert selfheal.watch(bed.config, bed.paths) == 1
+    assert selfheal.cmd_watch(bed.config, bed.paths) == 1
     assert [r.path for r in http_sink.requests] == []
 
 
@@ -564,8 +564,8 @@ def test_a_failed_heartbeat_never_fails_the_watch_and_is_logged_once_then_its_re
         configure(bed, heartbeat_url=http_sink.url(BEAT))
         http_sink.status = 500
     all_healthy(bed)
-    assert selfheal.watch(bed.config, bed.paths) == 0
-    assert selfheal.watch(bed.config, bed.paths) == 0
+    assert selfheal.cmd_watch(bed.config, bed.paths) == 0
+    assert selfheal.cmd_watch(bed.config, bed.paths) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len([w for w in warnings if "heartbeat failed" in w]) == 1  # not one per run
     (warning,) = [w for w in warnings if "heartbeat failed" in w]
@@ -573,7 +573,7 @@ def test_a_failed_heartbeat_never_fails_the_watch_and_is_logged_once_then_its_re
     caplog.clear()
     http_sink.status = 200
     configure(bed, heartbeat_url=http_sink.url(BEAT))
-    assert selfheal.watch(bed.config, bed.paths) == 0
+    assert selfheal.cmd_watch(bed.config, bed.paths) == 0
     assert any("heartbeat to" in r.getMessage() and "works again" in r.getMessage() for r in caplog.records)
 
 
