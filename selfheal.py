@@ -2713,12 +2713,11 @@ def probe(svc: Service, health: bool = True, within_seconds: Optional[float] = N
     properties as seen.
     """
     unit = show_unit(svc.unit)
-    state = "%s (%s)" % (unit.get("ActiveState", "unknown"), unit.get("SubState", "unknown"))
     if finished_oneshot(unit):  # its run is its whole life: judged by the run's result
-        return (Check("unit", True, "%s: a oneshot job whose run succeeded (exit status %s)" % (
-            state, unit.get("ExecMainStatus") or "0")),), unit
-    checks = [Check("unit", unit.get("ActiveState") == "active", state)]
-    if svc.port and checks[-1].ok:
+        return (Check("unit", True, "%s (%s): a oneshot job whose run succeeded (exit status %s)" % (
+            unit.get("ActiveState", "unknown"), unit.get("SubState", "unknown"), unit.get("ExecMainStatus") or "0")),), unit
+    port = None
+    if svc.port and unit.get("ActiveState") == "active":
         inodes = listen_inodes(svc.port)
         listening = bool(inodes) if inodes is not None else bool(listeners_on(svc.port))
         detail = "%d %s" % (svc.port, "listening" if listening else "not listening")
@@ -2738,18 +2737,28 @@ def probe(svc: Service, health: bool = True, within_seconds: Optional[float] = N
                               "port_owner = any in [%s])" % (svc.unit, svc.name)
             else:
                 detail += " (%s)" % (who if owned else who + "; counted as the service's")
-        checks.append(Check("port", listening, detail))
-    if not health:
-        return tuple(checks), unit
+        port = Check("port", listening, detail)
     if within_seconds is not None and within_seconds < svc.health_timeout:
         svc = dataclasses.replace(svc, health_timeout=max(within_seconds, 0.1))
-    if svc.health_url and all(c.ok for c in checks):
-        ok, detail = http_check(svc.health_url, svc.health_timeout, svc.health_expect_status,
-                                svc.health_expect_text)
-        checks.append(Check("health", ok, "%s %s" % (display_url(svc.health_url), detail)))
-    if svc.health_command and all(c.ok for c in checks):
-        checks.append(Check("health", *health_check(svc)))
-    return tuple(checks), unit
+    checked = svc
+    return judge(svc, unit, port, (lambda: health_check(checked)) if health else None), unit
+
+
+def judge(svc: Service, unit: Dict[str, str], port: Optional[Check],
+          health: Optional[Callable[[], Tuple[bool, str]]]) -> Tuple[Check, ...]:
+    """The one judgement of a service's health, for verify and the watch alike: the unit is
+    active, then its port (a Check: listening, and held by the unit; None when it has no port
+    or that is not known), then its health check (asked only when all before it passed;
+    None: no check, or not asked). Each check counts only when the ones before it passed."""
+    state = "%s (%s)" % (unit.get("ActiveState") or "unknown", unit.get("SubState") or "unknown")
+    checks = [Check("unit", unit.get("ActiveState") == "active", state)]
+    if port is not None and checks[-1].ok:
+        checks.append(port)
+    if health is not None and (svc.health_url or svc.health_command) and all(c.ok for c in checks):
+        ok, detail = health()
+        checks.append(Check("health", ok, detail if svc.health_command else "GET %s: %s" % (
+            display_url(svc.health_url), detail)))
+    return tuple(checks)
 
 
 def verify(svc: Service, timeout: float, clock=time.monotonic, sleep=time.sleep) -> Verification:
@@ -4950,15 +4959,18 @@ def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
     if unit.get("LoadState") in ("not-found", "masked", "bad-setting", "error") or not unit:
         return "missing", "unit %s" % (unit.get("LoadState") or "unknown")  # install warned; not ours to start
     if active == "active":
-        problem = ""
+        port = None
         if svc.port and ports is not None and svc.port not in ports:
-            problem = "port %d not listening while the unit is %s" % (svc.port, state)
+            port = Check("port", False, "%d not listening" % svc.port)
         elif holder is not None and holder[0] is False:
-            problem = "port %d %s while the unit is %s" % (svc.port, holder[1], state)
-        elif health is not None and not health[0]:
-            where = "port %d open but " % svc.port if svc.port else ""
-            problem = ("%s%s" % (where, health[1]) if svc.health_command
-                       else "%sGET %s: %s" % (where, display_url(svc.health_url), health[1]))
+            port = Check("port", False, "%d %s" % (svc.port, holder[1]))
+        answer = health
+        bad = next((c for c in judge(svc, unit, port, (lambda: answer) if answer else None) if not c.ok), None)
+        problem = ""
+        if bad is not None and bad.name == "port":
+            problem = "port %s while the unit is %s" % (bad.detail, state)
+        elif bad is not None:
+            problem = ("port %d open but " % svc.port if svc.port else "") + bad.detail
         if problem:
             age = run_age(unit)
             if age is not None and age < grace:

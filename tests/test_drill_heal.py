@@ -135,7 +135,7 @@ def test_sigkilled_web_service_answers_again_and_resolved_mail_tells_the_truth(h
     assert "Main process: %s, killed KILL" % old_pid in text
     assert "Domain:    books.jbyrd.org" in text and "CRITICAL" in text
     assert "1. systemctl restart story-stages.service" in text
-    assert "health: http://127.0.0.1:5002/health HTTP 200" in text
+    assert "health: GET http://127.0.0.1:5002/health: HTTP 200" in text
     assert "from failure to verified healthy" in text
     assert "State:   active (running)" in text
     # systemd < 251 (Debian 11) passes no MONITOR_*: the same facts come from systemctl show

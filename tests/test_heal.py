@@ -1391,3 +1391,19 @@ def test_verify_never_runs_past_verify_timeout_however_long_health_timeout_is(fa
     took = time.monotonic() - started
     assert not result.ok and took < 2.5, took
     assert given and all(t <= 1.5 for t in given)
+
+
+def test_verify_and_the_watch_judge_health_with_one_judgement_and_say_it_in_the_same_words(fake_host, monkeypatch):
+    """probe (verify) and assess (the watch) both go through judge(): the same failing check
+    reads the same in a report's verification and in the watch's finding."""
+    fake_host.unit(STORY, ActiveState="active", SubState="running")
+    fake_host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service")
+    answer = (False, "HTTP 503 (expected 2xx/3xx)")
+    monkeypatch.setattr(selfheal, "http_check", lambda url, timeout, *rest: answer)
+    svc = dataclasses.replace(STORY_SVC, health_url="http://127.0.0.1:5002/health")
+    checks, unit = selfheal.probe(svc)
+    assert checks[-1] == selfheal.Check("health", False, "GET http://127.0.0.1:5002/health: HTTP 503 (expected 2xx/3xx)")
+    verdict, detail = selfheal.assess(svc, unit, {5002}, answer, None)
+    assert (verdict, detail) == ("unhealthy", "port 5002 open but " + checks[-1].detail)
+    verdict, detail = selfheal.assess(svc, unit, set(), answer, None)
+    assert (verdict, detail) == ("unhealthy", "port 5002 not listening while the unit is active (running)")
