@@ -740,16 +740,25 @@ def scan_history(paths: Paths, service: Optional[str] = None, since: float = 0.0
     return events, damaged
 
 
-def load_service_state(paths: Paths, name: str) -> dict:
+def read_state(path: Path) -> dict:
+    """A JSON state file; {} when it is missing or damaged (never fatal)."""
     try:
-        data = json.loads(paths.service_state(name).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
+def write_state(path: Path, data: dict) -> None:
+    atomic_write(path, json.dumps(clean_data(data), sort_keys=True) + "\n")
+
+
+def load_service_state(paths: Paths, name: str) -> dict:
+    return read_state(paths.service_state(name))
+
+
 def save_service_state(paths: Paths, name: str, data: dict) -> None:
-    atomic_write(paths.service_state(name), json.dumps(clean_data(data), sort_keys=True) + "\n")
+    write_state(paths.service_state(name), data)
 
 
 @contextlib.contextmanager
@@ -4840,15 +4849,11 @@ def take_finding(paths: Paths, name: str, max_age: float) -> Optional[Finding]:
 
 
 def load_watch_state(paths: Paths, name: str) -> dict:
-    try:
-        data = json.loads(paths.watch_state(name).read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return read_state(paths.watch_state(name))
 
 
 def save_watch_state(paths: Paths, name: str, data: dict) -> None:
-    atomic_write(paths.watch_state(name), json.dumps(clean_data(data), sort_keys=True) + "\n")
+    write_state(paths.watch_state(name), data)
 
 
 def remember_restarts(paths: Paths, name: str, unit: Dict[str, str]) -> None:

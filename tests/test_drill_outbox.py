@@ -15,55 +15,42 @@ from drillkit import (REPO_INSIDE, queued_for, about, clear_mailbox, drill_suite
 
 pytestmark = pytest.mark.drill
 
-TARPIT = "/usr/local/bin/tarpit"
-TARPIT_PORT = 2525
-
-TARPIT_CODE = """\
-import socket, threading, time
+SLOW = "/usr/local/bin/slow-server"
+TARPIT_PORT, TRICKLE_PORT = 2525, 5032
+# A server that answers every connection with `text` at `step` seconds a piece: a tarpit SMTP
+# server (a 220- line every 0.5 s, for ever) or a health endpoint that trickles (a byte a time).
+SLOW_CODE = """\
+import socket, sys, threading, time
+port, mode = int(sys.argv[1]), sys.argv[2]
 server = socket.socket()
 server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", %d))
+server.bind(("127.0.0.1", port))
 server.listen(16)
-print("tarpit listening", flush=True)
-def drip(conn):
-    with conn:
+def pieces():
+    if mode == "tarpit":
         while True:
-            try:
-                conn.sendall(b"220-hold on\\r\\n")
-            except OSError:
-                return
-            time.sleep(0.5)
-while True:
-    conn, _ = server.accept()
-    threading.Thread(target=drip, args=(conn,), daemon=True).start()
-""" % TARPIT_PORT
-
-TRICKLE_PORT = 5032
-TRICKLE_CODE = """\
-import socket, threading, time
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", %d))
-server.listen(16)
-def trickle(conn):
+            yield b"220-hold on\\r\\n"
+    for byte in b"HTTP/1.1 200 OK\\r\\nX-Slow: " + b"a" * 10000:
+        yield bytes([byte])
+def serve(conn):
     with conn:
-        for byte in b"HTTP/1.1 200 OK\\r\\nX-Slow: " + b"a" * 10000:
+        for piece in pieces():
             try:
-                conn.sendall(bytes([byte]))
+                conn.sendall(piece)
             except OSError:
                 return
             time.sleep(0.5)
 while True:
     conn, _ = server.accept()
-    threading.Thread(target=trickle, args=(conn,), daemon=True).start()
-""" % TRICKLE_PORT
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
 
 SINK, SINK_PORT, SINK_LOG, HOOK = "/usr/local/bin/http-sink", 5090, "/var/log/http-sink.jsonl", "/hook/outbox"
 
 UNITS = {
     "web.service": web_unit(5031),
-    "tarpit.service": "[Service]\nExecStart=/usr/bin/python3 %s\n" % TARPIT,
-    "trickle.service": "[Service]\nExecStart=/usr/bin/python3 /usr/local/bin/trickle\n",
+    "tarpit.service": "[Service]\nExecStart=/usr/bin/python3 %s %d tarpit\n" % (SLOW, TARPIT_PORT),
+    "trickle.service": "[Service]\nExecStart=/usr/bin/python3 %s %d trickle\n" % (SLOW, TRICKLE_PORT),
     "hooksink.service": "[Service]\nExecStart=/usr/bin/python3 %s %d %s\n" % (SINK, SINK_PORT, SINK_LOG),
 }
 
@@ -87,8 +74,7 @@ health_url = http://127.0.0.1:5031/health
 
 
 def setup(box):
-    box.write(TARPIT, TARPIT_CODE, 0o755)
-    box.write("/usr/local/bin/trickle", TRICKLE_CODE, 0o755)
+    box.write(SLOW, SLOW_CODE, 0o755)
     box.run(["install", "-m", "0755", REPO_INSIDE + "/tests/http_sink.py", SINK])
 
 
