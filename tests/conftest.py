@@ -330,6 +330,27 @@ def fake_host(tmp_path, monkeypatch, quiet_selfheal, python_dir):
 
 
 @pytest.fixture
+def as_root(monkeypatch):
+    """selfheal believes it runs as root (its root guard lets `heal`, `watch`, `pause` and
+    `resume` through), whoever runs the tests: selfheal.is_root is the one place it asks.
+
+    Run by a user, two things only root can do are left out: the tests' files cannot be
+    root's, so the trusted-file check (the config must be root's alone; test_config.py and
+    test_hostile.py check it) is off, and so is giving root-only files to root (restrict:
+    fchown). As root, only is_root is patched (to what it says anyway)."""
+    monkeypatch.setattr(selfheal, "is_root", lambda: True)
+    if os.geteuid() != 0:
+        monkeypatch.setattr(selfheal, "check_trusted_file", lambda path, what: None)
+        monkeypatch.setattr(selfheal, "restrict", lambda fd, mode: None)
+
+
+@pytest.fixture
+def not_root(monkeypatch):
+    """selfheal believes it does not run as root, even when the tests do."""
+    monkeypatch.setattr(selfheal, "is_root", lambda: False)
+
+
+@pytest.fixture
 def real_commands(fake_host, monkeypatch):
     """selfheal really executes tests/fakes/* (found on PATH) instead of running them in-process."""
     monkeypatch.setattr(selfheal, "subprocess", subprocess)

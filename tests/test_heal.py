@@ -897,7 +897,7 @@ def test_stale_pid_that_ignores_sigterm_gets_sigkill_after_the_grace(bed, monkey
     assert procs.kills == [(4343, signal.SIGTERM), (4343, signal.SIGKILL)]
 
 
-def test_circuit_breaker_escalates_with_exactly_one_mail_then_stays_quiet_until_resume(bed, section):
+def test_circuit_breaker_escalates_with_exactly_one_mail_then_stays_quiet_until_resume(bed, section, as_root):
     bed.configure(failure_threshold=2)
     for _ in range(2):
         bed.host.failed(WORKER)
@@ -926,7 +926,7 @@ def test_circuit_breaker_escalates_with_exactly_one_mail_then_stays_quiet_until_
     assert len(bed.sink.messages) == 4 and "RESOLVED" in bed.sink.messages[3]["Subject"]
 
 
-def test_paused_service_gets_no_systemctl_call_and_no_mail(bed):
+def test_paused_service_gets_no_systemctl_call_and_no_mail(bed, as_root):
     bed.host.failed(WORKER)
     assert selfheal.main(["pause", "worker"]) == 0
     bed.host.clear_calls()
@@ -1033,16 +1033,15 @@ def test_service_not_in_the_config_is_a_usage_error(bed):
         bed.heal("nope")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="as root, heal is allowed")
-def test_heal_without_dry_run_needs_root(bed, capsys):
+def test_heal_without_dry_run_needs_root(bed, capsys, not_root, monkeypatch):
+    monkeypatch.setattr(selfheal.sys, "argv", ["selfheal", "heal", "worker"])
     bed.host.failed(WORKER)
     assert selfheal.main(["heal", "worker"]) == selfheal.EX_USAGE
-    assert "root" in capsys.readouterr().err
+    assert capsys.readouterr().err == "selfheal: heal needs root (try: sudo selfheal heal worker)\n"
     assert bed.host.actions() == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: heal without --dry-run")
-def test_heal_command_as_root_heals_through_main(bed):
+def test_heal_command_as_root_heals_through_main(bed, as_root):
     bed.host.failed(WORKER)
     assert selfheal.main(["heal", "worker"]) == 0
     assert [c[1] for c in bed.host.actions()] == ["restart"]
@@ -1200,15 +1199,13 @@ def test_a_crash_inside_selfheal_is_mailed_as_failed_with_its_traceback(bed, mon
     assert [e["outcome"] for e in bed.history("worker")] == ["FAILED"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="watch needs root")
-def test_a_broken_config_is_mailed_once_an_hour_with_the_last_good_settings(bed, tmp_path, monkeypatch):
+def test_a_broken_config_is_mailed_once_an_hour_with_the_last_good_settings(bed, tmp_path, monkeypatch, as_root):
     bed.paths.state.mkdir(parents=True, exist_ok=True)
     (bed.paths.state / "last-good.conf").write_text(open(bed.config_path).read())
     broken = tmp_path / "broken.conf"
     broken.write_text("[selfheal]\nemail_to = nobody\n\n[worker]\nprot = 1\n")
     os.chmod(str(broken), 0o644)
     monkeypatch.setenv("SELFHEAL_CONFIG", str(broken))
-    monkeypatch.setattr(selfheal, "check_trusted_file", lambda path, what: None)
     assert selfheal.main(["watch"]) == 78
     assert selfheal.main(["watch"]) == 78
     (msg,) = bed.sink.messages

@@ -270,10 +270,15 @@ def test_prefix_with_dotdot_is_refused_and_nothing_lands_outside_destdir(tmp_pat
     assert rc == 2 and not escaped
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="as root this would install onto the host")
-def test_install_onto_the_host_needs_root(conf, capsys):
-    assert selfheal.main(["install", "--config", conf]) == 2
-    assert "root" in capsys.readouterr().err
+@pytest.mark.parametrize("argv", [["install"], ["install", "--uninstall"]], ids=["install", "uninstall"])
+def test_install_onto_the_host_needs_root(conf, capsys, not_root, monkeypatch, argv):
+    def onto_the_host(*args, **kwargs):  # the guard let it through: fail, never touch this host
+        raise AssertionError("selfheal %s went on without root" % " ".join(argv))
+    monkeypatch.setattr(selfheal.Installer, "install", onto_the_host)
+    monkeypatch.setattr(selfheal.Installer, "uninstall", onto_the_host)
+    monkeypatch.setattr(selfheal.sys, "argv", ["selfheal.py"] + argv)
+    assert selfheal.main(argv + ["--config", conf]) == 2
+    assert capsys.readouterr().err == "selfheal: install needs root (try: sudo selfheal.py %s)\n" % " ".join(argv)
 
 
 # =============================================================================

@@ -577,11 +577,9 @@ def test_a_failed_heartbeat_never_fails_the_watch_and_is_logged_once_then_its_re
     assert any("heartbeat to" in r.getMessage() and "works again" in r.getMessage() for r in caplog.records)
 
 
-def test_watch_command_exits_0_when_the_heartbeat_cannot_be_reached(bed, closed_port, monkeypatch):
+def test_watch_command_exits_0_when_the_heartbeat_cannot_be_reached(bed, closed_port, as_root):
     configure(bed, heartbeat_url="http://127.0.0.1:%d%s" % (closed_port, BEAT))
     all_healthy(bed)
-    monkeypatch.setattr(selfheal.os, "geteuid", lambda: 0)  # watch needs root; the paths are temp dirs
-    monkeypatch.setattr(selfheal, "check_trusted_file", lambda path, what: None)
     assert selfheal.main(["watch"]) == 0
 
 
