@@ -224,12 +224,17 @@ BAD_CONF = "listen = 8080\nworkers = 4\nbogus on\n"
 
 
 @pytest.fixture
-def checked(bed, tmp_path):
-    """[app] with a real config checker (a Python script) and its config file."""
+def checked(bed, tmp_path, monkeypatch):
+    """[app] with a real config checker (a Python script) and its config file, root's as on
+    a host: selfheal quotes a checker's output only then (the config of the service's own
+    account could make it quote any file: test_trust.py). A user's run cannot make a file
+    root's, so there selfheal is told the owner is root."""
     script = tmp_path / "check-app-conf.py"
     script.write_text(CHECKER_PY)
     conf = tmp_path / "app.conf"
     conf.write_text(GOOD_CONF)
+    if os.geteuid() != 0:
+        monkeypatch.setattr(selfheal, "config_owners", lambda svc: [(path, 0) for path in svc.config_files])
     add_services(bed, "[app]\nstrategies = config_validation, service_restart\n"
                       "config_check = %s -S %s %s\nconfig_files = %s\n" % (sys.executable, script, conf, conf))
     return conf
