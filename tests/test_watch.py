@@ -896,7 +896,7 @@ def test_health_url_answering_something_else_than_http_is_unhealthy_and_the_watc
 
 def test_http_check_of_a_port_that_does_not_speak_http_says_so_instead_of_raising(not_http):
     ok, detail = REAL_HTTP_CHECK(not_http, 2.0)
-    assert ok is False and detail
+    assert (ok, detail) == (False, "not an HTTP answer (BadStatusLine: SSH-2.0-OpenSSH_9.2\\x0d\\n)")
 
 
 # =============================================================================
