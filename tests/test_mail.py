@@ -201,11 +201,7 @@ def _auth_config(bed, tmp_path):
     secret = tmp_path / "smtp-password"
     secret.write_text("s3cret\n")
     secret.chmod(0o600)
-    text = open(bed.config_path).read().replace(
-        "smtp_timeout = 5s", "smtp_timeout = 5s\nsmtp_user = alice\nsmtp_password_file = %s" % secret)
-    with open(bed.config_path, "w") as handle:
-        handle.write(text)
-    bed.config = selfheal.load_config(bed.config_path, trusted=False)
+    bed.configure(smtp_user="alice", smtp_password_file=secret)
 
 
 def test_test_email_with_a_rejected_login_names_the_user_and_sends_nothing(bed, tmp_path, capsys):

@@ -31,14 +31,7 @@ def http_sink():
 
 def configure(bed, smtp_port=None, **keys):
     """The heal bed's config with extra [selfheal] keys (webhook_url = ..., heartbeat_url = ...)."""
-    bed.configure(smtp_port=smtp_port)
-    extra = "".join("%s = %s\n" % (k, v) for k, v in keys.items())
-    with open(bed.config_path, encoding="utf-8") as handle:
-        text = handle.read().replace("[selfheal]\n", "[selfheal]\n" + extra, 1)
-    with open(bed.config_path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    bed.config = selfheal.load_config(bed.config_path, trusted=False)
-    return bed.config
+    return bed.configure(smtp_port=smtp_port, **keys)
 
 
 def hooked(bed, sink, fmt="json", smtp_port=None, **keys):
