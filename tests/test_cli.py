@@ -10,22 +10,13 @@ from pathlib import Path
 import pytest
 
 import selfheal
+from conftest import conf
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
 
 REPO = Path(__file__).resolve().parent.parent
 STATUS_SCRIPT = REPO / "miraclemax-status"
-CONF = """\
-[selfheal]
-name = MiracleMax
-email_to = owner@example.org
-
-[worker]
-
-[story-stages]
-port = 5002
-critical = yes
-"""
+CONF = conf(services={"worker": {}, "story-stages": {"port": 5002, "critical": "yes"}})
 
 # args, exit status, (stream, words) it must say; None = the default config below is used
 COMMAND_LINES = [

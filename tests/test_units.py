@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import selfheal
+from conftest import conf
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "units"
@@ -127,7 +128,7 @@ def test_rendered_watch_unit_command_really_runs_selfheal(tmp_path):
     text = selfheal.render_unit("selfheal-watch.service", str(libdir), python=sys.executable)
     (exec_start,) = directives(text)["Service"]["ExecStart"]
     config = tmp_path / "services.conf"
-    config.write_text("[selfheal]\nemail_to = a@example.org\n\n[worker]\n")
+    config.write_text(conf(services={"worker": {}}))
     state = tmp_path / "fake.json"
     state.write_text(json.dumps({"units": {"worker.service": {"props": {"ActiveState": "active",
                                                                           "SubState": "running"}}}}))
