@@ -200,11 +200,18 @@ def comment_above(text, key):
     return "\n".join(above)
 
 
+# What a service unit sets besides its hardening: what runs, how long, and its bounds
+# (tests above and test_drill_units check those).
+NOT_HARDENING = {"Type", "ExecStart", "TimeoutStartSec", "MemoryMax", "TasksMax"}
+
+
 @pytest.mark.parametrize("name", sorted(HARDENING))
 def test_service_unit_has_exactly_the_chosen_hardening_settings(name):
-    service = directives(selfheal.UNIT_TEMPLATES[name])["Service"]
+    service = directives((UNITS / name).read_text(encoding="utf-8"))["Service"]
     for key, value in HARDENING[name].items():
         assert service.get(key) == (value if isinstance(value, list) else [value]), key
+    unlisted = set(service) - set(HARDENING[name]) - NOT_HARDENING
+    assert unlisted == set(), "set in %s but not in HARDENING (or NOT_HARDENING): %s" % (name, sorted(unlisted))
     assert not {"User", "DynamicUser", "PrivateUsers"} & set(service)  # root: systemd's private socket
 
 
