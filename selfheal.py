@@ -1735,7 +1735,7 @@ def never_touch_loaded(props: Dict[str, str]) -> str:
 
 def check_trusted_file(path: str, what: str) -> Optional[str]:
     """When running as root, a file that decides what root does must be root's alone."""
-    if os.geteuid() != 0:
+    if not is_root():
         return None
     try:
         st = os.stat(path)
@@ -1766,9 +1766,9 @@ def secret_file_problem(path: str) -> str:
         st = os.stat(path)
     except OSError as exc:
         return "cannot read %s: %s" % (path, exc.strerror)
-    if os.geteuid() == 0 and st.st_uid != 0:
+    if is_root() and st.st_uid != 0:
         return "%s is owned by uid %d; it must be root's (chown root: %s)" % (path, st.st_uid, path)
-    if os.geteuid() == 0 and st.st_mode & 0o077:
+    if is_root() and st.st_mode & 0o077:
         return "%s is mode %o; it must be 0600 or 0400 (chmod 600 %s)" % (path, st.st_mode & 0o777, path)
     return ""
 
@@ -4353,7 +4353,7 @@ def make_message(settings: Settings, subject_text: str, body: str, thread: str =
 
 def read_password(path: str) -> str:
     bad = secret_file_problem(path) if os.path.islink(path) else check_trusted_file(path, "smtp_password_file")
-    if bad is None and os.geteuid() == 0 and os.stat(path).st_mode & 0o077:
+    if bad is None and is_root() and os.stat(path).st_mode & 0o077:
         bad = "%s: smtp_password_file must be mode 0600 or 0400" % path
     if bad:
         raise SelfhealError(bad)
@@ -6825,7 +6825,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def require_root(what: str) -> None:
-    if os.geteuid() != 0:
+    if not is_root():
         raise UsageError("%s needs root (try: sudo %s)" % (what, " ".join(sys.argv)))
 
 

@@ -67,28 +67,31 @@ _spec = importlib.util.spec_from_file_location("fakestate", str(FAKES / "fakesta
 fakestate = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fakestate)
 
-# The config the heal tests run with; {placeholders} are filled in by the `bed` fixture.
-HEAL_CONF = """\
-[selfheal]
-name = MiracleMax
-email_to = owner@example.org
-email_from = selfheal@miraclemax.example.org
-smtp_host = 127.0.0.1
-smtp_port = {smtp_port}
-smtp_timeout = 5s
-failure_threshold = {failure_threshold}
-failure_window = 1h
-verify_timeout = {verify_timeout}
+# -- services.conf for tests -----------------------------------------------------------
 
-[story-stages]
-port = 5002
-domain = books.jbyrd.org
-critical = yes
-strategies = port_conflict, service_restart
+# What every test config has unless it says otherwise: a name and addresses that validate.
+TEST_SETTINGS = {"name": "MiracleMax", "email_to": "owner@example.org",
+                 "email_from": "selfheal@miraclemax.example.org"}
 
-[worker]
-critical = no
-"""
+
+def conf(settings=None, services=None, base=TEST_SETTINGS) -> str:
+    """services.conf text: [selfheal] with `base` updated by `settings` (a value of None leaves
+    a key out), then one [section] per entry of `services`, in order, with its keys ({} or
+    None: a section with no keys). Values are written as str(value), one `key = value` line
+    each. Where the exact text is what a test is about (a problem at FILE:LINE, a key spelt
+    oddly, a value over two lines), the test writes the text out instead."""
+    lines = ["[selfheal]"] + ["%s = %s" % (k, v) for k, v in dict(base, **(settings or {})).items() if v is not None]
+    for name, keys in (services or {}).items():
+        lines += ["", "[%s]" % name] + ["%s = %s" % (k, v) for k, v in (keys or {}).items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+# The services the heal tests run with (the `bed` fixture).
+HEAL_SERVICES = {
+    "story-stages": {"port": 5002, "domain": "books.jbyrd.org", "critical": "yes",
+                     "strategies": "port_conflict, service_restart"},
+    "worker": {"critical": "no"},
+}
 
 
 def monotonic_usec(seconds_ago: float = 0.0) -> str:
@@ -330,6 +333,27 @@ def fake_host(tmp_path, monkeypatch, quiet_selfheal, python_dir):
 
 
 @pytest.fixture
+def as_root(monkeypatch):
+    """selfheal believes it runs as root (its root guard lets `heal`, `watch`, `pause` and
+    `resume` through), whoever runs the tests: selfheal.is_root is the one place it asks.
+
+    Run by a user, two things only root can do are left out: the tests' files cannot be
+    root's, so the trusted-file check (the config must be root's alone; test_config.py and
+    test_hostile.py check it) is off, and so is giving root-only files to root (restrict:
+    fchown). As root, only is_root is patched (to what it says anyway)."""
+    monkeypatch.setattr(selfheal, "is_root", lambda: True)
+    if os.geteuid() != 0:
+        monkeypatch.setattr(selfheal, "check_trusted_file", lambda path, what: None)
+        monkeypatch.setattr(selfheal, "restrict", lambda fd, mode: None)
+
+
+@pytest.fixture
+def not_root(monkeypatch):
+    """selfheal believes it does not run as root, even when the tests do."""
+    monkeypatch.setattr(selfheal, "is_root", lambda: False)
+
+
+@pytest.fixture
 def real_commands(fake_host, monkeypatch):
     """selfheal really executes tests/fakes/* (found on PATH) instead of running them in-process."""
     monkeypatch.setattr(selfheal, "subprocess", subprocess)
@@ -403,9 +427,13 @@ class HealBed:
         self.paths = host.paths
         self.configure()
 
-    def configure(self, smtp_port=None, failure_threshold=3, verify_timeout="3s"):
-        text = HEAL_CONF.format(smtp_port=smtp_port or self.sink.port, failure_threshold=failure_threshold,
-                                verify_timeout=verify_timeout)
+    def configure(self, smtp_port=None, failure_threshold=3, verify_timeout="3s", services=HEAL_SERVICES,
+                  **settings):
+        """(Re)write the config: mail to the sink (or smtp_port), the services (HEAL_SERVICES),
+        and any more [selfheal] keys given (webhook_url="...", heal_timeout="9s")."""
+        text = conf(dict({"smtp_host": "127.0.0.1", "smtp_port": smtp_port or self.sink.port, "smtp_timeout": "5s",
+                          "failure_threshold": failure_threshold, "failure_window": "1h",
+                          "verify_timeout": verify_timeout}, **settings), services)
         self.config_path = self._write(text)
         self._monkeypatch.setenv("SELFHEAL_CONFIG", self.config_path)
         self.config = selfheal.load_config(self.config_path, trusted=False)

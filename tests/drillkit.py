@@ -7,6 +7,7 @@ import os
 import time
 
 from bed import Container
+from conftest import conf
 
 # The systemd versions the drills prove: Debian 11 (247, Python 3.9), 12 (252, 3.11),
 # 13 (257, 3.13).  SELFHEAL_BED_SUITES="bookworm" narrows a run while working on a drill.
@@ -36,6 +37,16 @@ def drill_suites(*only):
                          % (" ".join(unknown), " ".join(ALL_SUITES)))
     suites = list(wanted or ALL_SUITES)
     return [s for s in suites if s in only] if only else suites
+
+
+# [selfheal] of every drill's services.conf: mail to root's mailbox in the container (its own
+# postfix), from an address of the container's domain.
+DRILL_SETTINGS = {"name": "MiracleMax", "email_to": "root@localhost", "email_from": "selfheal@miraclemax.localdomain"}
+
+
+def drill_conf(settings=None, services=None):
+    """A drill's services.conf text: conftest.conf with DRILL_SETTINGS as the base."""
+    return conf(settings, services, base=DRILL_SETTINGS)
 
 
 REPO_INSIDE = "/src"

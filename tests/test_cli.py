@@ -10,22 +10,13 @@ from pathlib import Path
 import pytest
 
 import selfheal
+from conftest import conf
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
 
 REPO = Path(__file__).resolve().parent.parent
 STATUS_SCRIPT = REPO / "miraclemax-status"
-CONF = """\
-[selfheal]
-name = MiracleMax
-email_to = owner@example.org
-
-[worker]
-
-[story-stages]
-port = 5002
-critical = yes
-"""
+CONF = conf(services={"worker": {}, "story-stages": {"port": 5002, "critical": "yes"}})
 
 # args, exit status, (stream, words) it must say; None = the default config below is used
 COMMAND_LINES = [
@@ -147,7 +138,7 @@ def test_miraclemax_status_shows_each_service_and_fails_while_one_is_down(cli, f
     assert [c[0] for c in fake_host.calls()] == ["busctl", "systemctl", "busctl"]
 
 
-def test_status_shows_a_paused_service_as_paused_and_its_last_heal(fake_host, write_conf, monkeypatch):
+def test_status_shows_a_paused_service_as_paused_and_its_last_heal(fake_host, write_conf, monkeypatch, as_root):
     path = write_conf(CONF)
     monkeypatch.setenv("SELFHEAL_CONFIG", path)
     fake_host.unit("worker.service", ActiveState="failed", SubState="failed")
@@ -163,7 +154,7 @@ def test_status_shows_a_paused_service_as_paused_and_its_last_heal(fake_host, wr
         "RESOLVED", "2024-11-28 05:00:00 UTC")
 
 
-def test_pause_for_a_duration_sets_its_end_and_resume_clears_it(fake_host, write_conf, monkeypatch):
+def test_pause_for_a_duration_sets_its_end_and_resume_clears_it(fake_host, write_conf, monkeypatch, as_root):
     monkeypatch.setenv("SELFHEAL_CONFIG", write_conf(CONF))
     before = time.time()
     assert selfheal.main(["pause", "worker", "30m"]) == 0

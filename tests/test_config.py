@@ -292,18 +292,30 @@ def test_line_numbers_stay_right_after_a_form_feed_page_break():
     assert caught.value.problems[0].startswith("f.conf:%d " % line_number(text, "prot = 1"))
 
 
-def test_trusted_config_must_be_roots_and_not_writable_by_others(tmp_path):
+def test_trusted_config_must_be_roots_and_not_writable_by_others_as_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(selfheal, "is_root", lambda: True)
     path = tmp_path / "services.conf"
     path.write_text(GLOBAL + SERVICE)
     path.chmod(0o666)
+    uid = path.stat().st_uid  # root's when the tests run as root, else the test user's
     problem = selfheal.check_trusted_file(str(path), "the config")
-    if os.geteuid() == 0:
-        assert problem and "writable by group or others" in problem
-        with pytest.raises(selfheal.ConfigError):
-            selfheal.load_config(str(path), trusted=True)
-        assert selfheal.load_config(str(path), trusted=False).services
-    else:  # only root's config decides what root does; a user's copy is theirs
-        assert problem is None
+    if uid == 0:
+        assert problem == "%s: the config is writable by group or others (chmod go-w %s)" % (path, path)
+    else:
+        assert problem == "%s: the config is owned by uid %d; it must be owned by root (chown root:root %s)" % (
+            path, uid, path)
+    with pytest.raises(selfheal.ConfigError) as refused:
+        selfheal.load_config(str(path), trusted=True)
+    assert refused.value.problems == [problem]
+    assert list(selfheal.load_config(str(path), trusted=False).services) == ["story-stages"]
+
+
+def test_a_users_config_is_theirs_when_selfheal_is_not_root(tmp_path, not_root):
+    path = tmp_path / "services.conf"  # only root's config decides what root does
+    path.write_text(GLOBAL + SERVICE)
+    path.chmod(0o666)
+    assert selfheal.check_trusted_file(str(path), "the config") is None
+    assert list(selfheal.load_config(str(path), trusted=True).services) == ["story-stages"]
 
 
 @pytest.mark.parametrize("text, seconds", [
@@ -320,8 +332,8 @@ def test_parse_duration_refuses_what_is_not_a_duration(text):
         selfheal.parse_duration(text)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="ownership and mode are checked as root")
-def test_smtp_password_file_that_is_missing_or_readable_by_others_is_a_config_error(tmp_path):
+def test_smtp_password_file_that_is_missing_or_not_roots_is_a_config_error_as_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(selfheal, "is_root", lambda: True)
     secret = tmp_path / "pw"
     text = "[selfheal]\nsmtp_user = me\nsmtp_password_file = %s\n\n[worker]\n" % secret
     with pytest.raises(selfheal.ConfigError) as missing:
@@ -329,10 +341,26 @@ def test_smtp_password_file_that_is_missing_or_readable_by_others_is_a_config_er
     assert missing.value.problems == ["services.conf:3 [selfheal] smtp_password_file: cannot read %s: "
                                       "No such file or directory" % secret]
     secret.write_text("hunter2\n")
+    os.chmod(str(secret), 0o600)
+    if os.geteuid() == 0:
+        os.chown(str(secret), 4242, 4242)  # as a user, the file is already not root's
+    uid = secret.stat().st_uid
+    with pytest.raises(selfheal.ConfigError) as foreign:
+        selfheal.parse_config(text, "services.conf", check_files=True)
+    assert foreign.value.problems == ["services.conf:3 [selfheal] smtp_password_file: %s is owned by uid %d; "
+                                      "it must be root's (chown root: %s)" % (secret, uid, secret)]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a password file of root's is made as root only")
+def test_smtp_password_file_of_roots_readable_by_others_is_a_config_error(tmp_path):
+    secret = tmp_path / "pw"
+    text = "[selfheal]\nsmtp_user = me\nsmtp_password_file = %s\n\n[worker]\n" % secret
+    secret.write_text("hunter2\n")
     os.chmod(str(secret), 0o644)
     with pytest.raises(selfheal.ConfigError) as loose:
         selfheal.parse_config(text, "services.conf", check_files=True)
-    assert "must be 0600 or 0400" in loose.value.problems[0]
+    assert loose.value.problems == ["services.conf:3 [selfheal] smtp_password_file: %s is mode 644; it must be "
+                                    "0600 or 0400 (chmod 600 %s)" % (secret, secret)]
     os.chmod(str(secret), 0o600)
     assert selfheal.parse_config(text, "services.conf", check_files=True).settings.smtp_user == "me"
 

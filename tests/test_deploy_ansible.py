@@ -23,8 +23,10 @@ def ansible(tool, *args, tmp_path):
         if os.environ.get("CI") == "true":
             pytest.fail("CI=true and " + reason)
         pytest.skip(reason)
+    # Its temp dirs under tmp_path: the "remote" one (-c local) is ~/.ansible/tmp by default,
+    # and a user like nobody has no home to write.
     env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
-               ANSIBLE_CONFIG=str(tmp_path / "no-ansible.cfg"))
+               ANSIBLE_REMOTE_TEMP=str(tmp_path / "ansible-remote-tmp"), ANSIBLE_CONFIG=str(tmp_path / "no-ansible.cfg"))
     env.pop("PYTHONPATH", None)
     return subprocess.run([path] + [str(a) for a in args], env=env, cwd=str(DEPLOY), stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)

@@ -9,21 +9,13 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import CLONE, about, body, clear_mailbox, drill_suites, installed_host, kill, wait_idle, web_unit
 from loadkit import load, open_sockets, state_bytes
 
 pytestmark = pytest.mark.drill
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-
-[web]
-port = 5031
-health_url = http://127.0.0.1:5031/health
-"""
+CONFIG = drill_conf(services={"web": {"port": 5031, "health_url": "http://127.0.0.1:5031/health"}})
 
 
 @pytest.fixture(scope="module", params=drill_suites("bookworm"))

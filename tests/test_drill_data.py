@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import (about, body, clear_mailbox, drill_suites, http_get, installed_host,
                       kill, mails_about, show, starts, web_unit)
 
@@ -24,30 +25,12 @@ UNITS = {
     "leaky.service": web_unit(5042, "EnvironmentFile=%s\n" % LEAKY_ENV, args="--require-env API_KEY"),
 }
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-verify_timeout = 10s
-
-[owned]
-port = 5040
-strategies = database_check, service_restart
-db_path = %s
-db_owner = nobody:nogroup
-db_mode = 0640
-
-[damaged]
-port = 5041
-strategies = database_check, service_restart
-db_path = %s
-
-[leaky]
-port = 5042
-strategies = environment_check, service_restart
-required_env = API_KEY
-""" % (OWNED_DB, DAMAGED_DB)
+CONFIG = drill_conf({"verify_timeout": "10s"}, {
+    "owned": {"port": 5040, "strategies": "database_check, service_restart", "db_path": OWNED_DB,
+              "db_owner": "nobody:nogroup", "db_mode": "0640"},
+    "damaged": {"port": 5041, "strategies": "database_check, service_restart", "db_path": DAMAGED_DB},
+    "leaky": {"port": 5042, "strategies": "environment_check, service_restart", "required_env": "API_KEY"},
+})
 
 
 def make_db(box, path, rows=0):

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import drill_suites, about, body, clear_mailbox, history, http_get, installed_host, mails_about, show, wait_idle, web_unit
 
 pytestmark = pytest.mark.drill
@@ -15,23 +16,8 @@ UNITS = {
     "busy.service": web_unit(5008),
 }
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-failure_threshold = 2
-failure_window = 1h
-
-[flappy]
-port = 5006
-
-[calm]
-port = 5007
-
-[busy]
-port = 5008
-"""
+CONFIG = drill_conf({"failure_threshold": 2, "failure_window": "1h"},
+                    {"flappy": {"port": 5006}, "calm": {"port": 5007}, "busy": {"port": 5008}})
 
 
 @pytest.fixture(scope="module", params=drill_suites())

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import queued_for
 from drillkit import (drill_suites, CLONE, REPO_INSIDE, SUITE_VERSIONS, about, body, clear_mailbox, history, http_get,
                       installed_host, passes_monitor_env, show)
@@ -60,43 +61,20 @@ WantedBy=multi-user.target
 """,
 }
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-smtp_timeout = 3s
-verify_timeout = 10s
-# these drills crash story-stages three times in a few minutes, each a separate check
-flap_threshold = 5
-
-[story-stages]
-port = 5002
-domain = books.jbyrd.org
-critical = yes
-strategies = port_conflict, service_restart
-health_url = http://127.0.0.1:5002/health
-
-[ghost]
-port = 5010
-
-[forky]
-port = 5003
-strategies = port_conflict, service_restart
-
-[blocked]
-port = 5004
-strategies = port_conflict, service_restart
-# started (and broken) by a drill on purpose: the watch must not start it first
-on_stopped = ignore
-
-[app-blue]
-unit = app@blue.service
-port = 5005
-
-[absent]
-port = 5099
-"""
+CONFIG = drill_conf({
+    "smtp_timeout": "3s",
+    "verify_timeout": "10s",
+    "flap_threshold": 5,  # these drills crash story-stages three times in a few minutes, each a separate check
+}, {
+    "story-stages": {"port": 5002, "domain": "books.jbyrd.org", "critical": "yes",
+                     "strategies": "port_conflict, service_restart", "health_url": "http://127.0.0.1:5002/health"},
+    "ghost": {"port": 5010},
+    "forky": {"port": 5003, "strategies": "port_conflict, service_restart"},
+    # started (and broken) by a drill on purpose: the watch must not start it first
+    "blocked": {"port": 5004, "strategies": "port_conflict, service_restart", "on_stopped": "ignore"},
+    "app-blue": {"unit": "app@blue.service", "port": 5005},
+    "absent": {"port": 5099},
+})
 
 
 @pytest.fixture(scope="module", params=drill_suites())

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import (about, body, clear_mailbox, drill_suites, http_get, installed_host, kill, show,
                       wait_idle, web_unit)
 
@@ -19,18 +20,8 @@ pytestmark = pytest.mark.drill
 
 UNITS = {"web.service": web_unit(5002)}
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-smtp_timeout = 3s
-verify_timeout = 10s
-
-[web]
-port = 5002
-health_url = http://127.0.0.1:5002/health
-"""
+CONFIG = drill_conf({"smtp_timeout": "3s", "verify_timeout": "10s"},
+                    {"web": {"port": 5002, "health_url": "http://127.0.0.1:5002/health"}})
 
 FULL_DIRS = ("/var/lib/selfheal", "/var/log/selfheal")
 

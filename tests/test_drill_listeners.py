@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import (about, body, clear_mailbox, drill_suites, installed_host, kill, show, wait_idle,
                       web_unit)
 
@@ -19,26 +20,10 @@ pytestmark = pytest.mark.drill
 
 UNITS = {"ears.service": web_unit(5041), "nonet.service": web_unit(5042)}
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-smtp_host = 127.0.0.1
-smtp_timeout = 3s
-verify_timeout = 10s
-watch_interval = 1h
-
-[ears]
-port = 5041
-health_url = http://127.0.0.1:5041/health
-strategies = service_restart
-
-[nonet]
-port = 5042
-health_url = http://127.0.0.1:5042/health
-strategies = service_restart
-"""
+CONFIG = drill_conf({"smtp_host": "127.0.0.1", "smtp_timeout": "3s", "verify_timeout": "10s", "watch_interval": "1h"}, {
+    "ears": {"port": 5041, "health_url": "http://127.0.0.1:5041/health", "strategies": "service_restart"},
+    "nonet": {"port": 5042, "health_url": "http://127.0.0.1:5042/health", "strategies": "service_restart"},
+})
 
 FROM_KERNEL = "selfheal: listening sockets: asked of the kernel (NETLINK_SOCK_DIAG)"
 FROM_PROC = "selfheal: listening sockets: read from /proc/net/tcp (netlink: Address family not supported by protocol)"

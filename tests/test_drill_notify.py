@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import queued_for
 from drillkit import (REPO_INSIDE, about, clear_mailbox, drill_suites, installed_host, kill, mails_about,
                       show, wait_idle, web_unit)
@@ -33,22 +34,11 @@ UNITS = {
                          "ExecStart=/usr/bin/python3 %s %d %s\n" % (SINK, SINK_PORT, SINK_LOG)),
 }
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-smtp_timeout = 3s
-verify_timeout = 10s
-watch_interval = %ds
-heartbeat_url = http://127.0.0.1:%d%s
-webhook_url = http://127.0.0.1:%d%s
-webhook_format = json
-webhook_timeout = 2s
-
-[victim]
-port = 5030
-""" % (INTERVAL, SINK_PORT, BEAT, SINK_PORT, HOOK)
+CONFIG = drill_conf({"smtp_timeout": "3s", "verify_timeout": "10s", "watch_interval": "%ds" % INTERVAL,
+                     "heartbeat_url": "http://127.0.0.1:%d%s" % (SINK_PORT, BEAT),
+                     "webhook_url": "http://127.0.0.1:%d%s" % (SINK_PORT, HOOK), "webhook_format": "json",
+                     "webhook_timeout": "2s"},
+                    {"victim": {"port": 5030}})
 
 
 @pytest.fixture(scope="module", params=drill_suites())

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import (REPO_INSIDE, queued_for, about, clear_mailbox, drill_suites, installed_host, kill, mails_about, show, wait_for,
                       wait_idle, web_unit)
 
@@ -54,23 +55,12 @@ UNITS = {
     "hooksink.service": "[Service]\nExecStart=/usr/bin/python3 %s %d %s\n" % (SINK, SINK_PORT, SINK_LOG),
 }
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-smtp_host = 127.0.0.1
-smtp_port = %d
-smtp_timeout = %s
-verify_timeout = 10s
-watch_interval = 1h
-webhook_url = http://127.0.0.1:5090/hook/outbox
-webhook_timeout = 2s
-
-[web]
-port = 5031
-health_url = http://127.0.0.1:5031/health
-"""
+def config(smtp_port, smtp_timeout, **settings):
+    """The installed config: mail through smtp_port (25: postfix; TARPIT_PORT: the tarpit)."""
+    return drill_conf(dict({"smtp_host": "127.0.0.1", "smtp_port": smtp_port, "smtp_timeout": smtp_timeout,
+                            "verify_timeout": "10s", "watch_interval": "1h",
+                            "webhook_url": "http://127.0.0.1:5090/hook/outbox", "webhook_timeout": "2s"}, **settings),
+                      {"web": {"port": 5031, "health_url": "http://127.0.0.1:5031/health"}})
 
 
 def setup(box):
@@ -92,7 +82,7 @@ def posts(box, service):
 def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
-    with installed_host(repo_root, UNITS, CONFIG % (TARPIT_PORT, "3s"), suite=request.param,
+    with installed_host(repo_root, UNITS, config(TARPIT_PORT, "3s"), suite=request.param,
                         start=("web", "tarpit", "hooksink", "trickle"),
                         ports=(5031, TARPIT_PORT, SINK_PORT, TRICKLE_PORT),
                         setup=setup) as box:
@@ -105,7 +95,7 @@ def queued(box):
 
 
 def use_config(box, port, timeout):
-    box.write("/etc/selfheal/services.conf", CONFIG % (port, timeout), 0o644)
+    box.write("/etc/selfheal/services.conf", config(port, timeout), 0o644)
 
 
 def test_tarpit_smtp_server_holds_the_heal_no_longer_than_smtp_timeout_and_the_report_stays_queued(host):
@@ -166,7 +156,7 @@ def test_a_health_endpoint_that_trickles_its_answer_does_not_hold_the_watch_run_
     """health_timeout = 2min for an endpoint that answers a byte every 0.5 s: the watch run
     (budget: watch_interval = 20s) still ends in about 20 s, judges the other service, and
     says which one it could not judge."""
-    conf = (CONFIG % (25, "3s")).replace("watch_interval = 1h", "watch_interval = 20s") + (
+    conf = config(25, "3s", watch_interval="20s") + (
         "\n[trickle]\nport = %d\nhealth_url = http://127.0.0.1:%d/health\nhealth_timeout = 2min\n"
         % (TRICKLE_PORT, TRICKLE_PORT))
     host.write("/etc/selfheal/services.conf", conf, 0o644)

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import (REPO_INSIDE, about, body, clear_mailbox, drill_suites, history, installed_host, kill,
                       mails_about, show)
 
@@ -24,25 +25,11 @@ UNITS = {
     "calm.service": app_unit("calm", 5052),
 }
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-watch_interval = 5s
-verify_timeout = 5s
-
-[quiet]
-port = 5050
-notify = on-failure
-
-[silent]
-port = 5051
-notify = never
-
-[calm]
-port = 5052
-"""
+CONFIG = drill_conf({"watch_interval": "5s", "verify_timeout": "5s"}, {
+    "quiet": {"port": 5050, "notify": "on-failure"},
+    "silent": {"port": 5051, "notify": "never"},
+    "calm": {"port": 5052},
+})
 
 
 def setup(box):

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import OUTBOX, queued_for
 from drillkit import (REPO_INSIDE, about, body, clear_mailbox, drill_suites, history, installed_host,
                       kill, mails_about, show, starts, wait_for, wait_idle, web_unit)
@@ -42,28 +43,17 @@ UNITS = {
                          % (SINK, SINK_PORT, SINK_LOG)),
 }
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-# the drill triggers the watch itself; the timer's own runs (every 5 s) only add more races
-watch_interval = 5s
-# act on the first look: a failed unit is a failed unit
-watch_confirm = 1
-# twenty crashes in a minute are this drill's point, not a flapping service to give up on
-failure_threshold = 100
-flap_threshold = 100
-smtp_timeout = 3s
-webhook_url = http://127.0.0.1:%d%s
-webhook_timeout = 2s
-
-[racer]
-port = 5030
-
-[sleeper]
-port = 5031
-""" % (SINK_PORT, HOOK)
+CONFIG = drill_conf({
+    # the drill triggers the watch itself; the timer's own runs (every 5 s) only add more races
+    "watch_interval": "5s",
+    "watch_confirm": 1,  # act on the first look: a failed unit is a failed unit
+    # twenty crashes in a minute are this drill's point, not a flapping service to give up on
+    "failure_threshold": 100,
+    "flap_threshold": 100,
+    "smtp_timeout": "3s",
+    "webhook_url": "http://127.0.0.1:%d%s" % (SINK_PORT, HOOK),
+    "webhook_timeout": "2s",
+}, {"racer": {"port": 5030}, "sleeper": {"port": 5031}})
 
 
 @pytest.fixture(scope="module", params=drill_suites())

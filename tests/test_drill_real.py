@@ -19,20 +19,17 @@ import time
 import pytest
 
 from bed import Container
+from drillkit import drill_conf
 from drillkit import (CLONE, wait_past_start_grace, REPO_INSIDE, about, body, clear_mailbox, drill_suites, http_get, kill,
                       mails_about, show, starts, wait_for, wait_idle)
 
 pytestmark = pytest.mark.drill
 
-GLOBAL = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-verify_timeout = 15s
-# the drills start the watch themselves (systemctl start selfheal-watch.service)
-watch_interval = 1h
-"""
+GLOBAL = drill_conf({
+    "verify_timeout": "15s",
+    "watch_interval": "1h",  # the drills start the watch themselves (systemctl start selfheal-watch.service)
+})
+
 
 # The README's examples, word for word (but the cluster's version, which is the suite's).
 NGINX = """\

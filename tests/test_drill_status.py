@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import queued_for
 from drillkit import drill_suites, REPO_INSIDE, history, installed_host, show, wait_idle, web_unit
 from test_status import check_shape
@@ -24,32 +25,12 @@ UNITS = {
 }
 NAMES = ["story-stages", "passgo", "traefik", "actual-budget"]
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-verify_timeout = 10s
-
-[story-stages]
-port = 5002
-domain = books.jbyrd.org
-critical = yes
-
-[passgo]
-port = 5001
-domain = passgo.jbyrd.org
-critical = yes
-
-[traefik]
-port = 80
-domain = jbyrd.org
-critical = yes
-
-[actual-budget]
-port = 5006
-domain = budget.jbyrd.org
-"""
+CONFIG = drill_conf({"verify_timeout": "10s"}, {
+    "story-stages": {"port": 5002, "domain": "books.jbyrd.org", "critical": "yes"},
+    "passgo": {"port": 5001, "domain": "passgo.jbyrd.org", "critical": "yes"},
+    "traefik": {"port": 80, "domain": "jbyrd.org", "critical": "yes"},
+    "actual-budget": {"port": 5006, "domain": "budget.jbyrd.org"},
+})
 
 
 def wait_for_heal(box, name, outcome, timeout=60):

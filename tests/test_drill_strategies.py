@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import (about, body, clear_mailbox, drill_suites, http_get, installed_host,
                       mails_about, show, starts, web_unit)
 
@@ -31,33 +32,14 @@ if "valid" not in text:
 print("configuration ok")
 """
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-watch_interval = 5s
-verify_timeout = 10s
-# short, so the reminder drill below sees one
-reminder_interval = 20s
-
-[checked]
-port = 5030
-strategies = service_restart, config_validation
-config_check = /usr/local/bin/check-checked --strict
-config_files = /etc/checked/app.conf
-
-[envy]
-port = 5031
-strategies = service_restart, environment_check
-required_env = DATABASE_URL
-
-[linked]
-port = 5032
-strategies = database_check, service_restart
-db_path = /srv/data/db.sqlite
-symlinks = /var/lib/linked/db.sqlite -> /srv/data/db.sqlite
-"""
+CONFIG = drill_conf({"watch_interval": "5s", "verify_timeout": "10s",
+                     "reminder_interval": "20s"}, {  # short, so the reminder drill below sees one
+    "checked": {"port": 5030, "strategies": "service_restart, config_validation",
+                "config_check": "/usr/local/bin/check-checked --strict", "config_files": "/etc/checked/app.conf"},
+    "envy": {"port": 5031, "strategies": "service_restart, environment_check", "required_env": "DATABASE_URL"},
+    "linked": {"port": 5032, "strategies": "database_check, service_restart", "db_path": "/srv/data/db.sqlite",
+               "symlinks": "/var/lib/linked/db.sqlite -> /srv/data/db.sqlite"},
+})
 
 
 def setup(box):

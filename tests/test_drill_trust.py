@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import REPO_INSIDE, body, drill_suites, installed_host, mails_about, show, wait_idle, web_unit
 
 pytestmark = pytest.mark.drill
@@ -63,71 +64,32 @@ UNITS["journal.service"] = web_unit(PORTS["journal"], AS_APP, args="--say " + M_
 UNITS["hooksink.service"] = ("[Unit]\nDescription=HTTP sink of the drill (webhook)\n[Service]\n"
                              "ExecStart=/usr/bin/python3 %s %d %s\n" % (SINK, SINK_PORT, SINK_LOG))
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-verify_timeout = 10s
-smtp_timeout = 3s
-# The drill runs the watch itself, when it wants a look.
-watch_interval = 1h
-webhook_url = http://127.0.0.1:{sink}{hook}
-webhook_timeout = 2s
+CONFIG = drill_conf({
+    "verify_timeout": "10s",
+    "smtp_timeout": "3s",
+    "watch_interval": "1h",  # The drill runs the watch itself, when it wants a look.
+    "webhook_url": "http://127.0.0.1:%d%s" % (SINK_PORT, HOOK),
+    "webhook_timeout": "2s",
+}, {
+    "dblink": {"port": PORTS["dblink"], "strategies": "database_check, service_restart", "db_path": DB,
+               "db_owner": "app:app", "db_mode": "0640"},
+    "dirlink": {"port": PORTS["dirlink"], "strategies": "database_check, service_restart", "db_path": DIR_DB,
+                "db_owner": "app:app", "db_mode": "0640"},
+    "envlink": {"port": PORTS["envlink"], "strategies": "environment_check, service_restart", "env_file": ENV_LINK},
+    "envvals": {"port": PORTS["envvals"], "strategies": "environment_check, service_restart", "env_file": ENV_VALUES},
+    "conflink": {"port": PORTS["conflink"], "strategies": "config_validation, service_restart",
+                 "config_files": CONF_LINK},
+    "envzero": {"port": PORTS["envzero"], "strategies": "environment_check, service_restart", "env_file": ENV_ZERO},
+    "conffifo": {"port": PORTS["conffifo"], "strategies": "config_validation, service_restart",
+                 "config_files": CONF_FIFO},
+    "urlpw": {"port": PORTS["urlpw"],
+              "health_url": "http://watcher:%s@127.0.0.1:%d/health" % (M_URLPW, PORTS["urlpw"])},
+    # Started by its test, not at boot; stopped before that is not news.
+    "weird": {"port": PORTS["weird"], "health_url": "http://127.0.0.1:%d/health" % PORTS["weird"],
+              "on_stopped": "ignore"},
+    "journal": {"port": PORTS["journal"]},
+})
 
-[dblink]
-port = {dblink}
-strategies = database_check, service_restart
-db_path = {db}
-db_owner = app:app
-db_mode = 0640
-
-[dirlink]
-port = {dirlink}
-strategies = database_check, service_restart
-db_path = {dir_db}
-db_owner = app:app
-db_mode = 0640
-
-[envlink]
-port = {envlink}
-strategies = environment_check, service_restart
-env_file = {env_link}
-
-[envvals]
-port = {envvals}
-strategies = environment_check, service_restart
-env_file = {env_values}
-
-[conflink]
-port = {conflink}
-strategies = config_validation, service_restart
-config_files = {conf_link}
-
-[envzero]
-port = {envzero}
-strategies = environment_check, service_restart
-env_file = {env_zero}
-
-[conffifo]
-port = {conffifo}
-strategies = config_validation, service_restart
-config_files = {conf_fifo}
-
-[urlpw]
-port = {urlpw}
-health_url = http://watcher:{urlpw_marker}@127.0.0.1:{urlpw}/health
-
-[weird]
-port = {weird}
-health_url = http://127.0.0.1:{weird}/health
-# Started by its test, not at boot; stopped before that is not news.
-on_stopped = ignore
-
-[journal]
-port = {journal}
-""".format(sink=SINK_PORT, hook=HOOK, db=DB, dir_db=DIR_DB, env_link=ENV_LINK, env_values=ENV_VALUES,
-           conf_link=CONF_LINK, env_zero=ENV_ZERO, conf_fifo=CONF_FIFO, urlpw_marker=M_URLPW, **PORTS)
 
 # Reading /dev/zero whole eats all memory; the drill machine is shared. An address-space
 # rlimit on this one heal makes that a quick MemoryError instead (the drill's own guard,

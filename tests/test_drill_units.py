@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import (about, body, clear_mailbox, drill_suites, http_get, installed_host, show,
                       web_unit)
 
@@ -31,34 +32,15 @@ UNITS = {
     "etclinked.service": web_unit(5043, args="--data /etc/etclinked/db.sqlite"),
 }
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-verify_timeout = 10s
-
-[web]
-port = 5040
-health_url = http://127.0.0.1:5040/health
-
-[otherfork]
-port = 5041
-strategies = port_conflict, service_restart
-
-[owned]
-port = 5042
-strategies = database_check, service_restart
-db_path = /srv/owned/db.sqlite
-db_owner = appuser:appuser
-db_mode = 0600
-symlinks = /var/lib/owned/db.sqlite -> /srv/owned/db.sqlite
-
-[etclinked]
-port = 5043
-strategies = database_check, service_restart
-symlinks = /etc/etclinked/db.sqlite -> /srv/etclinked/db.sqlite
-"""
+CONFIG = drill_conf({"verify_timeout": "10s"}, {
+    "web": {"port": 5040, "health_url": "http://127.0.0.1:5040/health"},
+    "otherfork": {"port": 5041, "strategies": "port_conflict, service_restart"},
+    "owned": {"port": 5042, "strategies": "database_check, service_restart", "db_path": "/srv/owned/db.sqlite",
+              "db_owner": "appuser:appuser", "db_mode": "0600",
+              "symlinks": "/var/lib/owned/db.sqlite -> /srv/owned/db.sqlite"},
+    "etclinked": {"port": 5043, "strategies": "database_check, service_restart",
+                  "symlinks": "/etc/etclinked/db.sqlite -> /srv/etclinked/db.sqlite"},
+})
 
 
 def setup(box):

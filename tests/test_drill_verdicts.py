@@ -18,6 +18,7 @@ import time
 import pytest
 
 from bed import listening_ports
+from drillkit import drill_conf
 from drillkit import (about, body, clear_mailbox, drill_suites, history, http_get, installed_host, kill,
                       mails_about, show, starts, wait_for, wait_idle, web_unit)
 
@@ -61,45 +62,22 @@ UNITS = {
               "TimeoutStartSec=infinity\n"),
 }
 
+SERVICES = {
+    "nomain": {"port": 5071, "strategies": "port_conflict, service_restart",
+               "health_url": "http://127.0.0.1:5071/health", "health_timeout": "2s"},
+    "latebind": {"port": 5072, "on_stopped": "ignore"},  # the drill starts it; until then the watch leaves it alone
+    "job": {},
+    "diesoon": {},
+    "byhand": {"port": 5077, "health_url": "http://127.0.0.1:5077/health", "health_timeout": "2s"},
+    "hangstart": {"port": 5078},
+}
+
+
 # Only keys 832d079 knows, so the old code installs it too; the drills that need a newer
 # key (heal_timeout) write it into the installed config themselves.
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-smtp_timeout = 3s
-verify_timeout = {verify_timeout}
-failure_threshold = 2
-{extra}
-[nomain]
-port = 5071
-strategies = port_conflict, service_restart
-health_url = http://127.0.0.1:5071/health
-health_timeout = 2s
-
-[latebind]
-port = 5072
-# the drill starts it; until then the watch leaves it alone
-on_stopped = ignore
-
-[job]
-
-[diesoon]
-
-[byhand]
-port = 5077
-health_url = http://127.0.0.1:5077/health
-health_timeout = 2s
-
-[hangstart]
-port = 5078
-"""
-
-
 def config(verify_timeout="10s", **extra):
-    return CONFIG.format(verify_timeout=verify_timeout,
-                         extra="".join("%s = %s\n" % item for item in extra.items()))
+    return drill_conf(dict({"smtp_timeout": "3s", "verify_timeout": verify_timeout, "failure_threshold": 2}, **extra),
+                      SERVICES)
 
 
 @pytest.fixture(scope="module", params=drill_suites("bookworm", "trixie"))  # systemd 252 and 257

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import (STANDIN, about, body, clear_mailbox, drill_suites, history, http_get, installed_host,
                       mails_about, show, starts, wait_idle, wait_past_start_grace)
 
@@ -68,40 +69,15 @@ WantedBy=multi-user.target
 """,
 }
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-smtp_timeout = 3s
-verify_timeout = 10s
-
-[taken]
-port = 5006
-strategies = service_restart
-health_url = http://127.0.0.1:5006/health
-# started (and broken) by a drill on purpose: the watch must not start it first
-on_stopped = ignore
-
-[leftover]
-port = 5008
-strategies = service_restart
-
-[deaf]
-port = 5009
-health_url = http://127.0.0.1:5009/health
-on_stopped = ignore
-
-[published]
-port = 5010
-port_owner = any
-health_url = http://127.0.0.1:5010/health
-
-[mine]
-port = 5007
-strategies = service_restart
-health_url = http://127.0.0.1:5007/health
-"""
+CONFIG = drill_conf({"smtp_timeout": "3s", "verify_timeout": "10s"}, {
+    # started (and broken) by a drill on purpose: the watch must not start it first
+    "taken": {"port": 5006, "strategies": "service_restart", "health_url": "http://127.0.0.1:5006/health",
+              "on_stopped": "ignore"},
+    "leftover": {"port": 5008, "strategies": "service_restart"},
+    "deaf": {"port": 5009, "health_url": "http://127.0.0.1:5009/health", "on_stopped": "ignore"},
+    "published": {"port": 5010, "port_owner": "any", "health_url": "http://127.0.0.1:5010/health"},
+    "mine": {"port": 5007, "strategies": "service_restart", "health_url": "http://127.0.0.1:5007/health"},
+})
 
 
 @pytest.fixture(scope="module", params=drill_suites())

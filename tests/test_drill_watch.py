@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from drillkit import drill_conf
 from drillkit import drill_suites, about, body, clear_mailbox, history, http_get, installed_host, mails_about, show, web_unit
 
 pytestmark = pytest.mark.drill
@@ -25,38 +26,14 @@ UNITS = {
     "reportonly.service": web_unit(5025),
 }
 
-CONFIG = """\
-[selfheal]
-name = MiracleMax
-email_to = root@localhost
-email_from = selfheal@miraclemax.localdomain
-watch_interval = %ds
-watch_confirm = %d
-verify_timeout = 10s
-
-[stopme]
-port = 5020
-
-[hangs]
-port = 5021
-health_url = http://127.0.0.1:5021/health
-health_timeout = 2s
-
-[autorestart]
-port = 5022
-
-[flaps]
-port = 5023
-# the drill starts it; until then the watch must leave it alone
-on_stopped = ignore
-
-[maint]
-port = 5024
-
-[reportonly]
-port = 5025
-on_stopped = report
-""" % (INTERVAL, CONFIRM)
+CONFIG = drill_conf({"watch_interval": "%ds" % INTERVAL, "watch_confirm": CONFIRM, "verify_timeout": "10s"}, {
+    "stopme": {"port": 5020},
+    "hangs": {"port": 5021, "health_url": "http://127.0.0.1:5021/health", "health_timeout": "2s"},
+    "autorestart": {"port": 5022},
+    "flaps": {"port": 5023, "on_stopped": "ignore"},  # the drill starts it; until then the watch must leave it alone
+    "maint": {"port": 5024},
+    "reportonly": {"port": 5025, "on_stopped": "report"},
+})
 
 
 @pytest.fixture(scope="module", params=drill_suites())

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import selfheal
-from conftest import queue_report
+from conftest import HEAL_SERVICES, conf, queue_report
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
 
@@ -811,17 +811,15 @@ def test_probe_asks_ss_only_when_the_port_listens_and_then_once(fake_host):
     assert len(fake_host.calls("ss")) == 1
 
 
-def only_restart(bed, write_conf, strategies="service_restart"):
+def only_restart(bed, strategies="service_restart"):
     """The heal config, story-stages with other strategies (and a short verify_timeout)."""
-    conf = open(bed.config_path, encoding="utf-8").read()
-    conf = conf.replace("strategies = port_conflict, service_restart", "strategies = " + strategies)
-    conf = conf.replace("verify_timeout = 3s", "verify_timeout = 1s")
-    bed.config = selfheal.load_config(write_conf(conf, "restart-only.conf"), trusted=False)
+    story = dict(HEAL_SERVICES["story-stages"], strategies=strategies)
+    bed.configure(verify_timeout="1s", services=dict(HEAL_SERVICES, **{"story-stages": story}))
 
 
 def test_restart_while_a_foreign_process_holds_the_port_is_failed_not_resolved_and_names_the_holder(
-        bed, write_conf, section):
-    only_restart(bed, write_conf)
+        bed, section):
+    only_restart(bed)
     # the restarted run cannot bind (it opens no listener) and fails moments later; the stale
     # listener of another unit stays
     failed_again = {"ActiveState": "failed", "SubState": "failed", "Result": "exit-code"}
@@ -841,8 +839,8 @@ def test_restart_while_a_foreign_process_holds_the_port_is_failed_not_resolved_a
     assert bed.host.load()["listeners"][0]["pid"] == 4242  # nothing freed it
 
 
-def test_restart_while_a_leftover_of_the_units_earlier_run_holds_the_port_is_failed_naming_it(bed, write_conf):
-    only_restart(bed, write_conf)  # KillMode=process left a child holding the port; no port_conflict
+def test_restart_while_a_leftover_of_the_units_earlier_run_holds_the_port_is_failed_naming_it(bed):
+    only_restart(bed)  # KillMode=process left a child holding the port; no port_conflict
     failed_again = {"ActiveState": "failed", "SubState": "failed", "Result": "exit-code"}
     bed.host.failed(STORY, result="exit-code", code="1", status="1", then={"after": 0.4, "set": failed_again})
     bed.host.listen(5002, pid=4343, cgroup="/system.slice/" + STORY, cmdline="python3 app.py --fork-child",
@@ -857,9 +855,9 @@ def test_restart_while_a_leftover_of_the_units_earlier_run_holds_the_port_is_fai
     assert "a leftover of an earlier run of %s" % STORY in msg.get_content()
 
 
-def test_restart_that_fails_verification_on_a_foreign_holder_leaves_port_conflict_its_turn(bed, write_conf, monkeypatch):
+def test_restart_that_fails_verification_on_a_foreign_holder_leaves_port_conflict_its_turn(bed, monkeypatch):
     procs = FakeProcesses(monkeypatch, bed.host)
-    only_restart(bed, write_conf, "service_restart, port_conflict")
+    only_restart(bed, "service_restart, port_conflict")
     bed.host.failed(STORY, result="exit-code", code="1", status="1")
     procs.add(4242, OTHER_APP, HTTP_SERVER, port=5002)
     rc, _ = bed.heal("story-stages")
@@ -897,7 +895,7 @@ def test_stale_pid_that_ignores_sigterm_gets_sigkill_after_the_grace(bed, monkey
     assert procs.kills == [(4343, signal.SIGTERM), (4343, signal.SIGKILL)]
 
 
-def test_circuit_breaker_escalates_with_exactly_one_mail_then_stays_quiet_until_resume(bed, section):
+def test_circuit_breaker_escalates_with_exactly_one_mail_then_stays_quiet_until_resume(bed, section, as_root):
     bed.configure(failure_threshold=2)
     for _ in range(2):
         bed.host.failed(WORKER)
@@ -926,7 +924,7 @@ def test_circuit_breaker_escalates_with_exactly_one_mail_then_stays_quiet_until_
     assert len(bed.sink.messages) == 4 and "RESOLVED" in bed.sink.messages[3]["Subject"]
 
 
-def test_paused_service_gets_no_systemctl_call_and_no_mail(bed):
+def test_paused_service_gets_no_systemctl_call_and_no_mail(bed, as_root):
     bed.host.failed(WORKER)
     assert selfheal.main(["pause", "worker"]) == 0
     bed.host.clear_calls()
@@ -1033,16 +1031,15 @@ def test_service_not_in_the_config_is_a_usage_error(bed):
         bed.heal("nope")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="as root, heal is allowed")
-def test_heal_without_dry_run_needs_root(bed, capsys):
+def test_heal_without_dry_run_needs_root(bed, capsys, not_root, monkeypatch):
+    monkeypatch.setattr(selfheal.sys, "argv", ["selfheal", "heal", "worker"])
     bed.host.failed(WORKER)
     assert selfheal.main(["heal", "worker"]) == selfheal.EX_USAGE
-    assert "root" in capsys.readouterr().err
+    assert capsys.readouterr().err == "selfheal: heal needs root (try: sudo selfheal heal worker)\n"
     assert bed.host.actions() == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: heal without --dry-run")
-def test_heal_command_as_root_heals_through_main(bed):
+def test_heal_command_as_root_heals_through_main(bed, as_root):
     bed.host.failed(WORKER)
     assert selfheal.main(["heal", "worker"]) == 0
     assert [c[1] for c in bed.host.actions()] == ["restart"]
@@ -1200,15 +1197,13 @@ def test_a_crash_inside_selfheal_is_mailed_as_failed_with_its_traceback(bed, mon
     assert [e["outcome"] for e in bed.history("worker")] == ["FAILED"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="watch needs root")
-def test_a_broken_config_is_mailed_once_an_hour_with_the_last_good_settings(bed, tmp_path, monkeypatch):
+def test_a_broken_config_is_mailed_once_an_hour_with_the_last_good_settings(bed, tmp_path, monkeypatch, as_root):
     bed.paths.state.mkdir(parents=True, exist_ok=True)
     (bed.paths.state / "last-good.conf").write_text(open(bed.config_path).read())
     broken = tmp_path / "broken.conf"
     broken.write_text("[selfheal]\nemail_to = nobody\n\n[worker]\nprot = 1\n")
     os.chmod(str(broken), 0o644)
     monkeypatch.setenv("SELFHEAL_CONFIG", str(broken))
-    monkeypatch.setattr(selfheal, "check_trusted_file", lambda path, what: None)
     assert selfheal.main(["watch"]) == 78
     assert selfheal.main(["watch"]) == 78
     (msg,) = bed.sink.messages
@@ -1308,10 +1303,8 @@ def test_heals_asked_for_by_hand_count_neither_toward_the_threshold_nor_flapping
     assert [e["outcome"] for e in bed.history("worker")] == ["RESOLVED"] * 5
 
 
-def test_restart_that_never_finishes_ends_the_heal_failed_within_heal_timeout_naming_the_step(bed, write_conf):
-    conf = open(bed.config_path, encoding="utf-8").read().replace("[selfheal]\n", "[selfheal]\nheal_timeout = 9s\n")
-    bed.config_path = write_conf(conf)
-    bed.config = selfheal.load_config(bed.config_path, trusted=False)
+def test_restart_that_never_finishes_ends_the_heal_failed_within_heal_timeout_naming_the_step(bed):
+    bed.configure(heal_timeout="9s")
     bed.host.failed(STORY, on_restart="hang")
     started = time.monotonic()
     rc, _ = bed.heal("story-stages")
@@ -1326,12 +1319,12 @@ def test_restart_that_never_finishes_ends_the_heal_failed_within_heal_timeout_na
     assert "`systemctl restart story-stages.service` did not finish" in body
 
 
-@pytest.mark.parametrize("conf, message", [
-    ("heal_timeout = 20s\nverify_timeout = 30s\n", "heal_timeout (20 s) must be at least verify_timeout (30 s) + 5 s"),
-    ("heal_timeout = 9min\n", "at most 8 min"),
+@pytest.mark.parametrize("settings, message", [
+    ({"heal_timeout": "20s", "verify_timeout": "30s"}, "heal_timeout (20 s) must be at least verify_timeout (30 s) + 5 s"),
+    ({"heal_timeout": "9min"}, "at most 8 min"),
 ])
-def test_heal_timeout_that_cannot_work_is_a_config_error(write_conf, conf, message):
-    path = write_conf("[selfheal]\nemail_to = a@b.c\n" + conf + "\n[web]\nport = 80\n")
+def test_heal_timeout_that_cannot_work_is_a_config_error(write_conf, settings, message):
+    path = write_conf(conf(settings, {"web": {"port": 80}}))
     with pytest.raises(selfheal.ConfigError) as error:
         selfheal.load_config(path, trusted=False)
     assert any(message in p for p in error.value.problems), error.value.problems

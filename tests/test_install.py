@@ -11,27 +11,17 @@ from pathlib import Path
 import pytest
 
 import selfheal
+from conftest import conf as conf_text  # (`conf` here is the fixture below)
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_SH = REPO / "install.sh"
 LIBDIR = "/usr/local/lib/selfheal"
-CONF = """\
-[selfheal]
-name = MiracleMax
-email_to = owner@example.org
-
-[story-stages]
-port = 5002
-strategies = port_conflict, service_restart
-
-[passgo]
-port = 5001
-
-[blue]
-unit = app@blue.service
-"""
+SERVICES = {"story-stages": {"port": 5002, "strategies": "port_conflict, service_restart"},
+            "passgo": {"port": 5001}, "blue": {"unit": "app@blue.service"}}
+CONF = conf_text(services=SERVICES)
+WITHOUT_PASSGO = conf_text(services={name: keys for name, keys in SERVICES.items() if name != "passgo"})
 DROPINS = {
     "story-stages": "etc/systemd/system/story-stages.service.d/selfheal.conf",
     "passgo": "etc/systemd/system/passgo.service.d/selfheal.conf",
@@ -95,11 +85,11 @@ def test_install_into_destdir_puts_every_file_with_its_mode(tmp_path, conf):
 
 
 def test_install_of_a_config_with_url_credentials_makes_it_root_only_and_the_public_copy_has_none(tmp_path, cli):
-    conf = tmp_path / "services.conf"
-    conf.write_text(CONF.replace("[passgo]\n", "[passgo]\nhealth_url = http://watch:Pw-0f-passgo@127.0.0.1:5001/health\n")
-                    .replace("[selfheal]\n", "[selfheal]\nwebhook_url = https://hooks.example.org/T0KEN/x\n"))
+    path = tmp_path / "services.conf"
+    passgo = {"port": 5001, "health_url": "http://watch:Pw-0f-passgo@127.0.0.1:5001/health"}
+    path.write_text(conf_text({"webhook_url": "https://hooks.example.org/T0KEN/x"}, dict(SERVICES, passgo=passgo)))
     root = tmp_path / "root"
-    done = cli("install", "--destdir", root, "--prefix", "/usr/local", "--config", conf)
+    done = cli("install", "--destdir", root, "--prefix", "/usr/local", "--config", path)
     assert done.returncode == 0, done.stderr
     assert "mode 0600: it holds [selfheal] webhook_url, [passgo] health_url" in done.stdout
     tree = snapshot(root)
@@ -112,7 +102,7 @@ def test_install_of_a_config_with_url_credentials_makes_it_root_only_and_the_pub
     assert b"webhook_url = https://hooks.example.org/" in public
     # The copy loads as a config (the dashboard without root reads it), with the same services.
     copy = selfheal.load_config(str(root / "var/lib/selfheal/services.public.conf"), trusted=False)
-    assert sorted(copy.services) == sorted(selfheal.load_config(str(conf), trusted=False).services)
+    assert sorted(copy.services) == sorted(selfheal.load_config(str(path), trusted=False).services)
 
 
 def test_second_install_says_nothing_installed_and_changes_nothing(tmp_path, conf, cli):
@@ -132,7 +122,7 @@ def test_install_and_uninstall_say_last_how_many_files_they_changed_and_a_rerun_
         tmp_path, write_conf, cli):
     """The last line is what a deploy tool (deploy/ansible) reads to report changed or ok."""
     root = tmp_path / "root"
-    one, two = write_conf(CONF, "one.conf"), write_conf(CONF.replace("[passgo]\nport = 5001\n", ""), "two.conf")
+    one, two = write_conf(CONF, "one.conf"), write_conf(WITHOUT_PASSGO, "two.conf")
 
     def last_line(*args):
         done = cli("install", "--destdir", root, "--prefix", "/usr/local", *args)
@@ -152,7 +142,7 @@ def test_dry_run_says_what_install_would_change_to_the_file_and_changes_nothing(
     """For Ansible's --check: drift on the host (a drop-in deleted, the config edited by hand,
     a service no longer listed) is reported as it would be changed, and nothing is."""
     root = tmp_path / "root"
-    one, two = write_conf(CONF, "one.conf"), write_conf(CONF.replace("[passgo]\nport = 5001\n", ""), "two.conf")
+    one, two = write_conf(CONF, "one.conf"), write_conf(WITHOUT_PASSGO, "two.conf")
 
     def dry(config):
         before = snapshot(root) if root.exists() else {}
@@ -181,7 +171,7 @@ def test_dry_run_says_what_install_would_change_to_the_file_and_changes_nothing(
 def test_changed_config_replaces_the_installed_one_and_keeps_the_previous_as_bak(tmp_path, write_conf):
     root = tmp_path / "root"
     assert install(root, write_conf(CONF, "one.conf")) == 0
-    changed = CONF.replace("name = MiracleMax", "name = MiracleMax2")
+    changed = conf_text({"name": "MiracleMax2"}, SERVICES)
     assert install(root, write_conf(changed, "two.conf")) == 0
     assert (root / "etc/selfheal/services.conf").read_text() == changed
     assert (root / "etc/selfheal/services.conf.bak").read_text() == CONF
@@ -197,7 +187,7 @@ def test_same_config_again_makes_no_bak(tmp_path, conf):
 def test_service_removed_from_the_config_loses_its_dropin_and_the_others_stay(tmp_path, write_conf):
     root = tmp_path / "root"
     assert install(root, write_conf(CONF, "one.conf")) == 0
-    assert install(root, write_conf(CONF.replace("[passgo]\nport = 5001\n", ""), "two.conf")) == 0
+    assert install(root, write_conf(WITHOUT_PASSGO, "two.conf")) == 0
     assert not (root / DROPINS["passgo"]).exists()
     assert not (root / DROPINS["passgo"]).parent.exists()
     assert (root / DROPINS["story-stages"]).is_file() and (root / DROPINS["blue"]).is_file()
@@ -270,10 +260,15 @@ def test_prefix_with_dotdot_is_refused_and_nothing_lands_outside_destdir(tmp_pat
     assert rc == 2 and not escaped
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="as root this would install onto the host")
-def test_install_onto_the_host_needs_root(conf, capsys):
-    assert selfheal.main(["install", "--config", conf]) == 2
-    assert "root" in capsys.readouterr().err
+@pytest.mark.parametrize("argv", [["install"], ["install", "--uninstall"]], ids=["install", "uninstall"])
+def test_install_onto_the_host_needs_root(conf, capsys, not_root, monkeypatch, argv):
+    def onto_the_host(*args, **kwargs):  # the guard let it through: fail, never touch this host
+        raise AssertionError("selfheal %s went on without root" % " ".join(argv))
+    monkeypatch.setattr(selfheal.Installer, "install", onto_the_host)
+    monkeypatch.setattr(selfheal.Installer, "uninstall", onto_the_host)
+    monkeypatch.setattr(selfheal.sys, "argv", ["selfheal.py"] + argv)
+    assert selfheal.main(argv + ["--config", conf]) == 2
+    assert capsys.readouterr().err == "selfheal: install needs root (try: sudo selfheal.py %s)\n" % " ".join(argv)
 
 
 # =============================================================================

@@ -201,11 +201,7 @@ def _auth_config(bed, tmp_path):
     secret = tmp_path / "smtp-password"
     secret.write_text("s3cret\n")
     secret.chmod(0o600)
-    text = open(bed.config_path).read().replace(
-        "smtp_timeout = 5s", "smtp_timeout = 5s\nsmtp_user = alice\nsmtp_password_file = %s" % secret)
-    with open(bed.config_path, "w") as handle:
-        handle.write(text)
-    bed.config = selfheal.load_config(bed.config_path, trusted=False)
+    bed.configure(smtp_user="alice", smtp_password_file=secret)
 
 
 def test_test_email_with_a_rejected_login_names_the_user_and_sends_nothing(bed, tmp_path, capsys):
@@ -224,15 +220,26 @@ def test_test_email_logs_in_when_smtp_user_is_set(bed, tmp_path):
     assert bed.sink.auth_attempts >= 1 and len(bed.sink.messages) == 1
 
 
-def test_password_file_readable_by_others_is_refused_when_root(tmp_path):
+def test_password_file_readable_by_others_or_not_roots_is_refused_when_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(selfheal, "is_root", lambda: True)
     secret = tmp_path / "smtp-password"
     secret.write_text("s3cret\n")
     secret.chmod(0o644)
-    if os.geteuid() == 0:
-        with pytest.raises(selfheal.SelfhealError, match="0600"):
-            selfheal.read_password(str(secret))
-    else:  # a user's own test setup: the ownership rules are for root's files
-        assert selfheal.read_password(str(secret)) == "s3cret"
+    uid = secret.stat().st_uid  # root's when the tests run as root, else the test user's
+    with pytest.raises(selfheal.SelfhealError) as refused:
+        selfheal.read_password(str(secret))
+    if uid == 0:
+        assert str(refused.value) == "%s: smtp_password_file must be mode 0600 or 0400" % secret
+    else:
+        assert str(refused.value) == ("%s: smtp_password_file is owned by uid %d; it must be owned by root "
+                                      "(chown root:root %s)" % (secret, uid, secret))
+
+
+def test_password_file_of_a_user_is_read_when_selfheal_is_not_root(tmp_path, not_root):
+    secret = tmp_path / "smtp-password"  # a user's own test setup: the rules are for root's files
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    assert selfheal.read_password(str(secret)) == "s3cret"
 
 
 def test_smtp_sink_unstuffs_dots_and_handles_rset_noop_and_quit(smtp_sink):

@@ -139,12 +139,7 @@ def hook():
 
 
 def with_webhook(bed, sink, smtp_port=None):
-    bed.configure(smtp_port=smtp_port)
-    with open(bed.config_path, encoding="utf-8") as handle:
-        text = handle.read().replace("[selfheal]\n", "[selfheal]\nwebhook_url = %s\n" % sink.url("/hook"), 1)
-    with open(bed.config_path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    bed.config = selfheal.load_config(bed.config_path, trusted=False)
+    bed.configure(smtp_port=smtp_port, webhook_url=sink.url("/hook"))
 
 
 def test_each_channel_marks_its_own_delivery_and_never_sends_a_report_twice(bed, hook, closed_port):

@@ -71,15 +71,32 @@ ROOT_CAUSES = [
 ]
 
 
-@pytest.mark.parametrize("diag, words, evidence", [c[1:] for c in ROOT_CAUSES], ids=[c[0] for c in ROOT_CAUSES])
-def test_root_cause_names_what_happened_and_quotes_its_evidence(diag, words, evidence):
+# id: (confidence, words the recommendation must contain: what to do about that failure)
+ADVICE = {
+    "oom-kill-with-peak": ("high", "raise MemoryMax="),
+    "exec-203": ("high", "restarting will not help"),
+    "sigkill": ("medium", "journalctl -k"),
+    "other-signal": ("medium", "who sent the signal"),
+    "core-dump": ("high", "coredumpctl"),
+    "start-limit-hit": ("high", "why each start failed"),
+    "address-in-use": ("high", "ss -tlnp"),
+    "plain-exit-1": ("low", "last words"),
+    "permission-denied": ("medium", "owner and mode"),
+    "watchdog": ("high", "deadlock"),
+    "start-timeout": ("medium", "TimeoutStartSec="),
+}
+
+
+@pytest.mark.parametrize("case_id, diag, words, evidence", ROOT_CAUSES, ids=[c[0] for c in ROOT_CAUSES])
+def test_root_cause_names_what_happened_and_quotes_its_evidence(case_id, diag, words, evidence):
     cause = selfheal.root_cause(SVC, diag)
     for word in words:
         assert word.lower() in cause.summary.lower(), cause.summary
     if evidence:
         assert evidence in cause.evidence and cause.evidence in diag.journal
-    assert cause.confidence in ("high", "medium", "low")
-    assert cause.recommendation
+    confidence, advice = ADVICE[case_id]
+    assert cause.confidence == confidence
+    assert advice in cause.recommendation, cause.recommendation
 
 
 def test_oom_kill_without_a_known_peak_does_not_invent_one():

@@ -42,7 +42,7 @@ def test_recovered_by_systemd_names_the_crashed_run_not_the_new_pid_and_counts_f
 
 
 def test_recovered_by_systemd_with_a_port_never_says_nobody_listens(wb, section):
-    wb.configure(worker="port = 5011")
+    wb.configure(worker={"port": 5011})
     running(wb.host, WORKER, NRestarts="2")
     wb.host.listen(5011)
     wb.look("worker")

@@ -17,36 +17,19 @@ from pathlib import Path
 import pytest
 
 import selfheal
+from conftest import conf
 
 REPO = Path(__file__).resolve().parent.parent
 STATUS_SCRIPT = REPO / "miraclemax-status"
 NOW = 1_700_000_000.0
 HOUR = 3600.0
 
-CONF = """\
-[selfheal]
-name = MiracleMax
-email_to = owner@example.org, ops@example.org
-failure_threshold = 4
-failure_window = 2h
-
-[story-stages]
-port = 5002
-domain = books.jbyrd.org
-critical = yes
-
-[passgo]
-port = 5001
-domain = passgo.jbyrd.org
-critical = yes
-
-[traefik]
-port = 80
-
-[actual-budget]
-port = 5006
-domain = budget.jbyrd.org
-"""
+SETTINGS = {"email_to": "owner@example.org, ops@example.org", "failure_threshold": 4, "failure_window": "2h"}
+SERVICES = {"story-stages": {"port": 5002, "domain": "books.jbyrd.org", "critical": "yes"},
+            "passgo": {"port": 5001, "domain": "passgo.jbyrd.org", "critical": "yes"},
+            "traefik": {"port": 80},
+            "actual-budget": {"port": 5006, "domain": "budget.jbyrd.org"}}
+CONF = conf(SETTINGS, SERVICES)
 NAMES = ["story-stages", "passgo", "traefik", "actual-budget"]
 
 
@@ -419,9 +402,9 @@ def test_the_filesystem_of_a_db_path_is_shown_with_its_services(capsys, tmp_path
     other = "/dev/shm"  # a tmpfs on most Linux hosts: another filesystem than /
     if not os.path.isdir(other) or os.stat(other).st_dev == os.stat("/").st_dev:
         pytest.skip("no second filesystem at %s" % other)
-    monkeypatch.setenv("SELFHEAL_CONFIG", write_conf(
-        CONF.replace("critical = yes\n", "critical = yes\nstrategies = database_check, service_restart\n"
-                     "db_path = %s/selfheal-test/books.db\n" % other, 1)))
+    story = dict(SERVICES["story-stages"], strategies="database_check, service_restart",
+                 db_path="%s/selfheal-test/books.db" % other)
+    monkeypatch.setenv("SELFHEAL_CONFIG", write_conf(conf(SETTINGS, dict(SERVICES, **{"story-stages": story}))))
     monkeypatch.setenv("LANG", "C")
     code, out, _ = status(capsys)
     st = os.statvfs(other)

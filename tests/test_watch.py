@@ -14,7 +14,7 @@ import types
 import pytest
 
 import selfheal
-from conftest import queue_report
+from conftest import conf, queue_report
 from smtp_sink import SmtpSink
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
@@ -29,35 +29,10 @@ FINE = (True, "HTTP 200")
 STOPPED_MARK, FLAPPING_MARK, REMINDER_MARK = "\u23f8\ufe0f", "\u26a0\ufe0f", "\u23f0"
 REAL_HTTP_CHECK = selfheal.http_check
 
-WATCH_CONF = """\
-[selfheal]
-name = MiracleMax
-email_to = owner@example.org
-email_from = selfheal@miraclemax.example.org
-smtp_host = 127.0.0.1
-smtp_port = {smtp_port}
-smtp_timeout = 5s
-failure_threshold = {failure_threshold}
-failure_window = 1h
-verify_timeout = 3s
-watch_interval = 30s
-watch_confirm = 2
-flap_threshold = 3
-flap_window = 15m
-reminder_interval = 1h
-incident_quiet = 10m
-{settings}
-
-[story-stages]
-port = 5002
-health_url = {health_url}
-strategies = service_restart
-{story}
-
-[worker]
-{worker}
-{extra}
-"""
+# The watch bed's [selfheal] keys beyond conftest.TEST_SETTINGS (smtp_port: the sink's).
+WATCH_SETTINGS = {"smtp_host": "127.0.0.1", "smtp_timeout": "5s", "failure_window": "1h", "verify_timeout": "3s",
+                  "watch_interval": "30s", "watch_confirm": 2, "flap_threshold": 3, "flap_window": "15m",
+                  "reminder_interval": "1h", "incident_quiet": "10m"}
 
 
 class Clock:
@@ -104,10 +79,14 @@ class WatchBed:
         self.host.unit("selfheal@.service")  # the template the watch starts selfheal@NAME.service from
         self.configure()
 
-    def configure(self, settings="", story="", worker="", extra="", failure_threshold=10, health_url=HEALTH):
-        path = self._write(WATCH_CONF.format(smtp_port=self.sink.port, failure_threshold=failure_threshold,
-                                             health_url=health_url, settings=settings, story=story,
-                                             worker=worker, extra=extra))
+    def configure(self, settings=None, story=None, worker=None, extra=None, failure_threshold=10, health_url=HEALTH):
+        """The config: WATCH_SETTINGS and `settings`; [story-stages] (port 5002, health_url) and
+        [worker] with more keys from `story` and `worker`; then the sections in `extra`."""
+        services = {"story-stages": dict({"port": 5002, "health_url": health_url, "strategies": "service_restart"},
+                                         **(story or {})),
+                    "worker": dict(worker or {})}
+        path = self._write(conf(dict(WATCH_SETTINGS, smtp_port=self.sink.port, failure_threshold=failure_threshold,
+                                     **(settings or {})), dict(services, **(extra or {}))))
         self._monkeypatch.setenv("SELFHEAL_CONFIG", path)
         self.config = selfheal.load_config(path, trusted=False)
         return self.config
@@ -331,7 +310,7 @@ def test_a_good_look_between_two_bad_ones_resets_the_count(wb):
 
 @pytest.mark.parametrize("on_stopped", ["heal", "report"])
 def test_stopped_service_is_handed_over_with_a_stopped_finding_unless_ignored(wb, on_stopped):
-    wb.configure(worker="on_stopped = %s" % on_stopped)
+    wb.configure(worker={"on_stopped": on_stopped})
     stopped(wb.host, WORKER)
     assert wb.look("worker") == "stopped"
     wb.clock.advance(30)  # a stop is looked at again at the next watch run, not within seconds
@@ -343,7 +322,7 @@ def test_stopped_service_is_handed_over_with_a_stopped_finding_unless_ignored(wb
 
 
 def test_on_stopped_ignore_never_acts_on_a_stopped_service_but_still_on_a_failed_one(wb):
-    wb.configure(worker="on_stopped = ignore")
+    wb.configure(worker={"on_stopped": "ignore"})
     stopped(wb.host, WORKER)
     assert [wb.look("worker") for _ in range(4)] == ["stopped"] * 4
     assert wb.triggers() == []
@@ -504,7 +483,7 @@ def test_onfailure_start_with_a_stale_finding_stays_an_onfailure_heal(wb):
 
 
 def test_stopped_with_on_stopped_report_is_left_stopped_and_mailed_as_stopped(wb, section):
-    wb.configure(worker="on_stopped = report")
+    wb.configure(worker={"on_stopped": "report"})
     stopped(wb.host, WORKER)
     wb.look("worker")
     wb.look("worker")
@@ -631,9 +610,9 @@ def test_failure_within_incident_quiet_stays_in_the_thread_and_one_after_it_star
 @pytest.mark.parametrize("where", ["global", "service"])
 def test_notify_never_mails_nothing_but_keeps_the_history(wb, where):
     if where == "global":
-        wb.configure(settings="notify = never")
+        wb.configure(settings={"notify": "never"})
     else:
-        wb.configure(worker="notify = never")
+        wb.configure(worker={"notify": "never"})
     wb.host.failed(WORKER)
     wb.heal("worker")
     wb.host.failed(WORKER, on_restart="fail")
@@ -648,7 +627,7 @@ def test_notify_never_mails_nothing_but_keeps_the_history(wb, where):
 
 
 def test_notify_on_failure_mails_the_failure_and_the_fix_that_ends_it_but_not_a_plain_recovery(wb):
-    wb.configure(settings="notify = on-failure")
+    wb.configure(settings={"notify": "on-failure"})
     wb.host.failed(WORKER)
     wb.heal("worker")
     assert wb.sink.messages == []                     # RESOLVED: not mailed
@@ -666,7 +645,7 @@ def test_notify_on_failure_mails_the_failure_and_the_fix_that_ends_it_but_not_a_
 
 
 def test_notify_on_failure_mails_the_heal_that_fixes_a_failed_incident(wb):
-    wb.configure(settings="notify = on-failure")
+    wb.configure(settings={"notify": "on-failure"})
     wb.host.failed(WORKER, on_restart="fail")
     wb.heal("worker")                                 # FAILED: mailed
     wb.host.failed(WORKER)                            # the cause was fixed; a heal by hand works now
@@ -812,7 +791,7 @@ def test_watch_finds_a_port_held_by_another_units_process_unhealthy_without_aski
 
 
 def test_watch_without_the_holders_pids_judges_every_port_by_one_ss_cgroup_call(wb):
-    wb.configure(extra="[books]\nport = 5003\nhealth_url = http://127.0.0.1:5003/health\n")
+    wb.configure(extra={"books": {"port": 5003, "health_url": "http://127.0.0.1:5003/health"}})
     running(wb.host, STORY)
     running(wb.host, "books.service")
     running(wb.host, WORKER)
@@ -827,7 +806,7 @@ def test_watch_without_the_holders_pids_judges_every_port_by_one_ss_cgroup_call(
 
 
 def test_watch_of_a_port_published_by_another_unit_with_port_owner_any_is_ok_and_asks_no_ss(wb):
-    wb.configure(extra="[proxied]\nport = 5004\nport_owner = any\n")
+    wb.configure(extra={"proxied": {"port": 5004, "port_owner": "any"}})
     running(wb.host, STORY)
     wb.host.listen(5002, pid=5555, cgroup="/system.slice/story-stages.service")
     running(wb.host, "proxied.service", ControlGroup="/system.slice/proxied.service")
@@ -896,7 +875,7 @@ def test_health_url_answering_something_else_than_http_is_unhealthy_and_the_watc
 
 def test_http_check_of_a_port_that_does_not_speak_http_says_so_instead_of_raising(not_http):
     ok, detail = REAL_HTTP_CHECK(not_http, 2.0)
-    assert ok is False and detail
+    assert (ok, detail) == (False, "not an HTTP answer (BadStatusLine: SSH-2.0-OpenSSH_9.2\\x0d\\n)")
 
 
 # =============================================================================
@@ -905,7 +884,7 @@ def test_http_check_of_a_port_that_does_not_speak_http_says_so_instead_of_raisin
 
 
 def test_status_rows_show_unhealthy_paused_and_not_found(wb):
-    wb.configure(extra="[ghost]\n")  # ghost.service is not on this host
+    wb.configure(extra={"ghost": {}})  # ghost.service is not on this host
     running(wb.host, STORY)
     wb.host.listen(5002)
     wb.host.failed(WORKER)

@@ -31,14 +31,7 @@ def http_sink():
 
 def configure(bed, smtp_port=None, **keys):
     """The heal bed's config with extra [selfheal] keys (webhook_url = ..., heartbeat_url = ...)."""
-    bed.configure(smtp_port=smtp_port)
-    extra = "".join("%s = %s\n" % (k, v) for k, v in keys.items())
-    with open(bed.config_path, encoding="utf-8") as handle:
-        text = handle.read().replace("[selfheal]\n", "[selfheal]\n" + extra, 1)
-    with open(bed.config_path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    bed.config = selfheal.load_config(bed.config_path, trusted=False)
-    return bed.config
+    return bed.configure(smtp_port=smtp_port, **keys)
 
 
 def hooked(bed, sink, fmt="json", smtp_port=None, **keys):
@@ -48,6 +41,10 @@ def hooked(bed, sink, fmt="json", smtp_port=None, **keys):
 def queued_posts(bed):
     """Reports in the outbox the webhook has still to post."""
     return queued_for(bed.paths, "webhook")
+
+
+def mail_subjects(bed):
+    return [str(m["Subject"]) for m in bed.sink.messages]
 
 
 def posts(sink):
@@ -166,10 +163,22 @@ def test_slack_post_is_a_text_object_with_markup_escaped_and_no_link_previews(be
                                "worker &lt;https://evil.example/...&gt; &amp; co broke")
 
 
-def test_a_url_in_the_summary_keeps_only_scheme_and_host_so_a_token_in_it_never_reaches_the_chat():
-    body = ("ISSUE DETECTED\n--------------\n  story-stages was unhealthy: port 5002 open but GET "
-            "http://127.0.0.1:5002/health?token=s3cret: HTTP 500\n")
-    summary = selfheal.report_summary("❌ MiracleMax: story-stages - FAILED", body)
+def test_a_url_in_the_summary_keeps_only_scheme_and_host_so_a_token_in_it_never_reaches_the_chat(bed):
+    # The report of a heal the watch started: its finding quotes the health_url it got.
+    svc = bed.config.services["story-stages"]
+    finding = selfheal.Finding("unhealthy", "port 5002 open but GET http://127.0.0.1:5002/health?token=s3cret: "
+                                            "HTTP 500", time.time())
+    diag = selfheal.Diagnosis(unit={"Id": svc.unit, "ActiveState": "active", "SubState": "running"}, result="success",
+                              exit_code="", exit_status="", from_monitor_env=False, journal=(), listeners=(),
+                              holders=(), failed_at=None, detected_after=None, finding=finding)
+    result = selfheal.HealResult(service=svc, outcome=selfheal.Outcome.FAILED, trigger="watch",
+                                 started_at=time.time(), diagnosis=diag, runs=(),
+                                 root_cause=selfheal.root_cause(svc, diag), healing_seconds=None,
+                                 post={"ActiveState": "active", "SubState": "running"}, escalation="still unhealthy")
+    made = selfheal.new_report(bed.config.settings, "❌", "story-stages", "FAILED",
+                               selfheal.render_report(bed.config.settings, result))
+    assert "GET http://127.0.0.1:5002/health?token=s3cret: HTTP 500" in made["body"]  # the mail says it all
+    summary = selfheal.webhook_event(bed.config.settings, made)["summary"]
     assert "s3cret" not in summary and "/health" not in summary
     assert "GET http://127.0.0.1:5002/...: HTTP 500" in summary
 
@@ -208,16 +217,15 @@ def test_ntfy_marks_a_failure_high_and_its_tag_says_so(bed, http_sink):
 
 def test_nothing_that_reaches_an_ntfy_header_can_break_the_line_or_leave_ascii():
     assert selfheal.header_safe("Café ✅\r\nX-Injected: 1\x00") == "Cafe X-Injected: 1"
-    settings = selfheal.Settings(name="Café", email_to=("a@b.c",), email_from="s@b.c",
+    settings = selfheal.Settings(name="Café\r\nX-Injected: 1", email_to=("a@b.c",), email_from="s@b.c",
                                  webhook_url="http://x.example.org/", webhook_format="ntfy")
-    event = {"subject": "✅ Café: worker - RESOLVED", "status": "RESOLVED", "service": "worker",
-             "summary": "fine\r\nnow"}
-    body, headers = selfheal.webhook_request(settings, event)
+    made = selfheal.new_report(settings, "✅", "worker", "RESOLVED", "fine\r\nnow ✅")
+    body, headers = selfheal.webhook_request(settings, selfheal.webhook_event(settings, made))
     for value in headers.values():
         value.encode("ascii")
         assert "\r" not in value and "\n" not in value
-    assert headers["Title"] == "Cafe: worker - RESOLVED"
-    assert body == "fine\r\nnow".encode("utf-8")  # the body is text; only headers are cleaned
+    assert headers["Title"] == "Cafe\\x0d X-Injected: 1: worker - RESOLVED"
+    assert body == "fine\\x0d\nnow ✅".encode("utf-8")  # the body stays UTF-8 text, as the report has it
 
 
 @pytest.mark.parametrize("icon, service, label, status", [
@@ -240,13 +248,21 @@ def test_the_webhook_is_told_the_reports_service_and_status_as_data_not_parsed_f
     assert (event["service"], event["status"], event["name"]) == (service, status, "My: Host - 2")
 
 
-def test_flapping_summary_starts_with_the_flapping_preface(bed):
-    report = "FLAPPING: worker failed 3 times within 15 min (10:00:00, 10:01:00, 10:02:00).\nmore.\n\n" \
-             "⚠️ MiracleMax: worker - FLAPPING\n\nISSUE DETECTED\n--------------\n  it crashed\n\n" \
-             "ROOT CAUSE\n----------\n  It was killed.\n  Confidence: high\n"
-    summary = selfheal.report_summary("⚠️ MiracleMax: worker - FLAPPING", report)
-    assert summary == ("FLAPPING: worker failed 3 times within 15 min (10:00:00, 10:01:00, 10:02:00). more.\n"
-                       "it crashed\nRoot cause: It was killed.")
+def test_flapping_summary_starts_with_the_flapping_preface(bed, http_sink):
+    hooked(bed, http_sink)
+    for _ in range(3):  # flap_threshold = 3 failures within flap_window
+        bed.host.failed(WORKER)
+        assert bed.heal("worker")[0] == 0
+    *_, flapping = [p.json() for p in http_sink.wait(3, path=HOOK)]
+    assert flapping["subject"] == mail_subjects(bed)[-1] == "⚠️ MiracleMax: worker - FLAPPING"
+    lead, *rest = flapping["summary"].split("\n")
+    assert lead.startswith("FLAPPING: worker failed 3 times within 15 min (")
+    assert "further recoveries in this incident are recorded in the history but not mailed one by one." in lead
+    issue, cause, healing = rest
+    assert issue == "worker.service failed: main process killed by signal KILL (result: signal)."
+    assert cause == ("Root cause: It was killed with SIGKILL from outside the service (an operator, a script, or "
+                     "the kernel); systemd does not report an out-of-memory kill here.")
+    assert healing.startswith("Healing time: ") and healing.endswith(" from failure to verified healthy")
 
 
 def test_a_long_report_without_sections_is_cut_to_the_summary_limit(bed):
@@ -577,11 +593,9 @@ def test_a_failed_heartbeat_never_fails_the_watch_and_is_logged_once_then_its_re
     assert any("heartbeat to" in r.getMessage() and "works again" in r.getMessage() for r in caplog.records)
 
 
-def test_watch_command_exits_0_when_the_heartbeat_cannot_be_reached(bed, closed_port, monkeypatch):
+def test_watch_command_exits_0_when_the_heartbeat_cannot_be_reached(bed, closed_port, as_root):
     configure(bed, heartbeat_url="http://127.0.0.1:%d%s" % (closed_port, BEAT))
     all_healthy(bed)
-    monkeypatch.setattr(selfheal.os, "geteuid", lambda: 0)  # watch needs root; the paths are temp dirs
-    monkeypatch.setattr(selfheal, "check_trusted_file", lambda path, what: None)
     assert selfheal.main(["watch"]) == 0
 
 
