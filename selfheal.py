@@ -4497,7 +4497,10 @@ def report_summary(subject_text: str, body: str, limit: int = SUMMARY_CHARS) -> 
         (lead if current is None else current).append(lines[i].strip())
         i += 1
     if "ISSUE DETECTED" in sections:
-        parts = [" ".join(line for line in lead if line and line != subject_text)]
+        # The lead's last line is the heal report's own title (render_report's first line):
+        # the subject already says it, or, after a FLAPPING preface, the heal's own outcome.
+        told = [line for line in lead if line]
+        parts = [" ".join(line for line in told[:-1] if line != subject_text)]
         wanted = (("ISSUE DETECTED", "", 0), ("ROOT CAUSE", "Root cause: ", 1), ("HEALING TIME", "Healing time: ", 1),
                   ("WHY A HUMAN IS NEEDED", "Why a human is needed: ", 0))
         for title, prefix, first_lines in wanted:
