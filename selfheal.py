@@ -1239,154 +1239,6 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     return " (did you mean %r?)" % close[0] if close else ""
 
 
-def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = None,
-                 check_files: bool = False) -> Config:
-    """Parse and validate services.conf text. Raises ConfigError listing every problem.
-
-    check_files: also check the files it names on this host (the SMTP password file)."""
-    problems: List[Tuple[int, str]] = []  # (line, message), reported in line order
-    lines: Dict[Tuple[Optional[str], Optional[str]], int] = {}
-
-    def problem(lineno, section, key, message):
-        where = "%s:%s" % (path, lineno if lineno else "-")
-        if section is not None:
-            where += " [%s]" % section
-        if key:
-            where += " %s" % key
-        problems.append((lineno or 0, "%s: %s" % (where, message)))
-
-    for lineno, section, key in _scan_lines(text):
-        if (section, key) in lines:
-            what = "duplicate section" if key is None else "duplicate key"
-            problem(lineno, section, key, "%s (first at line %d)" % (what, lines[(section, key)]))
-            if key is not None:
-                lines[(section, key)] = lineno  # configparser keeps the last value: point at it
-        else:
-            lines[(section, key)] = lineno
-
-    # A line configparser cannot read is reported and blanked, and the rest is read and
-    # checked too: every problem in one pass.
-    source = text.split("\n")
-    for _attempt in range(len(source) + 1):
-        parser = configparser.ConfigParser(interpolation=None, strict=False, default_section="\0none")
-        try:
-            parser.read_string("\n".join(source), source=path)
-            break
-        except configparser.MissingSectionHeaderError as exc:
-            problem(exc.lineno, None, None, "text before the first [section] header")
-            source[exc.lineno - 1] = ""
-        except configparser.ParsingError as exc:
-            for lineno, _ in exc.errors:
-                problem(lineno, None, None, "cannot parse %r (expected key = value)" % source[lineno - 1].strip())
-                source[lineno - 1] = ""
-
-    def line_of(section, key=None):
-        return lines.get((section, key)) or lines.get((section, None))
-
-    hostname = hostname or short_hostname()
-    try:
-        default_name = check_header_text(hostname)
-    except ValueError:
-        default_name = "localhost"  # a host name that cannot go into a mail header as it is
-    raw_global = dict(parser.items(GLOBAL_SECTION)) if parser.has_section(GLOBAL_SECTION) else {}
-    if not parser.has_section(GLOBAL_SECTION):
-        problem(None, None, None, "no [selfheal] section (it says where reports are mailed)")
-
-    def take(section, values, key, convert, default):
-        """Convert one value, recording a problem (and returning the default) when it is bad."""
-        if key not in values:
-            return default
-        raw = values[key].strip()
-        try:
-            return convert(raw)
-        except ValueError as exc:
-            message = str(exc) if repr(raw) in str(exc) else "%s: %r" % (exc, raw)
-            problem(line_of(section, key), section, key, message)
-            return default
-
-    for key in raw_global:
-        if key not in GLOBAL_KEYS:
-            problem(line_of(GLOBAL_SECTION, key), GLOBAL_SECTION, key,
-                    "unknown key" + _did_you_mean(key, GLOBAL_KEYS))
-    g = raw_global
-    s = GLOBAL_SECTION
-
-    def read_keys(section: str, values: Dict[str, str], keys, defaults: Dict[str, object]) -> Dict[str, object]:
-        """Every key of the table for this section: its value, or its default."""
-        return {name: take(section, values, name, field.metadata["parse"], defaults.get(name, field.default))
-                for name, field in keys.items()}
-
-    settings = Settings(**read_keys(s, g, GLOBAL_KEYS, {  # type: ignore[arg-type]
-        "name": default_name,
-        "email_from": "selfheal@%s" % hostname if HOST_RE.match(hostname) else "selfheal@localhost"}))
-    if settings.heal_timeout < settings.verify_timeout + HEAL_RESERVE:
-        key = "heal_timeout" if "heal_timeout" in g else "verify_timeout"
-        problem(line_of(s, key), s, key, "heal_timeout (%s) must be at least verify_timeout (%s) + %s"
-                % (format_duration(settings.heal_timeout), format_duration(settings.verify_timeout),
-                   format_duration(HEAL_RESERVE)))
-    if settings.smtp_user and "smtp_password_file" not in g:
-        problem(line_of(s, "smtp_user"), s, "smtp_user", "needs smtp_password_file as well")
-    if "webhook_format" in g and "webhook_url" not in g:
-        problem(line_of(s, "webhook_format"), s, "webhook_format", "needs webhook_url")
-    if "webhook_timeout" in g and "webhook_url" not in g and "heartbeat_url" not in g:
-        problem(line_of(s, "webhook_timeout"), s, "webhook_timeout", "needs webhook_url or heartbeat_url")
-    if check_files and settings.smtp_password_file:
-        bad = secret_file_problem(settings.smtp_password_file)
-        if bad:
-            problem(line_of(s, "smtp_password_file"), s, "smtp_password_file", bad)
-
-    services: Dict[str, Service] = {}
-    units_seen: Dict[str, str] = {}
-    for section in parser.sections():
-        if section == GLOBAL_SECTION:
-            continue
-        values = dict(parser.items(section))
-        if section.lower() in ("default", GLOBAL_SECTION) or (
-                difflib.SequenceMatcher(None, section.lower(), GLOBAL_SECTION).ratio() >= 0.8):
-            problem(line_of(section), section, None,
-                    "unknown section (did you mean [selfheal]?)")
-            continue
-        if not NAME_RE.match(section):
-            problem(line_of(section), section, None, "a service name is 1-64 of A-Z a-z 0-9 _ . - "
-                    "and starts with a letter or digit")
-            continue
-        for key in values:
-            if key not in SERVICE_KEYS:
-                problem(line_of(section, key), section, key, "unknown key" + _did_you_mean(key, SERVICE_KEYS))
-        # The default unit goes through the same check: [sshd] must not wrap sshd.service.
-        values.setdefault("unit", section + ".service")
-        unit = take(section, values, "unit", check_unit, section + ".service")
-        if unit in units_seen:
-            problem(line_of(section, "unit"), section, "unit",
-                    "%s is already listed as [%s]" % (unit, units_seen[unit]))
-        units_seen[unit] = section
-        others = {name: field for name, field in SERVICE_KEYS.items() if name != "unit"}  # (checked above)
-        svc = Service(name=section, unit=unit, **read_keys(section, values, others, {}))  # type: ignore[arg-type]
-        if "health_url" in values and "health_command" in values:
-            problem(line_of(section, "health_command"), section, "health_command",
-                    "use health_url or health_command, not both")
-        for key in ("health_expect_status", "health_expect_text", "health_timeout"):
-            if key in values and "health_url" not in values and (
-                    key == "health_expect_status" or "health_command" not in values):
-                problem(line_of(section, key), section, key, "needs health_url" if key == "health_expect_status"
-                        else "needs health_url or health_command")
-        for strategy in STRATEGIES.values():
-            if strategy.name in svc.strategies and strategy.needs and not any(
-                    getattr(svc, key) or key in values for key in strategy.needs):
-                problem(line_of(section, "strategies"), section, "strategies",
-                        "%s needs %s" % (strategy.name, " or ".join(strategy.needs)))
-            for key in strategy.keys:
-                if key in values and strategy.name not in svc.strategies:
-                    problem(line_of(section, key), section, key,
-                            "is used by %s, which is not in strategies" % strategy.name)
-        services[section] = svc
-    if not services and not any(s not in ("selfheal", None) for s, _ in lines):
-        problem(None, None, None, "no services listed: add one [section] per service")
-    if problems:
-        raise ConfigError([text for _, text in sorted(problems, key=lambda p: p[0])])
-    return Config(path=path, settings=settings, services=services, lines=lines)
-
-
 # Value checkers: return the converted value or raise ValueError with the reason.
 
 HEADER_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # controls, and what str.splitlines splits at
@@ -1718,6 +1570,154 @@ def keys_help() -> str:
         lines += ["", "services.conf %s:" % title]
         lines += ["  %-20s %-22s %s" % (name, shown(f), f.metadata["doc"]) for name, f in keys.items()]
     return "\n".join(lines[1:])
+
+
+def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = None,
+                 check_files: bool = False) -> Config:
+    """Parse and validate services.conf text. Raises ConfigError listing every problem.
+
+    check_files: also check the files it names on this host (the SMTP password file)."""
+    problems: List[Tuple[int, str]] = []  # (line, message), reported in line order
+    lines: Dict[Tuple[Optional[str], Optional[str]], int] = {}
+
+    def problem(lineno, section, key, message):
+        where = "%s:%s" % (path, lineno if lineno else "-")
+        if section is not None:
+            where += " [%s]" % section
+        if key:
+            where += " %s" % key
+        problems.append((lineno or 0, "%s: %s" % (where, message)))
+
+    for lineno, section, key in _scan_lines(text):
+        if (section, key) in lines:
+            what = "duplicate section" if key is None else "duplicate key"
+            problem(lineno, section, key, "%s (first at line %d)" % (what, lines[(section, key)]))
+            if key is not None:
+                lines[(section, key)] = lineno  # configparser keeps the last value: point at it
+        else:
+            lines[(section, key)] = lineno
+
+    # A line configparser cannot read is reported and blanked, and the rest is read and
+    # checked too: every problem in one pass.
+    source = text.split("\n")
+    for _attempt in range(len(source) + 1):
+        parser = configparser.ConfigParser(interpolation=None, strict=False, default_section="\0none")
+        try:
+            parser.read_string("\n".join(source), source=path)
+            break
+        except configparser.MissingSectionHeaderError as exc:
+            problem(exc.lineno, None, None, "text before the first [section] header")
+            source[exc.lineno - 1] = ""
+        except configparser.ParsingError as exc:
+            for lineno, _ in exc.errors:
+                problem(lineno, None, None, "cannot parse %r (expected key = value)" % source[lineno - 1].strip())
+                source[lineno - 1] = ""
+
+    def line_of(section, key=None):
+        return lines.get((section, key)) or lines.get((section, None))
+
+    hostname = hostname or short_hostname()
+    try:
+        default_name = check_header_text(hostname)
+    except ValueError:
+        default_name = "localhost"  # a host name that cannot go into a mail header as it is
+    raw_global = dict(parser.items(GLOBAL_SECTION)) if parser.has_section(GLOBAL_SECTION) else {}
+    if not parser.has_section(GLOBAL_SECTION):
+        problem(None, None, None, "no [selfheal] section (it says where reports are mailed)")
+
+    def take(section, values, key, convert, default):
+        """Convert one value, recording a problem (and returning the default) when it is bad."""
+        if key not in values:
+            return default
+        raw = values[key].strip()
+        try:
+            return convert(raw)
+        except ValueError as exc:
+            message = str(exc) if repr(raw) in str(exc) else "%s: %r" % (exc, raw)
+            problem(line_of(section, key), section, key, message)
+            return default
+
+    for key in raw_global:
+        if key not in GLOBAL_KEYS:
+            problem(line_of(GLOBAL_SECTION, key), GLOBAL_SECTION, key,
+                    "unknown key" + _did_you_mean(key, GLOBAL_KEYS))
+    g = raw_global
+    s = GLOBAL_SECTION
+
+    def read_keys(section: str, values: Dict[str, str], keys, defaults: Dict[str, object]) -> Dict[str, object]:
+        """Every key of the table for this section: its value, or its default."""
+        return {name: take(section, values, name, field.metadata["parse"], defaults.get(name, field.default))
+                for name, field in keys.items()}
+
+    settings = Settings(**read_keys(s, g, GLOBAL_KEYS, {  # type: ignore[arg-type]
+        "name": default_name,
+        "email_from": "selfheal@%s" % hostname if HOST_RE.match(hostname) else "selfheal@localhost"}))
+    if settings.heal_timeout < settings.verify_timeout + HEAL_RESERVE:
+        key = "heal_timeout" if "heal_timeout" in g else "verify_timeout"
+        problem(line_of(s, key), s, key, "heal_timeout (%s) must be at least verify_timeout (%s) + %s"
+                % (format_duration(settings.heal_timeout), format_duration(settings.verify_timeout),
+                   format_duration(HEAL_RESERVE)))
+    if settings.smtp_user and "smtp_password_file" not in g:
+        problem(line_of(s, "smtp_user"), s, "smtp_user", "needs smtp_password_file as well")
+    if "webhook_format" in g and "webhook_url" not in g:
+        problem(line_of(s, "webhook_format"), s, "webhook_format", "needs webhook_url")
+    if "webhook_timeout" in g and "webhook_url" not in g and "heartbeat_url" not in g:
+        problem(line_of(s, "webhook_timeout"), s, "webhook_timeout", "needs webhook_url or heartbeat_url")
+    if check_files and settings.smtp_password_file:
+        bad = secret_file_problem(settings.smtp_password_file)
+        if bad:
+            problem(line_of(s, "smtp_password_file"), s, "smtp_password_file", bad)
+
+    services: Dict[str, Service] = {}
+    units_seen: Dict[str, str] = {}
+    for section in parser.sections():
+        if section == GLOBAL_SECTION:
+            continue
+        values = dict(parser.items(section))
+        if section.lower() in ("default", GLOBAL_SECTION) or (
+                difflib.SequenceMatcher(None, section.lower(), GLOBAL_SECTION).ratio() >= 0.8):
+            problem(line_of(section), section, None,
+                    "unknown section (did you mean [selfheal]?)")
+            continue
+        if not NAME_RE.match(section):
+            problem(line_of(section), section, None, "a service name is 1-64 of A-Z a-z 0-9 _ . - "
+                    "and starts with a letter or digit")
+            continue
+        for key in values:
+            if key not in SERVICE_KEYS:
+                problem(line_of(section, key), section, key, "unknown key" + _did_you_mean(key, SERVICE_KEYS))
+        # The default unit goes through the same check: [sshd] must not wrap sshd.service.
+        values.setdefault("unit", section + ".service")
+        unit = take(section, values, "unit", check_unit, section + ".service")
+        if unit in units_seen:
+            problem(line_of(section, "unit"), section, "unit",
+                    "%s is already listed as [%s]" % (unit, units_seen[unit]))
+        units_seen[unit] = section
+        others = {name: field for name, field in SERVICE_KEYS.items() if name != "unit"}  # (checked above)
+        svc = Service(name=section, unit=unit, **read_keys(section, values, others, {}))  # type: ignore[arg-type]
+        if "health_url" in values and "health_command" in values:
+            problem(line_of(section, "health_command"), section, "health_command",
+                    "use health_url or health_command, not both")
+        for key in ("health_expect_status", "health_expect_text", "health_timeout"):
+            if key in values and "health_url" not in values and (
+                    key == "health_expect_status" or "health_command" not in values):
+                problem(line_of(section, key), section, key, "needs health_url" if key == "health_expect_status"
+                        else "needs health_url or health_command")
+        for strategy in STRATEGIES.values():
+            if strategy.name in svc.strategies and strategy.needs and not any(
+                    getattr(svc, key) or key in values for key in strategy.needs):
+                problem(line_of(section, "strategies"), section, "strategies",
+                        "%s needs %s" % (strategy.name, " or ".join(strategy.needs)))
+            for key in strategy.keys:
+                if key in values and strategy.name not in svc.strategies:
+                    problem(line_of(section, key), section, key,
+                            "is used by %s, which is not in strategies" % strategy.name)
+        services[section] = svc
+    if not services and not any(s not in ("selfheal", None) for s, _ in lines):
+        problem(None, None, None, "no services listed: add one [section] per service")
+    if problems:
+        raise ConfigError([text for _, text in sorted(problems, key=lambda p: p[0])])
+    return Config(path=path, settings=settings, services=services, lines=lines)
 
 
 def never_touch(unit: str) -> bool:
