@@ -5,10 +5,11 @@ systemd starts ``selfheal@NAME.service`` through an ``OnFailure=`` drop-in when 
 service listed in services.conf fails. That unit runs ``selfheal.py heal NAME``:
 diagnose (systemctl show, the journal of the failed run, who holds the port),
 triage the failure and repair with the configured strategies (the one that fits the
-evidence first), verify by polling against a deadline, then mail a report. A report that cannot be mailed is queued and
-delivered later by ``selfheal.py watch`` (selfheal-watch.timer) or ``flush-mail``.
-Every report also goes to ``webhook_url`` when set (json, slack or ntfy), with a queue of
-its own; a watch run that checked every service pings ``heartbeat_url`` (a dead-man's switch).
+evidence first), verify by polling against a deadline, then report. Every report is first
+written to the outbox; mail and, when set, ``webhook_url`` (json, slack or ntfy) send it from
+there and mark their own delivery, so what cannot be sent now goes out with the next heal,
+``selfheal.py watch`` (selfheal-watch.timer) or ``flush-mail``. A watch run that checked
+every service pings ``heartbeat_url`` (a dead-man's switch).
 The watch also catches what OnFailure= never sees: hung, stopped, or auto-restarted services.
 
 Python standard library only; Python 3.9+, systemd 247+.
@@ -6114,7 +6115,7 @@ def mail_queue_length(paths: Paths) -> Tuple[Optional[int], str]:
 
 
 def webhook_queue_length(paths: Paths) -> Optional[int]:
-    """Reports the webhook channel still has to post (None without root, like the mail queue)."""
+    """Reports the webhook channel still has to post (None without root: the outbox is root's)."""
     try:
         return queue_lengths(paths)["webhook"]
     except OSError:
