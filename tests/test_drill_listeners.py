@@ -61,29 +61,21 @@ def said(box, unit):
                     "_TRANSPORT=stdout"]).stdout.splitlines()
 
 
-def test_heal_in_its_sandbox_asks_the_kernel_for_the_port_and_proves_it_is_the_new_runs(host):
+@pytest.mark.parametrize("name, port, source, not_said", [
+    ("ears", 5041, FROM_KERNEL, "/proc/net/tcp"),  # the heal's own sandbox: the kernel answers
+    ("nonet", 5042, FROM_PROC, FROM_KERNEL),  # a sandbox without AF_NETLINK: /proc/net/tcp, as proof as good
+], ids=["netlink", "without-af-netlink"])
+def test_heal_in_its_sandbox_finds_the_listener_and_proves_it_is_the_new_runs(host, name, port, source, not_said):
     clear_mailbox(host)
-    kill(host, "ears.service")
-    [mail] = host.wait_mail(about("ears", "RESOLVED"), timeout=30)
-    wait_idle(host, "ears")
-    pid = show(host, "ears.service", "MainPID")
-    # the inode netlink gave is the one the new main process holds (main_holds_port, /proc/PID/fd)
-    assert "port: 5041 listening (pid %s of ears.service)" % pid in body(mail)
-    lines = said(host, "selfheal@ears.service")
-    assert lines.count(FROM_KERNEL) == 1, lines  # once per process, however many probes
-    assert not [x for x in lines if "/proc/net/tcp" in x], lines
-
-
-def test_heal_in_a_sandbox_without_af_netlink_reads_proc_net_tcp_and_still_proves_the_port(host):
-    clear_mailbox(host)
-    kill(host, "nonet.service")
-    [mail] = host.wait_mail(about("nonet", "RESOLVED"), timeout=30)
-    wait_idle(host, "nonet")
-    pid = show(host, "nonet.service", "MainPID")
-    assert "port: 5042 listening (pid %s of nonet.service)" % pid in body(mail)
-    lines = said(host, "selfheal@nonet.service")
-    assert lines.count(FROM_PROC) == 1, lines
-    assert FROM_KERNEL not in lines, lines
+    kill(host, name + ".service")
+    [mail] = host.wait_mail(about(name, "RESOLVED"), timeout=30)
+    wait_idle(host, name)
+    pid = show(host, name + ".service", "MainPID")
+    # the inode the listener check gave is the one the new main process holds (main_holds_port, /proc/PID/fd)
+    assert "port: %d listening (pid %s of %s.service)" % (port, pid, name) in body(mail)
+    lines = said(host, "selfheal@%s.service" % name)
+    assert lines.count(source) == 1, lines  # said once per process, however many probes
+    assert not [x for x in lines if not_said in x], lines
 
 
 def test_watch_in_its_sandbox_asks_the_kernel_and_finds_both_ports(host):
