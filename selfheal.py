@@ -93,6 +93,7 @@ PYTHON = "/usr/bin/python3"
 SYSTEMCTL = "systemctl"
 JOURNALCTL = "journalctl"
 SS = "ss"
+SYSTEMD_ANALYZE = "systemd-analyze"
 PROC_DIR = Path("/proc")
 
 COMMAND_TIMEOUT = 15.0  # seconds for any external command unless said otherwise
@@ -102,6 +103,9 @@ RECHECK_DELAY = 2.0  # after a look that found a hang, the watch looks again thi
 WATCH_BUDGET = (20.0, 240.0)  # a watch run's total: watch_interval, within these (TimeoutStartSec=5min)
 SETTLE_SECONDS = 3.0  # a service with neither port nor health check must stay up this long
 MANUAL_TRIGGER = "manual"  # `selfheal heal NAME` from a shell: asked for, not a failure
+RETRY_TRIGGER = "retry"  # the watch heals a FAILED service again (retry_interval): not a new failure
+CHAIN_TRIGGER = "after its dependency"  # healed in the heal of a service it needs: not its own failure
+MAX_RETRY_INTERVAL = 3600.0  # retry_interval doubles up to this
 HEALTH_BODY_LIMIT = 65536  # health_expect_text is looked for in this much of the answer
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale process
 MAX_JOB_SECONDS = 600.0  # the longest a systemctl job may take (selfheal@.service allows 10 min)
@@ -135,6 +139,8 @@ UNIT_PROPERTIES = (
     "StateChangeTimestampMonotonic", "FragmentPath", "User", "Description", "Names",
     "TimeoutStartUSec", "TimeoutStopUSec", "Environment", "EnvironmentFiles", "ActiveEnterTimestampMonotonic",
     "InactiveExitTimestampMonotonic", "Type", "RemainAfterExit",
+    # What systemd says the unit needs, and what needs it (listed services only count).
+    "Requires", "BindsTo", "Wants", "After", "RequiredBy", "BoundBy", "WantedBy", "Before",
 )
 
 # systemd's own exit statuses for a process that never got to run its code
@@ -314,6 +320,7 @@ class Outcome(str, enum.Enum):
     ESCALATED = "ESCALATED"  # too many heals in the window: healing suspended
     HEALTHY = "HEALTHY"  # nothing was wrong when selfheal looked
     STOPPED = "STOPPED"  # found stopped; on_stopped = report: left stopped, reported
+    WAITING = "WAITING"  # a service it needs is down: that one is healed first (not recorded, not mailed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,6 +451,8 @@ class HealResult:
     after: Optional[Diagnosis] = None  # the unit after a repair that did not work
     plan: str = ""  # triage: what the evidence says and the order the strategies ran in
     manual: Tuple[str, ...] = ()  # manual steps a strategy's finding calls for
+    waiting_for: str = ""  # WAITING: the service it needs, which is down
+    waiting_detail: str = ""  # and how it is down
 
     @property
     def strategy(self) -> str:
@@ -592,7 +601,7 @@ def counts_as_attempt(event: dict) -> bool:
     """A heal that counts toward failure_threshold: selfheal's own repair or failure, not
     what systemd's Restart= repaired and not a heal asked for by hand."""
     return event.get("outcome") in (Outcome.RESOLVED.value, Outcome.FAILED.value) and \
-        event.get("trigger") != MANUAL_TRIGGER
+        event.get("trigger") not in (MANUAL_TRIGGER, RETRY_TRIGGER, CHAIN_TRIGGER)
 
 
 def history_summary(paths: Paths, name: str) -> dict:
@@ -1313,6 +1322,24 @@ def check_failure_threshold(value: str) -> int:
     return number
 
 
+def check_retry_interval(value: str) -> float:
+    seconds = parse_duration(value)
+    if seconds and not MIN_WATCH_INTERVAL <= seconds <= MAX_RETRY_INTERVAL:
+        raise ValueError("must be 0 (no retries) or from %d s to %s" % (MIN_WATCH_INTERVAL, format_duration(MAX_RETRY_INTERVAL)))
+    return seconds
+
+
+def check_names(value: str) -> Tuple[str, ...]:
+    names = tuple(split_list(value))
+    bad = [n for n in names if not NAME_RE.match(n)]
+    if not names or bad:
+        raise ValueError("list service names (sections of this file)%s" % (
+            ": not %s" % ", ".join(map(repr, bad)) if bad else ""))
+    if len(set(names)) != len(names):
+        raise ValueError("a service is listed twice")
+    return names
+
+
 def check_flap_threshold(value: str) -> int:
     number = positive_int(value)
     if number < 2:
@@ -1472,6 +1499,269 @@ def choice(options: Sequence[str]) -> Callable[[str], str]:
     return check
 
 
+# -- Maintenance windows: a systemd calendar event and a duration -------------------------
+# `maintenance = Sun *-*-* 03:00 1h; Mon..Fri 22:00 UTC 30m`. Calendar events follow
+# systemd.time(7) and elapse where systemd-analyze calendar says they do (tested against
+# systemd 247, 252 and 257), computed here so that no check waits for a subprocess.
+
+CAL_MAX_YEAR = 2199  # systemd gives up there too; "never elapses again" means None
+MAX_WINDOW = 7 * 86400
+_EPOCH_DAY = dt.date(1970, 1, 1).toordinal()
+_WEEKDAYS = {n: i for i, day in enumerate(("monday", "tuesday", "wednesday", "thursday",
+                                           "friday", "saturday", "sunday"))
+             for n in (day, day[:3])}
+_WD = "(" + "|".join(sorted(_WEEKDAYS, key=len, reverse=True)) + ")"
+_WD_LIST = re.compile(r"%s((\.\.|-)%s)?(,%s((\.\.|-)%s)?)*,?" % ((_WD,) * 4), re.I)
+_SHORTHANDS = {"minutely": "*-*-* *:*:00", "hourly": "*-*-* *:00:00", "daily": "*-*-* 00:00:00",
+               "weekly": "Mon *-*-* 00:00:00", "monthly": "*-*-01 00:00:00",
+               "quarterly": "*-01,04,07,10-01 00:00:00"}
+_SHORTHANDS.update(dict.fromkeys(("yearly", "annually", "anually"), "*-01-01 00:00:00"))
+_SHORTHANDS.update(dict.fromkeys(("semiannually", "semi-annually", "biannually", "bi-annually"),
+                                 "*-01,07-01 00:00:00"))
+Chain = Tuple[Tuple[int, int, int], ...]  # (start, stop or -1, repeat or 0), as systemd keeps them
+
+
+def _expand(chain: Chain, hi: int) -> Tuple[int, ...]:
+    """The values a chain matches, up to hi."""
+    vals = set()
+    for a, b, r in chain:
+        vals.update(range(a, (b if b >= 0 else hi) + 1, r) if r else (a,))
+    return tuple(sorted(v for v in vals if v <= hi))
+
+
+@dataclasses.dataclass(frozen=True)
+class CalendarSpec:
+    """A parsed calendar event; None in a field means any value."""
+    text: str
+    utc: bool
+    weekdays: Optional[frozenset]  # 0 = Monday
+    years: Optional[frozenset]
+    months: Optional[frozenset]
+    days: Optional[Chain]          # counted from the month's end when end_of_month ('~')
+    end_of_month: bool
+    hours: Tuple[int, ...]
+    minutes: Tuple[int, ...]
+    seconds: Tuple[int, ...]
+
+    def _month_days(self, y: int, m: int) -> Tuple[int, ...]:
+        n = (dt.date(y + m // 12, m % 12 + 1, 1) - dt.date(y, m, 1)).days
+        if self.days is None:
+            days = range(1, n + 1)
+        elif self.end_of_month:  # ~1 is the last day; ~7..1 style ranges run forward in time
+            days = _expand(tuple((n + 1 - a, -1, r) if b < 0 else (n + 1 - b, n + 1 - a, r)
+                                 for a, b, r in self.days), n)
+        else:
+            days = _expand(self.days, n)
+        return tuple(d for d in days if self.weekdays is None
+                     or dt.date(y, m, d).weekday() in self.weekdays)
+
+    def _walk(self, naive: int, step: int, low_year: int = 1970):
+        """Matching wall-clock times (seconds on a naive time line), from naive on, in
+        direction step, skipping whole years, months and days that cannot match."""
+        day, sec = divmod(naive, 86400)
+        start = dt.date.fromordinal(_EPOCH_DAY + day)
+        hms = (sec // 3600, sec // 60 % 60, sec % 60)
+        fwd = step > 0
+        for y in range(start.year, CAL_MAX_YEAR + 1 if fwd else low_year - 1, step):
+            if self.years is not None and y not in self.years:
+                continue
+            first_month = start.month if y == start.year else 1 if fwd else 12
+            for m in range(first_month, 13 if fwd else 0, step):
+                if self.months is not None and m not in self.months:
+                    continue
+                this_month = (y, m) == (start.year, start.month)
+                for d in self._month_days(y, m)[::step]:
+                    if this_month and (d - start.day) * step < 0:
+                        continue
+                    first = this_month and d == start.day
+                    base = (dt.date(y, m, d).toordinal() - _EPOCH_DAY) * 86400
+                    for h in self.hours[::step]:
+                        if first and (h - hms[0]) * step < 0:
+                            continue
+                        same_h = first and h == hms[0]
+                        for mi in self.minutes[::step]:
+                            if same_h and (mi - hms[1]) * step < 0:
+                                continue
+                            same_m = same_h and mi == hms[1]
+                            for s in self.seconds[::step]:
+                                if not same_m or (s - hms[2]) * step >= 0:
+                                    yield base + h * 3600 + mi * 60 + s
+
+    def _offset(self, ts: int) -> int:
+        return 0 if self.utc else time.localtime(ts).tm_gmtoff
+
+    def _ts(self, naive: int) -> Optional[int]:
+        """The UNIX time of a wall-clock time; None if a DST jump skips it."""
+        if self.utc:
+            return naive
+        tm = time.gmtime(naive)
+        ts = int(time.mktime(tm[:6] + (0, 0, -1)))
+        return ts if time.localtime(ts)[:6] == tm[:6] else None
+
+    def next_elapse(self, after: float) -> Optional[float]:
+        """The first matching time strictly after `after`, as systemd computes it."""
+        start = int(after // 1) + 1
+        for naive in self._walk(start + self._offset(start), 1):
+            ts = self._ts(naive)
+            if ts is not None and ts > after:
+                return float(ts)
+        return None
+
+    def last_elapse(self, at: float, within: float) -> Optional[float]:
+        """The latest matching time t with at - within < t <= at, or None."""
+        hi, lo = int(at // 1), int((at - within) // 1)
+        # Across a DST change the wall clock repeats or skips an hour: walk the wall-clock
+        # span of both offsets, and keep what maps into the interval. In a repeated hour the
+        # first such time is not always the latest; a window then closes up to an hour early.
+        offsets = (self._offset(lo), self._offset(hi))
+        low = lo + min(offsets)
+        for naive in self._walk(hi + max(offsets), -1,
+                                dt.date.fromordinal(_EPOCH_DAY + low // 86400).year):
+            if naive < low:
+                return None
+            ts = self._ts(naive)
+            if ts is not None and at - within < ts <= at:
+                return float(ts)
+        return None
+
+
+def _chain(text: str, name: str, lo: int, hi: int, end_of_month: bool = False) -> Optional[Chain]:
+    """One date or time field ('*', 5, 1,15, 1..5, 0/15, 1..20/2), checked as systemd checks it."""
+    if text == "*":
+        return None
+    if end_of_month:
+        hi -= 3  # systemd: at most 28 days before the month's end
+    tilde = "~" if end_of_month else ""
+    out = []
+    for item in text.split(","):
+        m = re.fullmatch(r"(\d+)(?:\.\.(\d+))?(?:/(\d+))?", item)
+        if not m:
+            if name == "second" and re.search(r"\d\.\d", item) and ".." not in item:
+                raise ValueError("fractional seconds (%s) are not supported" % item)
+            raise ValueError("invalid %s %r (use e.g. 5, 1,15, 8..18, 0/15)" % (name, item or text))
+        a, b = int(m[1]), int(m[2] or -1)
+        r = int(m[3] or (1 if m[2] else 0))
+        if m[3] and r == 0:
+            raise ValueError("%s repetition %s must not be /0" % (name, item))
+        if name == "year" and (a < 100 or 0 <= b < 100):
+            raise ValueError("two-digit year %s is not supported; write the full year" % item)
+        if name == "second" and m[2] and not m[3] and a >= b:  # systemd refuses these too
+            raise ValueError("second range %s is empty" % item)
+        if b > a and r:  # systemd's normalization: a range ends on a repetition
+            b -= (b - a) % r
+        if b == a:
+            b, r = -1, 0
+        for v in (a, b) if b >= 0 else (a,):
+            if not lo <= v <= hi:
+                raise ValueError("%s %s%d is out of range (%s%d-%s%d)" % (name, tilde, v, tilde, lo, tilde, hi))
+        if r > hi - lo or (b < 0 and (a - r < lo if end_of_month else a + r > hi)):
+            raise ValueError("%s repetition %s%s does not fit in %d-%d" % (name, tilde, item, lo, hi))
+        if b >= 0 and a + r > b:
+            raise ValueError("%s range %s%s runs backwards" % (name, tilde, item))
+        out.append((a, b, r))
+    return tuple(out)
+
+
+def parse_calendar(text: str) -> CalendarSpec:
+    """Parse a systemd calendar event ('Sun *-*-* 03:00', 'Mon..Fri 22:00 UTC', 'daily').
+    Refused on purpose, though systemd takes them: time zones other than UTC and the local
+    one, fractional seconds, two-digit years, @timestamps."""
+    tokens = text.split()
+    if not tokens:
+        raise ValueError("empty calendar expression")
+    last = tokens[-1].upper()
+    utc = len(tokens) > 1 and last == "UTC"
+    if utc or len(tokens) > 1 and last in {zone.upper() for zone in time.tzname}:
+        tokens.pop()  # systemd takes the local zone's own name too, e.g. CET
+    elif len(tokens) > 1 and last[0].isalpha() and not _WD_LIST.fullmatch(last):
+        raise ValueError("time zone %r is not supported; use local time or UTC" % tokens[-1])
+    head = tokens[0].lower()
+    if head in _SHORTHANDS:
+        if len(tokens) > 1:
+            raise ValueError("%r stands alone (UTC may follow)" % tokens[0])
+        return dataclasses.replace(parse_calendar(_SHORTHANDS[head]), text=text.strip(), utc=utc)
+    if head in ("now", "today", "yesterday", "tomorrow", "epoch") or head[0] in "@+-":
+        raise ValueError("%r is a time stamp, not a calendar event" % tokens[0])
+    weekdays = None
+    if head[0].isalpha():
+        if not _WD_LIST.fullmatch(head):
+            raise ValueError("unknown weekday in %r (use e.g. Mon, Mon..Fri, Sat,Sun)" % tokens[0])
+        days = set()
+        for item in head.rstrip(",").split(","):
+            ends = re.split(r"\.\.|-", item)
+            a, b = _WEEKDAYS[ends[0]], _WEEKDAYS[ends[-1]]
+            if a > b:
+                raise ValueError("weekday range %s runs backwards" % item)
+            days.update(range(a, b + 1))
+        weekdays = frozenset(days) if len(days) < 7 else None  # all seven: no condition
+        tokens.pop(0)
+    if len(tokens) > 2:
+        raise ValueError("unexpected %r (the form is [WEEKDAYS] [DATE] [TIME] [UTC])" % " ".join(tokens[2:]))
+    date, clock = "*-*-*", "00:00:00"
+    if len(tokens) == 2:
+        date, clock = tokens
+    elif tokens and ":" in re.split(r"[-~]", tokens[0])[0]:  # systemd: a ':' first means a time
+        clock = tokens[0]
+    elif tokens:
+        date = tokens[0]
+    parts = re.split(r"([-~])", date)
+    if len(parts) == 3:
+        parts = ["*", "-"] + parts
+    if len(parts) != 5 or parts[1] == "~":
+        raise ValueError("%r is not a date (YYYY-MM-DD or MM-DD, '~' before the day)" % date)
+    hms = clock.split(":")
+    if len(hms) not in (2, 3):
+        raise ValueError("%r is not a time (HH:MM or HH:MM:SS)" % clock)
+    hms += ["00"] * (3 - len(hms))
+    end_of_month = parts[3] == "~"
+    years, months = _chain(parts[0], "year", 1970, CAL_MAX_YEAR), _chain(parts[2], "month", 1, 12)
+    days_chain = _chain(parts[4], "day", 1, 31, end_of_month)
+    hours, minutes, seconds = (_chain(p, name, 0, hi) or ((0, hi, 1),) for p, name, hi in
+                               zip(hms, ("hour", "minute", "second"), (23, 59, 59)))
+    return CalendarSpec(
+        text=text.strip(), utc=utc, weekdays=weekdays,
+        years=None if years is None else frozenset(_expand(years, CAL_MAX_YEAR)),
+        months=None if months is None else frozenset(_expand(months, 12)),
+        days=days_chain, end_of_month=end_of_month and days_chain is not None,
+        hours=_expand(hours, 23), minutes=_expand(minutes, 59), seconds=_expand(seconds, 59))
+
+
+class Window(NamedTuple):
+    spec: CalendarSpec
+    seconds: float
+    text: str
+
+
+def parse_maintenance(value: str) -> Tuple[Window, ...]:
+    """'Sun *-*-* 03:00 1h; Mon..Fri 22:00 UTC 30m' (';' or new lines between windows)."""
+    windows = []
+    for text in (w.strip() for w in re.split(r"[;\n]", value)):
+        if not text:
+            continue
+        try:
+            event, duration = (text.rsplit(None, 1) + [""])[:2]
+            if not duration:
+                raise ValueError("expected '<calendar event> <duration>', e.g. 'Sun *-*-* 03:00 1h'")
+            try:
+                seconds = parse_duration(duration)
+            except ValueError as e:
+                raise ValueError("it must end in a duration, not %r (%s), e.g. 'Sun *-*-* 03:00 1h'"
+                                 % (duration, e)) from None
+            if not 0 < seconds <= MAX_WINDOW:
+                raise ValueError("duration %s must be more than 0 and at most 7d" % duration)
+            windows.append(Window(parse_calendar(event), seconds, text))
+        except ValueError as e:
+            raise ValueError("maintenance window %r: %s" % (text, e)) from None
+    return tuple(windows)
+
+
+def maintenance_end(windows: Sequence[Window], now: float) -> Optional[float]:
+    """When the maintenance window open at `now` ends (the latest, if several); None if none is."""
+    ends = [start + w.seconds for w in windows
+            if (start := w.spec.last_elapse(now, w.seconds)) is not None]
+    return max(ends, default=None)
+
+
 # -- The key table: every services.conf key, declared once -------------------------------
 # A key is a field of Settings ([selfheal]) or Service (one per service section), declared
 # with key(): its default, the checker that turns its text into a value (or says why it
@@ -1513,6 +1803,14 @@ class Settings:
     webhook_url: str = key("", check_url, "every report is also POSTed here, queued like mail")
     webhook_format: str = key("json", choice(WEBHOOK_FORMATS), "json, slack or ntfy")
     webhook_timeout: float = key(5.0, check_webhook_timeout, "for webhook_url and heartbeat_url (60s at most)")
+    retry_interval: float = key(300.0, check_retry_interval, "the watch heals a FAILED service again after this, "
+                                "then twice as long each time up to 1h; 0: never")
+    escalate_to: Tuple[str, ...] = key((), check_addresses, "second contact: a FAILED/ESCALATED incident open "
+                                       "escalate_after is mailed here too, once")
+    escalate_after: float = key(1800.0, positive_duration, "how long an incident stays FAILED/ESCALATED before "
+                                "escalate_to hears of it")
+    maintenance: Tuple[Window, ...] = key((), parse_maintenance, "windows (systemd calendar event and a duration, "
+                                          "; between): nothing healed or mailed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1541,6 +1839,8 @@ class Service:
     db_owner: str = key("", check_owner, "database_check: user or user:group (default: the unit's User=)")
     db_mode: Optional[int] = key(None, check_mode, "database_check: its mode, e.g. 0640")
     symlinks: Tuple[Tuple[str, str], ...] = key((), check_symlinks, "database_check: /path/link -> /path/target, ...")
+    maintenance: Tuple[Window, ...] = key((), parse_maintenance, "its own windows, besides the global ones")
+    depends_on: Tuple[str, ...] = key((), check_names, "services it needs: healed first; one report for the chain")
     start_grace: float = key(0.0, check_start_grace, "a run younger than this is starting, not hung (at least verify_timeout)",
                              derived="verify_timeout")
 
@@ -1664,6 +1964,8 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
         problem(line_of(s, "webhook_format"), s, "webhook_format", "needs webhook_url")
     if "webhook_timeout" in g and "webhook_url" not in g and "heartbeat_url" not in g:
         problem(line_of(s, "webhook_timeout"), s, "webhook_timeout", "needs webhook_url or heartbeat_url")
+    if "escalate_after" in g and "escalate_to" not in g:
+        problem(line_of(s, "escalate_after"), s, "escalate_after", "needs escalate_to")
     if check_files and settings.smtp_password_file:
         bad = secret_file_problem(settings.smtp_password_file)
         if bad:
@@ -1714,11 +2016,56 @@ def parse_config(text: str, path: str = CONFIG_PATH, hostname: Optional[str] = N
                     problem(line_of(section, key), section, key,
                             "is used by %s, which is not in strategies" % strategy.name)
         services[section] = svc
+    for message, (section, key) in dependency_problems(services):
+        problem(line_of(section, key), section, key, message)
     if not services and not any(s not in ("selfheal", None) for s, _ in lines):
         problem(None, None, None, "no services listed: add one [section] per service")
     if problems:
         raise ConfigError([text for _, text in sorted(problems, key=lambda p: p[0])])
     return Config(path=path, settings=settings, services=services, lines=lines)
+
+
+def dependency_problems(services: Dict[str, Service]) -> List[Tuple[str, Tuple[str, str]]]:
+    """depends_on naming no listed service, the service itself, or closing a cycle."""
+    found = []
+    for svc in services.values():
+        for name in svc.depends_on:
+            if name == svc.name:
+                found.append(("%s cannot depend on itself" % name, (svc.name, "depends_on")))
+            elif name not in services:
+                found.append(("%r is not a service in this file%s" % (name, _did_you_mean(name, services)),
+                              (svc.name, "depends_on")))
+    graph = {svc.name: tuple(n for n in svc.depends_on if n in services and n != svc.name)
+             for svc in services.values()}
+    cycle = find_cycle(graph)
+    if cycle:
+        found.append(("a cycle: %s" % " -> ".join(cycle + [cycle[0]]), (cycle[0], "depends_on")))
+    return found
+
+
+def find_cycle(graph: Dict[str, Sequence[str]]) -> List[str]:
+    """One cycle of a graph (name -> names it needs) as a list of names, or []."""
+    done, path = set(), []  # type: ignore[var-annotated]
+
+    def visit(name: str) -> List[str]:
+        if name in path:
+            return path[path.index(name):]
+        if name in done:
+            return []
+        path.append(name)
+        for needed in graph.get(name, ()):
+            cycle = visit(needed)
+            if cycle:
+                return cycle
+        path.pop()
+        done.add(name)
+        return []
+
+    for name in sorted(graph):
+        cycle = visit(name)
+        if cycle:
+            return list(cycle)
+    return []
 
 
 def never_touch(unit: str) -> bool:
@@ -3543,8 +3890,10 @@ FOREIGN_HOLDER_RE = re.compile(r", not by a process of |held by a socket of .*, 
 
 
 def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGGER,
-         env=os.environ, dry_run: bool = False, finding: Optional[Finding] = None) -> HealResult:
-    """Heal one service once. The caller holds the service's lock."""
+         env=os.environ, dry_run: bool = False, finding: Optional[Finding] = None,
+         chain: bool = True) -> HealResult:
+    """Heal one service once. The caller holds the service's lock. chain: wait (WAITING)
+    when a service it needs is down; off for the heal of a dependent by its root's heal."""
     settings = config.settings
     started_at, start_mono = time.time(), time.monotonic()
     deadline = start_mono + settings.heal_timeout
@@ -3644,6 +3993,16 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
             recovered = diag.result not in ("", "success") or trigger == "onfailure" or finding is not None
             return finish(Outcome.RECOVERED if recovered else Outcome.HEALTHY)
 
+    if chain and has_chain(config, svc, diag.unit):
+        graph, shown = look_at_chain(config)
+        blocked = blocking_dependency(config, svc, graph, shown)
+        if blocked:
+            needed, why = blocked
+            runs.append(StrategyRun("none", (), None, "waiting for %s" % needed))
+            return dataclasses.replace(finish(Outcome.WAITING, "%s needs %s, which is %s: selfheal heals %s first, then verifies "
+                          "%s and restarts it if it is still down" % (svc.name, needed, why, needed, svc.name)),
+                waiting_for=needed, waiting_detail=why)
+
     if (finding and finding.kind == "unhealthy" and diag.active_state == "active" and svc.port and not dry_run
             and FOREIGN_HOLDER_RE.search(finding.detail)):
         # The watch saw the port held by another unit's process while this unit runs. A
@@ -3740,12 +4099,24 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
                 return EX_OK
             log_outcome(result)
             print(one_line(text.splitlines()[0]) + "\n" + one_line(summary_line(result)), file=out)
-            if outcome is Outcome.HEALTHY:
+            if outcome is Outcome.WAITING:
+                wait_for_dependency(paths, svc, result, result.waiting_for,
+                                    failed=result.waiting_detail.startswith("failed"))
                 return EX_OK
+            dependents, waiting = chain_of(config, paths, svc, result)
+            if outcome is Outcome.HEALTHY and not dependents:
+                return EX_OK
+            text = with_preface(text, chain_preface(svc, outcome, dependents, waiting))
+            problems = [r.service.name for r, _ in dependents if r.outcome in PROBLEM_OUTCOMES]
             reporting, queued_before = text, len(QUEUED)  # recorded, then queued before it is sent
-            record_heal(paths, result, text)
+            if outcome is not Outcome.HEALTHY:
+                record_heal(paths, result, text)
             remember_restarts(paths, name, result.post)
-            notify_heal(config, paths, result, text)
+            thread = notify_heal(config, paths, result, text,
+                                 label_note=" (%s FAILED)" % and_list(problems) if problems else "")
+            for dependent, dependent_text in dependents:
+                if dependent.outcome is not Outcome.HEALTHY:
+                    notify_heal(config, paths, dependent, dependent_text, mail=False, thread=thread)
             reporting = None
             if outcome is not Outcome.RESOLVED and outcome is not Outcome.RECOVERED:
                 break
@@ -3770,6 +4141,33 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
         return EX_FAIL
     ok = (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY, Outcome.STOPPED)  # STOPPED: as configured
     return EX_OK if outcome in ok else EX_FAIL
+
+
+def chain_of(config: Config, paths: Paths, svc: Service, result: HealResult
+             ) -> Tuple[List[Tuple[HealResult, str]], List[str]]:
+    """The services that need this one: healed after it (when it is healthy), or the names
+    of those still waiting for it (when it is not)."""
+    if not has_chain(config, svc, result.post or result.diagnosis.unit):
+        return [], []
+    graph, shown = look_at_chain(config)
+    if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY):
+        return heal_dependents(config, paths, svc, graph), []
+    waiting = []
+    for name in needed_by(graph, svc.name, reverse=True):
+        noted = load_service_state(paths, name).get("waiting_on") or {}
+        unit = shown.get(config.services[name].unit, {})
+        down = unit.get("LoadState") == "loaded" and unit.get("ActiveState") not in ("active", "reloading")
+        if (isinstance(noted, dict) and noted.get("service") == svc.name) or down:
+            waiting.append(name)
+    return [], waiting
+
+
+def with_preface(text: str, preface: str) -> str:
+    """The report with the chain's lines right under its subject line."""
+    if not preface:
+        return text
+    subject_line, _, rest = text.partition("\n")
+    return "%s\n\n%s%s" % (subject_line, preface, rest.lstrip("\n"))
 
 
 def report_heal_stopped(config: Config, paths: Paths, svc: Service, trigger: str) -> None:
@@ -3815,9 +4213,198 @@ def summary_line(result: HealResult) -> str:
 
 
 def log_outcome(result: HealResult) -> None:
-    level = logging.INFO if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY) else logging.ERROR
+    level = logging.INFO if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY,
+                                               Outcome.WAITING) else logging.ERROR
     log.log(level, "%s: %s; strategy %s; cause: %s", result.service.name, summary_line(result),
             result.strategy, result.root_cause.summary)
+
+
+# =============================================================================
+# Dependencies: what a service needs, healed first; one report for the chain
+# =============================================================================
+# A service needs another when services.conf says so (depends_on) or systemd does:
+# Requires=, BindsTo=, or Wants= with After=, between two listed services. A service that
+# fails while one it needs is down is not restarted on its own (it would only fail again):
+# its heal ends WAITING, and the heal of the one it needs, once that is healthy, verifies
+# every service that needs it, in dependency order, and heals those still down. Their
+# outcomes go into that heal's report: one mail, led by the root.
+
+DOWN_VERDICTS = ("unhealthy", "stopped", "failed", "healing", "transient", "waiting")
+
+
+def systemd_needs(unit: Dict[str, str]) -> set:
+    words = {k: set(unit.get(k, "").split()) for k in ("Requires", "BindsTo", "Wants", "After")}
+    return words["Requires"] | words["BindsTo"] | (words["Wants"] & words["After"])
+
+
+def systemd_needed_by(unit: Dict[str, str]) -> set:
+    words = {k: set(unit.get(k, "").split()) for k in ("RequiredBy", "BoundBy", "WantedBy", "Before")}
+    return words["RequiredBy"] | words["BoundBy"] | (words["WantedBy"] & words["Before"])
+
+
+def dependency_graph(config: Config, shown: Dict[str, Dict[str, str]]) -> Dict[str, Tuple[str, ...]]:
+    """name -> the listed services it needs directly: depends_on, then what systemd says
+    (shown: systemctl show of the listed units). An edge from systemd that would close a
+    cycle is left out (logged): depends_on was checked for cycles when the config loaded."""
+    by_unit = {svc.unit: svc.name for svc in config.services.values()}
+    graph = {name: list(svc.depends_on) for name, svc in config.services.items()}
+    for name, svc in config.services.items():
+        for unit in sorted(systemd_needs(shown.get(svc.unit, {}))):
+            needed = by_unit.get(unit)
+            if needed and needed != name and needed not in graph[name]:
+                graph[name].append(needed)
+                if find_cycle(graph):
+                    graph[name].remove(needed)
+                    log.warning("%s: systemd says it needs %s, which needs it too; that dependency is ignored",
+                                name, needed)
+    return {name: tuple(needs) for name, needs in graph.items()}
+
+
+def in_dependency_order(graph: Dict[str, Sequence[str]], names: Iterable[str]) -> List[str]:
+    """names, every one after those it needs (config order otherwise)."""
+    wanted, order, seen = set(names), [], set()  # type: ignore[var-annotated]
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        for needed in graph.get(name, ()):
+            visit(needed)
+        if name in wanted:
+            order.append(name)
+
+    for name in graph:
+        visit(name)
+    return order
+
+
+def needed_by(graph: Dict[str, Sequence[str]], name: str, reverse: bool = False) -> List[str]:
+    """Every service `name` needs, directly or not (reverse: every one that needs it), in
+    dependency order."""
+    found, todo = set(), [name]  # type: ignore[var-annotated]
+    while todo:
+        current = todo.pop()
+        step = [n for n, needs in graph.items() if current in needs] if reverse else graph.get(current, ())
+        for other in step:
+            if other not in found and other != name:
+                found.add(other)
+                todo.append(other)
+    return in_dependency_order(graph, found)
+
+
+def has_chain(config: Config, svc: Service, unit: Dict[str, str]) -> bool:
+    """Whether the service needs, or is needed by, another listed service (from its own
+    systemctl show): only then is the whole list asked about."""
+    units = {s.unit for s in config.services.values()} - {svc.unit}
+    return bool(svc.depends_on or any(svc.name in s.depends_on for s in config.services.values())
+                or (systemd_needs(unit) | systemd_needed_by(unit)) & units)
+
+
+def look_at_chain(config: Config) -> Tuple[Dict[str, Tuple[str, ...]], Dict[str, Dict[str, str]]]:
+    """The dependency graph, and every listed unit's state and its heal's, in one systemctl show."""
+    units = [svc.unit for svc in config.services.values()]
+    heals = ["selfheal@%s.service" % name for name in config.services]
+    shown = show_units(units + heals, ("Id", "LoadState", "ActiveState", "SubState", "Requires", "BindsTo", "Wants",
+                                       "After"))
+    return dependency_graph(config, shown), shown
+
+
+def blocking_dependency(config: Config, svc: Service, graph: Dict[str, Tuple[str, ...]],
+                        shown: Dict[str, Dict[str, str]]) -> Optional[Tuple[str, str]]:
+    """(name, why) of the first service this one needs (the root of the chain first) that is
+    down or being healed; None when all it needs is up."""
+    for name in needed_by(graph, svc.name):
+        needed = config.services[name]
+        unit = shown.get(needed.unit, {})
+        active, sub = unit.get("ActiveState", ""), unit.get("SubState", "")
+        if shown.get("selfheal@%s.service" % name, {}).get("ActiveState") in ("active", "activating"):
+            return name, "being healed (selfheal@%s.service)" % name
+        if unit.get("LoadState", "loaded") != "loaded" or (active == "inactive" and needed.on_stopped == "ignore"):
+            continue  # no such unit, or stopped on purpose as configured: nothing to wait for
+        if active and active not in ("active", "reloading"):
+            return name, "%s (%s)" % (active, sub or "?")
+    return None
+
+
+def wait_for_dependency(paths: Paths, svc: Service, result: HealResult, needed: str, failed: bool) -> None:
+    """A heal that ended WAITING: note what it waits for, and make sure that one is being
+    healed (its own OnFailure= normally is)."""
+    try:
+        with service_state(paths, svc.name) as state:
+            state["waiting_on"] = {"service": needed, "since": result.started_at, "detail": result.escalation}
+    except (OSError, SelfhealError) as exc:
+        log.warning("could not note that %s waits for %s: %s", svc.name, needed, exc)
+    if failed:
+        started = run([SYSTEMCTL, "start", "--no-block", "selfheal@%s.service" % needed])
+        if not started.ok:
+            log.error("could not start selfheal@%s.service: %s", needed, started.brief())
+
+
+def heal_dependents(config: Config, paths: Paths, svc: Service, graph: Dict[str, Tuple[str, ...]]
+                    ) -> List[Tuple[HealResult, str]]:
+    """After `svc` is healthy: every service that needs it, in dependency order, verified and
+    healed when still down. Each is recorded (not mailed); returns (result, report) for those
+    that were down or waiting for it."""
+    done: List[Tuple[HealResult, str]] = []
+    for name in needed_by(graph, svc.name, reverse=True):
+        dependent = config.services[name]
+        if paused_until(paths, name) is not None or maintenance_until(config, dependent) is not None:
+            log.info("%s needs %s but is paused or in maintenance: not looked at", name, svc.name)
+            continue
+        lock = Lock(paths.lock(name))
+        if not lock.wait(config.settings.verify_timeout + 10):
+            log.warning("%s needs %s; its own heal is still running, so it is left to that heal", name, svc.name)
+            continue
+        try:
+            waited = load_service_state(paths, name).get("waiting_on")
+            result = heal(config, dependent, paths, CHAIN_TRIGGER, {}, chain=False)
+            if result.outcome is Outcome.HEALTHY and not waited:
+                continue  # up all along: not part of this chain
+            text = render_report(config.settings, result, paths=paths)
+            log_outcome(result)
+            if result.outcome is not Outcome.HEALTHY:
+                record_heal(paths, result, text)
+            remember_restarts(paths, name, result.post)
+            with contextlib.suppress(OSError, SelfhealError), service_state(paths, name) as state:
+                state.pop("waiting_on", None)
+            done.append((result, text))
+        finally:
+            lock.release()
+    return done
+
+
+def chain_preface(svc: Service, outcome: Outcome, dependents: Sequence[Tuple[HealResult, str]],
+                  waiting: Sequence[str] = ()) -> str:
+    """The lines that lead a root's report: which services failed because of it, and what
+    became of each."""
+    if not dependents and not waiting:
+        return ""
+    down = [r.service.name for r, _ in dependents if r.outcome is not Outcome.HEALTHY] + list(waiting)
+    lines = []
+    if down:
+        lines.append("%s failed; %s failed because of it." % (svc.name, and_list(down)))
+    else:
+        lines.append("%s failed; the services that need it were verified." % svc.name)
+    for result, _ in dependents:
+        lines.append("  %s: %s" % (result.service.name, chain_line(result, svc.name)))
+    for name in waiting:
+        lines.append("  %s: waiting; selfheal heals it once %s is healthy again" % (name, svc.name))
+    if outcome not in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY) and waiting:
+        lines.append("They are not restarted while %s is down (they would only fail again)." % svc.name)
+    return "\n".join(lines) + "\n\n"
+
+
+def chain_line(result: HealResult, root: str) -> str:
+    if result.outcome is Outcome.RESOLVED:
+        return "restarted after %s (%s), healthy in %s" % (root, result.strategy, format_duration(
+            result.healing_seconds or 0.0))
+    if result.outcome in (Outcome.RECOVERED, Outcome.HEALTHY):
+        return "came back by itself once %s was up; verified healthy" % root
+    return "%s: %s" % (result.outcome.value, result.escalation or result.root_cause.summary)
+
+
+def and_list(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else "%s and %s" % (", ".join(names[:-1]), names[-1])
 
 
 # =============================================================================
@@ -3825,7 +4412,7 @@ def log_outcome(result: HealResult) -> None:
 # =============================================================================
 
 SUBJECT_ICON = {Outcome.RESOLVED: "✅", Outcome.RECOVERED: "✅", Outcome.FAILED: "❌",
-                Outcome.ESCALATED: "🛑", Outcome.HEALTHY: "ℹ️", Outcome.STOPPED: "⏸️"}
+                Outcome.ESCALATED: "🛑", Outcome.HEALTHY: "ℹ️", Outcome.STOPPED: "⏸️", Outcome.WAITING: "⏳"}
 
 
 def subject_label(result: HealResult) -> str:
@@ -4032,10 +4619,10 @@ class NotDelivered(SelfhealError):
 
 
 def new_report(settings: Settings, icon: str, service: str, label: str, body: str, thread: str = "",
-               subject_text: str = "") -> dict:
+               subject_text: str = "", cc: Sequence[str] = ()) -> dict:
     """One report as data: "ICON NAME: SERVICE - LABEL" unless subject_text is given; thread,
-    the Message-ID of the incident's first mail. Its channels are fixed here: mail, and the
-    webhook when webhook_url is set."""
+    the Message-ID of the incident's first mail; cc, mailed besides email_to (escalate_to).
+    Its channels are fixed here: mail, and the webhook when webhook_url is set."""
     import email.utils
 
     now = time.time()
@@ -4051,7 +4638,7 @@ def new_report(settings: Settings, icon: str, service: str, label: str, body: st
         "name": settings.name, "service": service, "status": label.split(" (")[0],
         "subject": subject_text or "%s %s" % (icon, title), "title": title, "body": body,
         "thread": thread, "message_id": email.utils.make_msgid("selfheal", domain=domain),
-        "channels": channels})
+        "channels": channels, **({"cc": list(cc)} if cc else {})})
 
 
 def queue_report(paths: Paths, report: dict, stem: str = "") -> Path:
@@ -4073,6 +4660,7 @@ def read_report(path: Path) -> Optional[dict]:
                 or not all(isinstance(v, str) for v in channels.values())
                 or not all(isinstance(report.get(k, ""), str) for k in (
                     "subject", "body", "title", "thread", "message_id", "service", "status", "summary"))
+                or not all(isinstance(a, str) and ADDR_RE.match(a) for a in report.get("cc", []))
                 or not report.get("subject")):
             raise ValueError("not a queued report")
         return report
@@ -4097,7 +4685,7 @@ def outbox(paths: Paths) -> List[Path]:
 def mail_message(settings: Settings, report: dict) -> EmailMessage:
     """The mail channel's rendering: the same Message-ID and date at every attempt."""
     return make_message(settings, report["subject"], report["body"], thread=report.get("thread", ""),
-                        message_id=report.get("message_id", ""), when=report.get("ts"))
+                        message_id=report.get("message_id", ""), when=report.get("ts"), cc=report.get("cc", ()))
 
 
 def send_by_mail(config: Config, report: dict) -> str:
@@ -4105,7 +4693,7 @@ def send_by_mail(config: Config, report: dict) -> str:
         send(config.settings, mail_message(config.settings, report))
     except Exception as exc:  # whatever went wrong: not delivered, the record says what
         raise NotDelivered(explain_mail_error(config.settings, exc), permanent_rejection(exc))
-    return "mailed to %s" % ", ".join(config.settings.email_to)
+    return "mailed to %s" % ", ".join(tuple(config.settings.email_to) + tuple(report.get("cc", ())))
 
 
 def send_by_webhook(config: Config, report: dict) -> str:
@@ -4325,7 +4913,7 @@ def adopt_old_queues(paths: Paths) -> None:
 
 
 def make_message(settings: Settings, subject_text: str, body: str, thread: str = "", message_id: str = "",
-                 when: Optional[float] = None) -> EmailMessage:
+                 when: Optional[float] = None, cc: Sequence[str] = ()) -> EmailMessage:
     """A plain-text UTF-8 report. thread: the Message-ID of the incident's first mail;
     message_id and when: the report's own (kept at every attempt), else new ones."""
     import email.policy
@@ -4338,6 +4926,8 @@ def make_message(settings: Settings, subject_text: str, body: str, thread: str =
     msg["Subject"] = re.sub(HEADER_BREAKS.pattern + "+", " ", without_credentials(subject_text))
     msg["From"] = settings.email_from
     msg["To"] = ", ".join(settings.email_to)
+    if cc:
+        msg["Cc"] = ", ".join(cc)
     msg["Date"] = email.utils.formatdate(when, localtime=True)
     domain = settings.email_from.rpartition("@")[2] or "localhost"
     valid = re.compile(r"^<[!-;=?-~]+>$")
@@ -4387,7 +4977,8 @@ def smtp_session(settings: Settings, msg: EmailMessage) -> None:
             smtp.starttls(context=ssl.create_default_context())
         if settings.smtp_user:
             smtp.login(settings.smtp_user, read_password(settings.smtp_password_file))
-        smtp.send_message(msg, from_addr=settings.email_from, to_addrs=list(settings.email_to))
+        cc = [a.strip() for a in str(msg.get("Cc", "")).split(",") if a.strip()]
+        smtp.send_message(msg, from_addr=settings.email_from, to_addrs=list(settings.email_to) + cc)
 
 
 def explain_mail_error(settings: Settings, exc: BaseException) -> str:
@@ -4690,7 +5281,7 @@ def ping_heartbeat(config: Config, paths: Paths) -> bool:
 # =============================================================================
 
 PROBLEM_OUTCOMES = (Outcome.FAILED, Outcome.ESCALATED, Outcome.STOPPED)  # a human must act
-FAILURE_LABELS = ("FAILED", "ESCALATED", "FLAPPING", "STOPPED", "STILL FAILING")
+FAILURE_LABELS = ("FAILED", "ESCALATED", "FLAPPING", "STOPPED", "STILL FAILING", "STILL DOWN AFTER MAINTENANCE")
 
 
 def should_mail(settings: Settings, svc: Service, label: str, closes_problem: bool = False) -> bool:
@@ -4712,9 +5303,10 @@ def open_incident(state: dict, now: float) -> dict:
     return incident
 
 
-def thread_report(config: Config, incident: dict, icon: str, service: str, label: str, body: str) -> dict:
+def thread_report(config: Config, incident: dict, icon: str, service: str, label: str, body: str,
+                  cc: Sequence[str] = ()) -> dict:
     """One report of an incident: the first starts the mail thread, the rest reply to it."""
-    report = new_report(config.settings, icon, service, label, body, thread=incident.get("message_id", ""))
+    report = new_report(config.settings, icon, service, label, body, thread=incident.get("message_id", ""), cc=cc)
     if not incident.get("message_id"):
         incident["message_id"] = report["message_id"]
     incident["last_mail"] = time.time()
@@ -4722,10 +5314,13 @@ def thread_report(config: Config, incident: dict, icon: str, service: str, label
     return report
 
 
-def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> None:
+def notify_heal(config: Config, paths: Paths, result: HealResult, text: str, mail: bool = True,
+                thread: str = "", label_note: str = "") -> str:
     """Decide what a heal's report becomes: a mail in the incident's thread, a FLAPPING mail
-    (once), nothing (later recoveries of a flapping service; the notify policy), and keep
-    the incident's state. Never raises for a mail problem."""
+    (once), nothing (later recoveries of a flapping service; a retry that failed again; the
+    notify policy), and keep the incident's state. Never raises for a mail problem.
+    mail=False: only the state (a dependent, whose news is in its root's mail, `thread`).
+    Returns the incident's thread (the Message-ID of its first mail)."""
     settings, svc, now = config.settings, result.service, result.started_at
     report: Optional[dict] = None
     with service_state(paths, svc.name, best_effort=True) as state:
@@ -4733,14 +5328,18 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> 
         if result.outcome is Outcome.ESCALATED:
             state["escalated"] = state.get("escalated") or now
         incident = open_incident(state, now)
+        if thread and not incident.get("message_id"):
+            incident["message_id"] = thread  # its reminders follow its root's thread
         incident["failures"] = [t for t in incident["failures"] if t >= now - settings.flap_window]
-        if result.trigger != MANUAL_TRIGGER:  # a heal asked for by hand is not a failure
+        if result.trigger not in (MANUAL_TRIGGER, RETRY_TRIGGER, CHAIN_TRIGGER):  # not a new failure
             incident["failures"].append(now)
             incident["last_failure"] = now
-        label = subject_label(result)
-        send, body, closes_problem = True, text, False
+        label = subject_label(result) + label_note
+        send, body, closes_problem = mail, text, False
         if result.outcome is Outcome.ESCALATED and escalated_before:
             send = False  # the one escalation mail was sent already
+        elif result.trigger == RETRY_TRIGGER and result.outcome is Outcome.FAILED:
+            send = False  # still failing: the thread has said so; reminders keep coming
         elif result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
             closes_problem = bool(incident.get("problem"))
             incident["problem"] = ""
@@ -4752,6 +5351,8 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> 
                     label = "FLAPPING"
                     body = flapping_preface(settings, svc, incident["failures"]) + text
         if result.outcome in PROBLEM_OUTCOMES:
+            if not incident.get("problem"):  # a problem (again) in this incident: its next retry
+                incident["next_retry"] = now + retry_delay(settings, int(incident.get("retries") or 0))
             incident["problem"] = result.outcome.value
             incident["problem_since"] = incident.get("problem_since") or now
         else:
@@ -4760,9 +5361,106 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str) -> 
             report = thread_report(config, incident, subject_icon(result.outcome, label), svc.name, label, body)
         elif send:
             log.info("%s: %s not mailed (notify = %s)", svc.name, label, svc.notify or settings.notify)
-        else:
+        elif mail:
             log.info("%s: %s not mailed (already told in this incident)", svc.name, label)
+        thread = str(incident.get("message_id") or "")
     if report is not None:  # sent after the state is saved: a slow mail server holds no lock
+        deliver(config, paths, report)
+    return thread
+
+
+def retry_delay(settings: Settings, retries: int) -> float:
+    """retry_interval, doubled for each retry this incident has had, at most an hour."""
+    return min(settings.retry_interval * 2 ** min(retries, 16), MAX_RETRY_INTERVAL)
+
+
+def retry_if_due(config: Config, paths: Paths, svc: Service, now: float) -> Optional[Finding]:
+    """A FAILED incident (not ESCALATED, not STOPPED) is healed again by the watch at growing\n    intervals, so a fix made by hand (a corrected config) is picked up with no command typed.\n    The count lives in the incident: it starts afresh once the service was healthy for\n    incident_quiet (the incident closed), not at each success."""
+    if not config.settings.retry_interval:
+        return None
+    with service_state(paths, svc.name) as state:
+        incident = state.get("incident")
+        if state.get("escalated") or not incident or incident.get("closed") or incident.get("problem") != "FAILED":
+            return None
+        retries = int(incident.get("retries") or 0)
+        due = float(incident.get("next_retry") or 0.0) or float(incident.get("problem_since") or now) + \
+            retry_delay(config.settings, 0)
+        if now < due:
+            return None
+        incident["retries"] = retries + 1
+        incident["next_retry"] = now + retry_delay(config.settings, retries + 1)
+    return Finding("retry", "retry %d of a FAILED service (the next in %s if it fails again)" % (
+        retries + 1, format_duration(retry_delay(config.settings, retries + 1))), now)
+
+
+def escalate_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, str], now: float) -> None:
+    """A FAILED or ESCALATED incident still open escalate_after after it began is mailed to\n    escalate_to too: once per incident, in its thread."""
+    settings = config.settings
+    if not settings.escalate_to:
+        return
+    report: Optional[dict] = None
+    with service_state(paths, svc.name) as state:
+        incident = state.get("incident")
+        if (not incident or incident.get("closed") or incident.get("problem") not in ("FAILED", "ESCALATED")
+                or incident.get("escalated_to")):
+            return
+        since = float(incident.get("problem_since") or incident.get("opened") or now)
+        if now - since < settings.escalate_after:
+            return
+        last = last_event(paths, svc.name) or {}
+        body = ("%s on %s has been %s for %s, since %s, and no one has fixed it: after escalate_after = %s "
+                "this goes to %s too.\n\nNow: %s (%s)\nCause: %s\n\n"
+                "The first mail of this thread has the whole diagnosis. Look at it:\n"
+                "  systemctl status %s\n  journalctl -u %s -n 100 --no-pager\n  selfheal heal %s\n"
+                % (svc.name, socket.gethostname(), incident["problem"], format_duration(now - since), iso(since),
+                   format_duration(settings.escalate_after), ", ".join(settings.escalate_to),
+                   unit.get("ActiveState", "?"), unit.get("SubState", "?"), last.get("root_cause", "?"),
+                   svc.unit, svc.unit, svc.name))
+        incident["escalated_to"] = now
+        if should_mail(settings, svc, "ESCALATED"):
+            report = thread_report(config, incident, SUBJECT_ICON[Outcome.ESCALATED], svc.name,
+                                   "%s, TO %s" % (incident["problem"], ", ".join(settings.escalate_to)), body,
+                                   cc=settings.escalate_to)
+    if report is not None:
+        deliver(config, paths, report)
+
+
+def maintenance_until(config: Config, svc: Service, now: Optional[float] = None) -> Optional[float]:
+    """When the maintenance window the service is in ends (global and its own windows);\n    None outside every window."""
+    windows = config.settings.maintenance + svc.maintenance
+    return maintenance_end(windows, time.time() if now is None else now) if windows else None
+
+
+def note_maintenance(paths: Paths, svc: Service, until: float, what: str, now: float) -> None:
+    """Remember what happened to the service in a maintenance window (at most 20 lines),\n    for the one mail after it, should it still be down then."""
+    with service_state(paths, svc.name, best_effort=True) as state:
+        window = state.get("maintenance") if isinstance(state.get("maintenance"), dict) else {}
+        seen = [entry for entry in window.get("seen", []) if isinstance(entry, list) and len(entry) == 2]
+        if not seen or seen[-1][1] != what:
+            seen = (seen + [[now, what]])[-20:]
+        state["maintenance"] = {"until": max(until, float(window.get("until") or 0.0)),
+                                "since": float(window.get("since") or now), "seen": seen}
+
+
+def end_of_maintenance(config: Config, paths: Paths, svc: Service, verdict: str, detail: str, now: float) -> None:
+    """After a window: one mail when the service is still down (then it is healed as usual,\n    in the same thread); nothing when it is fine."""
+    report: Optional[dict] = None
+    with service_state(paths, svc.name, best_effort=True) as state:
+        window = state.pop("maintenance", None)
+        if not isinstance(window, dict) or verdict not in ("failed", "stopped", "unhealthy") or (
+                verdict == "stopped" and svc.on_stopped == "ignore"):
+            return
+        seen = "\n".join("  %s  %s" % (time.strftime("%H:%M:%S", time.localtime(float(at))), clean(str(what)))
+                         for at, what in window.get("seen", []))
+        body = ("The maintenance window for %s ended at %s and it is still down: %s.\n\n"
+                "During the window (from %s) selfheal healed nothing and mailed nothing. What it saw:\n%s\n\n"
+                "selfheal heals it now as usual; its report follows in this thread.\n"
+                % (svc.name, iso(float(window.get("until") or now)), detail, iso(float(window.get("since") or now)),
+                   seen or "  (nothing: it was down when the window ended)"))
+        incident = open_incident(state, now)
+        if should_mail(config.settings, svc, "STILL DOWN AFTER MAINTENANCE"):
+            report = thread_report(config, incident, "🔧", svc.name, "STILL DOWN AFTER MAINTENANCE", body)
+    if report is not None:
         deliver(config, paths, report)
 
 
@@ -5038,8 +5736,9 @@ def start_heal(paths: Paths, name: str, finding: Finding) -> None:
 
 def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, str],
                   ports: Optional[set], health: Optional[Tuple[bool, str]], now: float,
-                  holder: Optional[Tuple[Optional[bool], str]] = None) -> str:
-    """One service, one watch run. Returns the verdict (for the summary).
+                  holder: Optional[Tuple[Optional[bool], str]] = None, waiting_for: str = "") -> str:
+    """One service, one watch run. Returns the verdict (for the summary). waiting_for: a
+    service it needs that this run found down; it is not healed on its own meanwhile.
 
     Holds the service's heal lock while it decides, so it never decides on a heal's
     half-done work; a heal that is running owns the service until the next look.
@@ -5067,12 +5766,26 @@ def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
             return "paused"
         verdict, detail = assess(svc, unit, ports, health, baseline, holder,
                                  max(svc.start_grace, config.settings.verify_timeout))
+        window = maintenance_until(config, svc, now)
+        if window is not None:
+            # Nothing is healed or mailed in a window; what is seen is kept for after it.
+            if verdict not in ("ok", "transient"):
+                note_maintenance(paths, svc, window, "watch: %s: %s" % (verdict, detail), now)
+            state.update(verdict="maintenance", detail="maintenance until %s; %s: %s" % (iso(window), verdict, detail),
+                         checked=now, fails=0, nrestarts=nrestarts if nrestarts is not None else baseline)
+            save_watch_state(paths, svc.name, state)
+            return "maintenance"
+        if "maintenance" in load_service_state(paths, svc.name):
+            end_of_maintenance(config, paths, svc, verdict, detail, now)
         # The restart count moves on only when it was seen healthy or reported: a look that
         # lands while systemd's new run is still starting does not swallow the crash.
         if nrestarts is not None and (baseline is None or verdict in ("ok", "restarted", "missing")):
             state["nrestarts"] = nrestarts
         invocation = unit.get("InvocationID", "")
-        if verdict == "ok":
+        if waiting_for and verdict in ("unhealthy", "stopped", "failed"):
+            verdict, detail = "waiting", "waiting for %s: %s" % (waiting_for, detail)
+            state["fails"] = 0  # healed after the one it needs, by that heal
+        elif verdict == "ok":
             state["fails"] = 0
             state["healthy_invocation"] = invocation
             remember_config_files(paths, svc, unit)
@@ -5085,7 +5798,10 @@ def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
         elif verdict in ("unhealthy", "stopped", "failed"):
             if known_problem(paths, svc, unit):
                 state["fails"] = 0
-                remind_if_due(config, paths, svc, unit, now)
+                finding = retry_if_due(config, paths, svc, now)
+                if finding is None:
+                    escalate_if_due(config, paths, svc, unit, now)
+                    remind_if_due(config, paths, svc, unit, now)
             elif verdict == "stopped" and svc.on_stopped == "ignore":
                 state["fails"] = 0
             else:
@@ -5121,10 +5837,15 @@ def look(config: Config, paths: Paths, services: Sequence[Service], verdicts: Di
     holders = port_holders([svc for svc in active if svc.port and ports is not None and svc.port_owner == "unit"],
                            units)
     health = health_checks([svc for svc in active if holders.get(svc.name, (None,))[0] is not False], late)
-    for svc in services:
+    graph = dependency_graph(config, units) if len(config.services) > 1 else {}
+    for name in in_dependency_order(graph, [svc.name for svc in services]) if graph else [s.name for s in services]:
+        svc = config.services[name]
+        down = [n for n in needed_by(graph, name) if verdicts.get(n) in DOWN_VERDICTS and not (
+            verdicts.get(n) == "stopped" and config.services[n].on_stopped == "ignore")] if graph else []
         try:
             verdicts[svc.name] = watch_service(config, paths, svc, units.get(svc.unit, {}), ports,
-                                               health.get(svc.name), now, holders.get(svc.name))
+                                               health.get(svc.name), now, holders.get(svc.name),
+                                               down[0] if down else "")
         except Exception:  # one broken service must not blind the watch to the others
             log.exception("watch of %s failed", svc.name)
             errors.append("%s:\n%s" % (svc.name, traceback.format_exc()))
@@ -5309,6 +6030,13 @@ def host_problems(config: Config, units: Dict[str, Dict[str, str]]) -> List[str]
     def problem(svc: Service, key: str, message: str) -> None:
         problems.append((config.line(svc.name, key), "%s: %s" % (config.where(svc.name, key), message)))
 
+    for section, windows in [(GLOBAL_SECTION, config.settings.maintenance)] + [
+            (svc.name, svc.maintenance) for svc in config.services.values()]:
+        for window in windows:
+            bad = calendar_problem(window.spec.text)
+            if bad:
+                problems.append((config.line(section, "maintenance"), "%s: %s" % (
+                    config.where(section, "maintenance"), bad)))
     for svc in config.services.values():
         for key in ("config_check", "health_command"):
             bad = command_problem(getattr(svc, key)) if getattr(svc, key) else ""
@@ -5342,6 +6070,15 @@ def host_problems(config: Config, units: Dict[str, Dict[str, str]]) -> List[str]
                     "unit = %s; if it only forwards the port to %s (docker-proxy), set port_owner = any" % (
                         svc.port, " and ".join(others), svc.unit, others[0], svc.name, others[0], svc.unit))
     return [text for _, text in sorted(problems, key=lambda p: p[0])]
+
+
+def calendar_problem(text: str) -> str:
+    """What systemd says of a calendar event selfheal accepted ("" when it agrees, or cannot
+    be asked): selfheal computes the windows itself, and they must mean what they mean to systemd."""
+    result = run([SYSTEMD_ANALYZE, "calendar", "--", text])
+    if result.ok or result.rc in (124, 126, 127):
+        return ""  # not here, or no answer: the parser's own check stands
+    return "systemd does not read %r as a calendar event: %s" % (text, one_line(result.err.strip() or result.out)[:200])
 
 
 def check_on_host(config: Config) -> None:
@@ -6910,6 +7647,16 @@ def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.envir
         log.info("%s is paused%s; not healing", name, " until " + iso(pause) if pause else "")
         print("%s is paused; not healing (selfheal resume %s)" % (name, name), file=out)
         return EX_OK
+    window = maintenance_until(config, svc)
+    if window is not None and trigger != MANUAL_TRIGGER and not dry_run:
+        # A heal asked for by hand goes ahead: the window is for what happens by itself.
+        unit = show_unit(svc.unit)
+        what = "%s: %s (%s), result %s" % (trigger, unit.get("ActiveState", "?"), unit.get("SubState", "?"),
+                                          unit.get("Result", "?"))
+        note_maintenance(paths, svc, window, what, time.time())
+        log.info("%s: %s; in a maintenance window until %s: not healed, not mailed", name, what, iso(window))
+        print("%s is in a maintenance window until %s; not healing" % (name, iso(window)), file=out)
+        return EX_OK
     lock = Lock(paths.lock(name))
     # A trigger that comes during a heal waits for it, then finds that run healthy and says
     # nothing (see heal); it is never lost, and never a second restart.
@@ -6932,7 +7679,9 @@ def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.envir
             finding = take_finding(paths, name, 3 * config.settings.watch_interval)
             if finding and finding.invocation and finding.invocation != show_unit(svc.unit).get("InvocationID"):
                 finding = None  # about a run that is gone: this heal is for something newer
-            if finding:
+            if finding and finding.kind == "retry":
+                trigger, env, finding = RETRY_TRIGGER, {}, None  # a FAILED service, healed again
+            elif finding:
                 trigger = "watch"
                 if finding.kind in ("unhealthy", "restarted"):
                     env = {}  # MONITOR_* would describe an earlier run, not this problem

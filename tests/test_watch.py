@@ -393,6 +393,7 @@ def test_missing_unit_is_left_alone(wb, load_state):
 
 
 def test_known_problem_is_not_healed_again_but_reminded_in_its_thread_once_reminder_interval_passed(wb):
+    wb.configure({"retry_interval": "0"})  # no retries: this is about the watch's patience
     wb.host.failed(WORKER, on_restart="fail")
     assert wb.heal("worker")[0] == selfheal.EX_FAIL
     (failed_mail,) = wb.sink.messages
@@ -1075,3 +1076,205 @@ def test_queued_reports_past_the_budget_wait_for_the_next_run(wb, monkeypatch):
         assert selfheal.flush_outbox(wb.config, wb.paths)["mail"] == [0, 2]
     assert wb.sink.messages == []
     assert selfheal.flush_outbox(wb.config, wb.paths)["mail"] == [2, 0]
+
+
+# =============================================================================
+# Retries with backoff, and the second contact (escalate_to)
+# =============================================================================
+
+
+def retry_finding_kind(wb, name):
+    finding = wb.finding(name)
+    return finding and finding["kind"]
+
+
+def test_a_failed_service_is_healed_again_at_doubling_intervals_and_a_fix_by_hand_is_picked_up(wb):
+    wb.configure({"retry_interval": "5m"})
+    wb.host.failed(WORKER, on_restart="fail")
+    assert wb.heal("worker")[0] == selfheal.EX_FAIL
+    assert wb.subjects() == ["❌ MiracleMax: worker - FAILED"]
+
+    wb.clock.advance(290)
+    assert wb.look("worker") == "failed"
+    assert wb.triggers() == []  # not yet: retry_interval is 5 min
+    wb.clock.advance(20)
+    wb.look("worker")
+    assert wb.triggers() == [["start", "--no-block", "selfheal@worker.service"]]
+    assert retry_finding_kind(wb, "worker") == "retry"
+    assert wb.heal("worker")[0] == selfheal.EX_FAIL  # still broken: recorded, not mailed again
+    assert wb.subjects() == ["❌ MiracleMax: worker - FAILED"]
+    assert [(e["outcome"], e["trigger"]) for e in selfheal.read_history(wb.paths, "worker")] == [
+        ("FAILED", "onfailure"), ("FAILED", "retry")]
+
+    wb.host.clear_calls()
+    wb.clock.advance(590)  # the second retry waits twice as long: 10 min
+    wb.look("worker")
+    assert wb.triggers() == []
+    wb.clock.advance(20)
+    wb.look("worker")
+    assert len(wb.triggers()) == 1
+
+    with wb.host.edit() as state:  # someone fixed the config: the next restart works
+        state["units"][WORKER]["on_restart"] = "active"
+    rc, _ = wb.heal("worker")
+    assert rc == selfheal.EX_OK
+    assert wb.subjects()[1] == "✅ MiracleMax: worker - RESOLVED"
+    assert in_thread_of(wb.sink.messages[0], wb.sink.messages[1])
+    # Retries are not failures: they do not bring the service nearer failure_threshold.
+    assert selfheal.heal_attempts(wb.paths, "worker", 0) == [selfheal.read_history(wb.paths, "worker")[0]["ts"]]
+
+
+def test_the_retry_backoff_is_capped_at_an_hour_and_starts_again_after_incident_quiet(wb):
+    wb.configure({"retry_interval": "20m", "incident_quiet": "10m"})
+    settings = wb.config.settings
+    assert [selfheal.retry_delay(settings, n) for n in range(4)] == [1200, 2400, 3600, 3600]
+
+    wb.host.failed(WORKER, on_restart="fail")
+    wb.heal("worker")
+    for _ in range(2):  # two retries that fail: the next is an hour away
+        wb.clock.advance(3600)
+        wb.look("worker")
+        wb.heal("worker")
+    incident = wb.state("worker")["incident"]
+    assert incident["retries"] == 2
+    assert incident["next_retry"] - wb.clock.time() == pytest.approx(3600, abs=5)
+
+    with wb.host.edit() as state:
+        state["units"][WORKER]["on_restart"] = "active"
+    wb.clock.advance(3600)
+    wb.look("worker")
+    assert wb.heal("worker")[0] == selfheal.EX_OK
+    wb.clock.advance(601)
+    assert wb.look("worker") == "ok"  # healthy for incident_quiet: the incident and its count end
+    assert wb.state("worker")["incident"].get("closed")
+
+    wb.host.failed(WORKER, on_restart="fail", InvocationID="c" * 32)
+    wb.heal("worker")
+    incident = wb.state("worker")["incident"]
+    assert not incident.get("closed") and not incident.get("retries")
+    assert incident["next_retry"] - wb.clock.time() == pytest.approx(1200, abs=5)
+
+
+def test_an_escalated_service_is_not_retried_until_resumed(wb):
+    wb.configure({"retry_interval": "5m"}, failure_threshold=1)
+    wb.host.failed(WORKER, on_restart="fail")
+    wb.heal("worker")  # FAILED: one heal, the threshold
+    wb.host.failed(WORKER, on_restart="fail", InvocationID="c" * 32)
+    wb.heal("worker")  # ESCALATED
+    assert wb.outcomes("worker") == ["FAILED", "ESCALATED"]
+    wb.host.clear_calls()
+    for _ in range(3):
+        wb.clock.advance(3600)
+        wb.look("worker")
+    assert wb.triggers() == []
+
+
+def test_retry_interval_zero_never_retries_and_bounds_are_config_errors():
+    assert selfheal.check_retry_interval("0") == 0
+    for bad in ("2s", "2h"):
+        with pytest.raises(ValueError):
+            selfheal.check_retry_interval(bad)
+
+
+def test_escalate_to_gets_one_mail_in_the_thread_after_escalate_after(wb):
+    wb.configure({"retry_interval": "0", "escalate_to": "boss@example.org", "escalate_after": "30m"})
+    wb.host.failed(WORKER, on_restart="fail")
+    wb.heal("worker")
+    (first,) = wb.sink.messages
+    wb.clock.advance(1700)
+    wb.look("worker")
+    assert len(wb.sink.messages) == 1
+    wb.clock.advance(200)
+    wb.look("worker")
+    assert len(wb.sink.messages) == 2
+    second = wb.sink.messages[1]
+    assert second["Subject"] == "🛑 MiracleMax: worker - FAILED, TO boss@example.org"
+    assert second["Cc"] == "boss@example.org" and second["To"] == "owner@example.org"
+    assert wb.sink.received[-1].rcpt_to == ("owner@example.org", "boss@example.org")
+    assert in_thread_of(first, second)
+    assert "has been FAILED for 32 min" in second.get_content()
+    for _ in range(3):
+        wb.clock.advance(1800)
+        wb.look("worker")
+    assert [m["Subject"] for m in wb.sink.messages].count(second["Subject"]) == 1  # once per incident
+
+
+def test_escalate_after_without_escalate_to_is_a_config_error(write_conf):
+    path = write_conf(conf({"escalate_after": "10m"}, {"worker": {}}))
+    with pytest.raises(selfheal.ConfigError) as caught:
+        selfheal.load_config(path, trusted=False)
+    assert caught.value.problems == ["%s:5 [selfheal] escalate_after: needs escalate_to" % path]
+
+
+# =============================================================================
+# Maintenance windows
+# =============================================================================
+
+
+def window_from(wb, seconds_ago, length):
+    """A maintenance value whose window opened `seconds_ago` (by the test's clock), UTC."""
+    start = time.gmtime(wb.clock.time() - seconds_ago)
+    return "*-*-* %s UTC %s" % (time.strftime("%H:%M:%S", start), length)
+
+
+def test_in_a_maintenance_window_a_crash_is_neither_healed_nor_mailed_and_one_summary_follows(wb):
+    wb.configure(worker={"maintenance": window_from(wb, 60, "10min")})
+    wb.host.failed(WORKER)
+    rc, printed = wb.heal("worker")
+    assert rc == selfheal.EX_OK and "maintenance window" in printed
+    assert wb.touched(WORKER) == [] and wb.sink.messages == [] and wb.outcomes("worker") == []
+    assert [wb.look("worker") for _ in range(3)] == ["maintenance"] * 3
+    assert wb.triggers() == []
+    story = wb.config.services["story-stages"]  # the window is the worker's own
+    assert selfheal.maintenance_until(wb.config, story, wb.clock.time()) is None
+
+    wb.clock.advance(600)  # the window has ended; worker is still down
+    assert wb.look("worker") == "failed"
+    (summary,) = wb.sink.messages
+    assert summary["Subject"] == "🔧 MiracleMax: worker - STILL DOWN AFTER MAINTENANCE"
+    text = summary.get_content()
+    assert "healed nothing and mailed nothing" in text
+    assert "onfailure: failed (failed), result signal" in text
+    wb.clock.advance(30)
+    wb.look("worker")  # then healed as usual, after watch_confirm looks
+    assert wb.triggers() == [["start", "--no-block", "selfheal@worker.service"]]
+    wb.heal("worker")
+    resolved = wb.sink.messages[1]
+    assert resolved["Subject"] == "✅ MiracleMax: worker - RESOLVED"
+    assert in_thread_of(summary, resolved)
+    wb.look("worker")
+    assert len(wb.sink.messages) == 2  # one summary, not one per look
+
+
+def test_a_service_that_is_up_when_its_window_ends_gets_no_mail(wb):
+    wb.configure({"maintenance": window_from(wb, 60, "5min")})
+    wb.host.failed(WORKER)
+    wb.heal("worker")
+    wb.look("worker")
+    running(wb.host, WORKER)  # the upgrade finished and started it again
+    wb.clock.advance(300)
+    assert wb.look("worker") == "ok"
+    assert wb.sink.messages == []
+    assert "maintenance" not in wb.state("worker")
+
+
+def test_a_heal_asked_for_by_hand_goes_ahead_in_a_window(wb):
+    wb.configure({"maintenance": window_from(wb, 10, "1h")})
+    wb.host.failed(WORKER)
+    assert wb.heal("worker", trigger=selfheal.MANUAL_TRIGGER)[0] == selfheal.EX_OK
+    assert wb.touched(WORKER) == [["systemctl", "restart", "--", WORKER]]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("Sun *-*-* 03:00", "it must end in a duration"),
+    ("Sun *-*-* 25:00 1h", "hour 25 is out of range (0-23)"),
+    ("Funday 03:00 1h", "unknown weekday"),
+    ("Sun 03:00 8d", "at most 7d"),
+])
+def test_a_bad_maintenance_window_is_a_config_error_naming_it(write_conf, value, message):
+    path = write_conf(conf({"maintenance": value}, {"worker": {}}))
+    with pytest.raises(selfheal.ConfigError) as caught:
+        selfheal.load_config(path, trusted=False)
+    (problem,) = caught.value.problems
+    assert problem.startswith("%s:5 [selfheal] maintenance: maintenance window %r: " % (path, value))
+    assert message in problem
