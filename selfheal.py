@@ -10,7 +10,8 @@ written to the outbox; mail and, when set, ``webhook_url`` (json, slack or ntfy)
 there and mark their own delivery, so what cannot be sent now goes out with the next heal,
 ``selfheal.py watch`` (selfheal-watch.timer) or ``flush-mail``. A watch run that checked
 every service pings ``heartbeat_url`` (a dead-man's switch).
-The watch also catches what OnFailure= never sees: hung, stopped, or auto-restarted services.
+The watch also catches what OnFailure= never sees: hung, stopped, or auto-restarted services,
+and heals a FAILED service again at growing intervals (retry_interval).
 
 Python standard library only; Python 3.9+, systemd 247+.
 Run ``selfheal.py --help`` for the commands.
@@ -19,15 +20,18 @@ Sections, in the order data flows (search for the title):
   Constants, Errors, Data model   paths, binaries, limits; SelfhealError; Paths, Outcome, Finding, ...
   State and files                 atomic writes, locks, history (rotated) and per-service summaries
   Files a service controls        open_safely: the trust boundary for paths a service account owns
-  Config                          the key table (Settings, Service: one key() each), parse_config
+  Config                          value checkers, maintenance windows (systemd calendar events),
+                                  the key table (Settings, Service: one key() each), parse_config
   Probes                          systemctl, the journal, listening sockets (netlink), who holds a port
   Triage and root cause           FAILURE_KINDS: one table for the kind, its cause and its strategies
   Verification                    probe and verify: active, port held by the unit, health check
   Strategies                      one Strategy record per repair (STRATEGIES)
   Healing                         heal(): diagnose, refuse or repair, verify; heal_rounds
+  Dependencies                    depends_on and systemd's own: WAITING, then one heal for the chain
   Reporting                       the report's text (pure)
   Outbox, Mail, Webhook           a report is queued first; mail and the webhook send it from there
-  Incidents                       one mail thread per incident, flapping, reminders
+  Incidents                       one mail thread per incident, flapping, reminders, retries,
+                                  escalate_to, maintenance windows' summaries
   Watch                           the periodic look: hangs, stops, restarts systemd repaired
   Install, Dashboard              units and drop-ins; miraclemax-status
   CLI                             build_parser, main, and every command's handler: cmd_<command>
@@ -1664,15 +1668,16 @@ def _chain(text: str, name: str, lo: int, hi: int, end_of_month: bool = False) -
 
 def parse_calendar(text: str) -> CalendarSpec:
     """Parse a systemd calendar event ('Sun *-*-* 03:00', 'Mon..Fri 22:00 UTC', 'daily').
-    Refused on purpose, though systemd takes them: time zones other than UTC and the local
-    one, fractional seconds, two-digit years, @timestamps."""
+    Refused on purpose, though systemd takes them: time zones other than UTC (the local zone's
+    own name too: systemd's reading of CET in summer differs), fractional seconds, two-digit
+    years, @timestamps."""
     tokens = text.split()
     if not tokens:
         raise ValueError("empty calendar expression")
     last = tokens[-1].upper()
     utc = len(tokens) > 1 and last == "UTC"
-    if utc or len(tokens) > 1 and last in {zone.upper() for zone in time.tzname}:
-        tokens.pop()  # systemd takes the local zone's own name too, e.g. CET
+    if utc:
+        tokens.pop()
     elif len(tokens) > 1 and last[0].isalpha() and not _WD_LIST.fullmatch(last):
         raise ValueError("time zone %r is not supported; use local time or UTC" % tokens[-1])
     head = tokens[0].lower()
@@ -3891,12 +3896,13 @@ FOREIGN_HOLDER_RE = re.compile(r", not by a process of |held by a socket of .*, 
 
 def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGGER,
          env=os.environ, dry_run: bool = False, finding: Optional[Finding] = None,
-         chain: bool = True) -> HealResult:
+         chain: bool = True, until: Optional[float] = None) -> HealResult:
     """Heal one service once. The caller holds the service's lock. chain: wait (WAITING)
-    when a service it needs is down; off for the heal of a dependent by its root's heal."""
+    when a service it needs is down; off for the heal of a dependent by its root's heal,
+    which gives it `until` (a time.monotonic()) as its deadline if that comes first."""
     settings = config.settings
     started_at, start_mono = time.time(), time.monotonic()
-    deadline = start_mono + settings.heal_timeout
+    deadline = min(start_mono + settings.heal_timeout, until or float("inf"))
     preload()  # mail and HTTP imports, beside the diagnosis and the restart
     diag = diagnose(svc, env, finding)
     protected = never_touch_loaded(diag.unit)  # an alias of a protected unit
@@ -3995,7 +4001,7 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
 
     if chain and has_chain(config, svc, diag.unit):
         graph, shown = look_at_chain(config)
-        blocked = blocking_dependency(config, svc, graph, shown)
+        blocked = blocking_dependency(config, paths, svc, graph, shown)
         if blocked:
             needed, why = blocked
             runs.append(StrategyRun("none", (), None, "waiting for %s" % needed))
@@ -4077,6 +4083,7 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
     outcome = Outcome.HEALTHY
     reporting: Optional[str] = None  # the report being recorded and queued, when SIGTERM comes
     queued_before = len(QUEUED)
+    until = time.monotonic() + MAX_HEAL_SECONDS  # the chain's heals too: all within the unit's time
     try:
         for _round in range(config.settings.failure_threshold + 1):
             if _round and paused_until(paths, name) is not None:
@@ -4103,16 +4110,24 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
                 wait_for_dependency(paths, svc, result, result.waiting_for,
                                     failed=result.waiting_detail.startswith("failed"))
                 return EX_OK
-            dependents, waiting = chain_of(config, paths, svc, result)
-            if outcome is Outcome.HEALTHY and not dependents:
-                return EX_OK
-            text = with_preface(text, chain_preface(svc, outcome, dependents, waiting))
-            problems = [r.service.name for r, _ in dependents if r.outcome in PROBLEM_OUTCOMES]
+            root_thread = waited_thread(paths, name)  # it waited for a service: its news joins that thread
+            forget_waiting(paths, name)
             reporting, queued_before = text, len(QUEUED)  # recorded, then queued before it is sent
             if outcome is not Outcome.HEALTHY:
                 record_heal(paths, result, text)
             remember_restarts(paths, name, result.post)
-            thread = notify_heal(config, paths, result, text,
+            try:
+                dependents, waiting = chain_of(config, paths, svc, result, until)
+            except (Stopped, KeyboardInterrupt):
+                raise
+            except Exception:  # a bug in the chain must not cost the root its report
+                log.exception("selfheal crashed while looking at what needs %s", name)
+                dependents, waiting = [], []
+            if outcome is Outcome.HEALTHY and not dependents:
+                return EX_OK
+            text = reporting = with_preface(text, chain_preface(svc, outcome, dependents, waiting))
+            problems = [r.service.name for r, _ in dependents if r.outcome in PROBLEM_OUTCOMES]
+            thread = notify_heal(config, paths, result, text, thread=root_thread,
                                  label_note=" (%s FAILED)" % and_list(problems) if problems else "")
             for dependent, dependent_text in dependents:
                 if dependent.outcome is not Outcome.HEALTHY:
@@ -4143,23 +4158,36 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
     return EX_OK if outcome in ok else EX_FAIL
 
 
-def chain_of(config: Config, paths: Paths, svc: Service, result: HealResult
+def chain_of(config: Config, paths: Paths, svc: Service, result: HealResult, until: float
              ) -> Tuple[List[Tuple[HealResult, str]], List[str]]:
-    """The services that need this one: healed after it (when it is healthy), or the names
-    of those still waiting for it (when it is not)."""
+    """The services that need this one: healed after it (when it is healthy; when it was
+    healthy all along, only those that waited for it), and the names of those still waiting."""
     if not has_chain(config, svc, result.post or result.diagnosis.unit):
         return [], []
     graph, shown = look_at_chain(config)
     if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY):
-        return heal_dependents(config, paths, svc, graph), []
+        return heal_dependents(config, paths, svc, graph, until, only_waiting=result.outcome is Outcome.HEALTHY)
     waiting = []
     for name in needed_by(graph, svc.name, reverse=True):
-        noted = load_service_state(paths, name).get("waiting_on") or {}
-        unit = shown.get(config.services[name].unit, {})
-        down = unit.get("LoadState") == "loaded" and unit.get("ActiveState") not in ("active", "reloading")
-        if (isinstance(noted, dict) and noted.get("service") == svc.name) or down:
+        dependent = config.services[name]
+        if paused_until(paths, name) is not None or maintenance_until(config, dependent) is not None:
+            continue
+        unit = shown.get(dependent.unit, {})
+        active = unit.get("ActiveState")
+        down = unit.get("LoadState") == "loaded" and active not in ("active", "reloading") and not (
+            active == "inactive" and dependent.on_stopped != "heal")
+        if down or waits_for(paths, name, [svc.name] + needed_by(graph, name)):
             waiting.append(name)
     return [], waiting
+
+
+def waited_thread(paths: Paths, name: str) -> str:
+    """The mail thread of the open incident of the service this one noted it waits for."""
+    noted = load_service_state(paths, name).get("waiting_on")
+    if not isinstance(noted, dict) or not NAME_RE.match(str(noted.get("service", ""))):
+        return ""
+    incident = load_service_state(paths, str(noted["service"])).get("incident") or {}
+    return str(incident.get("message_id") or "") if isinstance(incident, dict) and not incident.get("closed") else ""
 
 
 def with_preface(text: str, preface: str) -> str:
@@ -4309,11 +4337,14 @@ def look_at_chain(config: Config) -> Tuple[Dict[str, Tuple[str, ...]], Dict[str,
     return dependency_graph(config, shown), shown
 
 
-def blocking_dependency(config: Config, svc: Service, graph: Dict[str, Tuple[str, ...]],
-                        shown: Dict[str, Dict[str, str]]) -> Optional[Tuple[str, str]]:
+def blocking_dependency(config: Config, paths: Paths, svc: Service, graph: Dict[str, Tuple[str, ...]],
+                        shown: Dict[str, Dict[str, str]], ignore: str = "") -> Optional[Tuple[str, str]]:
     """(name, why) of the first service this one needs (the root of the chain first) that is
-    down or being healed; None when all it needs is up."""
+    down, being healed, or known to need a human; None when all it needs is up. ignore: a
+    service taken as up (the root whose heal is asking)."""
     for name in needed_by(graph, svc.name):
+        if name == ignore:
+            continue
         needed = config.services[name]
         unit = shown.get(needed.unit, {})
         active, sub = unit.get("ActiveState", ""), unit.get("SubState", "")
@@ -4323,54 +4354,106 @@ def blocking_dependency(config: Config, svc: Service, graph: Dict[str, Tuple[str
             continue  # no such unit, or stopped on purpose as configured: nothing to wait for
         if active and active not in ("active", "reloading"):
             return name, "%s (%s)" % (active, sub or "?")
+        problem = open_problem(paths, name)
+        if problem:  # running, but reported FAILED or ESCALATED: a human is on it
+            return name, "%s (%s, not yet fixed)" % (active or "?", problem)
+        watch = load_watch_state(paths, name)
+        if watch.get("verdict") == "unhealthy" and time.time() - float(watch.get("checked") or 0) < \
+                2 * config.settings.watch_interval:
+            return name, "unhealthy (%s)" % clean(str(watch.get("detail", "")))[:120]
     return None
+
+
+def open_problem(paths: Paths, name: str) -> str:
+    """FAILED, ESCALATED or STOPPED when the service's incident is open with that problem."""
+    incident = load_service_state(paths, name).get("incident") or {}
+    return str(incident.get("problem") or "") if isinstance(incident, dict) and not incident.get("closed") else ""
+
+
+def waits_for(paths: Paths, name: str, roots: Iterable[str]) -> bool:
+    """Whether the service noted it waits for one of `roots`."""
+    noted = load_service_state(paths, name).get("waiting_on")
+    return isinstance(noted, dict) and noted.get("service") in set(roots)
+
+
+def forget_waiting(paths: Paths, name: str) -> None:
+    if "waiting_on" in load_service_state(paths, name):
+        with contextlib.suppress(OSError, SelfhealError), service_state(paths, name, best_effort=True) as state:
+            state.pop("waiting_on", None)
 
 
 def wait_for_dependency(paths: Paths, svc: Service, result: HealResult, needed: str, failed: bool) -> None:
     """A heal that ended WAITING: note what it waits for, and make sure that one is being
-    healed (its own OnFailure= normally is)."""
+    healed when it is failed (its own OnFailure= normally sees to that), unless selfheal
+    already reported it FAILED or ESCALATED: then its retries and a human do."""
     try:
         with service_state(paths, svc.name) as state:
             state["waiting_on"] = {"service": needed, "since": result.started_at, "detail": result.escalation}
     except (OSError, SelfhealError) as exc:
         log.warning("could not note that %s waits for %s: %s", svc.name, needed, exc)
-    if failed:
+    if failed and not open_problem(paths, needed) and not load_service_state(paths, needed).get("escalated"):
         started = run([SYSTEMCTL, "start", "--no-block", "selfheal@%s.service" % needed])
         if not started.ok:
             log.error("could not start selfheal@%s.service: %s", needed, started.brief())
 
 
-def heal_dependents(config: Config, paths: Paths, svc: Service, graph: Dict[str, Tuple[str, ...]]
-                    ) -> List[Tuple[HealResult, str]]:
+def heal_dependents(config: Config, paths: Paths, svc: Service, graph: Dict[str, Tuple[str, ...]],
+                    until: float, only_waiting: bool = False) -> Tuple[List[Tuple[HealResult, str]], List[str]]:
     """After `svc` is healthy: every service that needs it, in dependency order, verified and
-    healed when still down. Each is recorded (not mailed); returns (result, report) for those
-    that were down or waiting for it."""
+    healed when still down (only_waiting: only those that noted they wait for it). Each is
+    recorded, not mailed. Returns (result, report) for those that were down or waiting, and
+    the names of those left waiting (for another service still down, or for lack of time:
+    the watch heals them once it may). A bug in one dependent's heal is reported on its
+    own; the chain and the root's report go on."""
     done: List[Tuple[HealResult, str]] = []
+    left: List[str] = []
+    chain = [svc.name]
     for name in needed_by(graph, svc.name, reverse=True):
         dependent = config.services[name]
+        waited = waits_for(paths, name, chain + needed_by(graph, name))
+        if only_waiting and not waited:
+            continue
         if paused_until(paths, name) is not None or maintenance_until(config, dependent) is not None:
             log.info("%s needs %s but is paused or in maintenance: not looked at", name, svc.name)
             continue
+        shown = look_at_chain(config)[1]
+        unit = shown.get(dependent.unit, {})
+        if unit.get("ActiveState") == "inactive" and dependent.on_stopped != "heal" and not waited:
+            continue  # stopped, and to be left stopped (on_stopped): not this chain's to start
+        blocked = blocking_dependency(config, paths, dependent, graph, shown, ignore=svc.name)
+        if blocked:  # another service it needs is still down: it waits for that one now
+            with contextlib.suppress(OSError, SelfhealError), service_state(paths, name) as state:
+                state["waiting_on"] = {"service": blocked[0], "since": time.time(), "detail": blocked[1]}
+            left.append(name)
+            continue
+        if time.monotonic() > until - config.settings.verify_timeout - HEAL_RESERVE:
+            log.warning("%s needs %s; no time left in this heal to look at it (the watch does)", name, svc.name)
+            left.append(name)
+            continue
         lock = Lock(paths.lock(name))
-        if not lock.wait(config.settings.verify_timeout + 10):
+        if not lock.wait(min(config.settings.verify_timeout + 10, max(0.0, until - time.monotonic()))):
             log.warning("%s needs %s; its own heal is still running, so it is left to that heal", name, svc.name)
             continue
         try:
-            waited = load_service_state(paths, name).get("waiting_on")
-            result = heal(config, dependent, paths, CHAIN_TRIGGER, {}, chain=False)
+            result = heal(config, dependent, paths, CHAIN_TRIGGER, {}, chain=False, until=until)
+            forget_waiting(paths, name)
             if result.outcome is Outcome.HEALTHY and not waited:
                 continue  # up all along: not part of this chain
+            chain.append(name)
             text = render_report(config.settings, result, paths=paths)
             log_outcome(result)
             if result.outcome is not Outcome.HEALTHY:
                 record_heal(paths, result, text)
             remember_restarts(paths, name, result.post)
-            with contextlib.suppress(OSError, SelfhealError), service_state(paths, name) as state:
-                state.pop("waiting_on", None)
             done.append((result, text))
+        except (Stopped, KeyboardInterrupt):
+            raise
+        except Exception:  # a bug in selfheal: said on its own, the rest of the chain goes on
+            log.exception("selfheal crashed while healing %s after %s", name, svc.name)
+            report_heal_crash(config, paths, dependent, traceback.format_exc())
         finally:
             lock.release()
-    return done
+    return done, left
 
 
 def chain_preface(svc: Service, outcome: Outcome, dependents: Sequence[Tuple[HealResult, str]],
@@ -4381,14 +4464,17 @@ def chain_preface(svc: Service, outcome: Outcome, dependents: Sequence[Tuple[Hea
         return ""
     down = [r.service.name for r, _ in dependents if r.outcome is not Outcome.HEALTHY] + list(waiting)
     lines = []
-    if down:
+    if outcome is Outcome.HEALTHY:
+        lines.append("%s is healthy; %s waited for it." % (svc.name, and_list(
+            [r.service.name for r, _ in dependents] + list(waiting))))
+    elif down:
         lines.append("%s failed; %s failed because of it." % (svc.name, and_list(down)))
     else:
         lines.append("%s failed; the services that need it were verified." % svc.name)
     for result, _ in dependents:
         lines.append("  %s: %s" % (result.service.name, chain_line(result, svc.name)))
     for name in waiting:
-        lines.append("  %s: waiting; selfheal heals it once %s is healthy again" % (name, svc.name))
+        lines.append("  %s: waiting; selfheal heals it once what it needs is healthy again" % name)
     if outcome not in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY) and waiting:
         lines.append("They are not restarted while %s is down (they would only fail again)." % svc.name)
     return "\n".join(lines) + "\n\n"
@@ -5299,6 +5385,9 @@ def open_incident(state: dict, now: float) -> dict:
     if not incident or incident.get("closed"):
         incident = {"opened": now, "failures": [], "message_id": "", "flapping": False,
                     "problem": "", "last_mail": 0.0, "mails": 0}
+        carry = state.pop("retry_carry", None)  # fixed by someone else less than incident_quiet ago
+        if isinstance(carry, dict) and float(carry.get("until") or 0) > now:
+            incident["retries"] = int(carry.get("retries") or 0)
         state["incident"] = incident
     return incident
 
@@ -5334,7 +5423,7 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str, mai
         if result.trigger not in (MANUAL_TRIGGER, RETRY_TRIGGER, CHAIN_TRIGGER):  # not a new failure
             incident["failures"].append(now)
             incident["last_failure"] = now
-        label = subject_label(result) + label_note
+        label = subject_label(result)
         send, body, closes_problem = mail, text, False
         if result.outcome is Outcome.ESCALATED and escalated_before:
             send = False  # the one escalation mail was sent already
@@ -5350,6 +5439,9 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str, mai
                     incident["flapping"] = True
                     label = "FLAPPING"
                     body = flapping_preface(settings, svc, incident["failures"]) + text
+        if label_note:  # a dependent did not come back: that is always told, as a failure
+            label += label_note
+            send, closes_problem = mail, True
         if result.outcome in PROBLEM_OUTCOMES:
             if not incident.get("problem"):  # a problem (again) in this incident: its next retry
                 incident["next_retry"] = now + retry_delay(settings, int(incident.get("retries") or 0))
@@ -5375,7 +5467,10 @@ def retry_delay(settings: Settings, retries: int) -> float:
 
 
 def retry_if_due(config: Config, paths: Paths, svc: Service, now: float) -> Optional[Finding]:
-    """A FAILED incident (not ESCALATED, not STOPPED) is healed again by the watch at growing\n    intervals, so a fix made by hand (a corrected config) is picked up with no command typed.\n    The count lives in the incident: it starts afresh once the service was healthy for\n    incident_quiet (the incident closed), not at each success."""
+    """A FAILED incident (not ESCALATED, not STOPPED) is healed again by the watch at growing
+    intervals, so a fix made by hand (a corrected config) is picked up with no command typed.
+    The count lives in the incident: it starts afresh once the service was healthy for
+    incident_quiet, not at each success."""
     if not config.settings.retry_interval:
         return None
     with service_state(paths, svc.name) as state:
@@ -5394,7 +5489,8 @@ def retry_if_due(config: Config, paths: Paths, svc: Service, now: float) -> Opti
 
 
 def escalate_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, str], now: float) -> None:
-    """A FAILED or ESCALATED incident still open escalate_after after it began is mailed to\n    escalate_to too: once per incident, in its thread."""
+    """A FAILED or ESCALATED incident still open escalate_after after it began is mailed to
+    escalate_to too: once per incident, in its thread."""
     settings = config.settings
     if not settings.escalate_to:
         return
@@ -5426,13 +5522,15 @@ def escalate_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, 
 
 
 def maintenance_until(config: Config, svc: Service, now: Optional[float] = None) -> Optional[float]:
-    """When the maintenance window the service is in ends (global and its own windows);\n    None outside every window."""
+    """When the maintenance window the service is in ends (global and its own windows);
+    None outside every window."""
     windows = config.settings.maintenance + svc.maintenance
     return maintenance_end(windows, time.time() if now is None else now) if windows else None
 
 
 def note_maintenance(paths: Paths, svc: Service, until: float, what: str, now: float) -> None:
-    """Remember what happened to the service in a maintenance window (at most 20 lines),\n    for the one mail after it, should it still be down then."""
+    """Remember what happened to the service in a maintenance window (at most 20 lines),
+    for the one mail after it, should it still be down then."""
     with service_state(paths, svc.name, best_effort=True) as state:
         window = state.get("maintenance") if isinstance(state.get("maintenance"), dict) else {}
         seen = [entry for entry in window.get("seen", []) if isinstance(entry, list) and len(entry) == 2]
@@ -5443,7 +5541,8 @@ def note_maintenance(paths: Paths, svc: Service, until: float, what: str, now: f
 
 
 def end_of_maintenance(config: Config, paths: Paths, svc: Service, verdict: str, detail: str, now: float) -> None:
-    """After a window: one mail when the service is still down (then it is healed as usual,\n    in the same thread); nothing when it is fine."""
+    """After a window: one mail when the service is still down (then it is treated as usual,
+    in the same thread); nothing when it is fine, or when it waits for a service it needs."""
     report: Optional[dict] = None
     with service_state(paths, svc.name, best_effort=True) as state:
         window = state.pop("maintenance", None)
@@ -5454,7 +5553,8 @@ def end_of_maintenance(config: Config, paths: Paths, svc: Service, verdict: str,
                          for at, what in window.get("seen", []))
         body = ("The maintenance window for %s ended at %s and it is still down: %s.\n\n"
                 "During the window (from %s) selfheal healed nothing and mailed nothing. What it saw:\n%s\n\n"
-                "selfheal heals it now as usual; its report follows in this thread.\n"
+                "From now on selfheal treats it as usual: it heals it (its report follows in this thread),\n"
+                "or, if it was already reported FAILED or ESCALATED, retries and reminds as before.\n"
                 % (svc.name, iso(float(window.get("until") or now)), detail, iso(float(window.get("since") or now)),
                    seen or "  (nothing: it was down when the window ended)"))
         incident = open_incident(state, now)
@@ -5497,6 +5597,8 @@ def incident_healthy(config: Config, paths: Paths, svc: Service, now: float) -> 
                                     "RESOLVED (was down %s)" % format_duration(down), body)
             incident["closed"] = now
             state.pop("escalated", None)
+            if incident.get("retries"):  # the backoff starts afresh only after incident_quiet
+                state["retry_carry"] = {"retries": incident["retries"], "until": now + config.settings.incident_quiet}
         elif now - float(incident.get("last_failure", incident.get("opened", now))) >= config.settings.incident_quiet:
             incident["closed"] = now
     if report is not None:
@@ -5775,8 +5877,10 @@ def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
                          checked=now, fails=0, nrestarts=nrestarts if nrestarts is not None else baseline)
             save_watch_state(paths, svc.name, state)
             return "maintenance"
-        if "maintenance" in load_service_state(paths, svc.name):
-            end_of_maintenance(config, paths, svc, verdict, detail, now)
+        if "maintenance" in load_service_state(paths, svc.name) and verdict != "transient":
+            # Summed up once the window is over (a service still starting is looked at again);
+            # a dependent whose dependency is down is in that one's summary, not its own.
+            end_of_maintenance(config, paths, svc, "waiting" if waiting_for else verdict, detail, now)
         # The restart count moves on only when it was seen healthy or reported: a look that
         # lands while systemd's new run is still starting does not swallow the crash.
         if nrestarts is not None and (baseline is None or verdict in ("ok", "restarted", "missing")):
@@ -5788,6 +5892,7 @@ def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
         elif verdict == "ok":
             state["fails"] = 0
             state["healthy_invocation"] = invocation
+            forget_waiting(paths, svc.name)
             remember_config_files(paths, svc, unit)
             incident_healthy(config, paths, svc, now)
         elif verdict == "restarted":
@@ -5805,6 +5910,10 @@ def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
             elif verdict == "stopped" and svc.on_stopped == "ignore":
                 state["fails"] = 0
             else:
+                if "waiting_on" in load_service_state(paths, svc.name):
+                    # It waited for a service that is up now, and no heal of that one healed
+                    # it (it came back by itself, or that heal ran out of time): heal it now.
+                    state["fails"] = max(int(state.get("fails") or 0), config.settings.watch_confirm - 1)
                 state["fails"] = int(state.get("fails") or 0) + 1
                 state["first_fail"] = now if state["fails"] == 1 else float(state.get("first_fail") or now)
                 if state["fails"] >= config.settings.watch_confirm:
@@ -5840,8 +5949,10 @@ def look(config: Config, paths: Paths, services: Sequence[Service], verdicts: Di
     graph = dependency_graph(config, units) if len(config.services) > 1 else {}
     for name in in_dependency_order(graph, [svc.name for svc in services]) if graph else [s.name for s in services]:
         svc = config.services[name]
-        down = [n for n in needed_by(graph, name) if verdicts.get(n) in DOWN_VERDICTS and not (
-            verdicts.get(n) == "stopped" and config.services[n].on_stopped == "ignore")] if graph else []
+        down = [n for n in needed_by(graph, name) if (verdicts.get(n) in DOWN_VERDICTS and not (
+            verdicts.get(n) == "stopped" and config.services[n].on_stopped == "ignore")) or (
+            verdicts.get(n) in ("paused", "maintenance")  # and not running: its dependents wait too
+            and units.get(config.services[n].unit, {}).get("ActiveState") != "active")] if graph else []
         try:
             verdicts[svc.name] = watch_service(config, paths, svc, units.get(svc.unit, {}), ports,
                                                health.get(svc.name), now, holders.get(svc.name),
@@ -6601,10 +6712,11 @@ class ServiceStatus(NamedTuple):
     paused_until: Optional[float] = None  # None: not paused; 0.0: until resumed
     escalated: bool = False  # healing suspended until `selfheal resume`
     hooked: Optional[bool] = None  # selfheal's OnFailure= drop-in is installed; None: unit not loaded
-    watch_detail: str = ""  # what the watch last said, when it said unhealthy
+    watch_detail: str = ""  # what the watch last said, when it said unhealthy, waiting or maintenance
     watch_checked: Optional[float] = None  # when the watch last looked at it
     last_heal: Optional[dict] = None  # its newest history event
     stop_is_fine: bool = False  # on_stopped = ignore, or a oneshot job whose run succeeded
+    watch_verdict: str = ""  # the watch's last word: ok, failed, waiting (for a dependency), maintenance...
 
     @property
     def paused(self) -> bool:
@@ -6896,8 +7008,10 @@ def service_status(svc: Service, unit: Dict[str, str], paths: Paths, state: dict
     return ServiceStatus(
         svc.name, svc.unit, state_name, active, unit.get("SubState", ""), unit.get("Result", ""), svc.port,
         listening, svc.domain, svc.critical, paused, bool(state.get("escalated")), hooked,
-        clean(str(watch.get("detail", ""))) if state_name == "unhealthy" else "", checked, last,
-        svc.on_stopped == "ignore" or finished_oneshot(unit))  # a job that ran and succeeded is done
+        clean(str(watch.get("detail", ""))) if state_name == "unhealthy" or (
+            watch.get("verdict") in ("waiting", "maintenance") and active != "active") else "", checked, last,
+        svc.on_stopped == "ignore" or finished_oneshot(unit),  # a job that ran and succeeded is done
+        clean(str(watch.get("verdict", ""))))
 
 
 def collect_dashboard(config: Config, paths: Paths, only: Sequence[str] = (), since: float = DEFAULT_SINCE,
@@ -6972,7 +7086,7 @@ def service_json(s: ServiceStatus) -> dict:
         "sub_state": s.sub_state, "result": s.result, "port": s.port, "listening": s.listening,
         "domain": s.domain, "critical": s.critical, "problem": s.problem, "paused": s.paused,
         "paused_until": s.paused_until or None, "escalated": s.escalated, "hooked": s.hooked,
-        "watch_detail": s.watch_detail, "watch_checked": _round(s.watch_checked),
+        "watch_detail": s.watch_detail, "watch_checked": _round(s.watch_checked), "watch_verdict": s.watch_verdict,
         "last_heal": str(last.get("time", "")), "last_heal_ts": _round(last.get("ts")),
         "last_outcome": str(last.get("outcome", "")),
         "last_healing_seconds": _round(seconds) if isinstance(seconds, (int, float)) else None,
@@ -7133,6 +7247,8 @@ def _service_notes(s: ServiceStatus, d: Dashboard) -> List[str]:
         notes.append("Unhealthy%s: %s" % (when, s.watch_detail or "the watch's last look failed"))
     if s.state == "failed" and s.result not in ("", "success"):
         notes.append("systemd says: %s (%s)" % (s.active_state, s.result))
+    if s.watch_verdict in ("waiting", "maintenance") and s.watch_detail and s.state != "unhealthy":
+        notes.append("%s: %s" % ("Waiting" if s.watch_verdict == "waiting" else "Maintenance", s.watch_detail))
     if s.state == "inactive" and s.stop_is_fine:
         notes.append("Stopped, as configured (on_stopped = ignore)")
     if s.state in ("not-found", "masked", "error"):

@@ -9,6 +9,8 @@
     standin.py PORT --require-env NAME   refuse to start without $NAME (like a Python KeyError)
     standin.py PORT --data PATH     refuse to start unless PATH can be opened (a database file,
                                     often reached through a symlink)
+    standin.py PORT --needs-port N  refuse to start unless something answers on 127.0.0.1:N
+                                    within 3 s (an app whose database is down)
     standin.py PORT --say TEXT      print TEXT on a line of its own first (into the journal)
     standin.py PORT --weird-reply   answer GET /health with no HTTP at all: a line and a body
                                     full of terminal escapes (clear screen, set the title, bell)
@@ -52,6 +54,16 @@ def option(argv, name):
 
 def refuse_if_broken(argv):
     config, env, data = option(argv, "--config"), option(argv, "--require-env"), option(argv, "--data")
+    needs = option(argv, "--needs-port")
+    deadline = time.monotonic() + 3
+    while needs:
+        try:
+            socket.create_connection(("127.0.0.1", int(needs)), timeout=1).close()
+            break
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                sys.exit("cannot reach what it needs on 127.0.0.1:%s: %s" % (needs, exc))
+            time.sleep(0.1)
     if config and "valid" not in open(config).read():
         sys.exit("config error in %s: unknown directive" % config)
     if env:

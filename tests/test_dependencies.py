@@ -146,3 +146,111 @@ def test_the_watch_does_not_heal_a_dependent_while_what_it_needs_is_down(bed):
     assert verdicts["app"] == "waiting" and verdicts["db"] == "failed"
     starts = [c for c in bed.host.actions() if c[1:2] == ["start"]]
     assert starts == [["systemctl", "start", "--no-block", "selfheal@db.service"]]
+
+
+def test_a_bug_in_a_dependents_heal_costs_the_root_neither_its_record_nor_its_mail(bed, monkeypatch):
+    bed.configure(services=CHAIN)
+    bed.host.failed(DB)
+    bed.host.failed(APP)
+    bed.host.unit(WEB, ActiveState="active", SubState="running", Result="success")
+    real_heal = selfheal.heal
+
+    def heal(config, svc, *args, **kwargs):
+        if svc.name == "app":
+            raise RuntimeError("a bug")
+        return real_heal(config, svc, *args, **kwargs)
+
+    monkeypatch.setattr(selfheal, "heal", heal)
+    assert bed.heal("db")[0] == selfheal.EX_OK
+    subjects = {m["Subject"] for m in bed.sink.messages}
+    assert subjects == {"❌ MiracleMax: app - FAILED (selfheal crashed)", "✅ MiracleMax: db - RESOLVED"}
+    assert [e["outcome"] for e in bed.history("db")] == ["RESOLVED"]
+
+
+def test_a_note_that_it_waited_is_forgotten_once_it_is_healed_on_its_own(bed):
+    bed.configure(services=CHAIN)
+    bed.host.unit("selfheal@.service")
+    bed.host.failed(DB)
+    bed.host.failed(APP)
+    bed.heal("app")  # WAITING for db (and it asked for db's heal)
+    bed.host.unit("selfheal@db.service", ActiveState="inactive", SubState="dead")  # that heal is over
+    bed.host.unit(DB, ActiveState="active", SubState="running", Result="success")
+    bed.heal("app")  # db came back by itself: app is healed on its own
+    assert "waiting_on" not in selfheal.load_service_state(bed.paths, "app")
+    bed.host.failed(DB, on_restart="fail", InvocationID="d" * 32)
+    bed.host.unit(WEB, ActiveState="active", SubState="running", Result="success")
+    before = len(bed.sink.messages)
+    bed.heal("db")
+    mail = bed.sink.messages[before]
+    assert mail["Subject"] == "❌ MiracleMax: db - FAILED"
+    assert "because of it" not in mail.get_content()  # app is running: not waiting, not named
+
+
+def test_a_dependent_that_did_not_come_back_is_mailed_even_under_notify_on_failure(bed):
+    bed.configure(services=CHAIN, notify="on-failure")
+    bed.host.failed(DB)
+    bed.host.failed(APP, on_restart="fail")
+    bed.host.unit(WEB, ActiveState="active", SubState="running", Result="success")
+    bed.heal("db")
+    (mail,) = bed.sink.messages
+    assert mail["Subject"] == "✅ MiracleMax: db - RESOLVED (app FAILED)"
+
+
+def test_a_dependent_that_needs_another_service_still_down_keeps_waiting_for_that_one(bed):
+    bed.configure(services={"db": {}, "redis": {}, "web": {"depends_on": "db, redis"}})
+    bed.host.unit("selfheal@.service")
+    bed.host.failed(DB)
+    bed.host.failed("redis.service", on_restart="fail")
+    bed.host.failed(WEB)
+    bed.heal("web")
+    bed.host.clear_calls()
+    bed.heal("db")
+    assert restarts(bed.host) == [DB]  # not web: redis is still down
+    assert selfheal.load_service_state(bed.paths, "web")["waiting_on"]["service"] == "redis"
+    (mail,) = bed.sink.messages
+    assert "  web: waiting; selfheal heals it once what it needs is healthy again" in mail.get_content()
+
+
+def test_a_dependent_stopped_on_purpose_is_not_started_by_the_chain(bed):
+    bed.configure(services={"db": {}, "app": {"depends_on": "db", "on_stopped": "ignore"}})
+    bed.host.failed(DB)
+    bed.host.unit(APP, ActiveState="inactive", SubState="dead", Result="success")
+    bed.heal("db")
+    assert restarts(bed.host) == [DB]
+    assert "because of it" not in bed.sink.messages[0].get_content()
+
+
+def test_a_healthy_root_heals_only_what_waited_for_it_and_says_nothing_otherwise(bed):
+    bed.configure(services=CHAIN)
+    bed.host.unit(DB, ActiveState="active", SubState="running", Result="success")
+    bed.host.failed(APP)  # down for a reason of its own, not waiting for db
+    assert bed.heal("db", trigger=selfheal.MANUAL_TRIGGER)[0] == selfheal.EX_OK
+    assert restarts(bed.host) == [] and bed.sink.messages == []
+
+
+def test_a_root_already_reported_failed_is_not_healed_again_by_each_dependents_failure(bed):
+    bed.configure(services=CHAIN)
+    bed.host.unit("selfheal@.service")
+    bed.host.failed(DB, on_restart="fail")
+    bed.heal("db")  # FAILED, mailed
+    bed.host.failed(APP)
+    bed.host.clear_calls()
+    assert "WAITING" in bed.heal("app")[1]
+    assert [c for c in bed.host.actions() if c[1:2] == ["start"]] == []  # db's retries and a human do
+
+
+def test_the_watch_heals_a_waiting_service_at_its_first_look_once_what_it_needs_is_up(bed):
+    bed.configure(services=CHAIN)
+    bed.host.unit("selfheal@.service")
+    bed.host.failed(DB)
+    bed.host.failed(APP)
+    bed.heal("app")  # WAITING
+    bed.host.unit("selfheal@db.service", ActiveState="inactive", SubState="dead")
+    bed.host.unit(DB, ActiveState="active", SubState="running", Result="success")  # back by itself
+    bed.host.unit(WEB, ActiveState="active", SubState="running", Result="success")
+    bed.host.clear_calls()
+    verdicts, errors = {}, []
+    selfheal.look(bed.config, bed.paths, list(bed.config.services.values()), verdicts, errors)
+    assert verdicts["app"] == "failed"
+    assert [c for c in bed.host.actions() if c[1:2] == ["start"]] == [
+        ["systemctl", "start", "--no-block", "selfheal@app.service"]]

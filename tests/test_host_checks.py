@@ -5,10 +5,12 @@ whose program is not here. Every problem at once, FILE:LINE [section] key, exit 
 changed."""
 
 import sys
+import shutil
 
 import pytest
 
 import selfheal
+from conftest import conf
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
 
@@ -149,3 +151,26 @@ def test_heal_of_a_running_service_whose_port_another_unit_holds_restarts_nothin
     text = msg.get_content()
     assert "port 5002 held by pid 4242 (user root, cgroup /system.slice/other-app.service" in text
     assert "selfheal restarted nothing" in text and "port_owner = any in [story-stages]" in text
+
+
+def test_a_maintenance_window_systemd_reads_otherwise_is_a_problem_at_its_line(fake_host, write_conf, monkeypatch,
+                                                                              tmp_path):
+    """selfheal computes windows itself; validate has systemd-analyze read each one too."""
+    analyze = tmp_path / "systemd-analyze"
+    analyze.write_text("#!/bin/sh\necho \"Failed to parse calendar specification '$3': Invalid argument\" >&2\n"
+                       "exit 1\n")
+    analyze.chmod(0o755)
+    monkeypatch.setattr(selfheal, "SYSTEMD_ANALYZE", str(analyze))
+    path = write_conf(conf({"maintenance": "Sun *-*-* 03:00 1h"}, {"worker": {}}))
+    config = selfheal.load_config(path, trusted=False)
+    assert selfheal.host_problems(config, {}) == [
+        "%s:5 [selfheal] maintenance: systemd does not read 'Sun *-*-* 03:00' as a calendar event: Failed to "
+        "parse calendar specification 'Sun *-*-* 03:00': Invalid argument" % path]
+
+
+def test_a_maintenance_window_the_real_systemd_analyze_reads_is_no_problem(write_conf):
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("no systemd-analyze here")
+    config = selfheal.load_config(write_conf(conf({"maintenance": "Mon..Fri *-*-* 22:00 UTC 30m; monthly 2h"},
+                                                  {"worker": {}})), trusted=False)
+    assert selfheal.host_problems(config, {}) == []

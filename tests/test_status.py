@@ -49,7 +49,7 @@ SERVICE_SCHEMA = {
     "name": str, "unit": str, "state": str, "active_state": str, "sub_state": str, "result": str,
     "port": Maybe(int), "listening": Maybe(bool), "domain": str, "critical": bool, "problem": bool,
     "paused": bool, "paused_until": Maybe(NUM), "escalated": bool, "hooked": Maybe(bool),
-    "watch_detail": str, "watch_checked": Maybe(NUM), "last_heal": str, "last_heal_ts": Maybe(NUM),
+    "watch_detail": str, "watch_checked": Maybe(NUM), "watch_verdict": str, "last_heal": str, "last_heal_ts": Maybe(NUM),
     "last_outcome": str, "last_healing_seconds": Maybe(NUM),
 }
 EVENT_SCHEMA = {"ts": NUM, "time": str, "service": str, "outcome": str, "trigger": str,
@@ -845,3 +845,19 @@ def test_a_oneshot_job_whose_run_succeeded_is_not_a_problem_on_the_dashboard(tmp
     paths = selfheal.Paths(tmp_path / "state", tmp_path / "run", tmp_path / "log")
     status = selfheal.service_status(service, unit, paths, {}, {}, None, None, 0.0, NOW)
     assert status.problem is problem
+
+
+def test_a_service_waiting_for_its_dependency_says_so_on_the_dashboard_and_in_json(fake_host, write_conf):
+    config = selfheal.load_config(write_conf(conf(services={"db": {}, "app": {"depends_on": "db"}})), trusted=False)
+    fake_host.failed("db.service")
+    fake_host.failed("app.service")
+    fake_host.unit("selfheal@.service")
+    verdicts, errors = {}, []
+    selfheal.look(config, fake_host.paths, list(config.services.values()), verdicts, errors)
+    assert verdicts == {"db": "failed", "app": "waiting"}
+    board = selfheal.collect_dashboard(config, fake_host.paths)
+    app = next(s for s in board.services if s.name == "app")
+    assert app.watch_verdict == "waiting"
+    assert selfheal.service_json(app)["watch_detail"].startswith("waiting for db: failed")
+    text = selfheal.render_dashboard(board, unicode=False)
+    assert "Waiting: waiting for db: failed (failed), result signal" in text

@@ -1278,3 +1278,19 @@ def test_a_bad_maintenance_window_is_a_config_error_naming_it(write_conf, value,
     (problem,) = caught.value.problems
     assert problem.startswith("%s:5 [selfheal] maintenance: maintenance window %r: " % (path, value))
     assert message in problem
+
+
+def test_a_problem_fixed_by_someone_else_keeps_its_retry_count_for_incident_quiet(wb):
+    wb.configure({"retry_interval": "5m", "incident_quiet": "10m"})
+    wb.host.failed(WORKER, on_restart="fail")
+    wb.heal("worker")
+    wb.clock.advance(310)
+    wb.look("worker")
+    wb.heal("worker")  # retry 1 fails
+    running(wb.host, WORKER, invocation="c" * 32)  # fixed by hand
+    wb.look("worker")  # "was down" mail; the incident closes
+    wb.host.failed(WORKER, on_restart="fail", InvocationID="d" * 32)  # fails again within incident_quiet
+    wb.heal("worker")
+    incident = wb.state("worker")["incident"]
+    assert incident["retries"] == 1
+    assert incident["next_retry"] - wb.clock.time() == pytest.approx(600, abs=5)  # the doubled delay
