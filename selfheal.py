@@ -98,6 +98,8 @@ SYSTEMCTL = "systemctl"
 JOURNALCTL = "journalctl"
 SS = "ss"
 SYSTEMD_ANALYZE = "systemd-analyze"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"  # the journal's native protocol (structured fields)
+METRICS_FILE = "/var/lib/prometheus/node-exporter/selfheal.prom"  # Debian's node_exporter reads *.prom there
 PROC_DIR = Path("/proc")
 
 COMMAND_TIMEOUT = 15.0  # seconds for any external command unless said otherwise
@@ -1344,6 +1346,12 @@ def check_names(value: str) -> Tuple[str, ...]:
     return names
 
 
+def check_metrics_file(value: str) -> str:
+    if value and (not value.endswith(".prom") or check_abs_path(value) != value):
+        raise ValueError("must be an absolute path ending in .prom (node_exporter's textfile collector), or empty")
+    return value
+
+
 def check_flap_threshold(value: str) -> int:
     number = positive_int(value)
     if number < 2:
@@ -1808,6 +1816,8 @@ class Settings:
     webhook_url: str = key("", check_url, "every report is also POSTed here, queued like mail")
     webhook_format: str = key("json", choice(WEBHOOK_FORMATS), "json, slack or ntfy")
     webhook_timeout: float = key(5.0, check_webhook_timeout, "for webhook_url and heartbeat_url (60s at most)")
+    metrics_file: str = key(METRICS_FILE, check_metrics_file, "Prometheus metrics after every heal and watch run "
+                            "(node_exporter's textfile collector); empty: none")
     retry_interval: float = key(300.0, check_retry_interval, "the watch heals a FAILED service again after this, "
                                 "then twice as long each time up to 1h; 0: never")
     escalate_to: Tuple[str, ...] = key((), check_addresses, "second contact: a FAILED/ESCALATED incident open "
@@ -4104,9 +4114,9 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
                       "what the plan alone would reach, not a result.\n", file=out)
                 print(text, file=out)
                 return EX_OK
-            log_outcome(result)
             print(one_line(text.splitlines()[0]) + "\n" + one_line(summary_line(result)), file=out)
             if outcome is Outcome.WAITING:
+                log_outcome(result, incident_key(paths, result.waiting_for))
                 wait_for_dependency(paths, svc, result, result.waiting_for,
                                     failed=result.waiting_detail.startswith("failed"))
                 return EX_OK
@@ -4124,14 +4134,17 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
                 log.exception("selfheal crashed while looking at what needs %s", name)
                 dependents, waiting = [], []
             if outcome is Outcome.HEALTHY and not dependents:
+                log_outcome(result)
                 return EX_OK
             text = reporting = with_preface(text, chain_preface(svc, outcome, dependents, waiting))
             problems = [r.service.name for r, _ in dependents if r.outcome in PROBLEM_OUTCOMES]
             thread = notify_heal(config, paths, result, text, thread=root_thread,
                                  label_note=" (%s FAILED)" % and_list(problems) if problems else "")
+            log_outcome(result, incident_key(paths, name))
             for dependent, dependent_text in dependents:
                 if dependent.outcome is not Outcome.HEALTHY:
                     notify_heal(config, paths, dependent, dependent_text, mail=False, thread=thread)
+                log_outcome(dependent, incident_key(paths, dependent.service.name))
             reporting = None
             if outcome is not Outcome.RESOLVED and outcome is not Outcome.RECOVERED:
                 break
@@ -4240,11 +4253,29 @@ def summary_line(result: HealResult) -> str:
     return "%s: %s" % (result.service.name, result.escalation or result.outcome.value.lower())
 
 
-def log_outcome(result: HealResult) -> None:
+def log_outcome(result: HealResult, incident: str = "") -> None:
+    """The heal's outcome in one journal line, with its fields (SELFHEAL_*, MESSAGE_ID)."""
     level = logging.INFO if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY,
                                                Outcome.WAITING) else logging.ERROR
+    fields = {"SELFHEAL_SERVICE": result.service.name, "SELFHEAL_UNIT": result.service.unit,
+              "SELFHEAL_OUTCOME": result.outcome.value, "SELFHEAL_TRIGGER": result.trigger,
+              "SELFHEAL_STRATEGY": result.strategy, "SELFHEAL_INCIDENT": incident}
+    if result.outcome.value in EVENT_IDS:
+        fields["MESSAGE_ID"] = EVENT_IDS[result.outcome.value]
+    if result.healing_seconds is not None:
+        fields["SELFHEAL_HEALING_SECONDS"] = "%.3f" % result.healing_seconds
+    if result.waiting_for:
+        fields["SELFHEAL_WAITING_FOR"] = result.waiting_for
     log.log(level, "%s: %s; strategy %s; cause: %s", result.service.name, summary_line(result),
-            result.strategy, result.root_cause.summary)
+            result.strategy, result.root_cause.summary, extra={"journal": fields})
+
+
+def incident_key(paths: Paths, name: str) -> str:
+    """The open incident's id for the journal: its thread's Message-ID, or NAME@OPENED."""
+    incident = load_service_state(paths, name).get("incident") or {}
+    if not isinstance(incident, dict) or not incident.get("opened"):
+        return ""
+    return str(incident.get("message_id") or "").strip("<>") or "%s@%d" % (name, float(incident["opened"]))
 
 
 # =============================================================================
@@ -4441,7 +4472,6 @@ def heal_dependents(config: Config, paths: Paths, svc: Service, graph: Dict[str,
                 continue  # up all along: not part of this chain
             chain.append(name)
             text = render_report(config.settings, result, paths=paths)
-            log_outcome(result)
             if result.outcome is not Outcome.HEALTHY:
                 record_heal(paths, result, text)
             remember_restarts(paths, name, result.post)
@@ -5833,7 +5863,10 @@ def start_heal(paths: Paths, name: str, finding: Finding) -> None:
         except OSError:
             pass
         raise SelfhealError("could not start selfheal@%s.service: %s" % (name, result.brief()))
-    log.info("%s: %s; healing (selfheal@%s.service)", name, finding.detail, name)
+    log.info("%s: %s; healing (selfheal@%s.service)", name, finding.detail, name, extra={"journal": {
+        "MESSAGE_ID": EVENT_IDS["WATCH"], "SELFHEAL_SERVICE": name, "SELFHEAL_OUTCOME": "HEALING",
+        "SELFHEAL_TRIGGER": "retry" if finding.kind == "retry" else "watch", "SELFHEAL_FINDING": finding.kind,
+        "SELFHEAL_INCIDENT": incident_key(paths, name)}})
 
 
 def watch_service(config: Config, paths: Paths, svc: Service, unit: Dict[str, str],
@@ -6309,6 +6342,9 @@ StateDirectory=selfheal
 LogsDirectory=selfheal
 RuntimeDirectory=selfheal
 RuntimeDirectoryPreserve=yes
+# Relaxed: metrics_file's directory is writable too (node_exporter's textfile collector;
+# "-": nothing when it does not exist). The install renders it from services.conf.
+ReadWritePaths=-@METRICS_DIR@
 # Relaxed: read-only, not yes. config_files may live in a home directory.
 ProtectHome=read-only
 PrivateTmp=yes
@@ -6360,10 +6396,16 @@ WantedBy=timers.target
 }
 
 
-def render_unit(name: str, libdir: str, python: str = PYTHON, watch_interval: float = 30.0) -> str:
-    # Every value was validated: paths by pattern, the interval as whole seconds.
-    return (UNIT_TEMPLATES[name].replace("@LIBDIR@", libdir).replace("@PYTHON@", python)
-            .replace("@WATCH_INTERVAL@", "%ds" % int(watch_interval)))
+def render_unit(name: str, libdir: str, python: str = PYTHON, watch_interval: float = 30.0,
+                metrics_file: str = METRICS_FILE) -> str:
+    # Every value was validated: paths by pattern (no spaces, no newlines), the interval as
+    # whole seconds.
+    text = UNIT_TEMPLATES[name]
+    if not metrics_file:
+        text = text.replace("ReadWritePaths=-@METRICS_DIR@", "# (metrics_file is empty: no metrics are written)")
+    return (text.replace("@LIBDIR@", libdir).replace("@PYTHON@", python)
+            .replace("@WATCH_INTERVAL@", "%ds" % int(watch_interval))
+            .replace("@METRICS_DIR@", os.path.dirname(metrics_file)))
 
 
 # Installed as /etc/systemd/system/<unit>.d/selfheal.conf for every listed service.
@@ -6504,7 +6546,8 @@ class Installer:
             atomic_write(self.host(STATE_DIR + "/services.public.conf"), public_config_text(config_text), 0o644)
 
         changed = [self.put("%s/%s" % (UNIT_DIR, name),
-                            render_unit(name, libdir, self.python, config.settings.watch_interval), 0o644)
+                            render_unit(name, libdir, self.python, config.settings.watch_interval,
+                                        config.settings.metrics_file), 0o644)
                    for name in UNIT_TEMPLATES]
         timer_changed = any(changed)
 
@@ -7548,12 +7591,143 @@ def status_watch(load: Callable[[], Config], paths: Paths, args, out, only: Sequ
 
 
 # =============================================================================
+# Metrics: the dashboard's facts for Prometheus (node_exporter's textfile collector)
+# =============================================================================
+# After every heal and every watch run, metrics_file is rewritten atomically (a temporary
+# name node_exporter does not read, then a rename) from the same collect_dashboard() the
+# dashboard shows: one fact, one home. Only into a directory that exists and is root's
+# alone: selfheal creates nothing there, and never writes where another account could swap
+# the file or the directory under it.
+
+METRIC_STATES = ("active", "reloading", "activating", "deactivating", "failed", "inactive", "unhealthy",
+                 "paused", "not-found", "masked", "error", "unknown")
+METRIC_OUTCOMES = (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.FAILED, Outcome.ESCALATED, Outcome.STOPPED)
+
+
+def prom_label(value: str) -> str:
+    """A label value in the exposition format: backslash, double quote and newline escaped."""
+    return clean(str(value)).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics_text(d: Dashboard, counts: Dict[str, Dict[str, int]], watch_ran: Optional[float]) -> str:
+    """Prometheus text exposition of a dashboard (pure). counts: heals per outcome per service
+    (the summaries'); watch_ran: when the watch last ran (None: unknown)."""
+    lines: List[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: Iterable[Tuple[Dict[str, str], float]]) -> None:
+        samples = list(samples)
+        if not samples:
+            return
+        lines.extend(["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)])
+        for labels, value in samples:
+            text = ",".join('%s="%s"' % (k, prom_label(v)) for k, v in labels.items())
+            lines.append("%s%s %s" % (name, "{%s}" % text if text else "", repr(float(value))
+                                      if value != int(value) else int(value)))
+
+    rows = d.services
+    svc = lambda s: {"service": s.name, "unit": s.unit}  # noqa: E731
+    metric("selfheal_info", "gauge", "selfheal's version and the host's name in its reports, always 1",
+           [({"version": VERSION, "name": d.name}, 1)])
+    metric("selfheal_service_up", "gauge", "1 when the service runs and its last look found it healthy",
+           [(svc(s), 1 if s.active_state in RUNNING_STATES and s.state != "unhealthy" else 0) for s in rows])
+    metric("selfheal_service_state", "gauge", "the service's state as the dashboard shows it: 1 for the one it is in",
+           [(dict(svc(s), state=state), 1 if s.state == state else 0) for s in rows for state in METRIC_STATES])
+    metric("selfheal_heals_total", "counter", "heals by outcome since selfheal started keeping this service's summary",
+           [(dict(service=s.name, outcome=o.value), counts.get(s.name, {}).get(o.value, 0))
+            for s in rows for o in METRIC_OUTCOMES])
+    metric("selfheal_last_heal_timestamp_seconds", "gauge", "when the service's last heal began (UNIX time)",
+           [({"service": s.name}, float(s.last_heal["ts"])) for s in rows
+            if s.last_heal and isinstance(s.last_heal.get("ts"), (int, float))])
+    metric("selfheal_last_healing_seconds", "gauge", "failure to verified healthy, at the service's last heal that healed it",
+           [({"service": s.name}, float(s.last_heal["healing_seconds"])) for s in rows
+            if s.last_heal and isinstance(s.last_heal.get("healing_seconds"), (int, float))])
+    metric("selfheal_escalated", "gauge", "1 while healing is suspended (selfheal resume NAME re-arms it)",
+           [({"service": s.name}, int(s.escalated)) for s in rows])
+    metric("selfheal_paused", "gauge", "1 while the service is paused (selfheal pause NAME)",
+           [({"service": s.name}, int(s.paused)) for s in rows])
+    metric("selfheal_watch_last_run_timestamp_seconds", "gauge", "when the watch last looked (UNIX time)",
+           [({}, watch_ran)] if watch_ran else [])
+    setup = d.setup
+    metric("selfheal_mail_queue", "gauge", "reports waiting in the outbox for the mail channel",
+           [({}, setup.mail_queue)] if setup.mail_queue is not None else [])
+    metric("selfheal_webhook_queue", "gauge", "reports waiting in the outbox for the webhook channel",
+           [({}, setup.webhook_queue)] if setup.webhook_queue is not None else [])
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(config: Config, paths: Paths, watch_ran: Optional[float] = None) -> None:
+    """Rewrite metrics_file; best effort (logged), never raises: metrics are not healing."""
+    target = config.settings.metrics_file
+    if not target:
+        return
+    folder = os.path.dirname(target)
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        log.debug("no %s (prometheus-node-exporter is not installed): no metrics", folder)
+        return
+    except OSError as exc:
+        log.warning("metrics: cannot look at %s: %s", folder, exc)
+        return
+    if not stat.S_ISDIR(st.st_mode) or (is_root() and (st.st_uid != 0 or st.st_mode & 0o022)):
+        log.warning("metrics: %s is not a directory root alone can write; metrics_file is not written", folder)
+        return
+    try:
+        board = collect_dashboard(config, paths)
+        counts = {name: {str(k): int(v) for k, v in (history_summary(paths, name).get("counts") or {}).items()
+                         if isinstance(v, int)} for name in config.services}
+        atomic_write(Path(target), metrics_text(board, counts, watch_ran or board.setup.last_watch), 0o644)
+    except Exception as exc:  # never a reason for a heal or a watch run to fail
+        log.warning("metrics: could not write %s: %s", target, exc)
+
+
+# =============================================================================
 # CLI
 # =============================================================================
 
 
+# A heal's outcome and what the watch does are also journal fields (native protocol), so
+# `journalctl SELFHEAL_SERVICE=nginx` and log shippers filter without parsing text. One
+# MESSAGE_ID per kind of event (journalctl MESSAGE_ID=...), fixed for good.
+EVENT_IDS = {
+    "RESOLVED": "3f5c2a9e8d7b4c1fa6e0b2d4c8f1a7e3", "RECOVERED": "8b1e6d3c5a2f4e9db7c0a1f3e5d2b4c6",
+    "FAILED": "c4a7e2f9b1d34c8e9f6a0b5d7e3c1a28", "ESCALATED": "e9d2b6a4c7f14e3b8a5c0d9f2e6b1a47",
+    "STOPPED": "5a8c3e1f7b9d4a2c6e0f8b3d1a5c7e94", "WAITING": "7d4f1b8e2c6a4d9fb3e5a0c7d2f8e1b6",
+    "WATCH": "1c6e9a3d5f7b4e2a8d0c6b9f3e1a5d72",
+}
+EVENT_FIELD_RE = re.compile(r"^[A-Z0-9][A-Z0-9_]{0,63}$")
+
+
+def journal_datagram(fields: Dict[str, str]) -> bytes:
+    """Fields in the journal's native format: KEY=value lines; a value with a newline as
+    KEY, a 64-bit little-endian length, the bytes (never a key from outside: checked)."""
+    out = bytearray()
+    for name, value in fields.items():
+        if not EVENT_FIELD_RE.match(name):
+            raise ValueError("not a journal field name: %r" % name)
+        data = str(value).encode("utf-8", "replace")[:8192]
+        if b"\n" in data:
+            out += name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += name.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+def journal_send(fields: Dict[str, str]) -> bool:
+    """One entry through the journal's socket; False when there is no journal to take it."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(1.0)
+            sock.sendto(journal_datagram(fields), JOURNAL_SOCKET)
+        return True
+    except OSError:
+        return False
+
+
 class SyslogHandler(logging.Handler):
-    """Log records to syslog (the journal) under syslog_ident."""
+    """Log records to syslog (the journal) under syslog_ident. A record with `journal`
+    fields (log.info(..., extra={"journal": {...}})) goes through the journal's native
+    protocol with them, under the same identifier; syslog when there is no journal."""
 
     PRIORITY = {logging.DEBUG: syslog.LOG_DEBUG, logging.INFO: syslog.LOG_INFO,
                 logging.WARNING: syslog.LOG_WARNING, logging.ERROR: syslog.LOG_ERR,
@@ -7561,11 +7735,19 @@ class SyslogHandler(logging.Handler):
 
     def __init__(self, ident: str):
         super().__init__()
+        self.ident = ident
         syslog.openlog(ident, syslog.LOG_PID, syslog.LOG_DAEMON)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            syslog.syslog(self.PRIORITY.get(record.levelno, syslog.LOG_INFO), clean(self.format(record)))
+            priority, message = self.PRIORITY.get(record.levelno, syslog.LOG_INFO), clean(self.format(record))
+            fields = getattr(record, "journal", None)
+            if isinstance(fields, dict) and journal_send(dict(
+                    {"MESSAGE": message, "PRIORITY": str(priority), "SYSLOG_IDENTIFIER": self.ident,
+                     "SYSLOG_FACILITY": str(syslog.LOG_DAEMON >> 3), "SYSLOG_PID": str(os.getpid())},
+                    **{k: clean(str(v)) for k, v in fields.items()})):
+                return
+            syslog.syslog(priority, message)
         except Exception:  # logging must never break healing
             self.handleError(record)
 
@@ -7802,14 +7984,18 @@ def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.envir
                 if finding.kind in ("unhealthy", "restarted"):
                     env = {}  # MONITOR_* would describe an earlier run, not this problem
         with stop_on_sigterm(not dry_run):
-            return heal_rounds(config, svc, paths, trigger, env, dry_run, finding, out)
+            rc = heal_rounds(config, svc, paths, trigger, env, dry_run, finding, out)
     finally:
         lock.release()
+    if not dry_run:
+        write_metrics(config, paths)  # after the report: the mail never waits for it
+    return rc
 
 
 def cmd_watch(config: Config, paths: Paths) -> int:
     """The `watch` command (selfheal-watch.timer): look at every service once, act on what
     OnFailure= cannot see, retry queued mail. A broken run reports itself by mail."""
+    started = time.time()
     try:
         with budget(watch_budget(config.settings)):
             return watch_run(config, paths)
@@ -7817,6 +8003,8 @@ def cmd_watch(config: Config, paths: Paths) -> int:
         log.exception("the watch run failed")
         report_watch_failure(config, paths, traceback.format_exc())
         return EX_FAIL
+    finally:
+        write_metrics(config, paths, watch_ran=started)
 
 
 def cmd_flush(config: Config, paths: Paths, quiet: bool = False) -> int:

@@ -175,11 +175,11 @@ HARDENING = {
         "RestrictNamespaces": "yes", "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
         "MemoryDenyWriteExecute": "yes", "ProtectProc": "invisible", "SystemCallArchitectures": "native",
         "SystemCallFilter": ["@system-service", "~@resources"], "SystemCallErrorNumber": "EPERM",
-        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK", "ReadWritePaths": "-@METRICS_DIR@",
     },
 }
 # Set, but weaker than the strictest value: the comment right above says "Relaxed" and why.
-RELAXED = {HEAL_UNIT: ("ProtectSystem", "ProtectHome"), WATCH_UNIT: ("ProtectHome",)}
+RELAXED = {HEAL_UNIT: ("ProtectSystem", "ProtectHome"), WATCH_UNIT: ("ProtectHome", "ReadWritePaths")}
 # Left out: named in the unit's "Omitted on purpose" comment, with a reason.
 OMITTED = {
     HEAL_UNIT: ("PrivateNetwork", "IPAddressDeny", "ProtectProc", "ProcSubset", "MemoryDenyWriteExecute",
