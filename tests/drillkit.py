@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import time
+from pathlib import Path
 
 from bed import Container
 from conftest import conf
@@ -167,3 +168,10 @@ def queued_for(box, channel="mail"):
     """The reports in the host's outbox that `channel` (mail, webhook) has still to send."""
     return box.run(["python3", "-c", _QUEUED_FOR, channel]).stdout.split()
 
+
+def readme_block(after, lang="ini"):
+    """The first ```LANG block of the README after the text `after`: the examples a user
+    copies are the ones the drills run."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    start = text.index("```%s\n" % lang, text.index(after)) + len(lang) + 4
+    return text[start:text.index("```", start)]

@@ -4,6 +4,7 @@ for each problem at once; the shipped file validates and documents itself."""
 import dataclasses
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -377,3 +378,13 @@ def test_a_service_section_with_a_problem_is_not_called_missing():
     with pytest.raises(selfheal.ConfigError) as err:
         selfheal.parse_config(GLOBAL + "\n[web]\nprot = 80\n", "services.conf")
     assert not any("no services listed" in p for p in err.value.problems), err.value.problems
+
+
+def test_the_readmes_quick_start_config_is_valid_as_written():
+    """The block a new user copies first parses with no problem (the drill installs it)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    start = readme.index("```ini\n", readme.index("## Quick start")) + len("```ini\n")
+    config = selfheal.parse_config(readme[start:readme.index("```", start)], "README.md")
+    assert list(config.services) == ["nginx", "postgresql", "redis-server"]
+    assert config.services["postgresql"].unit == "postgresql@15-main.service"
+    assert config.services["redis-server"].health_command == ("/usr/bin/redis-cli", "-p", "6379", "ping")

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from bed import Container
-from drillkit import drill_conf
+from drillkit import drill_conf, readme_block
 from drillkit import (CLONE, wait_past_start_grace, REPO_INSIDE, about, body, clear_mailbox, drill_suites, http_get, kill,
                       mails_about, show, starts, wait_for, wait_idle)
 
@@ -31,37 +31,27 @@ GLOBAL = drill_conf({
 })
 
 
-# The README's examples, word for word (but the cluster's version, which is the suite's).
-NGINX = """\
-[nginx]
-port = 80
-strategies = config_validation, service_restart
-config_check = /usr/sbin/nginx -t
-health_url = http://127.0.0.1/
-"""
-REDIS = """\
-[redis-server]
-port = 6379
-health_command = /usr/bin/redis-cli -p 6379 ping
-health_expect_text = PONG
-"""
-POSTGRES_AS_FIRST_WRITTEN = """\
-[postgresql]
-port = 5432
-health_command = /usr/bin/pg_isready -q -h 127.0.0.1 -p 5432
-"""
-POSTGRES = """\
-[postgresql]
-unit = postgresql@{cluster}.service
-port = 5432
-health_command = /usr/bin/pg_isready -q -h 127.0.0.1 -p 5432
-"""
-MEMCACHED = """\
-[memcached]
-port = 11211
-health_command = /usr/bin/python3 -c "import socket; s = socket.create_connection(('127.0.0.1', 11211), 3); s.sendall(b'version\\r\\n'); print(s.recv(64))"
-health_expect_text = VERSION
-"""
+# The README's examples, word for word: the quick start's block (nginx, PostgreSQL, Redis;
+# the cluster's version is the suite's) and memcached from "Debian's own services".
+QUICK_START = readme_block("## Quick start")
+
+
+def section_of(block, name):
+    """One [section] of an ini block: its header and every line up to the next header."""
+    lines, out, keep = block.splitlines(), [], False
+    for line in lines:
+        if line.startswith("["):
+            keep = line == "[%s]" % name
+        if keep:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+NGINX = section_of(QUICK_START, "nginx")
+REDIS = section_of(QUICK_START, "redis-server")
+POSTGRES = section_of(QUICK_START, "postgresql").replace("postgresql@15-main", "postgresql@{cluster}")
+POSTGRES_AS_FIRST_WRITTEN = "\n".join(line for line in POSTGRES.splitlines() if not line.startswith("unit ")) + "\n"
+MEMCACHED = readme_block("### Debian's own services")
 SITE = "/etc/nginx/sites-available/default"  # sites-enabled/default links to it
 
 

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from drillkit import drill_conf
-from drillkit import (about, body, clear_mailbox, drill_suites, http_get, installed_host, show,
+from drillkit import (about, body, clear_mailbox, drill_suites, http_get, installed_host, readme_block, show,
                       web_unit)
 
 pytestmark = pytest.mark.drill
@@ -150,3 +150,20 @@ def test_symlink_declared_under_etc_is_not_written_by_a_heal_and_the_failed_mail
     host.run(["selfheal", "heal", "etclinked"], timeout=60)
     assert host.run(["readlink", "/etc/etclinked/db.sqlite"]).stdout.strip() == "/srv/etclinked/db.sqlite"
     assert http_get(host, 5043) == "200"
+
+
+def test_the_readmes_drop_in_lets_one_services_heals_write_where_it_names(host):
+    # Troubleshooting, "The sandbox refused something": the README's drop-in, for this service.
+    dropin = readme_block("sudo systemctl edit selfheal@myapp.service").replace("/etc/myapp", "/etc/etclinked")
+    host.write("/etc/systemd/system/selfheal@etclinked.service.d/override.conf", dropin)
+    host.run(["systemctl", "daemon-reload"])
+    try:
+        clear_mailbox(host)
+        host.run(["rm", "/etc/etclinked/db.sqlite"])
+        host.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "etclinked"])
+        [mail] = host.wait_mail(about("etclinked", "RESOLVED"), timeout=30)
+        assert "recreate symlink /etc/etclinked/db.sqlite -> /srv/etclinked/db.sqlite: ok" in body(mail)
+        assert http_get(host, 5043) == "200"
+    finally:
+        host.run(["rm", "-r", "/etc/systemd/system/selfheal@etclinked.service.d"])
+        host.run(["systemctl", "daemon-reload"])

@@ -152,8 +152,9 @@ def test_readme_examples_for_debians_services_parse_into_the_commands_they_show(
     import re
 
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    [quick] = re.findall(r"## Quick start.*?```ini\n(.*?)```", readme, re.S)
     [example] = re.findall(r"### Debian's own services.*?```ini\n(.*?)```", readme, re.S)
-    services = selfheal.parse_config(GLOBAL + example, "README.md").services
+    services = selfheal.parse_config(quick + example, "README.md").services
     assert services["redis-server"].health_command == ("/usr/bin/redis-cli", "-p", "6379", "ping")
     assert services["postgresql"].unit == "postgresql@15-main.service"
     assert services["nginx"].config_check == ("/usr/sbin/nginx", "-t")
