@@ -443,12 +443,17 @@ class Container:
     Attributes once entered: `dir` (temp dir), `root` (its root fs), `pid` (the
     container's systemd, as seen from the host), `log_path` (nspawn's console output),
     `boot_seconds` (from spawn to `running` + postfix listening).
+
+    boot=False: the private root only, never booted (`pid` stays None); commands run with
+    `pipe()`, as a throw-away `systemd-nspawn --pipe` on the host's network (apt reaches
+    MIRROR, as when the root was built), not with `run()`.
     """
 
-    def __init__(self, suite=None, binds_ro=None, boot_timeout=BOOT_TIMEOUT):
+    def __init__(self, suite=None, binds_ro=None, boot_timeout=BOOT_TIMEOUT, boot=True):
         self.suite = suite or default_suite()
         self.binds_ro = dict(binds_ro or {})
         self.boot_timeout = boot_timeout
+        self.boot = boot
         self.dir = self.root = self.pid = self.log_path = self.boot_seconds = None
         self._proc = None
         self._log = None
@@ -460,7 +465,8 @@ class Container:
     def __enter__(self):
         try:
             self._prepare_root()
-            self._boot()
+            if self.boot:
+                self._boot()
         except BaseException:
             self._teardown()
             raise
@@ -516,17 +522,21 @@ class Container:
             path.rmdir()
         return False
 
+    def _bind_args(self):
+        args = []
+        for host, inside in self.binds_ro.items():
+            if ":" in str(host) + str(inside):
+                raise ValueError(f"':' is not allowed in bind paths: {host} -> {inside}")
+            args.append(f"--bind-ro={host}:{inside}")
+        return args
+
     def _nspawn_argv(self):
         argv = [
             NSPAWN, "--register=no", "--keep-unit", "--private-network",
             "--link-journal=no", "--console=read-only", f"--hostname={HOSTNAME}",
             "-D", str(self.root),
         ]
-        for host, inside in self.binds_ro.items():
-            if ":" in str(host) + str(inside):
-                raise ValueError(f"':' is not allowed in bind paths: {host} -> {inside}")
-            argv.append(f"--bind-ro={host}:{inside}")
-        return argv + ["-b"]
+        return argv + self._bind_args() + ["-b"]
 
     def _boot(self, mode="wb"):
         self.log_path = self.dir / "nspawn.log"
@@ -605,6 +615,19 @@ class Container:
     def run(self, argv, check=True, timeout=60, input=None):
         """Run `argv` inside (all namespaces of the container's PID 1), clean env, text."""
         full = [NSENTER, "-t", str(self.pid), "-a", "--", "env", "-i", *INSIDE_ENV, *argv]
+        result = host_run(full, timeout=timeout, check=False, input=input)
+        if check and result.returncode != 0:
+            raise CommandFailed(result.returncode, list(argv), result.stdout, result.stderr)
+        return result
+
+    def pipe(self, argv, check=True, timeout=60, input=None):
+        """Run `argv` in the root of an unbooted container (boot=False) with
+        `systemd-nspawn --pipe`, as root, on the host's network, with a clean env."""
+        if self.boot:
+            raise BedError("pipe() is for Container(boot=False); use run() in a booted one")
+        full = [NSPAWN, "--register=no", "--keep-unit", "--quiet", "--pipe",
+                "--link-journal=no", f"--hostname={HOSTNAME}", "-D", str(self.root),
+                *self._bind_args(), "env", "-i", *INSIDE_ENV, "HOME=/root", *argv]
         result = host_run(full, timeout=timeout, check=False, input=input)
         if check and result.returncode != 0:
             raise CommandFailed(result.returncode, list(argv), result.stdout, result.stderr)
