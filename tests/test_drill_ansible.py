@@ -7,7 +7,8 @@ against them through a test-only connection plugin (tests/ansible/connection_plu
 nsenter.py: the containers have no network and no ssh). Then each host heals a crash and
 mails RESOLVED, as if installed by hand.
 
-The tests run in file order on one fleet: deploy, rerun, --check, change, heal, uninstall.
+The tests run in file order on one fleet: deploy, rerun, --check, change, heal, status
+(status.yml's table and merged JSON, then a service selfheal cannot bring back), uninstall.
 Ansible is a tool of the deployer and of these tests only; selfheal never imports it.
 """
 
@@ -23,7 +24,8 @@ import time
 import pytest
 
 from bed import Container
-from drillkit import REPO_INSIDE, STANDIN, about, body, clear_mailbox, drill_suites, http_get, show, web_unit
+from drillkit import (REPO_INSIDE, STANDIN, about, body, clear_mailbox, drill_suites, history, http_get, kill, show,
+                      wait_for, wait_idle, web_unit)
 
 pytestmark = pytest.mark.drill
 
@@ -289,6 +291,87 @@ def test_sigkilled_service_on_each_host_is_healed_and_mailed_resolved(fleet):
         assert "killed by signal KILL" in body(mail)
         assert http_get(box, PORTS[svc]) == "200"
         assert show(box, svc, "MainPID") not in ("0", old_pid)
+
+
+def run_status(fleet):
+    """ansible-playbook status.yml -> (CompletedProcess, recap, the table it printed, the merged JSON)."""
+    out = fleet.tmp / "fleet-status.json"
+    with contextlib.suppress(FileNotFoundError):
+        out.unlink()
+    done, counts, seconds = fleet.run("status.yml", "-e", "selfheal_status_file=%s" % out)
+    print("status of %d hosts: %.1f s" % (len(fleet.names), seconds))
+    return done, counts, printed_table(done.stdout), json.loads(out.read_text())
+
+
+def printed_table(output):
+    """The lines the "Fleet status" task printed (its msg, a list of strings)."""
+    after = output.split("TASK [selfheal : Fleet status]", 1)[1]
+    block = after.split('"msg": [\n', 1)[1].split("\n    ]", 1)[0]
+    return [json.loads(line.strip().rstrip(",")) for line in block.splitlines()]
+
+
+def table_row(table, host, service):
+    [row] = [line for line in table if line.split()[:2] == [host, service]]
+    return row
+
+
+def test_status_playbook_tables_every_host_and_service_writes_the_merged_json_and_exits_0(fleet):
+    done, counts, table, merged = run_status(fleet)
+    assert_recap(done, counts, {name: False for name in fleet.names})
+    print("\n".join(table))
+    assert list(merged["hosts"]) == fleet.names and merged["problems"] == []
+    for i, name in enumerate(fleet.names):
+        entry = merged["hosts"][name]
+        assert entry["name"] == "MiracleMax-%s" % name and entry["healthy"] is True
+        assert [s["name"] for s in entry["services"]] == listed(i)
+        for svc in listed(i):
+            row = table_row(table, name, svc)
+            assert row.split()[2] == "active" and row.endswith("mail 0, webhook 0"), row
+        assert "RESOLVED" in table_row(table, name, listed(i)[-1])  # the heal of the step before
+    assert "%d host(s), %d service(s): no problem" % (len(fleet.names), 2 * len(fleet.names)) in table
+
+
+BROKEN = "/run/systemd/system/%s.service.d/zz-drill-broken.conf"
+
+
+def test_status_playbook_exits_non_zero_and_names_a_service_selfheal_could_not_bring_back(fleet):
+    """A start that always fails (ExecStartPre=/bin/false) and a crash: selfheal's restart
+    cannot bring it back, status says failed, the playbook names that host and service."""
+    i = 1 % len(fleet.names)
+    name, box, svc = fleet.names[i], fleet.boxes[i], listed(i)[0]
+    heals = len(history(box, svc))
+    box.sh("mkdir -p \"$(dirname %s)\" && printf '[Service]\\nExecStartPre=/bin/false\\n' > %s"
+           % (BROKEN % svc, BROKEN % svc))
+    box.run(["systemctl", "daemon-reload"])
+    try:
+        kill(box, svc)
+        wait_for(lambda: len(history(box, svc)) > heals, 60, "selfheal's heal of %s" % svc)
+        wait_idle(box, svc, timeout=60)
+        done, counts, table, merged = run_status(fleet)
+    finally:
+        box.run(["rm", "-f", BROKEN % svc])
+        box.run(["systemctl", "daemon-reload"])
+        box.run(["selfheal", "resume", svc])  # in case the failed heals escalated it
+        wait_idle(box, svc, timeout=60)
+        box.run(["systemctl", "reset-failed", svc])
+        box.run(["systemctl", "start", svc])
+        box.wait_listening(PORTS[svc])
+    print("\n".join(table))
+    assert history(box, svc)[-1]["outcome"] != "RESOLVED"
+    assert done.returncode != 0, done.stdout[-6000:]
+    for other in fleet.names:
+        assert counts[other]["failed"] == (1 if other == name else 0), counts
+    assert [(p["host"], p["service"]) for p in merged["problems"]] == [(name, svc)]
+    assert "problem: %s %s: %s" % (name, svc, merged["problems"][0]["problem"]) in table
+    assert table_row(table, name, svc).split()[2] != "active"
+    assert "%d host(s), %d service(s): 1 problem(s)" % (len(fleet.names), 2 * len(fleet.names)) in table
+    for j, other in enumerate(fleet.names):  # every other row is still there
+        assert [s["name"] for s in merged["hosts"][other]["services"]] == listed(j)
+        for other_svc in listed(j):
+            table_row(table, other, other_svc)
+    # put back: the uninstall step finds every service running and selfheal content
+    wait_for(lambda: box.run(["selfheal", "status", "--service", svc], check=False).returncode == 0, 30,
+             "selfheal status to say %s is fine again" % svc)
 
 
 def test_uninstall_removes_units_and_dropins_keeps_services_running_and_rerun_changes_nothing(fleet):
