@@ -6614,6 +6614,29 @@ class Installer:
                 pass
             self.say("  removed %s (no longer listed)" % logical)
 
+    def remove_metrics(self) -> None:
+        """The metrics file would go on saying what selfheal last saw (a service up, a recent
+        watch run): it goes with selfheal. Only a file selfheal wrote, never through a link."""
+        try:
+            target = load_config(str(self.host(CONFIG_PATH)), trusted=False).settings.metrics_file
+        except SelfhealError:
+            target = METRICS_FILE
+        if not target:
+            return
+        path = self.host(target)
+        try:
+            fd = os.open(str(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                ours = stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, 64).startswith(b"# HELP selfheal_")
+            finally:
+                os.close(fd)
+        except OSError:
+            return
+        if ours:
+            path.unlink()
+            self.changes += 1
+            self.say("  removed %s" % target)
+
     def manifest_path(self) -> Path:
         return self.host(STATE_DIR + "/" + MANIFEST_NAME)
 
@@ -6646,6 +6669,7 @@ class Installer:
                     except OSError:
                         pass
         self.remove_stale_dropins(set())
+        self.remove_metrics()
         if self.manifest_path().exists():
             self.manifest_path().unlink()
         if purge:

@@ -67,4 +67,8 @@ def test_uninstall_purge_removes_every_file_selfheal_kept_and_the_service_keeps_
     for path in ("/etc/selfheal", "/var/lib/selfheal", "/var/log/selfheal", "/run/selfheal"):
         assert "purged %s" % path in out, out
         assert host.run(["test", "-e", path], check=False).returncode == 1, path
+    # The heals wrote metrics for node_exporter (its directory is there); stale, they would lie.
+    prom = "/var/lib/prometheus/node-exporter/selfheal.prom"
+    assert "removed %s" % prom in out, out
+    assert host.run(["test", "-e", prom], check=False).returncode == 1
     assert host.run(["systemctl", "is-active", "web"], check=False).stdout.strip() == "active"

@@ -328,3 +328,20 @@ def test_installed_miraclemax_status_finds_its_installed_library(tmp_path, conf,
     done = cli("--help", script=root / "usr/local/bin/miraclemax-status", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "usage" in done.stdout.lower()
+
+
+def test_uninstall_removes_the_metrics_selfheal_wrote_and_nothing_else_of_that_name(tmp_path, conf):
+    root = tmp_path / "root"
+    assert install(root, conf) == 0
+    prom = root / selfheal.METRICS_FILE.lstrip("/")
+    prom.parent.mkdir(parents=True)
+    prom.write_text("# HELP selfheal_info selfheal's version\n# TYPE selfheal_info gauge\nselfheal_info 1\n")
+    other = prom.with_name("other.prom")
+    other.write_text("# HELP node_thing\n")
+    assert selfheal.main(["install", "--uninstall", "--destdir", str(root), "--prefix", "/usr/local"]) == 0
+    assert not prom.exists() and other.exists()  # stale metrics would say a service is up
+
+    assert install(root, conf) == 0
+    prom.write_text("# somebody else's file with selfheal's name\n")
+    assert selfheal.main(["install", "--uninstall", "--destdir", str(root), "--prefix", "/usr/local"]) == 0
+    assert prom.exists()
