@@ -34,6 +34,7 @@ Sections, in the order data flows (search for the title):
                                   escalate_to, maintenance windows' summaries
   Watch                           the periodic look: hangs, stops, restarts systemd repaired
   Install, Dashboard              units and drop-ins; miraclemax-status
+  Metrics                         the dashboard's facts for Prometheus (node_exporter's textfile collector)
   CLI                             build_parser, main, and every command's handler: cmd_<command>
 """
 
@@ -112,6 +113,8 @@ MANUAL_TRIGGER = "manual"  # `selfheal heal NAME` from a shell: asked for, not a
 RETRY_TRIGGER = "retry"  # the watch heals a FAILED service again (retry_interval): not a new failure
 CHAIN_TRIGGER = "after its dependency"  # healed in the heal of a service it needs: not its own failure
 MAX_RETRY_INTERVAL = 3600.0  # retry_interval doubles up to this
+# Heals that are not a new failure of the service: neither flapping nor failure_threshold counts them.
+NOT_A_FAILURE = (MANUAL_TRIGGER, RETRY_TRIGGER, CHAIN_TRIGGER)
 HEALTH_BODY_LIMIT = 65536  # health_expect_text is looked for in this much of the answer
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale process
 MAX_JOB_SECONDS = 600.0  # the longest a systemctl job may take (selfheal@.service allows 10 min)
@@ -605,9 +608,9 @@ def summarize(summary: dict, event: dict) -> dict:
 
 def counts_as_attempt(event: dict) -> bool:
     """A heal that counts toward failure_threshold: selfheal's own repair or failure, not
-    what systemd's Restart= repaired and not a heal asked for by hand."""
+    what systemd's Restart= repaired, not a heal asked for by hand, a retry or a dependent's heal in its root's chain."""
     return event.get("outcome") in (Outcome.RESOLVED.value, Outcome.FAILED.value) and \
-        event.get("trigger") not in (MANUAL_TRIGGER, RETRY_TRIGGER, CHAIN_TRIGGER)
+        event.get("trigger") not in NOT_A_FAILURE
 
 
 def history_summary(paths: Paths, name: str) -> dict:
@@ -5450,7 +5453,7 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str, mai
         if thread and not incident.get("message_id"):
             incident["message_id"] = thread  # its reminders follow its root's thread
         incident["failures"] = [t for t in incident["failures"] if t >= now - settings.flap_window]
-        if result.trigger not in (MANUAL_TRIGGER, RETRY_TRIGGER, CHAIN_TRIGGER):  # not a new failure
+        if result.trigger not in NOT_A_FAILURE:
             incident["failures"].append(now)
             incident["last_failure"] = now
         label = subject_label(result)
