@@ -5548,7 +5548,7 @@ def escalate_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, 
         incident["escalated_to"] = now
         if should_mail(settings, svc, "ESCALATED"):
             report = thread_report(config, incident, SUBJECT_ICON[Outcome.ESCALATED], svc.name,
-                                   "%s, TO %s" % (incident["problem"], ", ".join(settings.escalate_to)), body,
+                                   "%s (to %s)" % (incident["problem"], ", ".join(settings.escalate_to)), body,
                                    cc=settings.escalate_to)
     if report is not None:
         deliver(config, paths, report)

@@ -152,10 +152,10 @@ def test_escalate_to_gets_one_mail_in_the_thread_after_escalate_after(host):
         wait_for(lambda: boss_mails(host), 40, "the mail to escalate_to")
         time.sleep(12)  # more watch runs: no second one
         [escalation] = boss_mails(host)
-        assert escalation["Subject"] == "🛑 MiracleMax: lonely - FAILED, TO boss@localhost"
+        assert escalation["Subject"] == "🛑 MiracleMax: lonely - FAILED (to boss@localhost)"
         assert escalation["Cc"] == "boss@localhost"
         assert escalation["In-Reply-To"].strip() == failed["Message-ID"].strip()
-        assert len(host.wait_mail(about("lonely", "FAILED, TO boss@localhost"))) == 1  # the owner sees it too
+        assert len(host.wait_mail(about("lonely", "FAILED (to boss@localhost)"))) == 1  # the owner sees it too
     finally:
         host.run(["mv", "/opt/lonely/app.away", "/opt/lonely/app"])
         host.run(["systemctl", "reset-failed", "lonely.service"], check=False)

@@ -1188,11 +1188,13 @@ def test_escalate_to_gets_one_mail_in_the_thread_after_escalate_after(wb):
     wb.look("worker")
     assert len(wb.sink.messages) == 2
     second = wb.sink.messages[1]
-    assert second["Subject"] == "🛑 MiracleMax: worker - FAILED, TO boss@example.org"
+    assert second["Subject"] == "🛑 MiracleMax: worker - FAILED (to boss@example.org)"
     assert second["Cc"] == "boss@example.org" and second["To"] == "owner@example.org"
     assert wb.sink.received[-1].rcpt_to == ("owner@example.org", "boss@example.org")
     assert in_thread_of(first, second)
     assert "has been FAILED for 32 min" in second.get_content()
+    # The webhook and the outbox record call it what it is: FAILED.
+    assert selfheal.new_report(wb.config.settings, "", "worker", "FAILED (to boss@example.org)", "")["status"] == "FAILED"
     for _ in range(3):
         wb.clock.advance(1800)
         wb.look("worker")
