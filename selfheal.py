@@ -5568,7 +5568,7 @@ def note_maintenance(paths: Paths, svc: Service, until: float, what: str, now: f
         window = state.get("maintenance") if isinstance(state.get("maintenance"), dict) else {}
         seen = [entry for entry in window.get("seen", []) if isinstance(entry, list) and len(entry) == 2]
         if not seen or seen[-1][1] != what:
-            seen = (seen + [[now, what]])[-20:]
+            seen = (seen + [[now, clean(what)[:300]]])[-20:]  # bounded: a detail may quote a health reply
         state["maintenance"] = {"until": max(until, float(window.get("until") or 0.0)),
                                 "since": float(window.get("since") or now), "seen": seen}
 
