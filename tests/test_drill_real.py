@@ -19,7 +19,7 @@ import time
 import pytest
 
 from bed import Container
-from drillkit import drill_conf, readme_block
+from drillkit import STANDIN, drill_conf, readme_block, web_unit
 from drillkit import (CLONE, wait_past_start_grace, REPO_INSIDE, about, body, clear_mailbox, drill_suites, http_get, kill,
                       mails_about, show, starts, wait_for, wait_idle)
 
@@ -52,6 +52,11 @@ REDIS = section_of(QUICK_START, "redis-server")
 POSTGRES = section_of(QUICK_START, "postgresql").replace("postgresql@15-main", "postgresql@{cluster}")
 POSTGRES_AS_FIRST_WRITTEN = "\n".join(line for line in POSTGRES.splitlines() if not line.startswith("unit ")) + "\n"
 MEMCACHED = readme_block("### Debian's own services")
+BOOKS = """\
+[books]
+port = 5470
+depends_on = postgresql
+"""
 SITE = "/etc/nginx/sites-available/default"  # sites-enabled/default links to it
 
 
@@ -69,6 +74,12 @@ def host(request, bed_reason, repo_root):
         for port in (80, 6379, 5432, 11211):
             box.wait_listening(port, timeout=60)
         box.cluster = box.run(["sh", "-c", "ls /etc/postgresql"]).stdout.split()[0] + "-main"
+        # An app that needs the database (it will not start without it), as [books] below.
+        box.run(["install", "-m", "0755", REPO_INSIDE + "/tests/standin.py", STANDIN])
+        box.write("/etc/systemd/system/books.service", web_unit(5470, args="--needs-port 5432"))
+        box.run(["systemctl", "daemon-reload"])
+        box.run(["systemctl", "enable", "--now", "books.service"])
+        box.wait_listening(5470)
         box.run(["cp", "-a", REPO_INSIDE, CLONE])
         # First as a Debian user would write [postgresql]: refused, nothing installed.
         box.write(CLONE + "/services.conf", GLOBAL + "\n" + NGINX + "\n" + POSTGRES_AS_FIRST_WRITTEN)
@@ -80,7 +91,7 @@ def host(request, bed_reason, repo_root):
                                      "2>/dev/null; true"]).stdout.split()
         # Then as the README writes it.
         box.write(CLONE + "/services.conf", "\n".join([GLOBAL, NGINX, REDIS, POSTGRES.format(cluster=box.cluster),
-                                                        MEMCACHED]))
+                                                        MEMCACHED, BOOKS]))
         installed = box.run([CLONE + "/install.sh"], check=False, timeout=120)
         assert installed.returncode == 0, installed.stdout + installed.stderr
         yield box
@@ -203,3 +214,25 @@ def test_redis_killed_is_brought_back_by_its_own_restart_always_and_mailed_once(
     watch_once(host)
     assert len(mails_about(host, "redis-server")) == 1
     assert host.run(["redis-cli", "-p", "6379", "ping"]).stdout.strip() == "PONG"
+
+
+def test_postgresql_and_the_app_that_needs_it_killed_at_once_are_one_mail_led_by_postgresql(host):
+    clear_mailbox(host)
+    cluster = "postgresql@%s.service" % host.cluster
+    before = {unit: starts(host, unit) for unit in (cluster, "books.service")}
+    kill(host, cluster)
+    kill(host, "books.service")
+    [mail] = host.wait_mail(about("postgresql", "RESOLVED"), timeout=90)
+    wait_for(lambda: show(host, "books.service", "ActiveState") == "active", 30, "books active again")
+    wait_idle(host, "postgresql")
+    wait_idle(host, "books")
+    lines = body(mail).splitlines()
+    assert lines[2] == "postgresql failed; books failed because of it.", body(mail)
+    assert lines[3].startswith("  books: restarted after postgresql (service_restart), healthy in "), body(mail)
+    assert mails_about(host, "books") == []
+    assert [m["Subject"] for m in host.mails()] == [mail["Subject"]]
+    # The database first, then the app, each started once: never against a dead database.
+    assert {unit: starts(host, unit) - before[unit] for unit in before} == {cluster: 1, "books.service": 1}
+    assert int(show(host, cluster, "ActiveEnterTimestampMonotonic")) < int(
+        show(host, "books.service", "ActiveEnterTimestampMonotonic"))
+    assert http_get(host, 5470) == "200"
