@@ -99,11 +99,17 @@ SYSTEMCTL = "systemctl"
 JOURNALCTL = "journalctl"
 SS = "ss"
 SYSTEMD_ANALYZE = "systemd-analyze"
+SETPRIV = "setpriv"  # util-linux (in every Debian): no_new_privs for a command run as a service's user
 JOURNAL_SOCKET = "/run/systemd/journal/socket"  # the journal's native protocol (structured fields)
 METRICS_FILE = "/var/lib/prometheus/node-exporter/selfheal.prom"  # Debian's node_exporter reads *.prom there
 PROC_DIR = Path("/proc")
 
 COMMAND_TIMEOUT = 15.0  # seconds for any external command unless said otherwise
+# A config_check or health_command gets this PATH and nothing else of the environment.
+COMMAND_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+COMMAND_ENV_KEEP: Tuple[str, ...] = ()  # names of selfheal's own variables passed on too (tests: their fakes' state)
+COMMAND_OUTPUT_LIMIT = 65536  # bytes of a config_check's or health_command's output kept; the rest is read and dropped
+HEALTH_RUN_AS = ("service", "root")  # health_run_as: the service's own User=/Group=, or root
 MAX_CONFIG_BYTES = 1 << 20  # a services.conf larger than 1 MiB is not one
 POLL_INTERVAL = 0.05  # seconds between verification probes
 RECHECK_DELAY = 2.0  # after a look that found a hang, the watch looks again this soon
@@ -145,7 +151,7 @@ UNIT_PROPERTIES = (
     "NRestarts", "MemoryCurrent", "MemoryPeak", "ControlGroup", "Restart",
     "ActiveEnterTimestamp", "InactiveEnterTimestamp", "ExecMainExitTimestamp",
     "ExecMainExitTimestampMonotonic", "InactiveEnterTimestampMonotonic",
-    "StateChangeTimestampMonotonic", "FragmentPath", "User", "Description", "Names",
+    "StateChangeTimestampMonotonic", "FragmentPath", "User", "Group", "DynamicUser", "Description", "Names",
     "TimeoutStartUSec", "TimeoutStopUSec", "Environment", "EnvironmentFiles", "ActiveEnterTimestampMonotonic",
     "InactiveExitTimestampMonotonic", "Type", "RemainAfterExit",
     # What systemd says the unit needs, and what needs it (listed services only count).
@@ -982,6 +988,13 @@ def owner_name(uid: int) -> str:
         return "uid %d" % uid
 
 
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return "gid %d" % gid
+
+
 def file_kind(mode: int) -> str:
     for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
                        (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -1130,13 +1143,97 @@ def stat_safely(path: str, what: str, want: str = "any") -> os.stat_result:
     return handle.st
 
 
+# --- commands root runs: root's alone ----------------------------------------------------
+
+
+def root_only_problems(argv: Sequence[str]) -> List[str]:
+    """Why root must not run this command, or []. Its program (found on PATH if a plain name),
+    every existing file an argument names (an absolute path, alone or after "=", as in
+    --config=/etc/app.conf) and every directory on the way to each must be owned by root and
+    writable by no one else (by its group only when that is root's group), the rule sudo
+    applies to its secure path: otherwise whoever may write there chooses what root runs. A
+    sticky directory (/tmp) counts as root's for what root owns in it: only root may rename or
+    remove that.
+    Symlinks on the way are followed one by one; each must be root's, and so must all it leads
+    through. A file that does not exist yet is judged when it does (each run checks again)."""
+    argv = command_argv(argv)
+    problems = []
+    program = argv[0]
+    if not program.startswith("/"):
+        return ["%s: not found on PATH" % program]
+    named = [program] + [arg.partition("=")[2] if "=" in arg and not arg.startswith("/") else arg
+                         for arg in argv[1:]]
+    for index, path in enumerate(named):
+        if not path.startswith("/") or (index and not os.path.lexists(path)):
+            continue
+        problem = root_only_path_problem(path)
+        if problem and problem not in problems:
+            problems.append(problem)
+    return problems
+
+
+def root_only_path_problem(path: str, hops: int = 0) -> str:
+    """root_only_problems for one absolute path: "" or why not (one line)."""
+    def fault(where: str, st: os.stat_result) -> str:
+        if st.st_uid != 0:
+            return "%s is owned by %s, not root" % (where, owner_name(st.st_uid))
+        if stat.S_ISLNK(st.st_mode):
+            return ""
+        if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
+            return ""  # sticky (/tmp): no one else may rename or remove what root owns in it
+        if st.st_mode & stat.S_IWOTH:
+            return "%s is writable by anyone (mode %04o)" % (where, stat.S_IMODE(st.st_mode))
+        if st.st_mode & stat.S_IWGRP and st.st_gid != 0:
+            return "%s is writable by group %s (mode %04o)" % (where, group_name(st.st_gid), stat.S_IMODE(st.st_mode))
+        return ""
+
+    current = "/"
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    try:
+        bad = fault("/", os.lstat("/"))
+        if bad:
+            return one_line("%s: %s" % (path, bad))
+        for index, part in enumerate(parts):
+            if part == "..":
+                current = os.path.dirname(current)
+                continue
+            step = os.path.join(current, part)
+            st = os.lstat(step)
+            bad = fault(step, st)
+            if bad:
+                return one_line("%s: %s" % (path, bad))
+            if stat.S_ISLNK(st.st_mode):
+                if hops >= MAX_LINK_HOPS:
+                    return one_line("%s: more than %d symlinks" % (path, MAX_LINK_HOPS))
+                target = os.path.join(current, os.readlink(step))
+                rest = "/".join(parts[index + 1:])
+                return root_only_path_problem(os.path.join(target, rest) if rest else target, hops + 1)
+            current = step
+    except FileNotFoundError:  # not there (yet): whatever makes it there must write where only root may
+        return ""
+    except OSError as exc:
+        return one_line("%s: %s" % (path, exc.strerror))
+    return ""
+
+
 # --- text from outside: what selfheal writes never carries a secret or a control character
 
 # The user info runs to the LAST @ of the authority (a password may hold one), as urlsplit
 # reads it; "https:\/\/" is how JSON logs write a URL.
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*:(?:\\?/){2})[^/\\\s?#]*@")
-# C0 and C1 controls, DEL, and the Unicode line and paragraph separators; tab and newline stay.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 and C1 controls, DEL, the Unicode line and paragraph separators, and the characters that
+# reorder or hide text: bidi embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069,
+# the marks U+200E, U+200F and U+061C) can make a line read backwards; zero-width and invisible
+# ones (U+200B-U+200D, U+2060-U+2064, U+FEFF, U+180E, the soft hyphen U+00AD, the interlinear
+# annotation characters U+FFF9-U+FFFB) can hide text. Tab and newline stay.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e"
+                      "\u2060-\u2064\u2066-\u2069\ufeff\ufff9-\ufffb]")
+# systemd quotes an environment assignment it rejects, value and all ("Ignoring invalid
+# environment assignment 'STRIPE-KEY=sk_live_...': /etc/app.env", "Invalid environment
+# assignment, ignoring: KEY=value"): the value goes, up to the line's last quote or its end.
+_ENV_ASSIGNMENT = re.compile(r"(?i)\benvironment(?: variable)? (?:name or )?(?:assignment|entry|variable)s?\b")
+QUOTED_LINE_CHARS = 500  # the most of one line from outside (journal, a checker's output) quoted anywhere
+EXCERPT_CHARS = 8192  # the most of one excerpt (a journal, a checker's output) in a report
 
 
 def without_credentials(text: str) -> str:
@@ -1151,6 +1248,57 @@ def escape_controls(text: str) -> str:
                         else "\\u%04x" % ord(m.group()), text)
 
 
+def without_env_values(text: str) -> str:
+    """Each line where systemd (or anyone) quotes an environment assignment, with the value
+    replaced by *** and the name kept: 'KEY=***'. A quoted word with no = is all value."""
+    if "nvironment" not in text and "NVIRONMENT" not in text:
+        return text
+    out = []
+    for line in text.split("\n"):
+        found = _ENV_ASSIGNMENT.search(line)
+        if found:
+            head, rest = line[:found.end()], line[found.end():]
+            name, equals, value = rest.partition("=")
+            last_quote = max(value.rfind("'"), value.rfind('"'))
+            if equals:
+                line = head + name + "=***" + (value[last_quote:] if last_quote >= 0 else "")
+            else:  # no name to keep: the quoted word, or what follows the colon
+                first = min((i for i in (rest.find("'"), rest.find('"')) if i >= 0), default=-1)
+                end = max(rest.rfind("'"), rest.rfind('"'))
+                if 0 <= first < end:
+                    line = head + rest[:first + 1] + "***" + rest[end:]
+                elif rest.strip(" :,"):
+                    line = head + rest[:len(rest) - len(rest.lstrip(" :,"))] + "***"
+        out.append(line)
+    return "\n".join(out)
+
+
+def bounded(text: str, limit: int = QUOTED_LINE_CHARS) -> str:
+    """At most `limit` characters of text from outside, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return "%s... [%d more characters not shown]" % (text[:limit], len(text) - limit)
+
+
+def bounded_lines(lines: Iterable[str], line_limit: int = QUOTED_LINE_CHARS,
+                  total: int = EXCERPT_CHARS) -> List[str]:
+    """An excerpt: each line bounded, and the last lines that fit in `total` characters
+    (the end of a journal says most), with a line that says how many were left out."""
+    kept: List[str] = []
+    size = 0
+    lines = [bounded(line, line_limit) for line in lines]
+    for line in reversed(lines):
+        if size + len(line) + 1 > total:
+            break
+        kept.append(line)
+        size += len(line) + 1
+    kept.reverse()
+    if len(kept) < len(lines):
+        kept.insert(0, "[%d earlier lines not shown: the excerpt is bounded at %d characters]"
+                    % (len(lines) - len(kept), total))
+    return kept
+
+
 def one_line(text: str) -> str:
     """clean(), and newlines and tabs escaped too: for a value that is one line of a report
     (a path, a refusal, a verdict), so a name planted with a newline cannot start a section."""
@@ -1160,7 +1308,7 @@ def one_line(text: str) -> str:
 def clean(text: str) -> str:
     """Text from outside (journal, health replies, process names, config diffs, findings)
     made fit for a mail, a webhook, a file or a terminal: no URL credentials, no controls."""
-    return escape_controls(without_credentials(str(text)))
+    return escape_controls(without_env_values(without_credentials(str(text))))
 
 
 def clean_data(value):
@@ -1843,6 +1991,8 @@ class Service:
     strategies: Tuple[str, ...] = key(("service_restart",), check_strategies, "repairs to try, in order")
     health_url: str = key("", check_url, "http(s) URL that must answer 2xx/3xx after a repair and at each look")
     health_command: Tuple[str, ...] = key((), check_command, "instead of health_url: an argument list; healthy: exit 0")
+    health_run_as: str = key("service", choice(HEALTH_RUN_AS), "service (its User=/Group=; nobody for root or "
+                             "DynamicUser=) or root: who runs health_command")
     health_timeout: float = key(5.0, positive_duration, "one health_url request or health_command in all")
     health_expect_status: Tuple[int, ...] = key((), check_statuses, "the status(es) that count as healthy (default 2xx/3xx)")
     health_expect_text: str = key("", check_expect_text, "text that must appear in the answer (or the command's output)")
@@ -2236,6 +2386,135 @@ def run(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> CmdResult:
     return result
 
 
+class Identity(NamedTuple):
+    """Who a command runs as: uid, gid, supplementary groups, and a name for reports."""
+    uid: int
+    gid: int
+    groups: Tuple[int, ...]
+    name: str
+
+
+ROOT = Identity(0, 0, (), "root")
+
+
+def nobody() -> Identity:
+    try:
+        entry = pwd.getpwnam("nobody")
+        return Identity(entry.pw_uid, entry.pw_gid, (entry.pw_gid,), "nobody")
+    except KeyError:
+        return Identity(65534, 65534, (65534,), "nobody")
+
+
+def service_identity(unit: Dict[str, str]) -> Identity:
+    """The user and group a service's own commands run as: its User= and Group= as systemd
+    reports them (a name or a number), with that user's groups, as systemd gives its
+    processes. A service of root, a DynamicUser= one (its uid lives only while it runs), or a
+    user this host cannot resolve: nobody."""
+    user, group = unit.get("User", "").strip(), unit.get("Group", "").strip()
+    if unit.get("DynamicUser") == "yes" or user in ("", "root", "0"):
+        return nobody()
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, OverflowError):
+        return nobody()
+    if entry.pw_uid == 0:
+        return nobody()
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+        except (KeyError, OverflowError):
+            return nobody()
+    if gid == 0:  # a root group would reach what only root's group may: not a service's own right
+        return nobody()
+    try:
+        groups = tuple(g for g in os.getgrouplist(entry.pw_name, gid) if g != 0)
+    except OSError:
+        groups = (gid,)
+    return Identity(entry.pw_uid, gid, groups, entry.pw_name)
+
+
+def run_command(argv: Sequence[str], timeout: float, identity: Identity = ROOT) -> CmdResult:
+    """Run a command services.conf names (config_check, health_command) for a service: no
+    shell, no stdin, cwd /, an environment of PATH alone, its own session and process group,
+    output (stdout and stderr together) read to its end but only the first
+    COMMAND_OUTPUT_LIMIT bytes kept. At the deadline, or once the command itself has exited,
+    whatever is left of its process group is killed: nothing it started outlives it.
+
+    identity: as root (ROOT), or as a service's user (service_identity): then its uid, gid and
+    groups, which drops every capability, and no_new_privs (setpriv), so no set-user-ID
+    program or file capability gives any back. A selfheal that is not root runs it as itself.
+    Expected failures come back in the result (rc 124: timed out; 126, 127: could not run)."""
+    import select
+
+    argv = list(argv)
+    shown = tuple(argv)
+    options: Dict[str, object] = {}
+    if identity.uid != 0 and is_root():
+        setpriv = shutil.which(SETPRIV, path=COMMAND_PATH)
+        if not setpriv:
+            return CmdResult(shown, 126, "", "%s: not found, so it cannot run without privileges: "
+                             "install util-linux" % SETPRIV, 0.0)
+        options = {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
+        argv = [setpriv, "--no-new-privs", "--inh-caps=-all", "--", *argv]
+    start = time.monotonic()
+    deadline = start + timeout
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, cwd="/", env=dict(
+                                    {name: os.environ[name] for name in COMMAND_ENV_KEEP if name in os.environ},
+                                    PATH=COMMAND_PATH),
+                                start_new_session=True, close_fds=True, **options)  # type: ignore[arg-type]
+    except FileNotFoundError:
+        return CmdResult(shown, 127, "", "%s: command not found" % shown[0], 0.0)
+    except OSError as exc:
+        return CmdResult(shown, 126, "", "%s: %s" % (argv[0], exc.strerror), 0.0)
+    kept, size, timed_out = [], 0, False
+    assert proc.stdout is not None
+    with proc.stdout:
+        fd = proc.stdout.fileno()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            if not select.select([fd], [], [], left)[0]:
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            if size < COMMAND_OUTPUT_LIMIT:
+                kept.append(data[:COMMAND_OUTPUT_LIMIT - size])
+            size += len(data)
+        # Its output is closed; wait for its exit without reaping it, so its pid (its
+        # process group's id) cannot be reused before the group is killed.
+        while not timed_out and not waited(proc.pid):
+            if time.monotonic() >= deadline:
+                timed_out = True
+            else:
+                time.sleep(0.01)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass  # none left (ESRCH), or the group is not ours to signal (EPERM: not root)
+    rc = proc.wait()
+    out = b"".join(kept).decode("utf-8", "replace")
+    if size > COMMAND_OUTPUT_LIMIT:
+        out += "\n[%d more bytes of output not kept]" % (size - COMMAND_OUTPUT_LIMIT)
+    if timed_out:
+        return CmdResult(shown, 124, out, "%s: timed out after %s" % (shown[0], format_duration(timeout)),
+                         time.monotonic() - start)
+    return CmdResult(shown, rc, out, "", time.monotonic() - start)
+
+
+def waited(pid: int) -> bool:
+    """Whether the child has exited, without reaping it (waitid WNOWAIT)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
 def parse_show(text: str) -> List[Dict[str, str]]:
     """`systemctl show` output for one or more units -> one dict per unit."""
     units: List[Dict[str, str]] = []
@@ -2353,21 +2632,29 @@ def belongs_to_unit(process: Process, unit: str) -> bool:
 
 
 def read_journal(invocation: str, unit: str, lines: int = JOURNAL_LINES) -> Tuple[str, ...]:
-    """The journal of one run: the service's own lines and systemd's lines about that run."""
+    """The journal of one run: the service's own lines and systemd's lines about that run.
+    Matched on what journald sets itself (fields that begin with _): INVOCATION_ID alone
+    could be sent by any user, so systemd's lines are those of _PID=1 that carry it."""
     if invocation:
         argv = [JOURNALCTL, "--no-pager", "-q", "-o", "short-iso", "-n", str(lines),
-                "_SYSTEMD_INVOCATION_ID=%s" % invocation, "+", "INVOCATION_ID=%s" % invocation]
+                "_SYSTEMD_INVOCATION_ID=%s" % invocation, "+", "_PID=1", "INVOCATION_ID=%s" % invocation]
     else:
         argv = [JOURNALCTL, "--no-pager", "-q", "-o", "short-iso", "-n", str(lines), "-u", unit]
     result = run(argv, timeout=10)
-    return tuple(clean(line) for line in result.out.splitlines()[-lines:]) if result.ok else ()
+    return journal_excerpt(result.out, lines) if result.ok else ()
+
+
+def journal_excerpt(text: str, lines: int = JOURNAL_LINES) -> Tuple[str, ...]:
+    """journalctl's output as a report quotes it: the last lines, each cleaned (no controls, no
+    credentials, no environment value systemd quoted) and bounded, the whole bounded too."""
+    return tuple(bounded_lines(clean(line) for line in text.splitlines()[-lines:]))
 
 
 def read_journal_since(unit: str, since: float, lines: int = JOURNAL_LINES) -> Tuple[str, ...]:
     argv = [JOURNALCTL, "--no-pager", "-q", "-o", "short-iso", "-n", str(lines), "-u", unit,
             "--since", "@%d" % max(0, int(since) - 1)]
     result = run(argv, timeout=10)
-    return tuple(clean(line) for line in result.out.splitlines()[-lines:]) if result.ok else ()
+    return journal_excerpt(result.out, lines) if result.ok else ()
 
 
 TIMESPAN_UNITS = {"us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3, "s": 1, "sec": 1, "min": 60,
@@ -2850,19 +3137,27 @@ def command_argv(argv: Sequence[str]) -> List[str]:
 CANNOT_RUN = "cannot run: "  # command_check's detail when the program is missing: no verdict on the service
 
 
-def command_check(argv: Sequence[str], timeout: float, expect_text: str = "") -> Tuple[bool, str]:
-    """Run a health_command (through run(): no shell, no stdin, killed after timeout).
-    Healthy: exit status 0 and, when asked, the expected text in its output (stdout and
-    stderr, the first 64 KiB). Never raises; the detail quotes at most 80 characters of one line
-    of output, control characters escaped (it is the service's answer, not ours)."""
-    result = run(command_argv(argv), timeout=timeout)
-    output = (result.out[:65536] + "\n" + result.err[:65536]).strip()
+def command_check(argv: Sequence[str], timeout: float, expect_text: str = "",
+                  identity: Identity = ROOT) -> Tuple[bool, str]:
+    """Run a health_command through run_command (no shell, no stdin, an environment of PATH
+    alone, its process group killed after timeout) as `identity`; as root only when
+    root_only_problems finds nothing, checked right before it runs. Healthy: exit status 0
+    and, when asked, the expected text in its output (stdout and stderr, the first 64 KiB).
+    Never raises; the detail quotes at most 80 characters of one line of output, control
+    characters escaped (it is the service's answer, not ours)."""
+    argv = command_argv(argv)
+    if identity.uid == 0:
+        refused = root_only_problems(argv)
+        if refused:
+            return False, CANNOT_RUN + "refused to run it as root: %s" % "; ".join(refused)
+    result = run_command(argv, timeout, identity)
+    output = (result.out + "\n" + result.err).strip()
     first = next((line.strip() for line in output.splitlines() if line.strip()), "")
     said = ": %r" % first[:80] if first else ""  # repr: control characters escaped
     if result.rc == 124:
         return False, "no answer within %s" % format_duration(timeout)
     if result.rc in (126, 127):
-        return False, CANNOT_RUN + one_line(result.err.strip()[:200])
+        return False, CANNOT_RUN + one_line((result.err or result.out).strip()[:200])
     if not result.ok:
         return False, "exit status %d%s" % (result.rc, said)
     if expect_text and expect_text not in output:
@@ -2870,10 +3165,17 @@ def command_check(argv: Sequence[str], timeout: float, expect_text: str = "") ->
     return True, "exit status 0%s" % said
 
 
-def health_check(svc: Service) -> Tuple[bool, str]:
-    """The service's own health check, health_url or health_command: (healthy, detail)."""
+def health_identity(svc: Service, unit: Dict[str, str]) -> Identity:
+    """Who runs the service's health_command: its own user (health_run_as = service), or root."""
+    return ROOT if svc.health_run_as == "root" else service_identity(unit)
+
+
+def health_check(svc: Service, unit: Dict[str, str]) -> Tuple[bool, str]:
+    """The service's own health check, health_url or health_command: (healthy, detail).
+    unit: its properties as systemd reports them (User=, Group=, DynamicUser=)."""
     if svc.health_command:
-        ok, detail = command_check(svc.health_command, svc.health_timeout, svc.health_expect_text)
+        ok, detail = command_check(svc.health_command, svc.health_timeout, svc.health_expect_text,
+                                   health_identity(svc, unit))
         return ok, "`%s`: %s" % (shlex_join(svc.health_command), detail)
     return http_check(svc.health_url, svc.health_timeout, svc.health_expect_status, svc.health_expect_text)
 
@@ -3116,7 +3418,7 @@ def probe(svc: Service, health: bool = True, within_seconds: Optional[float] = N
     if within_seconds is not None and within_seconds < svc.health_timeout:
         svc = dataclasses.replace(svc, health_timeout=max(within_seconds, 0.1))
     checked = svc
-    return judge(svc, unit, port, (lambda: health_check(checked)) if health else None), unit
+    return judge(svc, unit, port, (lambda: health_check(checked, unit)) if health else None), unit
 
 
 def judge(svc: Service, unit: Dict[str, str], port: Optional[Check],
@@ -3391,6 +3693,21 @@ def refusal_escalation(svc: Service, refusals: Sequence[str], not_done: str) -> 
     return Escalation("selfheal refused to act: %s. %s" % ("; ".join(refusals), not_done), cause, steps)
 
 
+def root_command_escalation(svc: Service, key: str, refused: Sequence[str], not_done: str) -> Escalation:
+    """A command services.conf has root run that is not root's alone: FAILED, nothing run."""
+    cause = RootCause("selfheal would have run %s as root, but it is not root's alone: %s." % (key, "; ".join(refused)),
+                      "high", refused[0],
+                      "Whoever may change a program root runs, a file it is given or a directory above "
+                      "them, can run anything as root. Make them root's (chown root:root, chmod go-w), "
+                      "or, for a health_command, let it run as the service (health_run_as = service).")
+    paths = sorted({problem.split(":", 1)[0] for problem in refused})
+    steps = ("namei -l %s    # who owns every component" % " ".join(paths),
+             "selfheal validate    # says the same until it is fixed",
+             "selfheal heal %s    # once it is fixed" % svc.name)
+    return Escalation("selfheal refused to run %s as root: %s. %s" % (key, "; ".join(refused), not_done),
+                      cause, steps)
+
+
 def strategy_config_validation(ctx: HealContext) -> str:
     """Run the service's own config checker: a config it rejects is never restarted into a
     loop; one it accepts is restarted. Shows what changed in config_files since the last
@@ -3411,8 +3728,13 @@ def strategy_config_validation(ctx: HealContext) -> str:
     if svc.config_check:
         argv = command_argv(svc.config_check)
         what = "config check: %s" % " ".join(svc.config_check)
-        result = run(argv, timeout=ctx.left(60))
-        output = [one_line(line) for line in (result.out + result.err).strip().splitlines()[-20:]]
+        refused = root_only_problems(argv)  # again now: a file may have been swapped since install
+        if refused:
+            ctx.record(what, False, 0.0, "not run: " + "; ".join(refused))
+            raise root_command_escalation(svc, "config_check", refused,
+                                          "Neither the config check nor a restart was run.")
+        result = run_command(argv, ctx.left(60))
+        output = bounded_lines(one_line(line) for line in (result.out + result.err).strip().splitlines()[-20:])
         # It runs as root and reads what the config names: when the service's account owns a
         # config file, it could make the checker read (and quote) any file. Then only its exit
         # status is reported; the owner runs the checker to read its words.
@@ -4039,6 +4361,14 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
                           "(docker-proxy), set port_owner = any in [%s]; if it is the service itself under "
                           "another unit (a cluster started by a wrapper unit), set unit = to that unit"
                           % (svc.port, svc.unit, svc.unit, svc.unit, svc.name))
+
+    if svc.health_command and svc.health_run_as == "root" and is_root() and not dry_run:
+        refused = root_only_problems(svc.health_command)  # again now: swapped since install?
+        if refused:
+            found = root_command_escalation(svc, "health_command", refused, "Nothing was restarted: "
+                                            "its recovery could not have been verified.")
+            runs.append(StrategyRun("none", (), None, str(found)))
+            return finish(Outcome.FAILED, str(found), found)
 
     for name in order:
         ctx = HealContext(svc, diag, settings, dry_run, paths, deadline)
@@ -5703,8 +6033,8 @@ def remember_restarts(paths: Paths, name: str, unit: Dict[str, str]) -> None:
         log.warning("could not update the watch state of %s: %s", name, exc)
 
 
-def health_checks(services: Sequence[Service], late: Optional[List[str]] = None
-                  ) -> Dict[str, Tuple[bool, str]]:
+def health_checks(services: Sequence[Service], units: Dict[str, Dict[str, str]],
+                  late: Optional[List[str]] = None) -> Dict[str, Tuple[bool, str]]:
     """GET every health_url, run every health_command, at once (up to 8 threads), so one slow
     service does not delay the rest. What has not answered when the watch's budget is
     spent is not judged this run: its name goes into `late`."""
@@ -5727,7 +6057,7 @@ def health_checks(services: Sequence[Service], late: Optional[List[str]] = None
             except queue.Empty:
                 return
             try:
-                answer: object = health_check(svc) if svc.health_command else http_check(
+                answer: object = health_check(svc, units.get(svc.unit, {})) if svc.health_command else http_check(
                     svc.health_url, svc.health_timeout, svc.health_expect_status, svc.health_expect_text)
             except Exception as exc:  # raised in the watch below, as a bug of selfheal's
                 answer = exc
@@ -5981,7 +6311,7 @@ def look(config: Config, paths: Paths, services: Sequence[Service], verdicts: Di
     # port_owner = any: whoever publishes the port (docker-proxy) is the service's; no ss.
     holders = port_holders([svc for svc in active if svc.port and ports is not None and svc.port_owner == "unit"],
                            units)
-    health = health_checks([svc for svc in active if holders.get(svc.name, (None,))[0] is not False], late)
+    health = health_checks([svc for svc in active if holders.get(svc.name, (None,))[0] is not False], units, late)
     graph = dependency_graph(config, units) if len(config.services) > 1 else {}
     for name in in_dependency_order(graph, [svc.name for svc in services]) if graph else [s.name for s in services]:
         svc = config.services[name]
@@ -6006,6 +6336,9 @@ def watch_budget(settings: Settings) -> float:
 
 
 def watch_run(config: Config, paths: Paths) -> int:
+    unsafe = [problem for _, problem in root_command_problems(config)] if is_root() else []
+    if unsafe:  # swapped since install: never run as root (command_check refuses it too); told
+        report_unsafe_commands(config, paths, unsafe)
     services = list(config.services.values())
     verdicts: Dict[str, str] = {}
     errors: List[str] = []
@@ -6090,12 +6423,39 @@ def report_broken_config(paths: Paths, exc: ConfigError) -> None:
     remember_mailed(paths, "config-broken.json")
 
 
+def report_unsafe_commands(config: Config, paths: Paths, problems: Sequence[str]) -> None:
+    """A command root would run for a service is no longer root's alone (a file swapped or
+    its mode changed after install): it is not run, and that is mailed at once, then at most
+    hourly while it stays (sooner when what is found changes)."""
+    marker = "unsafe-commands.json"
+    said = "\n".join(problems)
+    try:
+        before = json.loads((paths.state / marker).read_text(encoding="utf-8")).get("problems", "")
+    except (OSError, ValueError, AttributeError):
+        before = ""
+    if before == said and time.time() - last_mailed(paths, marker) < 3600:
+        return
+    log.error("refused to run as root: %s", "; ".join(problems))
+    body = ("selfheal on %s refused to run a command of its config as root, because someone other than "
+            "root may change it:\n\n%s\n\nUntil that is fixed, the command is not run: a heal that needs "
+            "it ends FAILED, and a health_command is not asked (the watch judges the service without it). "
+            "A file changed like this after install may be someone trying to run code as root: look at "
+            "who changed it and why.\n\nFix it (chown root:root, chmod go-w), then check with: "
+            "selfheal validate\n" % (socket.gethostname(), "\n".join(problems)))
+    deliver(config, paths, new_report(config.settings, "❌", "selfheal", "CONFIG BROKEN", body))
+    remember_mailed(paths, marker)
+    try:
+        atomic_write(paths.state / marker, json.dumps({"mailed": time.time(), "problems": said}) + "\n")
+    except OSError as exc:
+        log.error("could not note the refused commands: %s", exc)
+
+
 def report_watch_failure(config: Config, paths: Paths, what: str) -> None:
     """The healer itself is broken: say so by mail (at most once an hour), never silently."""
     if time.time() - last_mailed(paths, "watch-failure.json") < 3600:
         return
     body = ("selfheal's watch run failed on %s at %s. Services may be unwatched until this is fixed.\n\n"
-            "%s\n\nLook at: journalctl -t %s -n 50; systemctl status selfheal-watch.service\n"
+            "%s\n\nLook at: journalctl _UID=0 -t %s -n 50; systemctl status selfheal-watch.service\n"
             % (socket.gethostname(), iso(time.time()), what, config.settings.syslog_ident))
     deliver(config, paths, new_report(config.settings, "❌", "selfheal", "WATCH FAILED", body))
     remember_mailed(paths, "watch-failure.json")
@@ -6158,6 +6518,25 @@ def port_units(ports: Iterable[int]) -> Dict[int, List[str]]:
     return found
 
 
+def root_command_problems(config: Config, skip_missing: bool = False) -> List[Tuple[int, str]]:
+    """(line, problem) for each command services.conf has root run (every config_check; a
+    health_command with health_run_as = root) that is not root's alone (root_only_problems).
+    skip_missing: a program that is not there at all is left to command_problem."""
+    found = []
+    for svc in config.services.values():
+        for key in ("config_check", "health_command"):
+            argv = getattr(svc, key)
+            if not argv or (key == "health_command" and svc.health_run_as != "root"):
+                continue
+            if skip_missing and command_problem(argv):
+                continue
+            for refused in root_only_problems(argv):
+                found.append((config.line(svc.name, key), "%s: root runs it, so it must be root's alone: %s%s" % (
+                    config.where(svc.name, key), refused,
+                    "" if key == "config_check" else " (or let the service run it: health_run_as = service)")))
+    return found
+
+
 def host_problems(config: Config, units: Dict[str, Dict[str, str]]) -> List[str]:
     """What makes a service impossible to heal as listed, on this host. units: HOST_PROPERTIES
     of every listed unit (empty dicts where systemd could not be asked: those checks skipped).
@@ -6189,6 +6568,8 @@ def host_problems(config: Config, units: Dict[str, Dict[str, str]]) -> List[str]
             bad = command_problem(getattr(svc, key)) if getattr(svc, key) else ""
             if bad:
                 problem(svc, key, bad)
+    problems.extend(root_command_problems(config, skip_missing=True))
+    for svc in config.services.values():
         name = never_touch_loaded(units.get(svc.unit, {}))
         if name:
             problem(svc, "unit", "%s is %s here, which selfheal never touches" % (svc.unit, name))
@@ -6270,7 +6651,10 @@ TimeoutStartSec=10min
 # config it tests and fails on port 80 with "bind() ... (13: Permission denied)" without it
 # (it also opens its logs, www-data's, through CAP_DAC_OVERRIDE and creates its temp dirs
 # for www-data through CAP_CHOWN: nothing more for Debian 12 and 13).
-CapabilityBoundingSet=CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE CAP_NET_BIND_SERVICE
+# CAP_SETUID and CAP_SETGID: a health_command runs as the service's own user and group (its
+# User=/Group=, nobody for root services), which drops every capability for it; with
+# NoNewPrivileges= (and setpriv --no-new-privs outside this unit) it cannot get one back.
+CapabilityBoundingSet=CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID
 NoNewPrivileges=yes
 # Relaxed: full, not strict. /usr, /boot and /etc are read-only, but /var, /srv and /opt stay
 # writable: a declared db_path or symlink may be anywhere there (strict would need each one
@@ -6335,8 +6719,11 @@ TimeoutStartSec=5min
 # Root, not User=/DynamicUser=/PrivateUsers=: `systemctl start --no-block selfheal@NAME`
 # goes through systemd's private socket, which only root may use.
 # CAP_DAC_READ_SEARCH: read a service's config_files owned by its own user, to keep the copy
-# a later heal compares with. Nothing else: no signals, no chown, no writes outside its dirs.
-CapabilityBoundingSet=CAP_DAC_READ_SEARCH
+# a later heal compares with. CAP_SETUID and CAP_SETGID: each health_command runs as its
+# service's own user and group (nobody for root services), without any capability;
+# CAP_KILL: what is left of it at its deadline is killed (its process group, of that user).
+# Nothing else: no chown, no writes outside its dirs.
+CapabilityBoundingSet=CAP_DAC_READ_SEARCH CAP_SETUID CAP_SETGID CAP_KILL
 NoNewPrivileges=yes
 # Everything read-only but its own state, logs and runtime dirs (created if missing; the
 # runtime dir is kept when the watch stops: heals use it too).

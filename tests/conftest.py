@@ -307,6 +307,8 @@ def fake_host(tmp_path, monkeypatch, quiet_selfheal, python_dir):
     monkeypatch.setenv("PATH", os.pathsep.join([str(FAKES), str(python_dir), os.environ.get("PATH", "")]))
     monkeypatch.setenv("FAKE_SYSTEMD_STATE", str(host.state_file))
     monkeypatch.setenv("FAKE_SYSTEMD_CALLS", str(host.calls_file))
+    # A config_check or health_command gets PATH alone; the fake checkers record their calls.
+    monkeypatch.setattr(selfheal, "COMMAND_ENV_KEEP", ("FAKE_SYSTEMD_STATE", "FAKE_SYSTEMD_CALLS"))
     monkeypatch.setenv("SELFHEAL_STATE_DIR", str(host.paths.state))
     monkeypatch.setenv("SELFHEAL_RUN_DIR", str(host.paths.run))
     monkeypatch.setenv("SELFHEAL_LOG_DIR", str(host.paths.logs))

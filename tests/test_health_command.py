@@ -122,7 +122,9 @@ def test_assess_names_the_command_of_a_hung_service():
         "unhealthy", "port 6379 open but " + detail)
 
 
-REDIS = {"redis-server": {"health_command": "%s -c \"import time; time.sleep(30)\"" % PY, "health_timeout": "0.5s"}}
+# Run as root: this Python may be one the service's user (nobody) cannot reach; who runs it is test_run_as.
+REDIS = {"redis-server": {"health_command": "%s -c \"import time; time.sleep(30)\"" % PY, "health_timeout": "0.5s",
+                          "health_run_as": "root"}}
 
 
 def test_watch_finds_a_service_whose_health_command_hangs_and_hands_it_to_selfheal_after_watch_confirm(wb):

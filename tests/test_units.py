@@ -157,7 +157,8 @@ HEAL_UNIT, WATCH_UNIT = "selfheal@.service", "selfheal-watch.service"
 # The settings chosen for each service (systemd-analyze security), all known to systemd 247.
 HARDENING = {
     HEAL_UNIT: {
-        "CapabilityBoundingSet": "CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE CAP_NET_BIND_SERVICE",
+        "CapabilityBoundingSet": "CAP_KILL CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_SYS_PTRACE CAP_NET_BIND_SERVICE "
+                                 "CAP_SETUID CAP_SETGID",
         "NoNewPrivileges": "yes", "ProtectSystem": "full", "ProtectHome": "read-only", "PrivateTmp": "yes",
         "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
         "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "ProtectClock": "yes", "ProtectHostname": "yes",
@@ -167,7 +168,7 @@ HARDENING = {
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
     },
     WATCH_UNIT: {
-        "CapabilityBoundingSet": "CAP_DAC_READ_SEARCH",
+        "CapabilityBoundingSet": "CAP_DAC_READ_SEARCH CAP_SETUID CAP_SETGID CAP_KILL",
         "NoNewPrivileges": "yes", "ProtectSystem": "strict", "StateDirectory": "selfheal", "LogsDirectory": "selfheal",
         "RuntimeDirectory": "selfheal", "RuntimeDirectoryPreserve": "yes", "ProtectHome": "read-only",
         "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
