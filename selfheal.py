@@ -3854,8 +3854,8 @@ def config_changes(paths: Paths, svc: Service) -> List[str]:
             continue
         diff = list(difflib.unified_diff(old, new, "%s (healthy start)" % path, "%s (now)" % path, lineterm="", n=2))
         for line in diff[:40]:
-            lines.append("    " + clean(line[:1] + " [a line that looks like a secret]" if SECRET_RE.search(line[1:])
-                                         and line[:1] in "+- " and not line.startswith(("---", "+++")) else line))
+            lines.append("    " + bounded(clean(line[:1] + " [a line that looks like a secret]" if SECRET_RE.search(
+                line[1:]) and line[:1] in "+- " and not line.startswith(("---", "+++")) else line)))
         if len(diff) > 40:
             lines.append("    ... (%d more lines)" % (len(diff) - 40))
     return lines

@@ -66,7 +66,8 @@ def test_after_a_crash_node_exporter_serves_the_heal_counted_and_the_service_up(
 
 
 def test_the_journal_has_the_heal_with_its_fields(host):
-    out = host.run(["journalctl", "--no-pager", "-o", "json", "SELFHEAL_SERVICE=web"]).stdout
+    # The README's queries, with _UID=0: only root's entries (any user may send these fields).
+    out = host.run(["journalctl", "--no-pager", "-o", "json", "_UID=0", "SELFHEAL_SERVICE=web"]).stdout
     entries = [json.loads(line) for line in out.splitlines() if line.strip()]
     healed = [e for e in entries if e.get("SELFHEAL_OUTCOME") == "RESOLVED"]
     assert healed, entries
@@ -76,8 +77,8 @@ def test_the_journal_has_the_heal_with_its_fields(host):
     assert entry["SELFHEAL_UNIT"] == "web.service" and entry["SELFHEAL_TRIGGER"] == "onfailure"
     assert entry["SELFHEAL_INCIDENT"] and entry["_SYSTEMD_UNIT"] == "selfheal@web.service"
     assert entry["MESSAGE"].startswith("web: web resolved in ")
-    by_id = host.run(["journalctl", "--no-pager", "-o", "json", "MESSAGE_ID=" + RESOLVED_ID]).stdout
+    by_id = host.run(["journalctl", "--no-pager", "-o", "json", "_UID=0", "MESSAGE_ID=" + RESOLVED_ID]).stdout
     assert entry["__CURSOR"] in by_id
     # One line per outcome: the text line and the fields are the same journal entry.
-    text = host.run(["journalctl", "--no-pager", "-o", "cat", "-t", "miraclemax-self-heal"]).stdout
+    text = host.run(["journalctl", "--no-pager", "-o", "cat", "_UID=0", "-t", "miraclemax-self-heal"]).stdout
     assert text.count("web: web resolved in ") == len(healed)

@@ -100,8 +100,9 @@ def test_security_exposure_of_both_services_is_ok_and_the_watch_gets_less_than_a
 def test_heal_runs_with_the_bounding_set_of_its_unit(host):
     wanted = show(host, "selfheal@web.service", "CapabilityBoundingSet").split()
     assert sorted(wanted) == ["cap_chown", "cap_dac_override", "cap_fowner", "cap_kill", "cap_net_bind_service",
-                              "cap_sys_ptrace"]
-    assert show(host, "selfheal-watch.service", "CapabilityBoundingSet").split() == ["cap_dac_read_search"]
+                              "cap_setgid", "cap_setuid", "cap_sys_ptrace"]
+    assert sorted(show(host, "selfheal-watch.service", "CapabilityBoundingSet").split()) == [
+        "cap_dac_read_search", "cap_kill", "cap_setgid", "cap_setuid"]
 
 
 def test_stale_process_of_another_users_service_is_found_and_stopped_from_inside_the_sandbox(host):

@@ -12,7 +12,7 @@ tests/test_drill_runas.py plays them on real systemd as the service's account wo
 
 import os
 import pwd
-import stat
+import re
 import sys
 import time
 
@@ -304,3 +304,23 @@ def test_a_mail_quoting_a_20_kb_journal_line_stays_small(bed):
     body = msg.get_content()
     assert "sk_live_999" not in body and "API-KEY=***" in body
     assert "\u202e" not in body and "\u200b" not in body and "\\u202eevil\\u200b" in body
+
+
+# -- entries that cannot be forged ------------------------------------------------------------
+
+def test_every_readme_query_on_selfheals_journal_fields_asks_for_uid_0(repo_root):
+    readme = (repo_root / "README.md").read_text(encoding="utf-8")
+    queries = [line.strip("` ") for line in readme.splitlines()
+               if "journalctl" in line and re.search(r"-t miraclemax-self-heal|MESSAGE_ID=|SELFHEAL_SERVICE=", line)]
+    queries = [q[q.index("journalctl"):] for q in queries]
+    assert len(queries) >= 4, queries
+    assert [q for q in queries if "_UID=0" not in q.split("#")[0]] == []
+
+
+def test_the_journal_of_a_failed_run_is_matched_on_fields_journald_sets(monkeypatch):
+    seen = []
+    monkeypatch.setattr(selfheal, "run", lambda argv, timeout=0: seen.append(argv) or selfheal.CmdResult(
+        tuple(argv), 0, "", "", 0.0))
+    selfheal.read_journal("abc123", "app.service")
+    matches = [arg for arg in seen[0] if "=" in arg or arg == "+"]
+    assert matches == ["_SYSTEMD_INVOCATION_ID=abc123", "+", "_PID=1", "INVOCATION_ID=abc123"]
