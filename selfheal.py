@@ -1753,38 +1753,43 @@ class CalendarSpec:
     def _offset(self, ts: int) -> int:
         return 0 if self.utc else time.localtime(ts).tm_gmtoff
 
-    def _ts(self, naive: int) -> Optional[int]:
-        """The UNIX time of a wall-clock time; None if a DST jump skips it."""
+    def _times(self, naive: int) -> List[int]:
+        """The UNIX times of a wall-clock time, earliest first: none when a DST change skips
+        it, two when one repeats it. Decided from the zone's offsets alone: mktime() would
+        pick by the offset the process last converted with."""
         if self.utc:
-            return naive
-        tm = time.gmtime(naive)
-        ts = int(time.mktime(tm[:6] + (0, 0, -1)))
-        return ts if time.localtime(ts)[:6] == tm[:6] else None
+            return [naive]
+        offsets = {time.localtime(naive + shift).tm_gmtoff for shift in (-86400, -43200, 0, 43200, 86400)}
+        return sorted(naive - offset for offset in offsets if time.localtime(naive - offset).tm_gmtoff == offset)
 
     def next_elapse(self, after: float) -> Optional[float]:
-        """The first matching time strictly after `after`, as systemd computes it."""
+        """The first matching time strictly after `after`, as systemd computes it
+        (systemd-analyze calendar --base-time, 247, 252 and 257): a wall-clock time that the
+        end of summer time repeats is its first occurrence, or its second when `after` is
+        already past the first (the base's own offset then decides, as it does for systemd)."""
         start = int(after // 1) + 1
         for naive in self._walk(start + self._offset(start), 1):
-            ts = self._ts(naive)
-            if ts is not None and ts > after:
-                return float(ts)
+            for ts in self._times(naive):
+                if ts > after:
+                    return float(ts)
         return None
 
     def last_elapse(self, at: float, within: float) -> Optional[float]:
-        """The latest matching time t with at - within < t <= at, or None."""
+        """The latest matching time t with at - within < t <= at, or None: when a running
+        timer fires, so a repeated wall-clock time counts at its first occurrence only (a
+        timer that fired there computes its next elapse from there, past the repeat)."""
         hi, lo = int(at // 1), int((at - within) // 1)
         # Across a DST change the wall clock repeats or skips an hour: walk the wall-clock
-        # span of both offsets, and keep what maps into the interval. In a repeated hour the
-        # first such time is not always the latest; a window then closes up to an hour early.
+        # span of both offsets, and keep what maps into the interval.
         offsets = (self._offset(lo), self._offset(hi))
         low = lo + min(offsets)
         for naive in self._walk(hi + max(offsets), -1,
                                 dt.date.fromordinal(_EPOCH_DAY + low // 86400).year):
             if naive < low:
                 return None
-            ts = self._ts(naive)
-            if ts is not None and at - within < ts <= at:
-                return float(ts)
+            times = self._times(naive)
+            if times and at - within < times[0] <= at:
+                return float(times[0])
         return None
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from selfheal import Window, maintenance_end, parse_calendar, parse_maintenance
 
 ROOTS = {suite: SUITE_VERSIONS[suite]["systemd"] for suite in drill_suites()}
 BED = str(bed.cache_dir())
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -190,7 +192,9 @@ def test_last_elapse_timing():
         time.tzset()
         spec, at = parse_calendar("*-*-* *:*:*"), ts("2027-10-31 01:30:00")
         start = time.perf_counter()
-        assert spec.last_elapse(at, 7 * 86400) == at
+        # systemd's every-second timer jumps from 00:59:59 to 02:00:00 UTC that night (its
+        # next elapse after 02:59:59 CEST is 03:00 CET): the repeated hour never fires.
+        assert spec.last_elapse(at, 7 * 86400) == ts("2027-10-31 00:59:59")
         print(f"last_elapse('*-*-* *:*:*', 7d) in Berlin's repeated hour: "
               f"{(time.perf_counter() - start) * 1000:.3f} ms")
 
@@ -311,14 +315,22 @@ def test_local_time_like_systemd(root, expr):
 
 # ---- last_elapse (what a window's opening is) agrees with next_elapse (checked against systemd) ----
 
+def repeats_an_earlier_time(t):
+    """t is the second occurrence of its wall-clock time (the hour summer time's end repeats)."""
+    return any(time.localtime(t - shift)[:6] == time.localtime(t)[:6] for shift in (1800, 3600, 7200))
+
+
 def brute_last(spec, at, within):
-    """The latest elapse in (at - within, at] found by walking next_elapse from the window's start."""
+    """The latest elapse in (at - within, at] found by walking next_elapse from the window's
+    start. A running timer never fires at a second occurrence (it computes its next elapse from
+    the first): a walk that starts inside the repeated hour sees those, and they do not count."""
     found, t = None, at - within
     while True:
         t = spec.next_elapse(t)
         if t is None or t > at:
             return found
-        found = t
+        if not repeats_an_earlier_time(t):
+            found = t
 
 
 @pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin"])
@@ -330,14 +342,54 @@ def test_last_elapse_is_the_latest_next_elapse_in_the_window(zone, expr):
     os.environ["TZ"] = zone
     time.tzset()
     spec = parse_calendar(expr)
-    # Every 37 minutes across a spring and an autumn change in Berlin; a window that reaches
-    # into the repeated autumn hour is left out (a known limit: there the second 02:30 counts
-    # as an opening too, which systemd's timers do not fire).
-    repeated = (ts("2027-10-31 00:00:00"), ts("2027-10-31 02:00:00"))
+    # Every 37 minutes across a spring and an autumn change in Berlin, the repeated hour too.
     for start in (ts("2027-03-26 00:00:00"), ts("2027-10-29 00:00:00")):
         for step in range(0, 4 * 86400, 37 * 60):
             at = start + step
             for within in (1800, 3 * 3600):
-                if zone != "UTC" and at - within <= repeated[1] and at >= repeated[0]:
-                    continue
                 assert spec.last_elapse(at, within) == brute_last(spec, at, within), (expr, at, within)
+
+
+# ---- the repeated and the skipped hour, as systemd decides them, whatever the process did before ----
+
+DST_CASES = [  # (expression, base time UTC): Berlin's autumn (repeated 02:00-03:00) and spring (skipped) nights
+    ("Sun *-*-* 02:30", "2027-10-30 12:00:00"), ("*-*-* *:30", "2027-10-31 00:00:00"),
+    ("*-*-* 02:00..03:00/15", "2027-10-30 23:50:00"), ("Sun *-*-* 02:30", "2027-03-27 12:00:00"),
+    ("*-*-* *:30", "2027-03-28 00:00:00"), ("*-*-* *:30", "2027-10-31 01:15:00"),
+]
+OURS_IN_A_FRESH_PROCESS = """
+import calendar, sys, time
+sys.path.insert(0, sys.argv[1])
+import selfheal
+if sys.argv[4] == "after-a-winter-conversion":  # what made mktime() pick the other offset
+    time.mktime((2027, 12, 1, 12, 0, 0, 0, 0, -1))
+spec, t = selfheal.parse_calendar(sys.argv[2]), calendar.timegm(time.strptime(sys.argv[3], "%Y-%m-%d %H:%M:%S"))
+for _ in range(4):
+    t = spec.next_elapse(t)
+    print(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)))
+"""
+
+
+@pytest.mark.parametrize("root", ROOTS)
+@pytest.mark.parametrize("expr, base", DST_CASES)
+@pytest.mark.parametrize("before", ["fresh", "after-a-winter-conversion"])
+def test_repeated_and_skipped_hours_elapse_as_systemds_base_time_says(root, expr, base, before):
+    zone = "Europe/Berlin"
+    if not os.path.exists("/usr/share/zoneinfo/" + zone):
+        pytest.skip("no zoneinfo for %s" % zone)
+    path = os.path.join(BED, root)
+    if os.geteuid() != 0 or not os.path.exists(os.path.join(path, "usr/bin/systemd-analyze")):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true: %s cannot be asked (root, tests/run.sh builds it)" % path)
+        pytest.skip("%s cannot be asked (root, tests/run.sh builds it)" % path)
+    done = subprocess.run([shutil.which("chroot") or "/usr/sbin/chroot", path, "systemd-analyze", "calendar",
+                           "--iterations=4", "--base-time=%s UTC" % base, expr],
+                          env={"TZ": zone, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                          capture_output=True, text=True, timeout=60)
+    theirs = re.findall(r"^\s*\(in UTC\): \w+ (\S+ \S+) UTC$", done.stdout, re.M)
+    assert done.returncode == 0 and len(theirs) == 4, done.stdout + done.stderr
+    ours = subprocess.run([sys.executable, "-S", "-c", OURS_IN_A_FRESH_PROCESS, REPO_DIR, expr, base, before],
+                          env={"TZ": zone, "PATH": os.environ.get("PATH", "")}, capture_output=True, text=True,
+                          timeout=60)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout.split("\n")[:4] == theirs, (expr, base, before)
