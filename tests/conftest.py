@@ -342,11 +342,13 @@ def as_root(monkeypatch):
     Run by a user, two things only root can do are left out: the tests' files cannot be
     root's, so the trusted-file check (the config must be root's alone; test_config.py and
     test_hostile.py check it) is off, and so is giving root-only files to root (restrict:
-    fchown). As root, only is_root is patched (to what it says anyway)."""
+    fchown); the commands root may run must be the running user's alone instead of root's
+    (ROOT_OWNER). As root, only is_root is patched (to what it says anyway)."""
     monkeypatch.setattr(selfheal, "is_root", lambda: True)
     if os.geteuid() != 0:
         monkeypatch.setattr(selfheal, "check_trusted_file", lambda path, what: None)
         monkeypatch.setattr(selfheal, "restrict", lambda fd, mode: None)
+        monkeypatch.setattr(selfheal, "ROOT_OWNER", os.geteuid())
 
 
 @pytest.fixture
