@@ -19,6 +19,32 @@ def pytest_configure(config):
     )
 
 
+def _searchable(directory):
+    """False only for what execvp would find refused (EACCES): a directory we may not search,
+    or one under such a directory; a directory that does not exist is harmless (ENOENT)."""
+    try:
+        os.stat(directory)
+    except PermissionError:
+        return False
+    except OSError:
+        return True
+    return os.access(directory, os.X_OK)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def searchable_path():
+    """PATH without the directories this user cannot search. Run as another user with root's
+    PATH (`su nobody -c ...` keeps /root/.pyenv/shims), execvp meets EACCES there first, and
+    every missing command says "Permission denied" instead of "command not found", which the
+    tests of a missing command check. The PATH of the run is restored after it."""
+    saved = os.environ.get("PATH")
+    if saved is not None:
+        os.environ["PATH"] = os.pathsep.join(d for d in saved.split(os.pathsep) if _searchable(d))
+    yield
+    if saved is not None:
+        os.environ["PATH"] = saved
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     """The checkout under test (bind it into a Container to test this very code)."""
