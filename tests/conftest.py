@@ -73,6 +73,7 @@ import importlib.machinery  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import py_compile  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
@@ -342,7 +343,7 @@ def fake_host(tmp_path, monkeypatch, quiet_selfheal, python_dir):
     monkeypatch.setattr(selfheal, "KILL_GRACE", 0.5)
     # A run with neither port nor health check must stay up SETTLE_SECONDS; a shorter one
     # here keeps the heal tests fast (tests/test_heal.py checks the settling itself).
-    monkeypatch.setattr(selfheal, "SETTLE_SECONDS", 0.2)
+    monkeypatch.setattr(selfheal, "SETTLE_SECONDS", 0.05)
     monkeypatch.setattr(selfheal, "RECHECK_DELAY", 0.05)  # the watch looks again at a hang this soon
     # Fast by default: the fakes run in-process. Ask for `real_commands` to exec them.
     monkeypatch.setattr(selfheal, "subprocess", _subprocess_with_fakes_in_process())
@@ -413,14 +414,30 @@ def write_conf(tmp_path):
     return write
 
 
+# What `python3 selfheal.py` does, from bytecode compiled once: the code runs as __main__
+# with __file__, argv[0] and sys.path[0] as the script would have them.
+RUN_COMPILED = ("import sys, __main__; src, pyc = sys.argv[1:3]; del sys.argv[1:3]; "
+                "sys.argv[0] = __main__.__file__ = src; sys.path[0] = src.rpartition('/')[0]; "
+                "exec(__import__('marshal').loads(open(pyc, 'rb').read()[16:]), __main__.__dict__)")
+
+
 class SelfhealCli:
     """Runs `python3 selfheal.py ARGS` (or another script) -> CompletedProcess with text output.
 
+    selfheal.py is compiled once for the session (a script is compiled afresh at every run,
+    414 KB of it, and the checkout's __pycache__ may not be writable), and each run executes
+    that bytecode as __main__, as the script would run (RUN_COMPILED). Another script
+    (miraclemax-status, an installed copy) runs as itself.
     -S: selfheal is stdlib-only, so it needs no site-packages (and each run starts faster).
     """
 
+    def __init__(self, pyc):
+        self.pyc = str(pyc)
+        py_compile.compile(str(SELFHEAL_PY), cfile=self.pyc, doraise=True)
+
     def argv(self, args, script=None):
-        return [sys.executable, "-S", str(script or SELFHEAL_PY)] + [str(a) for a in args]
+        how = [str(script)] if script else ["-c", RUN_COMPILED, str(SELFHEAL_PY), self.pyc]
+        return [sys.executable, "-S"] + how + [str(a) for a in args]
 
     def env(self, env=None):
         full = dict(os.environ if env is None else env)
@@ -440,9 +457,9 @@ class SelfhealCli:
 
 
 @pytest.fixture(scope="session")
-def cli():
+def cli(tmp_path_factory):
     """cli(*args, env=None, cwd=None, script=None) runs selfheal.py as a command; cli.many([...])."""
-    return SelfhealCli()
+    return SelfhealCli(tmp_path_factory.mktemp("bytecode") / "selfheal.pyc")
 
 
 class HealBed:

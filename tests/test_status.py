@@ -810,10 +810,15 @@ def test_miraclemax_status_and_selfheal_status_are_the_same_code(host, cli):
 
 
 def test_a_closed_pipe_is_not_an_error(host, cli):
-    argv = " ".join(cli.argv(["status", "--watch", "0.2"]))  # writes until the reader is gone
-    done = subprocess.run("%s | head -n 1" % argv, shell=True, env=cli.env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
-    assert done.stdout.startswith("╭") and "Error" not in done.stderr and "Traceback" not in done.stderr
+    # `selfheal status --watch 0.2 | head -n 1`: it writes until the reader is gone
+    with subprocess.Popen(cli.argv(["status", "--watch", "0.2"]), env=cli.env(), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True) as writer:
+        head = subprocess.run(["head", "-n", "1"], stdin=writer.stdout, stdout=subprocess.PIPE,
+                              universal_newlines=True, timeout=60)
+        writer.stdout.close()  # head is the only reader left: once it exits, the pipe is closed
+        err = writer.stderr.read()
+        writer.wait(timeout=60)
+    assert head.stdout.startswith("╭") and "Error" not in err and "Traceback" not in err
 
 
 def test_watch_exits_0_on_ctrl_c_even_when_sigint_comes_twice(host, cli):
