@@ -90,7 +90,7 @@ class HttpSink:
         self._server = _Server((host, port), _Handler)
         self._server.sink = self  # type: ignore[attr-defined]
         self.host, self.port = self._server.server_address[:2]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01},
                                         name="http-sink", daemon=True)
         self._thread.start()
 

@@ -1332,10 +1332,10 @@ def test_heal_timeout_that_cannot_work_is_a_config_error(write_conf, settings, m
 
 def test_service_without_port_or_health_that_dies_a_second_after_its_restart_is_not_resolved(bed, monkeypatch):
     """"active" alone proves little: the run must stay up, the same run, for SETTLE_SECONDS."""
-    monkeypatch.setattr(selfheal, "SETTLE_SECONDS", 1.5)
+    monkeypatch.setattr(selfheal, "SETTLE_SECONDS", 0.6)
     died = {"ActiveState": "failed", "SubState": "failed", "Result": "exit-code", "ExecMainCode": "1",
             "ExecMainStatus": "1"}
-    bed.host.failed(WORKER, then={"after": 0.5, "set": died})
+    bed.host.failed(WORKER, then={"after": 0.2, "set": died})
     rc, _ = bed.heal("worker")
     assert rc == 1
     assert [e["outcome"] for e in bed.history("worker")][-1] == "FAILED"
@@ -1343,11 +1343,11 @@ def test_service_without_port_or_health_that_dies_a_second_after_its_restart_is_
 
 
 def test_service_without_port_or_health_that_stays_up_is_resolved_after_settling(bed, monkeypatch):
-    monkeypatch.setattr(selfheal, "SETTLE_SECONDS", 1.0)
+    monkeypatch.setattr(selfheal, "SETTLE_SECONDS", 0.3)
     bed.host.failed(WORKER)
     started = time.monotonic()
     assert bed.heal("worker")[0] == 0
-    assert time.monotonic() - started >= 1.0
+    assert time.monotonic() - started >= 0.3
     assert "RESOLVED" in str(bed.sink.messages[-1]["Subject"])
 
 
