@@ -414,6 +414,28 @@ def write_conf(tmp_path):
     return write
 
 
+DEPLOY = REPO / "deploy" / "ansible"
+
+
+def ansible(tool, *args, tmp_path, env_more=None):
+    """Run an Ansible command (ansible-playbook, ...) in deploy/ansible -> CompletedProcess.
+    Skips the test where it is not installed; under CI=true that fails it instead."""
+    path = shutil.which(tool)
+    if not path:
+        reason = "%s is missing (tests/run.sh installs ansible-core as root)" % tool
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true and " + reason)
+        pytest.skip(reason)
+    # Its temp dirs under tmp_path: the "remote" one (-c local) is ~/.ansible/tmp by default,
+    # and a user like nobody has no home to write.
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
+               ANSIBLE_REMOTE_TEMP=str(tmp_path / "ansible-remote-tmp"), ANSIBLE_CONFIG=str(tmp_path / "no-ansible.cfg"))
+    env.update(env_more or {})
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([path] + [str(a) for a in args], env=env, cwd=str(DEPLOY), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+
+
 # What `python3 selfheal.py` does, from bytecode compiled once: the code runs as __main__
 # with __file__, argv[0] and sys.path[0] as the script would have them.
 RUN_COMPILED = ("import sys, __main__; src, pyc = sys.argv[1:3]; del sys.argv[1:3]; "
@@ -547,3 +569,155 @@ def report_section(text: str, title: str) -> str:
 @pytest.fixture
 def section():
     return report_section
+
+
+# ======================================================================================
+# The watch's bed (tests/test_watch.py, and the tests of what the watch finds:
+# test_health_command, test_host_checks, test_report_truth): the fake host and an SMTP sink
+# with the watch's settings, a clock the test moves forward, and fake health answers.
+# ======================================================================================
+
+STORY = "story-stages.service"
+WORKER = "worker.service"
+HEALTH = "http://127.0.0.1:5002/health"
+RUN = "a" * 32  # an InvocationID: the run of the unit the watch looks at
+OTHER_RUN = "b" * 32
+HANG = (False, "no answer within 5 s")
+FINE = (True, "HTTP 200")
+
+# The watch bed's [selfheal] keys beyond conftest.TEST_SETTINGS (smtp_port: the sink's).
+WATCH_SETTINGS = {"smtp_host": "127.0.0.1", "smtp_timeout": "5s", "failure_window": "1h", "verify_timeout": "3s",
+                  "watch_interval": "30s", "watch_confirm": 2, "flap_threshold": 3, "flap_window": "15m",
+                  "reminder_interval": "1h", "incident_quiet": "10m"}
+
+
+class Clock:
+    """selfheal's time.time(), moved forward by the test; time.monotonic and sleep stay real."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def time(self):
+        return time.time() + self.offset
+
+    def advance(self, seconds):
+        self.offset += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = Clock()
+    proxy = types.ModuleType("time")
+    proxy.__getattr__ = lambda name: getattr(time, name)  # PEP 562: the rest is the real time
+    proxy.time = clock.time
+    monkeypatch.setattr(selfheal, "time", proxy)
+    return clock
+
+
+class Health:
+    """Stands in for selfheal.http_check: an answer per URL (a callable is asked each time)."""
+
+    def __init__(self):
+        self.answers = {}
+
+    def __call__(self, url, timeout, expect_status=(), expect_text=""):
+        answer = self.answers.get(url, FINE)
+        return answer() if callable(answer) else answer
+
+
+class WatchBed:
+    """The fake host and an SMTP sink with the watch's settings, a clock and fake health answers."""
+
+    def __init__(self, host, sink, write_conf, monkeypatch, clock, health):
+        self.host, self.sink, self.paths = host, sink, host.paths
+        self.clock, self.health = clock, health
+        self._write, self._monkeypatch = write_conf, monkeypatch
+        self.host.unit("selfheal@.service")  # the template the watch starts selfheal@NAME.service from
+        self.configure()
+
+    def configure(self, settings=None, story=None, worker=None, extra=None, failure_threshold=10, health_url=HEALTH):
+        """The config: WATCH_SETTINGS and `settings`; [story-stages] (port 5002, health_url) and
+        [worker] with more keys from `story` and `worker`; then the sections in `extra`."""
+        services = {"story-stages": dict({"port": 5002, "health_url": health_url, "strategies": "service_restart"},
+                                         **(story or {})),
+                    "worker": dict(worker or {})}
+        path = self._write(conf(dict(WATCH_SETTINGS, smtp_port=self.sink.port, failure_threshold=failure_threshold,
+                                     **(settings or {})), dict(services, **(extra or {}))))
+        self._monkeypatch.setenv("SELFHEAL_CONFIG", path)
+        self.config = selfheal.load_config(path, trusted=False)
+        return self.config
+
+    def look(self, name, health=None):
+        """One look of the watch at one service, at the unit as the fake host shows it now."""
+        svc = self.config.services[name]
+        return selfheal.watch_service(self.config, self.paths, svc, selfheal.show_unit(svc.unit),
+                                      selfheal.listening_ports(), health, self.clock.time())
+
+    def heal(self, name, trigger="onfailure"):
+        """What selfheal@NAME.service runs (heal --trigger onfailure NAME) -> (rc, printed)."""
+        out = io.StringIO()
+        rc = selfheal.cmd_heal(self.config, name, self.paths, trigger, env={}, out=out)
+        return rc, out.getvalue()
+
+    def triggers(self):
+        """The heals the watch handed to systemd: `systemctl start ...` calls."""
+        return [c[1:] for c in self.host.calls("systemctl") if c[1:2] == ["start"]]
+
+    def touched(self, unit):
+        """Calls that changed the unit itself (restart, start, stop, ...)."""
+        return [c for c in self.host.actions() if unit in c]
+
+    def finding(self, name):
+        path = self.paths.finding(name)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def watch_state(self, name):
+        return selfheal.load_watch_state(self.paths, name)
+
+    def state(self, name):
+        return selfheal.load_service_state(self.paths, name)
+
+    def outcomes(self, name):
+        return [e["outcome"] for e in selfheal.read_history(self.paths, name)]
+
+    def subjects(self):
+        return [m["Subject"] for m in self.sink.messages]
+
+    def resume(self, name):
+        assert selfheal.cmd_pause(self.config, self.paths, "resume", name, None) == selfheal.EX_OK
+
+
+@pytest.fixture
+def health(monkeypatch):
+    fake = Health()
+    monkeypatch.setattr(selfheal, "http_check", fake)
+    return fake
+
+
+@pytest.fixture(scope="module")
+def module_sink():
+    sink = SmtpSink()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture
+def sink(module_sink):
+    """One SMTP sink for this module (stopping one per test costs more than these tests), emptied."""
+    with module_sink.lock:
+        module_sink.received.clear()
+    module_sink.mode = "ok"
+    return module_sink
+
+
+@pytest.fixture
+def wb(fake_host, sink, write_conf, monkeypatch, clock, health):
+    return WatchBed(fake_host, sink, write_conf, monkeypatch, clock, health)
+
+
+def running(host, unit, invocation=RUN, **props):
+    host.unit(unit, ActiveState="active", SubState="running", Result="success", InvocationID=invocation, **props)
+
+
+def stopped(host, unit, invocation=RUN, **props):
+    host.unit(unit, ActiveState="inactive", SubState="dead", Result="success", InvocationID=invocation, **props)

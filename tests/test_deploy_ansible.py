@@ -4,33 +4,12 @@ the playbooks against booted hosts). Skipped where Ansible is not installed (a f
 under CI=true, where tests/run.sh has installed it)."""
 
 import json
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-DEPLOY = REPO / "deploy" / "ansible"
+from conftest import DEPLOY, ansible
+
 EXAMPLE = DEPLOY / "inventory.example.yml"
-
-
-def ansible(tool, *args, tmp_path, env_more=None):
-    path = shutil.which(tool)
-    if not path:
-        reason = "%s is missing (tests/run.sh installs ansible-core as root)" % tool
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true and " + reason)
-        pytest.skip(reason)
-    # Its temp dirs under tmp_path: the "remote" one (-c local) is ~/.ansible/tmp by default,
-    # and a user like nobody has no home to write.
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
-               ANSIBLE_REMOTE_TEMP=str(tmp_path / "ansible-remote-tmp"), ANSIBLE_CONFIG=str(tmp_path / "no-ansible.cfg"))
-    env.update(env_more or {})
-    env.pop("PYTHONPATH", None)
-    return subprocess.run([path] + [str(a) for a in args], env=env, cwd=str(DEPLOY), stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
 
 
 def test_the_playbooks_pass_ansible_syntax_check(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from drillkit import drill_conf
 from drillkit import queued_for
 from drillkit import drill_suites, REPO_INSIDE, history, installed_host, show, wait_idle, web_unit
-from test_status import check_shape
+from statuskit import check_shape
 
 pytestmark = pytest.mark.drill
 

@@ -13,8 +13,7 @@ import time
 import pytest
 
 import selfheal
-from conftest import REPO
-from test_deploy_ansible import DEPLOY, ansible
+from conftest import DEPLOY, REPO, ansible
 
 SCRIPT = DEPLOY / "roles" / "selfheal" / "files" / "fleet_status.py"
 _spec = importlib.util.spec_from_file_location("fleet_status", str(SCRIPT))
