@@ -351,9 +351,11 @@ def fake_host(tmp_path, monkeypatch, quiet_selfheal, python_dir):
         if name.startswith("MONITOR_"):
             monkeypatch.delenv(name)
     monkeypatch.setattr(selfheal, "KILL_GRACE", 0.5)
-    # A run with neither port nor health check must stay up SETTLE_SECONDS; a shorter one
-    # here keeps the heal tests fast (tests/test_heal.py checks the settling itself).
-    monkeypatch.setattr(selfheal, "SETTLE_SECONDS", 0.05)
+    # A run with neither port nor health check must stay up SETTLE_SECONDS, probed every
+    # POLL_INTERVAL; shorter ones here keep the heal tests fast (tests/test_heal.py checks the
+    # settling itself, with its own SETTLE_SECONDS).
+    monkeypatch.setattr(selfheal, "SETTLE_SECONDS", 0.01)
+    monkeypatch.setattr(selfheal, "POLL_INTERVAL", 0.01)
     monkeypatch.setattr(selfheal, "RECHECK_DELAY", 0.05)  # the watch looks again at a hang this soon
     # Fast by default: the fakes run in-process. Ask for `real_commands` to exec them.
     monkeypatch.setattr(selfheal, "subprocess", _subprocess_with_fakes_in_process())
