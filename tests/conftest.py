@@ -498,6 +498,35 @@ class SelfhealCli:
             return list(pool.map(lambda args: self(*args, env=env), arg_lists))
 
 
+def run_main(*args, env=None):
+    """`selfheal.py ARGS` in this process -> CompletedProcess: selfheal.main(ARGS) with argv,
+    environment (env: all of it, as for a new process), stdout and stderr its own for the
+    call, and selfheal's logger put back after. For tables of command lines that read a file
+    and answer (validate); what only a process shows (exit through sys.exit, a crash's
+    traceback on stderr, the bytecode that runs) stays with `cli`."""
+    args = [str(a) for a in args]
+    logger = selfheal.log
+    saved = (sys.argv, dict(os.environ), logger.handlers[:], logger.level, logger.propagate)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        sys.argv = [str(SELFHEAL_PY)] + args
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = selfheal.main(args)
+            except SystemExit as exc:  # argparse: usage errors, --help, --version
+                rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved[0]
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(saved[1])
+        logger.handlers[:], logger.level, logger.propagate = saved[2], saved[3], saved[4]
+    return subprocess.CompletedProcess([str(SELFHEAL_PY)] + args, rc, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def cli(tmp_path_factory):
     """cli(*args, env=None, cwd=None, script=None) runs selfheal.py as a command; cli.many([...])."""
