@@ -1307,18 +1307,18 @@ def test_restart_that_never_finishes_ends_the_heal_failed_within_heal_timeout_na
     # heal_timeout keeps HEAL_RESERVE (5 s) to record and report: 1 s is as good here, and
     # the config's own check (heal_timeout >= verify_timeout + HEAL_RESERVE) reads it too.
     monkeypatch.setattr(selfheal, "HEAL_RESERVE", 1.0)
-    bed.configure(heal_timeout="3s", verify_timeout="1s")
+    bed.configure(heal_timeout="2s", verify_timeout="1s")
     bed.host.failed(STORY, on_restart="hang")
     started = time.monotonic()
     rc, _ = bed.heal("story-stages")
     took = time.monotonic() - started
     assert rc == 1
-    assert took < 3 + 3, took  # heal_timeout, and the report after it
+    assert took < 2 + 3, took  # heal_timeout, and the report after it
     (event,) = bed.history("story-stages")
     assert event["outcome"] == "FAILED"
     (msg,) = bed.sink.messages
     body = msg.get_content()
-    assert "the heal did not finish within heal_timeout = 3 s" in body
+    assert "the heal did not finish within heal_timeout = 2 s" in body
     assert "`systemctl restart story-stages.service` did not finish" in body
 
 
