@@ -19,6 +19,32 @@ def pytest_configure(config):
     )
 
 
+def _searchable(directory):
+    """False only for what execvp would find refused (EACCES): a directory we may not search,
+    or one under such a directory; a directory that does not exist is harmless (ENOENT)."""
+    try:
+        os.stat(directory)
+    except PermissionError:
+        return False
+    except OSError:
+        return True
+    return os.access(directory, os.X_OK)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def searchable_path():
+    """PATH without the directories this user cannot search. Run as another user with root's
+    PATH (`su nobody -c ...` keeps /root/.pyenv/shims), execvp meets EACCES there first, and
+    every missing command says "Permission denied" instead of "command not found", which the
+    tests of a missing command check. The PATH of the run is restored after it."""
+    saved = os.environ.get("PATH")
+    if saved is not None:
+        os.environ["PATH"] = os.pathsep.join(d for d in saved.split(os.pathsep) if _searchable(d))
+    yield
+    if saved is not None:
+        os.environ["PATH"] = saved
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     """The checkout under test (bind it into a Container to test this very code)."""
@@ -47,6 +73,7 @@ import importlib.machinery  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import py_compile  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
@@ -108,6 +135,16 @@ class _NoSyslog(logging.Handler):
 
     def emit(self, record):
         pass
+
+
+@pytest.fixture(autouse=True)
+def no_fsync(monkeypatch):
+    """os.fsync does nothing in the test process. selfheal syncs every file it replaces or
+    appends to, and the directory too, so that a power cut leaves the old or the new state;
+    no test here can cut the power, and on ext4 a sync costs about a millisecond: the fast
+    layer made about 5,500 of them (7 s). What the file holds, its mode, the atomic rename and
+    the append are all still real; the drills run selfheal's real syncs on a real systemd."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
 
 
 @pytest.fixture
@@ -316,9 +353,11 @@ def fake_host(tmp_path, monkeypatch, quiet_selfheal, python_dir):
         if name.startswith("MONITOR_"):
             monkeypatch.delenv(name)
     monkeypatch.setattr(selfheal, "KILL_GRACE", 0.5)
-    # A run with neither port nor health check must stay up SETTLE_SECONDS; a shorter one
-    # here keeps the heal tests fast (tests/test_heal.py checks the settling itself).
-    monkeypatch.setattr(selfheal, "SETTLE_SECONDS", 0.2)
+    # A run with neither port nor health check must stay up SETTLE_SECONDS, probed every
+    # POLL_INTERVAL; shorter ones here keep the heal tests fast (tests/test_heal.py checks the
+    # settling itself, with its own SETTLE_SECONDS).
+    monkeypatch.setattr(selfheal, "SETTLE_SECONDS", 0.01)
+    monkeypatch.setattr(selfheal, "POLL_INTERVAL", 0.01)
     monkeypatch.setattr(selfheal, "RECHECK_DELAY", 0.05)  # the watch looks again at a hang this soon
     # Fast by default: the fakes run in-process. Ask for `real_commands` to exec them.
     monkeypatch.setattr(selfheal, "subprocess", _subprocess_with_fakes_in_process())
@@ -331,6 +370,14 @@ def fake_host(tmp_path, monkeypatch, quiet_selfheal, python_dir):
         monkeypatch.setattr(selfheal, "listen_inodes",
                             lambda port, proc=None: real_listen_inodes(port, host.write_proc_net()))
     monkeypatch.setattr(selfheal, "read_process", host.fake_read_process(selfheal.read_process))
+    # The default metrics_file is the host's own node_exporter directory: where the host has
+    # one (a Debian root with prometheus-node-exporter), a heal here would write the host's
+    # metrics and ask the host's busctl. The fake host has none, as most hosts; a test of the
+    # metrics gives its own metrics_file (tests/test_fleetview.py).
+    real_write_metrics = selfheal.write_metrics
+    monkeypatch.setattr(selfheal, "write_metrics", lambda config, paths, watch_ran=None: None
+                        if config.settings.metrics_file == selfheal.METRICS_FILE
+                        else real_write_metrics(config, paths, watch_ran))
     return host
 
 
@@ -391,14 +438,52 @@ def write_conf(tmp_path):
     return write
 
 
+DEPLOY = REPO / "deploy" / "ansible"
+
+
+def ansible(tool, *args, tmp_path, env_more=None):
+    """Run an Ansible command (ansible-playbook, ...) in deploy/ansible -> CompletedProcess.
+    Skips the test where it is not installed; under CI=true that fails it instead."""
+    path = shutil.which(tool)
+    if not path:
+        reason = "%s is missing (tests/run.sh installs ansible-core as root)" % tool
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true and " + reason)
+        pytest.skip(reason)
+    # Its temp dirs under tmp_path: the "remote" one (-c local) is ~/.ansible/tmp by default,
+    # and a user like nobody has no home to write.
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
+               ANSIBLE_REMOTE_TEMP=str(tmp_path / "ansible-remote-tmp"), ANSIBLE_CONFIG=str(tmp_path / "no-ansible.cfg"))
+    env.update(env_more or {})
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([path] + [str(a) for a in args], env=env, cwd=str(DEPLOY), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+
+
+# What `python3 selfheal.py` does, from bytecode compiled once: the code runs as __main__
+# with __file__, argv[0] and sys.path[0] as the script would have them.
+RUN_COMPILED = ("import sys, __main__; src, pyc = sys.argv[1:3]; del sys.argv[1:3]; "
+                "sys.argv[0] = __main__.__file__ = src; sys.path[0] = src.rpartition('/')[0]; "
+                "exec(__import__('marshal').loads(open(pyc, 'rb').read()[16:]), __main__.__dict__)")
+
+
 class SelfhealCli:
     """Runs `python3 selfheal.py ARGS` (or another script) -> CompletedProcess with text output.
 
+    selfheal.py is compiled once for the session (a script is compiled afresh at every run,
+    414 KB of it, and the checkout's __pycache__ may not be writable), and each run executes
+    that bytecode as __main__, as the script would run (RUN_COMPILED). Another script
+    (miraclemax-status, an installed copy) runs as itself.
     -S: selfheal is stdlib-only, so it needs no site-packages (and each run starts faster).
     """
 
+    def __init__(self, pyc):
+        self.pyc = str(pyc)
+        py_compile.compile(str(SELFHEAL_PY), cfile=self.pyc, doraise=True)
+
     def argv(self, args, script=None):
-        return [sys.executable, "-S", str(script or SELFHEAL_PY)] + [str(a) for a in args]
+        how = [str(script)] if script else ["-c", RUN_COMPILED, str(SELFHEAL_PY), self.pyc]
+        return [sys.executable, "-S"] + how + [str(a) for a in args]
 
     def env(self, env=None):
         full = dict(os.environ if env is None else env)
@@ -417,10 +502,39 @@ class SelfhealCli:
             return list(pool.map(lambda args: self(*args, env=env), arg_lists))
 
 
+def run_main(*args, env=None):
+    """`selfheal.py ARGS` in this process -> CompletedProcess: selfheal.main(ARGS) with argv,
+    environment (env: all of it, as for a new process), stdout and stderr its own for the
+    call, and selfheal's logger put back after. For tables of command lines that read a file
+    and answer (validate); what only a process shows (exit through sys.exit, a crash's
+    traceback on stderr, the bytecode that runs) stays with `cli`."""
+    args = [str(a) for a in args]
+    logger = selfheal.log
+    saved = (sys.argv, dict(os.environ), logger.handlers[:], logger.level, logger.propagate)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        sys.argv = [str(SELFHEAL_PY)] + args
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = selfheal.main(args)
+            except SystemExit as exc:  # argparse: usage errors, --help, --version
+                rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved[0]
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(saved[1])
+        logger.handlers[:], logger.level, logger.propagate = saved[2], saved[3], saved[4]
+    return subprocess.CompletedProcess([str(SELFHEAL_PY)] + args, rc, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
-def cli():
+def cli(tmp_path_factory):
     """cli(*args, env=None, cwd=None, script=None) runs selfheal.py as a command; cli.many([...])."""
-    return SelfhealCli()
+    return SelfhealCli(tmp_path_factory.mktemp("bytecode") / "selfheal.pyc")
 
 
 class HealBed:
@@ -508,3 +622,155 @@ def report_section(text: str, title: str) -> str:
 @pytest.fixture
 def section():
     return report_section
+
+
+# ======================================================================================
+# The watch's bed (tests/test_watch.py, and the tests of what the watch finds:
+# test_health_command, test_host_checks, test_report_truth): the fake host and an SMTP sink
+# with the watch's settings, a clock the test moves forward, and fake health answers.
+# ======================================================================================
+
+STORY = "story-stages.service"
+WORKER = "worker.service"
+HEALTH = "http://127.0.0.1:5002/health"
+RUN = "a" * 32  # an InvocationID: the run of the unit the watch looks at
+OTHER_RUN = "b" * 32
+HANG = (False, "no answer within 5 s")
+FINE = (True, "HTTP 200")
+
+# The watch bed's [selfheal] keys beyond conftest.TEST_SETTINGS (smtp_port: the sink's).
+WATCH_SETTINGS = {"smtp_host": "127.0.0.1", "smtp_timeout": "5s", "failure_window": "1h", "verify_timeout": "3s",
+                  "watch_interval": "30s", "watch_confirm": 2, "flap_threshold": 3, "flap_window": "15m",
+                  "reminder_interval": "1h", "incident_quiet": "10m"}
+
+
+class Clock:
+    """selfheal's time.time(), moved forward by the test; time.monotonic and sleep stay real."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def time(self):
+        return time.time() + self.offset
+
+    def advance(self, seconds):
+        self.offset += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = Clock()
+    proxy = types.ModuleType("time")
+    proxy.__getattr__ = lambda name: getattr(time, name)  # PEP 562: the rest is the real time
+    proxy.time = clock.time
+    monkeypatch.setattr(selfheal, "time", proxy)
+    return clock
+
+
+class Health:
+    """Stands in for selfheal.http_check: an answer per URL (a callable is asked each time)."""
+
+    def __init__(self):
+        self.answers = {}
+
+    def __call__(self, url, timeout, expect_status=(), expect_text=""):
+        answer = self.answers.get(url, FINE)
+        return answer() if callable(answer) else answer
+
+
+class WatchBed:
+    """The fake host and an SMTP sink with the watch's settings, a clock and fake health answers."""
+
+    def __init__(self, host, sink, write_conf, monkeypatch, clock, health):
+        self.host, self.sink, self.paths = host, sink, host.paths
+        self.clock, self.health = clock, health
+        self._write, self._monkeypatch = write_conf, monkeypatch
+        self.host.unit("selfheal@.service")  # the template the watch starts selfheal@NAME.service from
+        self.configure()
+
+    def configure(self, settings=None, story=None, worker=None, extra=None, failure_threshold=10, health_url=HEALTH):
+        """The config: WATCH_SETTINGS and `settings`; [story-stages] (port 5002, health_url) and
+        [worker] with more keys from `story` and `worker`; then the sections in `extra`."""
+        services = {"story-stages": dict({"port": 5002, "health_url": health_url, "strategies": "service_restart"},
+                                         **(story or {})),
+                    "worker": dict(worker or {})}
+        path = self._write(conf(dict(WATCH_SETTINGS, smtp_port=self.sink.port, failure_threshold=failure_threshold,
+                                     **(settings or {})), dict(services, **(extra or {}))))
+        self._monkeypatch.setenv("SELFHEAL_CONFIG", path)
+        self.config = selfheal.load_config(path, trusted=False)
+        return self.config
+
+    def look(self, name, health=None):
+        """One look of the watch at one service, at the unit as the fake host shows it now."""
+        svc = self.config.services[name]
+        return selfheal.watch_service(self.config, self.paths, svc, selfheal.show_unit(svc.unit),
+                                      selfheal.listening_ports(), health, self.clock.time())
+
+    def heal(self, name, trigger="onfailure"):
+        """What selfheal@NAME.service runs (heal --trigger onfailure NAME) -> (rc, printed)."""
+        out = io.StringIO()
+        rc = selfheal.cmd_heal(self.config, name, self.paths, trigger, env={}, out=out)
+        return rc, out.getvalue()
+
+    def triggers(self):
+        """The heals the watch handed to systemd: `systemctl start ...` calls."""
+        return [c[1:] for c in self.host.calls("systemctl") if c[1:2] == ["start"]]
+
+    def touched(self, unit):
+        """Calls that changed the unit itself (restart, start, stop, ...)."""
+        return [c for c in self.host.actions() if unit in c]
+
+    def finding(self, name):
+        path = self.paths.finding(name)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def watch_state(self, name):
+        return selfheal.load_watch_state(self.paths, name)
+
+    def state(self, name):
+        return selfheal.load_service_state(self.paths, name)
+
+    def outcomes(self, name):
+        return [e["outcome"] for e in selfheal.read_history(self.paths, name)]
+
+    def subjects(self):
+        return [m["Subject"] for m in self.sink.messages]
+
+    def resume(self, name):
+        assert selfheal.cmd_pause(self.config, self.paths, "resume", name, None) == selfheal.EX_OK
+
+
+@pytest.fixture
+def health(monkeypatch):
+    fake = Health()
+    monkeypatch.setattr(selfheal, "http_check", fake)
+    return fake
+
+
+@pytest.fixture(scope="module")
+def module_sink():
+    sink = SmtpSink()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture
+def sink(module_sink):
+    """One SMTP sink for this module (stopping one per test costs more than these tests), emptied."""
+    with module_sink.lock:
+        module_sink.received.clear()
+    module_sink.mode = "ok"
+    return module_sink
+
+
+@pytest.fixture
+def wb(fake_host, sink, write_conf, monkeypatch, clock, health):
+    return WatchBed(fake_host, sink, write_conf, monkeypatch, clock, health)
+
+
+def running(host, unit, invocation=RUN, **props):
+    host.unit(unit, ActiveState="active", SubState="running", Result="success", InvocationID=invocation, **props)
+
+
+def stopped(host, unit, invocation=RUN, **props):
+    host.unit(unit, ActiveState="inactive", SubState="dead", Result="success", InvocationID=invocation, **props)

@@ -83,12 +83,12 @@ def wait_for(predicate, timeout, what):
 
 
 @contextlib.contextmanager
-def installed_host(repo_root, units, config, start=(), ports=(), suite=None, setup=None):
-    """Boot a container, add `units` ({name: text}), run setup(box), start `start`, install."""
+def installed_host(repo_root, units, config, start=(), ports=(), suite=None, prepare=None):
+    """Boot a container, add `units` ({name: text}), run prepare(box), start `start`, install."""
     with Container(suite=suite, binds_ro={str(repo_root): REPO_INSIDE}) as box:
         box.run(["install", "-m", "0755", REPO_INSIDE + "/tests/standin.py", STANDIN])
-        if setup:
-            setup(box)
+        if prepare:
+            prepare(box)
         for name, text in units.items():
             box.write("/etc/systemd/system/" + name, text)
         box.run(["systemctl", "daemon-reload"])

@@ -14,6 +14,13 @@
 # - then pytest runs the fast layer and the real-systemd drills (tests/bed.py).
 # Not root: the drills are skipped (said so in the summary). CI=true: they are required,
 # and a drill that cannot run fails the run.
+# The fast layer alone: `tests/run.sh -m "not drill"` (or, without root, plain pytest).
+#
+# Debian's pytest too: when the Python of the run is not Debian's own /usr/bin/python3 (a
+# pyenv or venv Python, as on CI) and /usr/bin/python3 has pytest (as root: gets it from
+# python3-pytest), the fast layer runs first under that pytest as well (6.0 on Debian 11, 7.2
+# on 12, 8.3 on 13: a fresh Debian host's `sudo tests/run.sh` runs it), and its failure fails
+# the run. SELFHEAL_DEBIAN_PYTEST=no leaves it out.
 #
 # --setup-only: install the packages exactly as above, check that the Python the run would
 # use imports pytest, print what was done, and stop: neither the Debian roots are built (a
@@ -66,6 +73,18 @@ else
     exit 1
 fi
 
+# Debian's own python3 and its pytest, for the fast layer under the pytest a Debian ships
+# (when the run's Python is another one).
+debian_python=""
+if [ "${SELFHEAL_DEBIAN_PYTEST:-yes}" != "no" ] && [ -x /usr/bin/python3 ] && ! is_debian_python; then
+    if /usr/bin/python3 -c 'import pytest' 2>/dev/null; then
+        debian_python=/usr/bin/python3
+    elif is_root && command -v apt-get >/dev/null 2>&1; then
+        debian_python=/usr/bin/python3
+        apt_packages+=(python3-pytest)
+    fi
+fi
+
 ansible_core=false
 if is_root; then
     command -v debootstrap >/dev/null 2>&1 || apt_packages+=(debootstrap)
@@ -101,6 +120,13 @@ if ! version="$("$python" -c 'import pytest; print(pytest.__version__, pytest.__
     exit 1
 fi
 done_steps+=("$python imports pytest $version")
+if [ -n "$debian_python" ]; then
+    if ! debian_version="$("$debian_python" -c 'import pytest; print(pytest.__version__, pytest.__file__)' 2>&1)"; then
+        echo "tests/run.sh: $debian_python still cannot import pytest: $debian_version" >&2
+        exit 1
+    fi
+    done_steps+=("$debian_python imports pytest $debian_version (the fast layer runs under it too)")
+fi
 
 if is_root; then
     if [ "$setup_only" = true ]; then
@@ -124,4 +150,17 @@ if [ "$setup_only" = true ]; then
     printf '  %s\n' "${done_steps[@]}"
     exit 0
 fi
-exec "$python" -m pytest tests -ra "$@"
+# The fast layer under Debian's pytest first (the arguments given, then -m "not drill": the
+# drills run once, below), then everything under the run's Python; either failing fails it.
+debian_failed=false
+if [ -n "$debian_python" ]; then
+    echo "tests/run.sh: the fast layer under Debian's pytest ($debian_python, pytest ${debian_version%% *})" >&2
+    "$debian_python" -m pytest tests -ra -p no:cacheprovider "$@" -m "not drill" || debian_failed=true
+fi
+status=0
+"$python" -m pytest tests -ra "$@" || status=$?
+if [ "$debian_failed" = true ]; then
+    echo "tests/run.sh: the fast layer failed under Debian's pytest ${debian_version%% *} (above)" >&2
+    [ "$status" -ne 0 ] || status=1
+fi
+exit "$status"

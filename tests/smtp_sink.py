@@ -152,7 +152,7 @@ class SmtpSink:
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.sink = self  # type: ignore[attr-defined]
         self.host, self.port = self._server.server_address[:2]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01},
                                         name="smtp-sink", daemon=True)
         self._thread.start()
 

@@ -51,7 +51,7 @@ BASE = {"watch_interval": "5s", "verify_timeout": "5s", "retry_interval": "0"}
 BOSS_MBOX = "/var/mail/boss"
 
 
-def setup(box):
+def prepare_box(box):
     box.run(["install", "-D", "-m", "0755", "/src/tests/standin.py", "/opt/lonely/app"])
     box.write("/etc/fixme.conf", "valid\n")
     box.run(["useradd", "--create-home", "boss"])  # escalate_to's mailbox: /var/mail/boss
@@ -61,7 +61,7 @@ def setup(box):
 def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
-    with installed_host(repo_root, UNITS, drill_conf(BASE, SERVICES), suite=request.param, setup=setup,
+    with installed_host(repo_root, UNITS, drill_conf(BASE, SERVICES), suite=request.param, prepare=prepare_box,
                         start=[name for name in UNITS], ports=(5440, 5441, 5442, 5443, 5444, 5445)) as box:
         yield box
 

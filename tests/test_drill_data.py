@@ -41,7 +41,7 @@ def make_db(box, path, rows=0):
              "db.commit()", path, str(rows)])
 
 
-def setup(box):
+def prepare_box(box):
     make_db(box, OWNED_DB)
     box.run(["chown", "nobody:nogroup", OWNED_DB])
     box.run(["chmod", "0640", OWNED_DB])
@@ -54,7 +54,7 @@ def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
     with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("owned", "damaged", "leaky"),
-                        ports=(5040, 5041, 5042), setup=setup) as box:
+                        ports=(5040, 5041, 5042), prepare=prepare_box) as box:
         yield box
 
 

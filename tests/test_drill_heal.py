@@ -85,7 +85,7 @@ def host(request, bed_reason, repo_root):
         box.run(["install", "-D", "-m", "0755", REPO_INSIDE + "/tests/standin.py", "/opt/ghost/ghost-app"])
 
     with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("story-stages", "ghost", "forky", "app@blue"),
-                        ports=(5002, 5003, 5005, 5010), setup=ghost_app) as box:
+                        ports=(5002, 5003, 5005, 5010), prepare=ghost_app) as box:
         yield box
 
 

@@ -50,7 +50,7 @@ def host(request, bed_reason, repo_root):
         box.run(["install", "-m", "0755", REPO_INSIDE + "/tests/http_sink.py", SINK])
 
     with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("victim", "hooksink"),
-                        ports=(5030, SINK_PORT), setup=sink) as box:
+                        ports=(5030, SINK_PORT), prepare=sink) as box:
         yield box
 
 

@@ -63,7 +63,7 @@ def config(smtp_port, smtp_timeout, **settings):
                       {"web": {"port": 5031, "health_url": "http://127.0.0.1:5031/health"}})
 
 
-def setup(box):
+def prepare_box(box):
     box.write(SLOW, SLOW_CODE, 0o755)
     box.run(["install", "-m", "0755", REPO_INSIDE + "/tests/http_sink.py", SINK])
 
@@ -85,7 +85,7 @@ def host(request, bed_reason, repo_root):
     with installed_host(repo_root, UNITS, config(TARPIT_PORT, "3s"), suite=request.param,
                         start=("web", "tarpit", "hooksink", "trickle"),
                         ports=(5031, TARPIT_PORT, SINK_PORT, TRICKLE_PORT),
-                        setup=setup) as box:
+                        prepare=prepare_box) as box:
         box.run(["systemctl", "stop", "selfheal-watch.timer"])  # the drill flushes when it wants to
         yield box
 

@@ -32,7 +32,7 @@ CONFIG = drill_conf({"watch_interval": "5s", "verify_timeout": "5s"}, {
 })
 
 
-def setup(box):
+def prepare_box(box):
     for name in ("quiet", "silent", "calm"):
         box.run(["install", "-D", "-m", "0755", REPO_INSIDE + "/tests/standin.py", "/opt/%s/app" % name])
 
@@ -42,7 +42,7 @@ def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
     with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("quiet", "silent", "calm"),
-                        ports=(5050, 5051, 5052), setup=setup) as box:
+                        ports=(5050, 5051, 5052), prepare=prepare_box) as box:
         yield box
 
 

@@ -11,7 +11,7 @@ import pytest
 from drillkit import drill_conf
 from drillkit import queued_for
 from drillkit import drill_suites, REPO_INSIDE, history, installed_host, show, wait_idle, web_unit
-from test_status import check_shape
+from statuskit import check_shape
 
 pytestmark = pytest.mark.drill
 
@@ -46,11 +46,11 @@ def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
 
-    def setup(box):
+    def prepare_box(box):
         box.run(["install", "-D", "-m", "0755", REPO_INSIDE + "/tests/standin.py", PASSGO])
 
     with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=["%s.service" % n for n in NAMES],
-                        ports=(5002, 5001, 80, 5006), setup=setup) as box:
+                        ports=(5002, 5001, 80, 5006), prepare=prepare_box) as box:
         box.run(["systemctl", "kill", "--kill-who=main", "-s", "KILL", "story-stages"])  # a crash, healed
         wait_for_heal(box, "story-stages", "RESOLVED")
         box.wait_listening(5002)

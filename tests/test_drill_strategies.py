@@ -42,7 +42,7 @@ CONFIG = drill_conf({"watch_interval": "5s", "verify_timeout": "10s",
 })
 
 
-def setup(box):
+def prepare_box(box):
     box.write("/etc/checked/app.conf", "valid: yes\nlisten: 5030\n")
     box.write("/usr/local/bin/check-checked", CHECKER, 0o755)
     box.write("/etc/envy/env", "# envy\nDATABASE_URL=sqlite:///srv/envy.db\nLOG_LEVEL=info\n", 0o600)
@@ -57,7 +57,7 @@ def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
     with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=("checked", "envy", "linked"),
-                        ports=(5030, 5031, 5032), setup=setup) as box:
+                        ports=(5030, 5031, 5032), prepare=prepare_box) as box:
         yield box
 
 

@@ -104,7 +104,7 @@ def as_app(box, script, **kw):
     return box.run(["runuser", "-u", APP, "--", "/bin/sh", "-c", script], **kw)
 
 
-def setup(box):
+def prepare_box(box):
     box.run(["install", "-m", "0755", REPO_INSIDE + "/tests/http_sink.py", SINK])
     box.run(["useradd", "--system", "--user-group", APP])
     box.run(["install", "-d", "-o", APP, "-g", APP, "-m", "0750", "/srv/app", "/srv/app2", DIR_DB_PARENT])
@@ -128,7 +128,7 @@ def host(request, bed_reason, repo_root):
     started = [n for n in PORTS if n != "weird"] + ["hooksink"]
     ports = [p for n, p in PORTS.items() if n != "weird"] + [SINK_PORT]
     with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=started, ports=ports,
-                        setup=setup) as box:
+                        prepare=prepare_box) as box:
         yield box
 
 

@@ -43,7 +43,7 @@ CONFIG = drill_conf({"verify_timeout": "10s"}, {
 })
 
 
-def setup(box):
+def prepare_box(box):
     box.run(["useradd", "--system", "--user-group", "--no-create-home", "appuser"])
     box.run(["mkdir", "-p", "/srv/owned", "/var/lib/owned", "/srv/etclinked", "/etc/etclinked"])
     for path in ("/srv/owned/db.sqlite", "/srv/etclinked/db.sqlite"):
@@ -60,7 +60,7 @@ def setup(box):
 def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
-    with installed_host(repo_root, UNITS, CONFIG, suite=request.param, setup=setup,
+    with installed_host(repo_root, UNITS, CONFIG, suite=request.param, prepare=prepare_box,
                         start=("web", "otherfork", "owned", "etclinked"), ports=(5040, 5041, 5042, 5043)) as box:
         box.suite = request.param
         yield box

@@ -85,10 +85,10 @@ def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
 
-    def setup(box):
+    def prepare_box(box):
         box.write("/var/lib/diesoon-ok", "")
 
-    with installed_host(repo_root, UNITS, config(), suite=request.param, setup=setup,
+    with installed_host(repo_root, UNITS, config(), suite=request.param, prepare=prepare_box,
                         start=("nomain", "job", "diesoon", "byhand", "hangstart"),
                         ports=(5071, 5077, 5078)) as box:
         box.run(["systemctl", "stop", "selfheal-watch.timer"])

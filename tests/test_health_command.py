@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import selfheal
-from test_watch import (FINE, clock, health, module_sink, running, sink, wb)  # noqa: F401 - fixtures
+from conftest import running
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
 

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 import selfheal
-from conftest import conf
+from conftest import STORY, conf, running
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
 
@@ -135,8 +135,6 @@ def test_install_refuses_the_wrapper_before_writing_anything(debian_postgres, wr
 
 
 # -- at run time: a port another unit holds is never a reason to restart ------------------
-
-from test_watch import STORY, clock, health, module_sink, running, sink, wb  # noqa: E402,F401 - fixtures
 
 
 def test_heal_of_a_running_service_whose_port_another_unit_holds_restarts_nothing_and_says_why(wb):

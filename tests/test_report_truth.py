@@ -9,8 +9,7 @@ import time
 import pytest
 
 import selfheal
-from test_watch import (HANG, HEALTH, OTHER_RUN, RUN, STORY, WORKER, clock, health, module_sink,  # noqa: F401
-                        running, sink, wb)
+from conftest import FINE, HANG, HEALTH, OTHER_RUN, STORY, WORKER, running
 
 ISO = "%Y-%m-%dT%H:%M:%S%z"
 
@@ -69,7 +68,6 @@ def test_hang_found_by_the_watch_counts_healing_time_from_its_first_failed_look(
 
 
 def selfheal_fine(wb):
-    from test_watch import FINE
     return FINE if wb.host.load()["units"][STORY].get("restarts") else HANG
 
 

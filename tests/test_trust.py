@@ -420,7 +420,7 @@ class _AuthHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def auth_server():
     server = http.server.HTTPServer(("127.0.0.1", 0), _AuthHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
     _AuthHandler.seen = []
     yield server.server_address[1]

@@ -3,168 +3,19 @@ unit, when it hands a heal to selfheal@NAME.service and with which finding, how 
 that way reports, and how heals become mail threads: one per incident, FLAPPING once,
 reminders, "was down", the notify policy. Time is moved forward with the `clock` fixture."""
 
-import http.client
-import io
-import json
 import socket
 import threading
 import time
-import types
 
 import pytest
 
 import selfheal
-from conftest import conf, queue_report
-from smtp_sink import SmtpSink
+from conftest import FINE, HANG, HEALTH, OTHER_RUN, RUN, STORY, WORKER, conf, queue_report, running, stopped
 
 pytestmark = pytest.mark.usefixtures("quiet_selfheal")
 
-STORY = "story-stages.service"
-WORKER = "worker.service"
-HEALTH = "http://127.0.0.1:5002/health"
-RUN = "a" * 32  # an InvocationID: the run of the unit the watch looks at
-OTHER_RUN = "b" * 32
-HANG = (False, "no answer within 5 s")
-FINE = (True, "HTTP 200")
 STOPPED_MARK, FLAPPING_MARK, REMINDER_MARK = "\u23f8\ufe0f", "\u26a0\ufe0f", "\u23f0"
 REAL_HTTP_CHECK = selfheal.http_check
-
-# The watch bed's [selfheal] keys beyond conftest.TEST_SETTINGS (smtp_port: the sink's).
-WATCH_SETTINGS = {"smtp_host": "127.0.0.1", "smtp_timeout": "5s", "failure_window": "1h", "verify_timeout": "3s",
-                  "watch_interval": "30s", "watch_confirm": 2, "flap_threshold": 3, "flap_window": "15m",
-                  "reminder_interval": "1h", "incident_quiet": "10m"}
-
-
-class Clock:
-    """selfheal's time.time(), moved forward by the test; time.monotonic and sleep stay real."""
-
-    def __init__(self):
-        self.offset = 0.0
-
-    def time(self):
-        return time.time() + self.offset
-
-    def advance(self, seconds):
-        self.offset += seconds
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    clock = Clock()
-    proxy = types.ModuleType("time")
-    proxy.__getattr__ = lambda name: getattr(time, name)  # PEP 562: the rest is the real time
-    proxy.time = clock.time
-    monkeypatch.setattr(selfheal, "time", proxy)
-    return clock
-
-
-class Health:
-    """Stands in for selfheal.http_check: an answer per URL (a callable is asked each time)."""
-
-    def __init__(self):
-        self.answers = {}
-
-    def __call__(self, url, timeout, expect_status=(), expect_text=""):
-        answer = self.answers.get(url, FINE)
-        return answer() if callable(answer) else answer
-
-
-class WatchBed:
-    """The fake host and an SMTP sink with the watch's settings, a clock and fake health answers."""
-
-    def __init__(self, host, sink, write_conf, monkeypatch, clock, health):
-        self.host, self.sink, self.paths = host, sink, host.paths
-        self.clock, self.health = clock, health
-        self._write, self._monkeypatch = write_conf, monkeypatch
-        self.host.unit("selfheal@.service")  # the template the watch starts selfheal@NAME.service from
-        self.configure()
-
-    def configure(self, settings=None, story=None, worker=None, extra=None, failure_threshold=10, health_url=HEALTH):
-        """The config: WATCH_SETTINGS and `settings`; [story-stages] (port 5002, health_url) and
-        [worker] with more keys from `story` and `worker`; then the sections in `extra`."""
-        services = {"story-stages": dict({"port": 5002, "health_url": health_url, "strategies": "service_restart"},
-                                         **(story or {})),
-                    "worker": dict(worker or {})}
-        path = self._write(conf(dict(WATCH_SETTINGS, smtp_port=self.sink.port, failure_threshold=failure_threshold,
-                                     **(settings or {})), dict(services, **(extra or {}))))
-        self._monkeypatch.setenv("SELFHEAL_CONFIG", path)
-        self.config = selfheal.load_config(path, trusted=False)
-        return self.config
-
-    def look(self, name, health=None):
-        """One look of the watch at one service, at the unit as the fake host shows it now."""
-        svc = self.config.services[name]
-        return selfheal.watch_service(self.config, self.paths, svc, selfheal.show_unit(svc.unit),
-                                      selfheal.listening_ports(), health, self.clock.time())
-
-    def heal(self, name, trigger="onfailure"):
-        """What selfheal@NAME.service runs (heal --trigger onfailure NAME) -> (rc, printed)."""
-        out = io.StringIO()
-        rc = selfheal.cmd_heal(self.config, name, self.paths, trigger, env={}, out=out)
-        return rc, out.getvalue()
-
-    def triggers(self):
-        """The heals the watch handed to systemd: `systemctl start ...` calls."""
-        return [c[1:] for c in self.host.calls("systemctl") if c[1:2] == ["start"]]
-
-    def touched(self, unit):
-        """Calls that changed the unit itself (restart, start, stop, ...)."""
-        return [c for c in self.host.actions() if unit in c]
-
-    def finding(self, name):
-        path = self.paths.finding(name)
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def watch_state(self, name):
-        return selfheal.load_watch_state(self.paths, name)
-
-    def state(self, name):
-        return selfheal.load_service_state(self.paths, name)
-
-    def outcomes(self, name):
-        return [e["outcome"] for e in selfheal.read_history(self.paths, name)]
-
-    def subjects(self):
-        return [m["Subject"] for m in self.sink.messages]
-
-    def resume(self, name):
-        assert selfheal.cmd_pause(self.config, self.paths, "resume", name, None) == selfheal.EX_OK
-
-
-@pytest.fixture
-def health(monkeypatch):
-    fake = Health()
-    monkeypatch.setattr(selfheal, "http_check", fake)
-    return fake
-
-
-@pytest.fixture(scope="module")
-def module_sink():
-    sink = SmtpSink()
-    yield sink
-    sink.close()
-
-
-@pytest.fixture
-def sink(module_sink):
-    """One SMTP sink for this module (stopping one per test costs more than these tests), emptied."""
-    with module_sink.lock:
-        module_sink.received.clear()
-    module_sink.mode = "ok"
-    return module_sink
-
-
-@pytest.fixture
-def wb(fake_host, sink, write_conf, monkeypatch, clock, health):
-    return WatchBed(fake_host, sink, write_conf, monkeypatch, clock, health)
-
-
-def running(host, unit, invocation=RUN, **props):
-    host.unit(unit, ActiveState="active", SubState="running", Result="success", InvocationID=invocation, **props)
-
-
-def stopped(host, unit, invocation=RUN, **props):
-    host.unit(unit, ActiveState="inactive", SubState="dead", Result="success", InvocationID=invocation, **props)
 
 
 def message_id(msg):

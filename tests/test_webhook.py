@@ -344,13 +344,13 @@ def test_mail_down_queues_the_mail_while_the_webhook_posts_and_a_later_flush_pos
 
 
 def test_a_webhook_that_hangs_costs_a_report_only_its_timeout_and_the_post_is_queued(bed, http_sink):
-    hooked(bed, http_sink, webhook_timeout="1s")
+    hooked(bed, http_sink, webhook_timeout="0.5s")
     http_sink.delay = 3
     msg = report(bed, "❌ MiracleMax: worker - FAILED", "x\n")
     import time
     started = time.monotonic()
     assert selfheal.deliver(bed.config, bed.paths, msg) is True  # the mail went out
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 0.5 + 1.5
     assert len(queued_posts(bed)) == 1 and len(bed.sink.messages) == 1
 
 
@@ -658,11 +658,11 @@ def test_a_webhook_that_trickles_its_answer_is_given_up_after_webhook_timeout_in
     thread = threading.Thread(target=trickle, daemon=True)
     thread.start()
     try:
-        configure(bed, webhook_url="http://127.0.0.1:%d%s" % (server.getsockname()[1], HOOK), webhook_timeout="1s")
+        configure(bed, webhook_url="http://127.0.0.1:%d%s" % (server.getsockname()[1], HOOK), webhook_timeout="0.5s")
         msg = report(bed, "❌ MiracleMax: worker - FAILED", "worker broke\n")
         started = time.monotonic()
         assert selfheal.deliver(bed.config, bed.paths, msg) is True  # the mail went; the post did not
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 0.5 + 2.0
         assert len(queued_posts(bed)) == 1
     finally:
         stop.set()

@@ -74,23 +74,29 @@ def locked_state(write=False):
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             with open(path, encoding="utf-8") as handle:
-                state = json.load(handle)
+                text = handle.read()
+            state = json.loads(text)
         except FileNotFoundError:
-            state = {}
+            text, state = None, {}
         try:
             yield state
         except Hang:
             if write:  # what happened before the hang (the unit is activating) is real
-                save(path, state)
+                save(path, state, text)
             raise
         if write:
-            save(path, state)
+            save(path, state, text)
 
 
-def save(path, state):
+def save(path, state, unless=None):
+    """Replace the state file with `state` (readers see the old or the new file), unless
+    its text would be `unless` (what was read: most shows change nothing)."""
+    text = json.dumps(state, indent=1, sort_keys=True)
+    if text == unless:
+        return
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(state, handle, indent=1, sort_keys=True)
+        handle.write(text)
     os.replace(tmp, path)
 
 
