@@ -102,7 +102,7 @@ def write_as_app(box, path, text):
     as_app(box, "cat > %s" % path, input=text)
 
 
-def prepare(box):
+def prepare_box(box):
     box.run(["install", "-m", "0755", REPO_INSIDE + "/tests/http_sink.py", SINK])
     box.run(["useradd", "--system", "--user-group", APP])
     box.run(["install", "-d", "-o", APP, "-g", APP, "-m", "0755", "/srv/app", "/srv/app/bin"])
@@ -121,7 +121,7 @@ def host(request, bed_reason, repo_root):
         pytest.skip(bed_reason)
     names = list(PORTS)
     with installed_host(repo_root, UNITS, CONFIG, suite=request.param, start=names + ["hooksink"],
-                        ports=list(PORTS.values()) + [SINK_PORT], setup=prepare) as box:
+                        ports=list(PORTS.values()) + [SINK_PORT], prepare=prepare_box) as box:
         yield box
 
 
