@@ -115,6 +115,13 @@ CHAIN_TRIGGER = "after its dependency"  # healed in the heal of a service it nee
 MAX_RETRY_INTERVAL = 3600.0  # retry_interval doubles up to this
 # Heals that are not a new failure of the service: neither flapping nor failure_threshold counts them.
 NOT_A_FAILURE = (MANUAL_TRIGGER, RETRY_TRIGGER, CHAIN_TRIGGER)
+# Nor is a service the watch found stopped (it assesses "stopped" only for result success:
+# a `systemctl stop`, which never fires OnFailure=): its heal starts it, and counts nothing.
+NOT_A_FAILURE_FINDINGS = ("stopped",)
+# A burst: BURST_MIN or more services whose OnFailure= came within BURST_WINDOW seconds of
+# each other are one event of the host, not a failure of each (failure_threshold skips it).
+BURST_WINDOW = 2.0
+BURST_MIN = 3
 HEALTH_BODY_LIMIT = 65536  # health_expect_text is looked for in this much of the answer
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale process
 MAX_JOB_SECONDS = 600.0  # the longest a systemctl job may take (selfheal@.service allows 10 min)
@@ -283,6 +290,10 @@ class Paths:
     def watch_state(self, name: str) -> Path:
         return self.run / "watch" / (name + ".json")
 
+    def arrival(self, name: str) -> Path:
+        """Touched when an OnFailure= trigger for the service arrives (its mtime: when)."""
+        return self.run / "arrivals" / name
+
     @classmethod
     def from_env(cls, env=os.environ) -> "Paths":
         """SELFHEAL_STATE_DIR / _RUN_DIR / _LOG_DIR move the directories (tests, packaging)."""
@@ -380,6 +391,7 @@ class Diagnosis:
     failed_at: Optional[float]  # wall clock of the failure, when systemd says
     detected_after: Optional[float]  # seconds from failure to this diagnosis
     finding: Optional[Finding] = None  # when the watch started this heal
+    invocation: str = ""  # the failed run's InvocationID (MONITOR_INVOCATION_ID when systemd gave it)
 
     @property
     def active_state(self) -> str:
@@ -422,6 +434,7 @@ class Action:
     ok: bool
     seconds: float
     detail: str = ""
+    starts: bool = False  # it started a new run of the service (restart, start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,6 +475,14 @@ class HealResult:
     manual: Tuple[str, ...] = ()  # manual steps a strategy's finding calls for
     waiting_for: str = ""  # WAITING: the service it needs, which is down
     waiting_detail: str = ""  # and how it is down
+    burst: int = 0  # services whose OnFailure= came within BURST_WINDOW of this one's (BURST_MIN+: one event)
+    acted_until: float = 0.0  # wall clock when a heal that restarted or changed something ended
+
+    @property
+    def a_failure(self) -> bool:
+        """Whether the heal answers a failure of the service itself (flapping counts it)."""
+        finding = self.diagnosis.finding
+        return self.trigger not in NOT_A_FAILURE and not (finding and finding.kind in NOT_A_FAILURE_FINDINGS)
 
     @property
     def strategy(self) -> str:
@@ -608,9 +629,11 @@ def summarize(summary: dict, event: dict) -> dict:
 
 def counts_as_attempt(event: dict) -> bool:
     """A heal that counts toward failure_threshold: selfheal's own repair or failure, not
-    what systemd's Restart= repaired, not a heal asked for by hand, a retry or a dependent's heal in its root's chain."""
+    what systemd's Restart= repaired, not a heal asked for by hand, a retry, a clean stop, a
+    dependent's heal in its root's chain, or one service's share of a burst."""
     return event.get("outcome") in (Outcome.RESOLVED.value, Outcome.FAILED.value) and \
-        event.get("trigger") not in NOT_A_FAILURE
+        event.get("trigger") not in NOT_A_FAILURE and event.get("a_failure", True) is not False and \
+        int(event.get("burst") or 0) < BURST_MIN
 
 
 def history_summary(paths: Paths, name: str) -> dict:
@@ -880,7 +903,12 @@ def record_heal(paths: Paths, result: HealResult, report_text: str) -> None:
         # The run selfheal last looked at: the watch does not act twice on a known problem.
         "last_invocation": result.post.get("InvocationID", ""),
         "trigger_detail": result.diagnosis.finding.detail if result.diagnosis.finding else "",
+        "a_failure": result.a_failure,
     }
+    if result.burst >= BURST_MIN:
+        event["burst"] = result.burst
+    if result.acted_until:
+        event["acted_until"] = round(result.acted_until, 3)
     # history and the status file are for the dashboard without root (0644): the event's
     # fields only, cleaned; the report (journal lines, config diffs) goes to the 0640 log.
     event = clean_data(event)
@@ -2436,7 +2464,8 @@ def diagnose(svc: Service, env=os.environ, finding: Optional[Finding] = None) ->
             crashed = max(crashed, finding.since)
         failed_at = min(crashed, time.time()) if crashed else None
         return Diagnosis(unit, result or "unknown", exit_code, exit_status, False, journal, (), (),
-                         failed_at, None if failed_at is None else time.time() - failed_at, finding)
+                         failed_at, None if failed_at is None else time.time() - failed_at, finding,
+                         finding.previous)
     from_env = env.get("MONITOR_UNIT") == svc.unit and bool(env.get("MONITOR_SERVICE_RESULT"))
     if from_env:  # systemd 251+: the failed run's facts, even if the unit moved on since
         result = env.get("MONITOR_SERVICE_RESULT", "")
@@ -2471,7 +2500,7 @@ def diagnose(svc: Service, env=os.environ, finding: Optional[Finding] = None) ->
         failed_at = min(finding.since, time.time()) if finding.since else None
         detected_after = None if failed_at is None else time.time() - failed_at
     return Diagnosis(unit, result, exit_code, exit_status, from_env, journal, listeners,
-                     tuple(holders), failed_at, detected_after, finding)
+                     tuple(holders), failed_at, detected_after, finding, invocation)
 
 
 def signal_name(number: str) -> str:
@@ -3217,7 +3246,8 @@ class HealContext:
             self.actions.append(Action(what, True, 0.0, "dry run: not done"))
             return True
         result = run(argv, timeout=timeout or self.job_timeout())
-        self.actions.append(Action(what, result.ok, result.seconds, "" if result.ok else result.brief()))
+        self.actions.append(Action(what, result.ok, result.seconds, "" if result.ok else result.brief(),
+                                   starts=verb in ("restart", "start")))
         return result.ok
 
     def job_timeout(self) -> float:
@@ -3948,8 +3978,17 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
                 after = None
         last_seen = runs[-1].verification.unit if runs and runs[-1].verification else {}
         post = last_seen or (after.unit if after else show_unit(svc.unit))
+        acted = time.time() if any(a.starts for r in runs for a in r.actions) and not dry_run else 0.0
         return HealResult(svc, outcome, trigger, started_at, diag, tuple(runs), why,
-                          healing, post, escalation, after, plan, found.steps if found else ())
+                          healing, post, escalation, after, plan, found.steps if found else (),
+                          acted_until=acted)
+
+    if trigger == "onfailure" and finding is None and not dry_run:
+        echo = echo_of(paths, svc, diag)
+        if echo:  # the failed run is one selfheal started and already reported: nothing new
+            log.info("%s: %s", svc.name, echo)
+            runs.append(StrategyRun("none", (), None, echo))
+            return finish(Outcome.HEALTHY)
 
     service_state_now = load_service_state(paths, svc.name)
     if service_state_now.get("escalated") and not dry_run:
@@ -4068,6 +4107,26 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
     return finish(Outcome.FAILED, why)
 
 
+def echo_of(paths: Paths, svc: Service, diag: Diagnosis) -> str:
+    """Why this OnFailure= is the echo of selfheal's own restart (empty when it is not): the
+    failed run is one the last heal started and saw fail, and that heal already reported
+    FAILED or ESCALATED. A run that heal verified healthy and that died later is news."""
+    last = last_event(paths, svc.name)
+    if not last or last.get("outcome") not in (Outcome.FAILED.value, Outcome.ESCALATED.value):
+        return ""
+    if float(last.get("ts") or 0) < float(load_service_state(paths, svc.name).get("rearmed_at", 0.0)):
+        return ""  # resumed by a human since: whatever fails now is news
+    acted_until = float(last.get("acted_until") or 0.0)
+    if not acted_until:
+        return ""  # it restarted nothing: no run of selfheal's to echo
+    same_run = bool(diag.invocation) and diag.invocation == last.get("last_invocation")
+    during = bool(acted_until and diag.failed_at and float(last.get("ts") or 0) <= diag.failed_at <= acted_until + 1.0)
+    if not (same_run or during):
+        return ""
+    return ("the failed run is the one selfheal's heal of %s started (its restart failed), reported %s "
+            "then: not a new failure; the watch retries it" % (last.get("time", "?"), last.get("outcome")))
+
+
 @contextlib.contextmanager
 def stop_on_sigterm(active: bool = True):
     """While a heal runs, SIGTERM raises Stopped (caught by heal_rounds), so what is in
@@ -4126,6 +4185,8 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
             root_thread = waited_thread(paths, name)  # it waited for a service: its news joins that thread
             forget_waiting(paths, name)
             reporting, queued_before = text, len(QUEUED)  # recorded, then queued before it is sent
+            if trigger == "onfailure" and outcome is not Outcome.HEALTHY:
+                result = dataclasses.replace(result, burst=burst_size(paths, result.started_at))
             if outcome is not Outcome.HEALTHY:
                 record_heal(paths, result, text)
             remember_restarts(paths, name, result.post)
@@ -4248,6 +4309,32 @@ def report_heal_crash(config: Config, paths: Paths, svc: Service, trace: str) ->
         pass
     deliver(config, paths, new_report(config.settings, SUBJECT_ICON[Outcome.FAILED], svc.name,
                                       "FAILED (selfheal crashed)", body))
+
+
+def note_arrival(paths: Paths, name: str) -> None:
+    """An OnFailure= trigger for the service arrived now (burst_size counts these)."""
+    path = paths.arrival(name)
+    try:
+        ensure_dir(path.parent)
+        with open(str(path), "a"):
+            pass
+        os.utime(str(path))
+    except OSError as exc:
+        log.debug("could not note the trigger's arrival: %s", exc)
+
+
+def burst_size(paths: Paths, at: float) -> int:
+    """How many services' OnFailure= triggers arrived within BURST_WINDOW of `at`."""
+    count = 0
+    try:
+        with os.scandir(str(paths.run / "arrivals")) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if abs(entry.stat(follow_symlinks=False).st_mtime - at) <= BURST_WINDOW:
+                        count += 1
+    except OSError:
+        return 0
+    return count
 
 
 def summary_line(result: HealResult) -> str:
@@ -5453,7 +5540,7 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str, mai
         if thread and not incident.get("message_id"):
             incident["message_id"] = thread  # its reminders follow its root's thread
         incident["failures"] = [t for t in incident["failures"] if t >= now - settings.flap_window]
-        if result.trigger not in NOT_A_FAILURE:
+        if result.a_failure:
             incident["failures"].append(now)
             incident["last_failure"] = now
         label = subject_label(result)
@@ -7982,6 +8069,8 @@ def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.envir
         log.info("%s: %s; in a maintenance window until %s: not healed, not mailed", name, what, iso(window))
         print("%s is in a maintenance window until %s; not healing" % (name, iso(window)), file=out)
         return EX_OK
+    if trigger == "onfailure" and not dry_run:
+        note_arrival(paths, name)
     lock = Lock(paths.lock(name))
     # A trigger that comes during a heal waits for it, then finds that run healthy and says
     # nothing (see heal); it is never lost, and never a second restart.
