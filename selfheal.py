@@ -113,6 +113,7 @@ MANUAL_TRIGGER = "manual"  # `selfheal heal NAME` from a shell: asked for, not a
 RETRY_TRIGGER = "retry"  # the watch heals a FAILED service again (retry_interval): not a new failure
 CHAIN_TRIGGER = "after its dependency"  # healed in the heal of a service it needs: not its own failure
 MAX_RETRY_INTERVAL = 3600.0  # retry_interval doubles up to this
+BREAKER_FIRST = 30.0  # ESCALATED: the first heal after the breaker tripped, then doubling (breaker_delay)
 # Heals that are not a new failure of the service: neither flapping nor failure_threshold counts them.
 NOT_A_FAILURE = (MANUAL_TRIGGER, RETRY_TRIGGER, CHAIN_TRIGGER)
 # Nor is a service the watch found stopped (it assesses "stopped" only for result success:
@@ -337,7 +338,7 @@ class Outcome(str, enum.Enum):
     RESOLVED = "RESOLVED"  # selfheal repaired it and verified it works
     RECOVERED = "RECOVERED"  # systemd's own Restart= brought it back; selfheal verified
     FAILED = "FAILED"  # nothing worked: a human is needed
-    ESCALATED = "ESCALATED"  # too many heals in the window: healing suspended
+    ESCALATED = "ESCALATED"  # too many heals in the window: a human is told; healed at growing intervals
     HEALTHY = "HEALTHY"  # nothing was wrong when selfheal looked
     STOPPED = "STOPPED"  # found stopped; on_stopped = report: left stopped, reported
     WAITING = "WAITING"  # a service it needs is down: that one is healed first (not recorded, not mailed)
@@ -1831,7 +1832,7 @@ class Settings:
     smtp_user: str = key("", check_header_text, "login (needs smtp_password_file)")
     smtp_password_file: str = key("", check_abs_path, "the login's password: root's, mode 0600 or 0400")
     smtp_timeout: float = key(10.0, positive_duration, "one SMTP session in all; then the report is queued")
-    failure_threshold: int = key(3, check_failure_threshold, "heals per failure_window before escalating (at most 256)")
+    failure_threshold: int = key(3, check_failure_threshold, "heals per failure_window before escalating (at most 256); then healed at growing intervals")
     failure_window: float = key(3600.0, positive_duration, "the window of failure_threshold")
     verify_timeout: float = key(30.0, positive_duration, "how long a repaired service has to become healthy")
     heal_timeout: float = key(300.0, check_heal_timeout, "the whole heal, all strategies and their checks (at most 8min)")
@@ -3992,20 +3993,29 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
 
     service_state_now = load_service_state(paths, svc.name)
     if service_state_now.get("escalated") and not dry_run:
-        return finish(Outcome.ESCALATED,
-                      "healing %s was suspended at %s after too many heals; it stays suspended until "
-                      "someone re-arms it: selfheal resume %s" % (svc.name, iso(float(service_state_now["escalated"])),
-                                                                   svc.name))
-    window_start = max(started_at - settings.failure_window, float(service_state_now.get("rearmed_at", 0.0)))
-    # selfheal's own repairs count; what systemd's Restart= repaired by itself does not.
-    # A heal asked for by hand (`selfheal heal NAME`, as a FAILED mail suggests) is not a failure.
-    attempts = heal_attempts(paths, svc.name, window_start)
-    if len(attempts) >= settings.failure_threshold and not dry_run:
-        return finish(Outcome.ESCALATED,
-                      "%d heals of %s within %s (failure_threshold = %d): selfheal stops healing it "
-                      "so a human can look. Re-arm with: selfheal resume %s"
-                      % (len(attempts), svc.name, format_duration(settings.failure_window),
-                         settings.failure_threshold, svc.name))
+        # The breaker is open: heal at growing intervals, never never. A retry (the watch, when
+        # the interval is up), a heal asked for by hand, or a failure after the interval heals.
+        due = breaker_due(service_state_now)
+        if trigger not in (MANUAL_TRIGGER, RETRY_TRIGGER) and due and time.time() < due:
+            return finish(Outcome.ESCALATED,
+                          "%s failed again while selfheal backs off (too many heals since %s): the next heal is "
+                          "at %s, sooner only if someone runs: selfheal heal %s" % (
+                              svc.name, iso(float(service_state_now["escalated"])), iso(due), svc.name))
+    else:
+        window_start = max(started_at - settings.failure_window, float(service_state_now.get("rearmed_at", 0.0)))
+        # selfheal's own repairs count; what systemd's Restart= repaired by itself does not.
+        # A heal asked for by hand (`selfheal heal NAME`, as a FAILED mail suggests) is not a failure.
+        attempts = heal_attempts(paths, svc.name, window_start)
+        if len(attempts) >= settings.failure_threshold and not dry_run and trigger != MANUAL_TRIGGER:
+            first = breaker_delay(settings, 0)
+            return finish(Outcome.ESCALATED,
+                          "%d heals of %s within %s (failure_threshold = %d): selfheal backs off so a human can "
+                          "look. It heals it again in %s, then at growing intervals (at most %s), and says so "
+                          "in this thread when it is back; a fix made by hand is picked up then, with no "
+                          "command typed. Heal it now: selfheal heal %s; re-arm: selfheal resume %s"
+                          % (len(attempts), svc.name, format_duration(settings.failure_window),
+                             settings.failure_threshold, format_duration(first),
+                             format_duration(breaker_delay(settings, 64)), svc.name, svc.name))
 
     if finding and finding.kind == "stopped" and svc.on_stopped == "report" and diag.active_state == "inactive":
         runs.append(StrategyRun("none", (), None, "on_stopped = report: selfheal left it stopped"))
@@ -4778,7 +4788,7 @@ def port_now(svc: Service) -> List[str]:
 def issue_text(result: HealResult) -> str:
     diag, unit = result.diagnosis, result.service.unit
     if result.outcome is Outcome.ESCALATED:
-        return "%s failed again; healing it is suspended (too many heals in the window)." % unit
+        return "%s failed again; selfheal backs off (too many heals in the window) and heals it at growing intervals." % unit
     finding = diag.finding
     if finding and finding.kind == "restarted":
         crash = ""
@@ -5545,8 +5555,25 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str, mai
             incident["last_failure"] = now
         label = subject_label(result)
         send, body, closes_problem = mail, text, False
+        breaker = escalated_before and result.outcome is not Outcome.ESCALATED  # healed at the breaker's pace
+        if result.outcome is Outcome.ESCALATED and not escalated_before:  # the breaker trips: backoff from here
+            incident["breaker_step"] = 0
+            incident["next_retry"] = now + breaker_delay(settings, 0)
+        elif breaker:  # each heal while the breaker is open makes the next wait longer
+            incident["breaker_step"] = int(incident.get("breaker_step") or 0) + 1
+            incident["next_retry"] = time.time() + breaker_delay(settings, incident["breaker_step"])
         if result.outcome is Outcome.ESCALATED and escalated_before:
             send = False  # the one escalation mail was sent already
+        elif breaker and result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
+            closes_problem = bool(incident.get("problem"))
+            incident["problem"] = ""
+            if incident.get("breaker_told"):
+                send = False  # told once that it is back; the history has every heal
+            else:
+                incident["breaker_told"] = True
+                body = breaker_preface(settings, svc, incident) + text
+        elif breaker:
+            send = False  # a heal at the breaker's pace that did not help: the thread says ESCALATED
         elif result.trigger == RETRY_TRIGGER and result.outcome is Outcome.FAILED:
             send = False  # still failing: the thread has said so; reminders keep coming
         elif result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
@@ -5563,7 +5590,7 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str, mai
             label += label_note
             send, closes_problem = mail, True
         if result.outcome in PROBLEM_OUTCOMES:
-            if not incident.get("problem"):  # a problem (again) in this incident: its next retry
+            if not incident.get("problem") and not state.get("escalated"):  # a problem (again): its next retry
                 incident["next_retry"] = now + retry_delay(settings, int(incident.get("retries") or 0))
             incident["problem"] = result.outcome.value
             incident["problem_since"] = incident.get("problem_since") or now
@@ -5586,16 +5613,46 @@ def retry_delay(settings: Settings, retries: int) -> float:
     return min(settings.retry_interval * 2 ** min(retries, 16), MAX_RETRY_INTERVAL)
 
 
+def breaker_delay(settings: Settings, step: int) -> float:
+    """ESCALATED: the wait before the heal after `step` heals at the breaker's pace:
+    BREAKER_FIRST, doubled each time, at most retry_interval (an hour when retries are off)."""
+    cap = max(settings.retry_interval, BREAKER_FIRST) if settings.retry_interval else MAX_RETRY_INTERVAL
+    return min(BREAKER_FIRST * 2 ** min(step, 16), cap)
+
+
+def breaker_due(state: dict) -> float:
+    """When the open breaker heals the service next (0.0: no open incident says)."""
+    incident = state.get("incident")
+    if not isinstance(incident, dict) or incident.get("closed"):
+        return 0.0
+    return float(incident.get("next_retry") or 0.0)
+
+
+def breaker_preface(settings: Settings, svc: Service, incident: dict) -> str:
+    return ("%s is back, healed by selfheal at the pace it keeps after too many heals (ESCALATED). It goes\n"
+            "on healing it at growing intervals (the next no sooner than %s) until it has been healthy for\n"
+            "incident_quiet = %s; then the count starts afresh. Further heals until then are in the history,\n"
+            "not mailed one by one.\n\n" % (svc.name, iso(float(incident.get("next_retry") or time.time())),
+                                             format_duration(settings.incident_quiet)))
+
+
 def retry_if_due(config: Config, paths: Paths, svc: Service, now: float) -> Optional[Finding]:
     """A FAILED incident (not ESCALATED, not STOPPED) is healed again by the watch at growing
     intervals, so a fix made by hand (a corrected config) is picked up with no command typed.
     The count lives in the incident: it starts afresh once the service was healthy for
     incident_quiet, not at each success."""
-    if not config.settings.retry_interval:
-        return None
     with service_state(paths, svc.name) as state:
         incident = state.get("incident")
-        if state.get("escalated") or not incident or incident.get("closed") or incident.get("problem") != "FAILED":
+        if not incident or incident.get("closed"):
+            return None
+        if state.get("escalated"):  # the breaker: never abandoned, healed at growing intervals
+            if incident.get("problem") not in ("FAILED", "ESCALATED") or now < breaker_due(state):
+                return None
+            step = int(incident.get("breaker_step") or 0)
+            incident["next_retry"] = now + breaker_delay(config.settings, step + 1)  # should this one not report
+            return Finding("retry", "a heal at the breaker's pace (ESCALATED; the next in %s if it fails again)"
+                           % format_duration(breaker_delay(config.settings, step + 1)), now)
+        if not config.settings.retry_interval or incident.get("problem") != "FAILED":
             return None
         retries = int(incident.get("retries") or 0)
         due = float(incident.get("next_retry") or 0.0) or float(incident.get("problem_since") or now) + \
@@ -5716,11 +5773,14 @@ def incident_healthy(config: Config, paths: Paths, svc: Service, now: float) -> 
                 report = thread_report(config, incident, SUBJECT_ICON[Outcome.RESOLVED], svc.name,
                                     "RESOLVED (was down %s)" % format_duration(down), body)
             incident["closed"] = now
-            state.pop("escalated", None)
+            if state.pop("escalated", None):
+                state["rearmed_at"] = now  # healthy again: the heal count starts afresh
             if incident.get("retries"):  # the backoff starts afresh only after incident_quiet
                 state["retry_carry"] = {"retries": incident["retries"], "until": now + config.settings.incident_quiet}
         elif now - float(incident.get("last_failure", incident.get("opened", now))) >= config.settings.incident_quiet:
             incident["closed"] = now
+            if state.pop("escalated", None):  # healthy for incident_quiet: the breaker closes
+                state["rearmed_at"] = now
     if report is not None:
         deliver(config, paths, report)
 
@@ -6867,7 +6927,7 @@ class ServiceStatus(NamedTuple):
     domain: str = ""
     critical: bool = False
     paused_until: Optional[float] = None  # None: not paused; 0.0: until resumed
-    escalated: bool = False  # healing suspended until `selfheal resume`
+    escalated: bool = False  # backing off after too many heals (healed at growing intervals)
     hooked: Optional[bool] = None  # selfheal's OnFailure= drop-in is installed; None: unit not loaded
     watch_detail: str = ""  # what the watch last said, when it said unhealthy, waiting or maintenance
     watch_checked: Optional[float] = None  # when the watch last looked at it
@@ -7398,7 +7458,7 @@ def _service_notes(s: ServiceStatus, d: Dashboard) -> List[str]:
         notes.append("Paused %s (%s)%s" % ("until " + local_time(s.paused_until) if s.paused_until
                                            else "until resumed", resume, now_is))
     if s.escalated:
-        notes.append("Healing suspended after too many heals (re-arm: %s)" % resume)
+        notes.append("Backing off after too many heals: healed at growing intervals (re-arm: %s)" % resume)
     if s.state == "unhealthy":
         when = " (%s)" % ago(now - s.watch_checked) if s.watch_checked else ""
         notes.append("Unhealthy%s: %s" % (when, s.watch_detail or "the watch's last look failed"))
@@ -7755,7 +7815,7 @@ def metrics_text(d: Dashboard, counts: Dict[str, Dict[str, int]], watch_ran: Opt
     metric("selfheal_last_healing_seconds", "gauge", "failure to verified healthy, at the service's last heal that healed it",
            [({"service": s.name}, float(s.last_heal["healing_seconds"])) for s in rows
             if s.last_heal and isinstance(s.last_heal.get("healing_seconds"), (int, float))])
-    metric("selfheal_escalated", "gauge", "1 while healing is suspended (selfheal resume NAME re-arms it)",
+    metric("selfheal_escalated", "gauge", "1 while selfheal backs off after too many heals (selfheal resume NAME re-arms it)",
            [({"service": s.name}, int(s.escalated)) for s in rows])
     metric("selfheal_paused", "gauge", "1 while the service is paused (selfheal pause NAME)",
            [({"service": s.name}, int(s.paused)) for s in rows])
@@ -7972,8 +8032,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("duration", nargs="?", help="e.g. 30m, 2h (default: until resume)")
 
-    p = add("resume", help="heal a paused service again; also re-arms after an escalation")
-    p.add_argument("name")
+    p = add("resume", help="heal paused services again; also re-arms after an escalation")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--all", action="store_true", help="every listed service")
     return parser
 
 
@@ -8019,9 +8080,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_flush(config, paths, quiet)
         if args.command == "test-email":
             return cmd_test_email(config)
-        if args.command in ("pause", "resume"):
+        if args.command == "pause":
             require_root(args.command)
             return cmd_pause(config, paths, args.command, args.name, getattr(args, "duration", None))
+        if args.command == "resume":
+            if bool(args.names) == bool(args.all):
+                raise UsageError("resume: name the services, or --all (not both)")
+            require_root(args.command)
+            return cmd_resume(config, paths, list(config.services) if args.all else args.names)
     except SelfhealError as exc:
         if isinstance(exc, ConfigError):
             for line in exc.problems:
@@ -8269,6 +8335,18 @@ def cmd_pause(config: Config, paths: Paths, verb: str, name: str, duration: Opti
     else:
         print("%s: healing resumed (heal count re-armed)" % name)
         log.info("%s resumed", name)
+    return EX_OK
+
+
+def cmd_resume(config: Config, paths: Paths, names: Sequence[str]) -> int:
+    """`resume NAME... | --all`: each named service is healed again and its heal count re-armed.
+    Every name is checked before any is changed."""
+    unknown = [name for name in names if name not in config.services]
+    if unknown:
+        raise UsageError("%r is not listed in %s%s" % (unknown[0], config.path,
+                                                      _did_you_mean(unknown[0], config.services)))
+    for name in dict.fromkeys(names):
+        cmd_pause(config, paths, "resume", name, None)
     return EX_OK
 
 
