@@ -2963,6 +2963,9 @@ FAILURE_KINDS: Tuple[FailureKind, ...] = (
           "it ran out of memory", "medium", "Check its memory use and the host's free memory."),
 )
 FAILURE_KIND = {kind.kind: kind for kind in FAILURE_KINDS}
+# Kinds that say the service's config is broken: a heal never re-arms its Restart= loop for
+# them (no reset-failed and second restart) and makes at most one failed start a round.
+CONFIG_BROKEN_KINDS = ("bad_config",)
 
 
 def journal_kind(journal: Sequence[str]) -> Optional[Tuple[FailureKind, str]]:
@@ -2981,6 +2984,11 @@ def triage(diag: Diagnosis) -> Tuple[str, str]:
     if diag.result == "oom-kill":
         return "oom", "systemd result oom-kill"
     if diag.result == "start-limit-hit":
+        # Why each start failed says more than that systemd stopped trying: a config its
+        # journal calls broken is bad_config, which no restart (nor reset-failed) fixes.
+        said = journal_kind(diag.journal)
+        if said and said[0].kind in CONFIG_BROKEN_KINDS:
+            return said[0].kind, said[1]
         return "start_limit", "systemd result start-limit-hit"
     if diag.result in ("timeout", "watchdog"):
         return "hang", "systemd result %s" % diag.result
@@ -3239,6 +3247,8 @@ class HealContext:
         self.deadline = deadline if deadline is not None else time.monotonic() + settings.heal_timeout
         self.actions: List[Action] = []
         self.found: List[str] = []  # what a check saw, for the report, whether or not it acted
+        self.config_broken = triage(diag)[0] in CONFIG_BROKEN_KINDS  # the evidence says so
+        self.asked = False  # a heal asked for (by hand, or a retry): it may clear systemd's start limit
 
     def systemctl(self, verb: str, timeout: Optional[float] = None) -> bool:
         argv = [SYSTEMCTL, verb, "--", self.svc.unit]
@@ -3268,13 +3278,19 @@ class HealContext:
 
 
 def strategy_service_restart(ctx: HealContext) -> str:
-    """Restart the unit; clear systemd's start limit first when it was hit."""
+    """Restart the unit; clear systemd's start limit first when it was hit, unless the
+    evidence says the config is broken (then the limit is what stops a loop: kept)."""
     unit = ctx.diag.unit
-    if unit.get("Result") == "start-limit-hit" or ctx.diag.result == "start-limit-hit":
+    keep_limit = ctx.config_broken and not ctx.asked
+    limit_hit = unit.get("Result") == "start-limit-hit" or ctx.diag.result == "start-limit-hit"
+    if limit_hit and keep_limit:
+        return ("not restarted: systemd's start limit holds it and the evidence says its config is broken; "
+                "reset-failed would re-arm its Restart= loop. Fix the config: the next retry picks it up")
+    if limit_hit:
         ctx.systemctl("reset-failed", timeout=COMMAND_TIMEOUT)
     if unit.get("LoadState") in ("masked", "not-found"):
         return "not restarted: the unit is %s" % unit.get("LoadState")
-    if not ctx.systemctl("restart"):
+    if not ctx.systemctl("restart") and not keep_limit:
         now = show_unit(ctx.svc.unit)
         # Refused without a new run: systemd's start limit ("Start request repeated too
         # quickly"; systemd 252 leaves Result= at the old failure, so the unchanged
@@ -3461,6 +3477,10 @@ def strategy_config_validation(ctx: HealContext) -> str:
             raise Escalation("the config check `%s` failed (exit status %d), so %s was not restarted: a "
                              "restart cannot fix a config its own checker rejects. Fix the config, then: "
                              "selfheal heal %s" % (" ".join(svc.config_check), result.rc, svc.unit, svc.name))
+    if ctx.config_broken and not ctx.asked and not svc.config_check and \
+            show_unit(svc.unit).get("Result") == "start-limit-hit":
+        return ("not restarted: systemd's start limit holds it and the evidence says its config is broken "
+                "(no config_check to say it is fixed); reset-failed would re-arm its Restart= loop")
     restart(ctx)
     return ""
 
@@ -4090,7 +4110,15 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
                           % (svc.port, svc.unit, svc.unit, svc.unit, svc.name))
 
     for name in order:
+        if kind in CONFIG_BROKEN_KINDS and any(a.starts and not (r.verification and r.verification.ok)
+                                               for r in runs for a in r.actions):
+            # One failed start is what a broken config gets per heal round: another strategy's
+            # restart would only fail again and feed its Restart= loop.
+            runs.append(StrategyRun(name, (), None, "not tried: a restart already failed and the evidence "
+                                    "says the config is broken"))
+            break
         ctx = HealContext(svc, diag, settings, dry_run, paths, deadline)
+        ctx.asked = trigger in (MANUAL_TRIGGER, RETRY_TRIGGER)
         try:
             note = STRATEGIES[name].act(ctx)
         except Escalation as exc:
