@@ -4193,7 +4193,8 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
     outcome = Outcome.HEALTHY
     reporting: Optional[str] = None  # the report being recorded and queued, when SIGTERM comes
     queued_before = len(QUEUED)
-    until = time.monotonic() + MAX_HEAL_SECONDS  # the chain's heals too: all within the unit's time
+    # The chain's heals count against the heal's own deadline (heal_timeout), as its steps do.
+    until = time.monotonic() + config.settings.heal_timeout
     try:
         for _round in range(config.settings.failure_threshold + 1):
             if _round and paused_until(paths, name) is not None:
@@ -4229,16 +4230,19 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
                 record_heal(paths, result, text)
             remember_restarts(paths, name, result.post)
             try:
-                dependents, waiting = chain_of(config, paths, svc, result, until)
+                chain_started = time.monotonic()
+                dependents, waiting, no_time = chain_of(config, paths, svc, result, until)
             except (Stopped, KeyboardInterrupt):
                 raise
             except Exception:  # a bug in the chain must not cost the root its report
                 log.exception("selfheal crashed while looking at what needs %s", name)
-                dependents, waiting = [], []
+                dependents, waiting, no_time = [], [], []
             if outcome is Outcome.HEALTHY and not dependents:
                 log_outcome(result)
                 return EX_OK
-            text = reporting = with_preface(text, chain_preface(svc, outcome, dependents, waiting))
+            text = reporting = with_preface(text, chain_preface(
+                svc, outcome, dependents, waiting, no_time, time.monotonic() - chain_started,
+                config.settings.heal_timeout))
             problems = [r.service.name for r, _ in dependents if r.outcome in PROBLEM_OUTCOMES]
             thread = notify_heal(config, paths, result, text, thread=root_thread,
                                  label_note=" (%s FAILED)" % and_list(problems) if problems else "")
@@ -4274,14 +4278,16 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
 
 
 def chain_of(config: Config, paths: Paths, svc: Service, result: HealResult, until: float
-             ) -> Tuple[List[Tuple[HealResult, str]], List[str]]:
+             ) -> Tuple[List[Tuple[HealResult, str]], List[str], List[str]]:
     """The services that need this one: healed after it (when it is healthy; when it was
-    healthy all along, only those that waited for it), and the names of those still waiting."""
+    healthy all along, only those that waited for it), the names of those still waiting, and
+    of those the heal's deadline left to the watch."""
     if not has_chain(config, svc, result.post or result.diagnosis.unit):
-        return [], []
+        return [], [], []
     graph, shown = look_at_chain(config)
     if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY):
-        return heal_dependents(config, paths, svc, graph, until, only_waiting=result.outcome is Outcome.HEALTHY)
+        return heal_dependents(config, paths, svc, graph, until, only_waiting=result.outcome is Outcome.HEALTHY,
+                               shown=shown)
     waiting = []
     for name in needed_by(graph, svc.name, reverse=True):
         dependent = config.services[name]
@@ -4293,7 +4299,7 @@ def chain_of(config: Config, paths: Paths, svc: Service, result: HealResult, unt
             active == "inactive" and dependent.on_stopped != "heal")
         if down or waits_for(paths, name, [svc.name] + needed_by(graph, name)):
             waiting.append(name)
-    return [], waiting
+    return [], waiting, []
 
 
 def waited_thread(paths: Paths, name: str) -> str:
@@ -4448,30 +4454,50 @@ def dependency_graph(config: Config, shown: Dict[str, Dict[str, str]]) -> Dict[s
 
 
 def in_dependency_order(graph: Dict[str, Sequence[str]], names: Iterable[str]) -> List[str]:
-    """names, every one after those it needs (config order otherwise)."""
+    """names, every one after those it needs (config order otherwise). Visits only what the
+    names need: linear in the chain, not in the whole graph, for each call."""
     wanted, order, seen = set(names), [], set()  # type: ignore[var-annotated]
 
     def visit(name: str) -> None:
-        if name in seen:
-            return
+        stack = [(name, iter(graph.get(name, ())))]
         seen.add(name)
-        for needed in graph.get(name, ()):
-            visit(needed)
-        if name in wanted:
-            order.append(name)
+        while stack:
+            current, needs = stack[-1]
+            for needed in needs:
+                if needed not in seen:
+                    seen.add(needed)
+                    stack.append((needed, iter(graph.get(needed, ()))))
+                    break
+            else:
+                stack.pop()
+                if current in wanted:
+                    order.append(current)
 
     for name in graph:
-        visit(name)
+        if name in wanted and name not in seen:
+            visit(name)
     return order
 
 
-def needed_by(graph: Dict[str, Sequence[str]], name: str, reverse: bool = False) -> List[str]:
+def reverse_graph(graph: Dict[str, Sequence[str]]) -> Dict[str, List[str]]:
+    """name -> the services that need it directly (in config order)."""
+    needers: Dict[str, List[str]] = {name: [] for name in graph}
+    for name, needs in graph.items():
+        for needed in needs:
+            needers.setdefault(needed, []).append(name)
+    return needers
+
+
+def needed_by(graph: Dict[str, Sequence[str]], name: str, reverse: bool = False,
+              needers: Optional[Dict[str, List[str]]] = None) -> List[str]:
     """Every service `name` needs, directly or not (reverse: every one that needs it), in
-    dependency order."""
+    dependency order. needers: reverse_graph(graph), when the caller has it already."""
+    if reverse and needers is None:
+        needers = reverse_graph(graph)
     found, todo = set(), [name]  # type: ignore[var-annotated]
     while todo:
         current = todo.pop()
-        step = [n for n, needs in graph.items() if current in needs] if reverse else graph.get(current, ())
+        step = needers.get(current, ()) if reverse and needers is not None else graph.get(current, ())
         for other in step:
             if other not in found and other != name:
                 found.add(other)
@@ -4487,12 +4513,15 @@ def has_chain(config: Config, svc: Service, unit: Dict[str, str]) -> bool:
                 or (systemd_needs(unit) | systemd_needed_by(unit)) & units)
 
 
+CHAIN_PROPERTIES = ("Id", "LoadState", "ActiveState", "SubState", "Result", "InvocationID", "Requires", "BindsTo",
+                    "Wants", "After", "ActiveEnterTimestampMonotonic")
+
+
 def look_at_chain(config: Config) -> Tuple[Dict[str, Tuple[str, ...]], Dict[str, Dict[str, str]]]:
     """The dependency graph, and every listed unit's state and its heal's, in one systemctl show."""
     units = [svc.unit for svc in config.services.values()]
     heals = ["selfheal@%s.service" % name for name in config.services]
-    shown = show_units(units + heals, ("Id", "LoadState", "ActiveState", "SubState", "Requires", "BindsTo", "Wants",
-                                       "After"))
+    shown = show_units(units + heals, CHAIN_PROPERTIES)
     return dependency_graph(config, shown), shown
 
 
@@ -4557,25 +4586,39 @@ def wait_for_dependency(paths: Paths, svc: Service, result: HealResult, needed: 
 
 
 def heal_dependents(config: Config, paths: Paths, svc: Service, graph: Dict[str, Tuple[str, ...]],
-                    until: float, only_waiting: bool = False) -> Tuple[List[Tuple[HealResult, str]], List[str]]:
+                    until: float, only_waiting: bool = False, shown: Optional[Dict[str, Dict[str, str]]] = None
+                    ) -> Tuple[List[Tuple[HealResult, str]], List[str], List[str]]:
     """After `svc` is healthy: every service that needs it, in dependency order, verified and
     healed when still down (only_waiting: only those that noted they wait for it). Each is
-    recorded, not mailed. Returns (result, report) for those that were down or waiting, and
-    the names of those left waiting (for another service still down, or for lack of time:
-    the watch heals them once it may). A bug in one dependent's heal is reported on its
-    own; the chain and the root's report go on."""
+    recorded, not mailed. Returns (result, report) for those that were down or waiting, the
+    names of those left waiting (for another service still down: the watch heals them once it
+    may), and of those left for lack of time (`until`, the heal's deadline).
+
+    Linear in the chain: the state of every unit comes from one `systemctl show` (`shown`, or
+    one call here), updated with what this chain healed; a dependent that is active, listens
+    and answers its health check (all asked at once) is left alone without a heal. A bug in one
+    dependent's heal is reported on its own; the chain and the root's report go on."""
     done: List[Tuple[HealResult, str]] = []
     left: List[str] = []
+    no_time: List[str] = []
     chain = [svc.name]
-    for name in needed_by(graph, svc.name, reverse=True):
+    if shown is None:
+        shown = look_at_chain(config)[1]
+    shown = dict(shown)
+    shown[svc.unit] = dict(shown.get(svc.unit, {}), ActiveState="active", SubState="running")
+    needers = reverse_graph(graph)
+    dependents = needed_by(graph, svc.name, reverse=True, needers=needers)
+    healthy = healthy_at_a_glance(config, paths, [config.services[n] for n in dependents], shown, until)
+    for name in dependents:
         dependent = config.services[name]
         waited = waits_for(paths, name, chain + needed_by(graph, name))
         if only_waiting and not waited:
             continue
+        if not waited and name in healthy:
+            continue  # active, listening and answering: not this chain's to touch
         if paused_until(paths, name) is not None or maintenance_until(config, dependent) is not None:
             log.info("%s needs %s but is paused or in maintenance: not looked at", name, svc.name)
             continue
-        shown = look_at_chain(config)[1]
         unit = shown.get(dependent.unit, {})
         if unit.get("ActiveState") == "inactive" and dependent.on_stopped != "heal" and not waited:
             continue  # stopped, and to be left stopped (on_stopped): not this chain's to start
@@ -4587,7 +4630,7 @@ def heal_dependents(config: Config, paths: Paths, svc: Service, graph: Dict[str,
             continue
         if time.monotonic() > until - config.settings.verify_timeout - HEAL_RESERVE:
             log.warning("%s needs %s; no time left in this heal to look at it (the watch does)", name, svc.name)
-            left.append(name)
+            no_time.append(name)
             continue
         lock = Lock(paths.lock(name))
         if not lock.wait(min(config.settings.verify_timeout + 10, max(0.0, until - time.monotonic()))):
@@ -4596,6 +4639,8 @@ def heal_dependents(config: Config, paths: Paths, svc: Service, graph: Dict[str,
         try:
             result = heal(config, dependent, paths, CHAIN_TRIGGER, {}, chain=False, until=until)
             forget_waiting(paths, name)
+            if result.post:
+                shown[dependent.unit] = dict(shown.get(dependent.unit, {}), **result.post)
             if result.outcome is Outcome.HEALTHY and not waited:
                 continue  # up all along: not part of this chain
             chain.append(name)
@@ -4611,16 +4656,32 @@ def heal_dependents(config: Config, paths: Paths, svc: Service, graph: Dict[str,
             report_heal_crash(config, paths, dependent, traceback.format_exc())
         finally:
             lock.release()
-    return done, left
+    return done, left, no_time
+
+
+def healthy_at_a_glance(config: Config, paths: Paths, services: Sequence[Service],
+                        shown: Dict[str, Dict[str, str]], until: float) -> set:
+    """The names of those that are active, whose port listens and whose health check answers
+    (every check at once, within the heal's deadline): one look for the whole chain."""
+    active = [s for s in services if shown.get(s.unit, {}).get("ActiveState") in ("active", "reloading")]
+    if not active:
+        return set()
+    ports = listening_ports() if any(s.port for s in active) else None
+    listening = [s for s in active if not s.port or ports is None or s.port in ports]
+    with budget(max(0.0, until - time.monotonic())):
+        answers = health_checks(listening)
+    return {s.name for s in listening if answers.get(s.name, (True, ""))[0] and (
+        s.name in answers or not (s.health_url or s.health_command))}
 
 
 def chain_preface(svc: Service, outcome: Outcome, dependents: Sequence[Tuple[HealResult, str]],
-                  waiting: Sequence[str] = ()) -> str:
-    """The lines that lead a root's report: which services failed because of it, and what
-    became of each."""
-    if not dependents and not waiting:
+                  waiting: Sequence[str] = (), no_time: Sequence[str] = (), took: Optional[float] = None,
+                  heal_timeout: float = 0.0) -> str:
+    """The lines that lead a root's report: which services failed because of it, what became
+    of each, and those the heal's deadline (heal_timeout) left to the watch."""
+    if not dependents and not waiting and not no_time:
         return ""
-    down = [r.service.name for r, _ in dependents if r.outcome is not Outcome.HEALTHY] + list(waiting)
+    down = [r.service.name for r, _ in dependents if r.outcome is not Outcome.HEALTHY] + list(waiting) + list(no_time)
     lines = []
     if outcome is Outcome.HEALTHY:
         lines.append("%s is healthy; %s waited for it." % (svc.name, and_list(
@@ -4633,8 +4694,15 @@ def chain_preface(svc: Service, outcome: Outcome, dependents: Sequence[Tuple[Hea
         lines.append("  %s: %s" % (result.service.name, chain_line(result, svc.name)))
     for name in waiting:
         lines.append("  %s: waiting; selfheal heals it once what it needs is healthy again" % name)
+    for name in no_time:
+        lines.append("  %s: not looked at: the heal ran out of heal_timeout; the watch heals it" % name)
     if outcome not in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY) and waiting:
         lines.append("They are not restarted while %s is down (they would only fail again)." % svc.name)
+    if no_time:
+        lines.append("The chain ran out of time: heal_timeout = %s was spent after %s; %d service(s) above are "
+                     "left to the watch." % (format_duration(heal_timeout), format_duration(took or 0.0), len(no_time)))
+    elif took is not None and dependents:
+        lines.append("The chain took %s." % format_duration(took))
     return "\n".join(lines) + "\n\n"
 
 
