@@ -4518,11 +4518,15 @@ CHAIN_PROPERTIES = ("Id", "LoadState", "ActiveState", "SubState", "Result", "Inv
 
 
 def look_at_chain(config: Config) -> Tuple[Dict[str, Tuple[str, ...]], Dict[str, Dict[str, str]]]:
-    """The dependency graph, and every listed unit's state and its heal's, in one systemctl show."""
-    units = [svc.unit for svc in config.services.values()]
-    heals = ["selfheal@%s.service" % name for name in config.services]
-    shown = show_units(units + heals, CHAIN_PROPERTIES)
-    return dependency_graph(config, shown), shown
+    """The dependency graph, every listed unit's state (one systemctl show), and the state of
+    the heals of those another service needs (one more: only those are ever waited for; asking
+    systemd about every selfheal@ instance would make it load one per listed service)."""
+    shown = show_units([svc.unit for svc in config.services.values()], CHAIN_PROPERTIES)
+    graph = dependency_graph(config, shown)
+    needed = sorted({name for needs in graph.values() for name in needs})
+    if needed:
+        shown.update(show_units(["selfheal@%s.service" % name for name in needed], ("Id", "ActiveState")))
+    return graph, shown
 
 
 def blocking_dependency(config: Config, paths: Paths, svc: Service, graph: Dict[str, Tuple[str, ...]],
@@ -4668,8 +4672,7 @@ def healthy_at_a_glance(config: Config, paths: Paths, services: Sequence[Service
         return set()
     ports = listening_ports() if any(s.port for s in active) else None
     listening = [s for s in active if not s.port or ports is None or s.port in ports]
-    with budget(max(0.0, until - time.monotonic())):
-        answers = health_checks(listening)
+    answers = health_checks(listening)  # each within its health_timeout (no budget: heals may run in threads)
     return {s.name for s in listening if answers.get(s.name, (True, ""))[0] and (
         s.name in answers or not (s.health_url or s.health_command))}
 
