@@ -123,6 +123,8 @@ NOT_A_FAILURE_FINDINGS = ("stopped",)
 # each other are one event of the host, not a failure of each (failure_threshold skips it).
 BURST_WINDOW = 2.0
 BURST_MIN = 3
+BURST_WORKERS = 16  # heals one leader runs at once (each mostly waits: on systemctl, on the service)
+BURST_POLL = 0.02  # seconds between the leader's looks for services handed to it
 HEALTH_BODY_LIMIT = 65536  # health_expect_text is looked for in this much of the answer
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale process
 MAX_JOB_SECONDS = 600.0  # the longest a systemctl job may take (selfheal@.service allows 10 min)
@@ -290,6 +292,10 @@ class Paths:
 
     def watch_state(self, name: str) -> Path:
         return self.run / "watch" / (name + ".json")
+
+    def handed(self, name: str) -> Path:
+        """A failed service handed to the heal under way (the leader of a burst)."""
+        return self.run / "handed" / (name + ".json")
 
     def arrival(self, name: str) -> Path:
         """Touched when an OnFailure= trigger for the service arrives (its mtime: when)."""
@@ -4186,7 +4192,7 @@ def stop_on_sigterm(active: bool = True):
 
 
 def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, dry_run: bool,
-                finding: Optional[Finding], out) -> int:
+                finding: Optional[Finding], out, event: Optional["BurstEvent"] = None) -> int:
     """heal() until the service stays healed (a failure merged into a running heal gets one
     more round), recording and reporting each; SIGTERM records and queues what is in flight."""
     name = svc.name
@@ -4243,6 +4249,15 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
             text = reporting = with_preface(text, chain_preface(
                 svc, outcome, dependents, waiting, no_time, time.monotonic() - chain_started,
                 config.settings.heal_timeout))
+            if (event is not None and not dependents and outcome in (Outcome.RESOLVED, Outcome.RECOVERED)
+                    and event.collect(result, text)):
+                log_outcome(result)  # its mail is the burst's one (BurstEvent.finish)
+                reporting = None
+                again = show_unit(svc.unit)
+                if again.get("ActiveState") != "failed":
+                    break
+                trigger, env, finding = "failed again during the heal", {}, None
+                continue
             problems = [r.service.name for r, _ in dependents if r.outcome in PROBLEM_OUTCOMES]
             thread = notify_heal(config, paths, result, text, thread=root_thread,
                                  label_note=" (%s FAILED)" % and_list(problems) if problems else "")
@@ -4379,6 +4394,181 @@ def burst_size(paths: Paths, at: float) -> int:
     except OSError:
         return 0
     return count
+
+
+def may_hand_over(paths: Paths, name: str) -> bool:
+    """A service whose heal has its own drop-in (selfheal@NAME.service.d: a path only its heal
+    may write) is healed in its own unit's sandbox, never handed to another's."""
+    return not os.path.isdir(os.path.join(UNIT_DIR, "selfheal@%s.service.d" % name))
+
+
+def hand_over(paths: Paths, name: str, env) -> bool:
+    """Leave the service, and what systemd said of its failed run, for the heal that leads."""
+    facts = {key: str(value) for key, value in env.items() if key.startswith("MONITOR_")}
+    try:
+        ensure_dir(paths.handed(name).parent, 0o700)
+        atomic_write(paths.handed(name), json.dumps({"env": facts, "at": time.time()}) + "\n", 0o600)
+        return True
+    except OSError as exc:
+        log.warning("%s: could not hand it over (%s); healing it here", name, exc)
+        return False
+
+
+def take_handed(paths: Paths, only: str = "") -> Dict[str, Dict[str, str]]:
+    """The services handed over (only: that one), each taken once: name -> MONITOR_* facts."""
+    taken: Dict[str, Dict[str, str]] = {}
+    try:
+        with os.scandir(str(paths.handed("x").parent)) as entries:
+            names = [e.name for e in entries if e.name.endswith(".json")]
+    except OSError:
+        return taken
+    for file_name in names:
+        name = file_name[:-len(".json")]
+        if (only and name != only) or not NAME_RE.match(name):
+            continue
+        path = paths.handed(name)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            path.unlink()
+        except (OSError, ValueError):
+            continue  # taken meanwhile, or half written: its trigger heals it or the watch does
+        env = data.get("env") if isinstance(data, dict) else None
+        taken[name] = {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {}
+    return taken
+
+
+def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> int:
+    """One process heals a burst: its own service in the main thread, at once (a single
+    failure is as fast as ever), and every service handed over meanwhile in threads
+    (BURST_WORKERS at most). Those healed back form one event and one mail (BurstEvent).
+    The lead is let go only when nothing is left; a service handed over just then is seen
+    by the look after, which leads again. Returns the own service's exit status."""
+    import threading
+
+    rc = EX_OK
+    first = True
+    while True:
+        event = BurstEvent(config, paths)
+        slots = threading.BoundedSemaphore(BURST_WORKERS)
+        workers: List[threading.Thread] = []
+        own_done = threading.Event()
+
+        def work(name: str, env: Dict[str, str]) -> None:
+            try:
+                heal_service(config, name, paths, "onfailure", env, False, out, event)
+            except SelfhealError as exc:
+                log.error("%s: %s", name, exc)
+            except Exception:  # a bug in one heal: said, and the burst goes on
+                log.exception("selfheal crashed while healing %s in a burst", name)
+            finally:
+                slots.release()
+
+        def dispatch() -> None:
+            while True:
+                batch = {n: e for n, e in take_handed(paths).items() if n in config.services}
+                for name, env in batch.items():
+                    event.join(name)
+                    slots.acquire()
+                    worker = threading.Thread(target=work, args=(name, env), name="selfheal-" + name, daemon=True)
+                    worker.start()
+                    workers.append(worker)
+                if not batch:
+                    if own_done.is_set() and not any(w.is_alive() for w in workers):
+                        return
+                    time.sleep(BURST_POLL)
+
+        own_env = take_handed(paths, own).get(own) if first else None
+        dispatcher = threading.Thread(target=dispatch, name="selfheal-burst", daemon=True)
+        if own_env is not None:
+            event.join(own)
+        dispatcher.start()
+        try:
+            if own_env is not None:
+                rc = heal_service(config, own, paths, "onfailure", own_env, False, out, event)
+        finally:
+            own_done.set()
+        dispatcher.join()
+        event.finish()
+        first = False
+        leader.release()
+        try:
+            with os.scandir(str(paths.handed("x").parent)) as entries:
+                left = any(e.name.endswith(".json") for e in entries)
+        except OSError:
+            left = False
+        if not left or not leader.acquire():
+            break
+    write_metrics(config, paths)
+    return rc
+
+
+class BurstEvent:
+    """The services one leader heals together: those back (RESOLVED, RECOVERED) are told in
+    one mail, a line each, with the time until all were back; one that needs a human keeps
+    its own mail and thread. A heal that ends while it is the only one so far is mailed on
+    its own at once (a single failure waits for nothing)."""
+
+    def __init__(self, config: Config, paths: Paths):
+        import threading
+
+        self.config, self.paths = config, paths
+        self.lock = threading.Lock()
+        self.members: List[str] = []
+        self.collected: List[Tuple[HealResult, str]] = []
+
+    def join(self, name: str) -> None:
+        with self.lock:
+            self.members.append(name)
+
+    def collect(self, result: HealResult, text: str) -> bool:
+        """Keep the report for the burst's mail; False: mail it now, on its own."""
+        with self.lock:
+            if len(self.members) < 2:
+                return False
+            self.collected.append((result, text))
+            return True
+
+    def finish(self) -> None:
+        with self.lock:
+            collected, self.collected = self.collected, []
+            members = list(self.members)
+        if not collected:
+            return
+        if len(collected) == 1:
+            notify_heal(self.config, self.paths, collected[0][0], collected[0][1])
+            return
+        settings = self.config.settings
+        label, body = burst_report(collected, members)
+        report = new_report(settings, SUBJECT_ICON[Outcome.RESOLVED], "burst", label, body)
+        for result, text in collected:  # each service's incident follows the burst's thread
+            notify_heal(self.config, self.paths, result, text, mail=False, thread=report["message_id"])
+        fields = {"SELFHEAL_SERVICE": "burst", "SELFHEAL_OUTCOME": "RESOLVED",
+                  "SELFHEAL_SERVICES": ",".join(r.service.name for r, _ in collected),
+                  "SELFHEAL_INCIDENT": report["message_id"].strip("<>")}
+        log.info("burst: %s", label, extra={"journal": fields})
+        if any(should_mail(settings, r.service, "RESOLVED") for r, _ in collected):
+            deliver(self.config, self.paths, report)
+
+
+def burst_report(collected: Sequence[Tuple[HealResult, str]], members: Sequence[str]) -> Tuple[str, str]:
+    """(label, body) of a burst's one mail: how many, when, how long until all were back."""
+    failed = [r.diagnosis.failed_at or r.started_at for r, _ in collected]
+    back = [(r.diagnosis.failed_at or r.started_at) + (r.healing_seconds or 0.0) for r, _ in collected]
+    first, spread, all_back = min(failed), max(failed) - min(failed), max(back) - min(failed)
+    others = [name for name in members if name not in {r.service.name for r, _ in collected}]
+    lines = ["%d services failed within %s of each other, from %s on %s; all %d were back %s after the first "
+             "failure." % (len(members), format_duration(spread), iso(first), socket.gethostname(),
+                           len(collected), format_duration(all_back)), ""]
+    width = max(len(r.service.name) for r, _ in collected)
+    for result, _ in sorted(collected, key=lambda item: item[0].service.name):
+        how = ("restarted (%s), healthy in %s" % (result.strategy, format_duration(result.healing_seconds or 0.0))
+               if result.outcome is Outcome.RESOLVED else "came back by itself (systemd's Restart=); verified")
+        lines.append("  %s  %s; %s" % (result.service.name.ljust(width), result.root_cause.summary.rstrip("."), how))
+    if others:
+        lines += ["", "Not back, each in its own mail and thread: %s." % and_list(others)]
+    lines += ["", "selfheal healed them in one process (one heal for a burst). Each service's full report is in",
+              "%s/NAME.log; `selfheal status` shows them all." % LOG_DIR]
+    return "RESOLVED (%d services)" % len(collected), "\n".join(lines) + "\n"
 
 
 def summary_line(result: HealResult) -> str:
@@ -4542,6 +4732,8 @@ def blocking_dependency(config: Config, paths: Paths, svc: Service, graph: Dict[
         active, sub = unit.get("ActiveState", ""), unit.get("SubState", "")
         if shown.get("selfheal@%s.service" % name, {}).get("ActiveState") in ("active", "activating"):
             return name, "being healed (selfheal@%s.service)" % name
+        if being_healed(paths, name):  # by the heal that leads a burst, under another unit
+            return name, "being healed"
         if unit.get("LoadState", "loaded") != "loaded" or (active == "inactive" and needed.on_stopped == "ignore"):
             continue  # no such unit, or stopped on purpose as configured: nothing to wait for
         if active and active not in ("active", "reloading"):
@@ -4554,6 +4746,18 @@ def blocking_dependency(config: Config, paths: Paths, svc: Service, graph: Dict[
                 2 * config.settings.watch_interval:
             return name, "unhealthy (%s)" % clean(str(watch.get("detail", "")))[:120]
     return None
+
+
+def being_healed(paths: Paths, name: str) -> bool:
+    """Whether a heal holds the service's lock now (asked without waiting)."""
+    lock = Lock(paths.lock(name))
+    try:
+        if lock.acquire():
+            lock.release()
+            return False
+        return True
+    except OSError:
+        return False
 
 
 def open_problem(paths: Paths, name: str) -> str:
@@ -8211,7 +8415,9 @@ def cmd_validate(path: str) -> int:
 
 def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.environ,
                  dry_run: bool = False, out=None) -> int:
-    """`heal NAME`: refuse, lock, heal, record, mail; loop if it failed again meanwhile."""
+    """`heal NAME`: refuse, lock, heal, record, mail; loop if it failed again meanwhile.
+    From OnFailure= (--trigger onfailure), a burst is healed by one process: the first heal
+    leads, a later one hands its service to it and ends at once (see lead_burst)."""
     out = out or sys.stdout
     if name not in config.services:
         raise UsageError("%r is not listed in %s (listed: %s)"
@@ -8219,6 +8425,26 @@ def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.envir
     svc = config.services[name]
     if never_touch(svc.unit):
         raise UsageError("selfheal never touches %s" % svc.unit)
+    if trigger == "onfailure" and not dry_run:
+        note_arrival(paths, name)
+        if may_hand_over(paths, name) and hand_over(paths, name, env):
+            leader = Lock(paths.run / "locks" / "burst.lock")
+            if not leader.acquire():
+                log.info("%s: handed to the heal under way (one heal for a burst)", name)
+                print("%s: handed to the heal under way" % name, file=out)
+                return EX_OK
+            return lead_burst(config, paths, name, leader, out)
+    rc = heal_service(config, name, paths, trigger, env, dry_run, out)
+    if not dry_run:
+        write_metrics(config, paths)  # after the report: the mail never waits for it
+    return rc
+
+
+def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.environ,
+                 dry_run: bool = False, out=None, event: Optional["BurstEvent"] = None) -> int:
+    """One service: paused or in a maintenance window, or its lock, then heal_rounds."""
+    out = out or sys.stdout
+    svc = config.services[name]
     pause = paused_until(paths, name)
     if pause is not None and not dry_run:
         log.info("%s is paused%s; not healing", name, " until " + iso(pause) if pause else "")
@@ -8234,8 +8460,6 @@ def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.envir
         log.info("%s: %s; in a maintenance window until %s: not healed, not mailed", name, what, iso(window))
         print("%s is in a maintenance window until %s; not healing" % (name, iso(window)), file=out)
         return EX_OK
-    if trigger == "onfailure" and not dry_run:
-        note_arrival(paths, name)
     lock = Lock(paths.lock(name))
     # A trigger that comes during a heal waits for it, then finds that run healthy and says
     # nothing (see heal); it is never lost, and never a second restart.
@@ -8265,11 +8489,9 @@ def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.envir
                 if finding.kind in ("unhealthy", "restarted"):
                     env = {}  # MONITOR_* would describe an earlier run, not this problem
         with stop_on_sigterm(not dry_run):
-            rc = heal_rounds(config, svc, paths, trigger, env, dry_run, finding, out)
+            rc = heal_rounds(config, svc, paths, trigger, env, dry_run, finding, out, event)
     finally:
         lock.release()
-    if not dry_run:
-        write_metrics(config, paths)  # after the report: the mail never waits for it
     return rc
 
 

@@ -1,0 +1,103 @@
+"""One heal for a burst, one mail per event (issue 21): the first OnFailure= heal leads; a
+later one hands its service over and ends at once; the leader heals what is handed to it in
+threads, and those back are one mail with a line each and the time until all were back; a
+service that needs a human keeps its own mail and thread. The fakes are executed as processes
+here (`real_commands`): the leader's threads run them at once. No root, no systemd."""
+
+import pytest
+
+import selfheal
+from conftest import HEAL_SERVICES
+
+pytestmark = pytest.mark.usefixtures("quiet_selfheal", "real_commands")
+
+STORY, WORKER, CACHE = "story-stages.service", "worker.service", "cache.service"
+SERVICES = dict(HEAL_SERVICES, cache={})
+
+
+def restarted(bed):
+    return sorted(c[-1] for c in bed.host.actions() if c[:2] == ["systemctl", "restart"])
+
+
+def leader_lock(bed):
+    return selfheal.Lock(bed.paths.run / "locks" / "burst.lock")
+
+
+def test_a_trigger_during_a_burst_hands_its_service_over_and_ends_at_once(bed):
+    bed.host.failed(WORKER)
+    lock = leader_lock(bed)
+    assert lock.acquire()
+    try:
+        rc, printed = bed.heal("worker")
+    finally:
+        lock.release()
+    assert rc == 0 and "handed to the heal under way" in printed
+    assert restarted(bed) == [] and bed.sink.messages == []
+    assert bed.paths.handed("worker").exists()
+    assert selfheal.take_handed(bed.paths) == {"worker": {}}
+
+
+def test_the_leader_heals_what_was_handed_to_it_and_sends_one_mail_for_the_burst(bed):
+    bed.configure(services=SERVICES)
+    for unit in (STORY, WORKER, CACHE):
+        bed.host.failed(unit, listen={"port": 5002} if unit == STORY else None)
+    for name in ("worker", "cache"):  # their triggers came while the leader was starting
+        selfheal.note_arrival(bed.paths, name)
+        assert selfheal.hand_over(bed.paths, name, {"MONITOR_UNIT": "%s.service" % name,
+                                                    "MONITOR_SERVICE_RESULT": "signal"})
+    rc, _ = bed.heal("story-stages")
+    assert rc == 0
+    assert restarted(bed) == sorted([STORY, WORKER, CACHE])
+    (mail,) = bed.sink.messages
+    assert mail["Subject"] == "✅ MiracleMax: burst - RESOLVED (3 services)"
+    text = mail.get_content()
+    assert text.startswith("3 services failed within ")
+    assert "; all 3 were back " in text.splitlines()[0]
+    for name in ("cache", "story-stages", "worker"):
+        assert [ln for ln in text.splitlines() if ln.startswith("  %s " % name)], text
+    for name in ("cache", "story-stages", "worker"):  # each one's incident follows the burst's thread
+        assert selfheal.load_service_state(bed.paths, name)["incident"]["message_id"] == mail["Message-ID"].strip()
+        (event,) = bed.history(name)
+        assert event["outcome"] == "RESOLVED" and event["burst"] == 3
+    assert list(bed.paths.handed("x").parent.iterdir()) == []
+
+
+def test_a_service_that_needs_a_human_keeps_its_own_mail_in_a_burst(bed):
+    bed.configure(services=SERVICES)
+    bed.host.failed(STORY, listen={"port": 5002})
+    bed.host.failed(WORKER, on_restart="fail")
+    bed.host.failed(CACHE)
+    for name in ("worker", "cache"):
+        assert selfheal.hand_over(bed.paths, name, {})
+    bed.heal("story-stages")
+    subjects = sorted(str(m["Subject"]) for m in bed.sink.messages)
+    assert subjects == ["✅ MiracleMax: burst - RESOLVED (2 services)", "❌ MiracleMax: worker - FAILED"]
+    burst = next(m for m in bed.sink.messages if "burst" in str(m["Subject"]))
+    assert "Not back, each in its own mail and thread: worker." in burst.get_content()
+
+
+def test_a_single_failure_is_mailed_on_its_own_at_once(bed):
+    bed.host.failed(WORKER)
+    assert bed.heal("worker")[0] == 0
+    (mail,) = bed.sink.messages
+    assert mail["Subject"] == "✅ MiracleMax: worker - RESOLVED"
+
+
+def test_a_service_with_its_own_heal_drop_in_is_healed_in_its_own_unit(bed, tmp_path, monkeypatch):
+    monkeypatch.setattr(selfheal, "UNIT_DIR", str(tmp_path))
+    (tmp_path / "selfheal@worker.service.d").mkdir()
+    bed.host.failed(WORKER)
+    lock = leader_lock(bed)
+    assert lock.acquire()
+    try:
+        assert bed.heal("worker")[0] == 0
+    finally:
+        lock.release()
+    assert restarted(bed) == [WORKER]
+    assert not bed.paths.handed("worker").exists()
+
+
+def test_what_is_handed_over_keeps_only_systemds_facts_and_bad_names_are_ignored(bed):
+    assert selfheal.hand_over(bed.paths, "worker", {"MONITOR_UNIT": "worker.service", "PATH": "/bin", "HOME": "/"})
+    (bed.paths.handed("x").parent / "..bad.json").write_text("{}")
+    assert selfheal.take_handed(bed.paths) == {"worker": {"MONITOR_UNIT": "worker.service"}}
