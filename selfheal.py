@@ -4428,10 +4428,14 @@ def take_handed(paths: Paths, only: str = "") -> Dict[str, Dict[str, str]]:
             continue
         path = paths.handed(name)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_text(encoding="utf-8")
             path.unlink()
-        except (OSError, ValueError):
-            continue  # taken meanwhile, or half written: its trigger heals it or the watch does
+        except OSError:
+            continue  # taken meanwhile: by the heal that leads
+        try:
+            data = json.loads(raw) if raw.strip() else {}  # empty: left by the unit's ExecCondition=
+        except ValueError:
+            data = {}
         env = data.get("env") if isinstance(data, dict) else None
         taken[name] = {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {}
     return taken
@@ -4449,6 +4453,7 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
     first = True
     while True:
         event = BurstEvent(config, paths)
+        own_units: List[str] = []
         slots = threading.BoundedSemaphore(BURST_WORKERS)
         workers: List[threading.Thread] = []
         own_done = threading.Event()
@@ -4465,7 +4470,14 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
 
         def dispatch() -> None:
             while True:
-                batch = {n: e for n, e in take_handed(paths).items() if n in config.services}
+                batch = {}
+                for name, env in take_handed(paths).items():
+                    if name not in config.services:
+                        continue
+                    if may_hand_over(paths, name):
+                        batch[name] = env
+                    else:  # its heal has its own sandbox: its own unit heals it, once this lead ends
+                        own_units.append(name)
                 for name, env in batch.items():
                     event.join(name)
                     slots.acquire()
@@ -4491,6 +4503,10 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
         event.finish()
         first = False
         leader.release()
+        for name in dict.fromkeys(own_units):
+            started = run([SYSTEMCTL, "start", "--no-block", "selfheal@%s.service" % name])
+            if not started.ok:
+                log.error("could not start selfheal@%s.service: %s", name, started.brief())
         try:
             with os.scandir(str(paths.handed("x").parent)) as entries:
                 left = any(e.name.endswith(".json") for e in entries)
@@ -6701,6 +6717,15 @@ Type=oneshot
 # %i, not %I: the instance is the section name as written (story-stages stays story-stages).
 # Imported, not run as a script, so Python uses the compiled copy in __pycache__.
 ExecStart=@PYTHON@ -I -S -c "import sys; sys.path.insert(0, '@LIBDIR@'); import selfheal; sys.exit(selfheal.main())" heal --trigger onfailure %i
+# One heal for a burst: each trigger first leaves its service in /run/selfheal/handed, then
+# runs Python only when no heal leads (flock on the leader's lock). The others end here, at
+# the cost of three small programs, not a Python each: the leader heals what they left. The
+# leading "-": a trigger that cannot leave its file still runs, and heals its service itself.
+# A drop-in selfheal@NAME.service.d/*.conf that needs its own sandbox resets these with an
+# empty ExecCondition= (the leader never heals such a service: it starts its own unit).
+ExecCondition=-/usr/bin/mkdir -p /run/selfheal/locks /run/selfheal/handed
+ExecCondition=-/usr/bin/touch /run/selfheal/handed/%i.json
+ExecCondition=@FLOCK@ --nonblock /run/selfheal/locks/burst.lock /usr/bin/true
 # A heal has its own deadlines (verify_timeout, smtp_timeout); this is the last resort.
 TimeoutStartSec=10min
 
@@ -6849,11 +6874,24 @@ WantedBy=timers.target
 }
 
 
+# One heal for a burst, in selfheal@.service: a trigger leaves its service for the heal under
+# way, then starts Python only when no heal leads. Rendered only where flock(1) is (util-linux):
+# without it a condition could never pass, and every trigger runs Python (as before).
+FLOCK = "/usr/bin/flock"
+HANDOVER_MARK = "# One heal for a burst: each trigger"
+
+
 def render_unit(name: str, libdir: str, python: str = PYTHON, watch_interval: float = 30.0,
-                metrics_file: str = METRICS_FILE) -> str:
+                metrics_file: str = METRICS_FILE, flock: Optional[str] = None) -> str:
     # Every value was validated: paths by pattern (no spaces, no newlines), the interval as
     # whole seconds.
+    flock = FLOCK if flock is None else flock
     text = UNIT_TEMPLATES[name]
+    if "@FLOCK@" in text and not (flock and os.path.exists(flock)):
+        kept = [line for line in text.splitlines(True) if not line.startswith("ExecCondition=")]
+        text = "".join(kept).replace(HANDOVER_MARK, "# (no %s here: every trigger runs its own heal.)\n%s"
+                                     % (FLOCK, HANDOVER_MARK), 1)
+    text = text.replace("@FLOCK@", flock)
     if not metrics_file:
         text = text.replace("ReadWritePaths=-@METRICS_DIR@", "# (metrics_file is empty: no metrics are written)")
     return (text.replace("@LIBDIR@", libdir).replace("@PYTHON@", python)

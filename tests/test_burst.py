@@ -101,3 +101,23 @@ def test_what_is_handed_over_keeps_only_systemds_facts_and_bad_names_are_ignored
     assert selfheal.hand_over(bed.paths, "worker", {"MONITOR_UNIT": "worker.service", "PATH": "/bin", "HOME": "/"})
     (bed.paths.handed("x").parent / "..bad.json").write_text("{}")
     assert selfheal.take_handed(bed.paths) == {"worker": {"MONITOR_UNIT": "worker.service"}}
+
+
+def test_an_empty_file_left_by_the_units_exec_condition_is_a_service_handed_over_without_facts(bed):
+    bed.paths.handed("worker").parent.mkdir(parents=True)
+    bed.paths.handed("worker").write_text("")
+    assert selfheal.take_handed(bed.paths) == {"worker": {}}
+
+
+def test_the_heal_unit_hands_over_with_flock_and_runs_every_trigger_without_it(tmp_path):
+    text = selfheal.render_unit("selfheal@.service", "/usr/local/lib/selfheal", flock="/usr/bin/flock")
+    conditions = [ln for ln in text.splitlines() if ln.startswith("ExecCondition=")]
+    assert conditions == [
+        "ExecCondition=-/usr/bin/mkdir -p /run/selfheal/locks /run/selfheal/handed",
+        "ExecCondition=-/usr/bin/touch /run/selfheal/handed/%i.json",
+        "ExecCondition=/usr/bin/flock --nonblock /run/selfheal/locks/burst.lock /usr/bin/true"]
+    assert str(selfheal.Paths(run=__import__("pathlib").Path("/run/selfheal")).handed("x")) == \
+        "/run/selfheal/handed/x.json"  # where the unit leaves it is where the leader looks
+    missing = selfheal.render_unit("selfheal@.service", "/usr/local/lib/selfheal", flock=str(tmp_path / "flock"))
+    assert not [ln for ln in missing.splitlines() if ln.startswith("ExecCondition=")]
+    assert "every trigger runs its own heal" in missing
