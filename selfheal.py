@@ -297,6 +297,11 @@ class Paths:
         """A failed service handed to the heal under way (the leader of a burst)."""
         return self.run / "handed" / (name + ".json")
 
+    @property
+    def leading(self) -> Path:
+        """Exists while a heal leads a burst (made by selfheal@.service's ExecCondition=)."""
+        return self.run / "leading"
+
     def arrival(self, name: str) -> Path:
         """Touched when an OnFailure= trigger for the service arrives (its mtime: when)."""
         return self.run / "arrivals" / name
@@ -4502,6 +4507,8 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
         dispatcher.join()
         event.finish()
         first = False
+        with contextlib.suppress(OSError):  # before the lead is let go: a trigger after this leads
+            os.rmdir(str(paths.leading))
         leader.release()
         for name in dict.fromkeys(own_units):
             started = run([SYSTEMCTL, "start", "--no-block", "selfheal@%s.service" % name])
@@ -6471,7 +6478,29 @@ def watch_budget(settings: Settings) -> float:
     return min(max(settings.watch_interval, WATCH_BUDGET[0]), WATCH_BUDGET[1])
 
 
+def clear_stale_lead(paths: Paths, now: float) -> None:
+    """A leader that died (SIGKILL, OOM) leaves /run/selfheal/leading, and every trigger after
+    it would wait for a leader that is gone: removed when old and no heal holds the lead."""
+    try:
+        age = now - os.stat(str(paths.leading)).st_mtime
+    except OSError:
+        return
+    if age < LEADING_STALE:
+        return
+    lock = Lock(paths.run / "locks" / "burst.lock")
+    try:
+        if lock.acquire():
+            with contextlib.suppress(OSError):
+                os.rmdir(str(paths.leading))
+            log.warning("watch: removed %s, left by a heal that led a burst and died", paths.leading)
+    except OSError:
+        pass
+    finally:
+        lock.release()
+
+
 def watch_run(config: Config, paths: Paths) -> int:
+    clear_stale_lead(paths, time.time())
     services = list(config.services.values())
     verdicts: Dict[str, str] = {}
     errors: List[str] = []
@@ -6718,14 +6747,15 @@ Type=oneshot
 # Imported, not run as a script, so Python uses the compiled copy in __pycache__.
 ExecStart=@PYTHON@ -I -S -c "import sys; sys.path.insert(0, '@LIBDIR@'); import selfheal; sys.exit(selfheal.main())" heal --trigger onfailure %i
 # One heal for a burst: each trigger first leaves its service in /run/selfheal/handed, then
-# runs Python only when no heal leads (flock on the leader's lock). The others end here, at
-# the cost of three small programs, not a Python each: the leader heals what they left. The
-# leading "-": a trigger that cannot leave its file still runs, and heals its service itself.
-# A drop-in selfheal@NAME.service.d/*.conf that needs its own sandbox resets these with an
-# empty ExecCondition= (the leader never heals such a service: it starts its own unit).
-ExecCondition=-/usr/bin/mkdir -p /run/selfheal/locks /run/selfheal/handed
+# runs Python only if it is the first (mkdir is atomic: /run/selfheal/leading exists while a
+# heal leads; the leader removes it when done, the watch when a leader died). The others end
+# here, at the cost of three small programs, not a Python each: the leader heals what they
+# left. The leading "-": a trigger that cannot leave its file still runs, and heals its
+# service itself. A drop-in selfheal@NAME.service.d/*.conf that needs its own sandbox resets
+# these with an empty ExecCondition= (the leader never heals such a service: it starts its unit).
+ExecCondition=-@MKDIR@ -p /run/selfheal/handed
 ExecCondition=-/usr/bin/touch /run/selfheal/handed/%i.json
-ExecCondition=@FLOCK@ --nonblock /run/selfheal/locks/burst.lock /usr/bin/true
+ExecCondition=@MKDIR@ /run/selfheal/leading
 # A heal has its own deadlines (verify_timeout, smtp_timeout); this is the last resort.
 TimeoutStartSec=10min
 
@@ -6875,23 +6905,24 @@ WantedBy=timers.target
 
 
 # One heal for a burst, in selfheal@.service: a trigger leaves its service for the heal under
-# way, then starts Python only when no heal leads. Rendered only where flock(1) is (util-linux):
-# without it a condition could never pass, and every trigger runs Python (as before).
-FLOCK = "/usr/bin/flock"
+# way, then starts Python only when no heal leads. Rendered only where mkdir is at this path:
+# a condition that cannot run never passes, and then every trigger runs Python (as before).
+MKDIR = "/usr/bin/mkdir"
+LEADING_STALE = 60.0  # seconds: a /run/selfheal/leading older than this with no leader is removed
 HANDOVER_MARK = "# One heal for a burst: each trigger"
 
 
 def render_unit(name: str, libdir: str, python: str = PYTHON, watch_interval: float = 30.0,
-                metrics_file: str = METRICS_FILE, flock: Optional[str] = None) -> str:
+                metrics_file: str = METRICS_FILE, mkdir: Optional[str] = None) -> str:
     # Every value was validated: paths by pattern (no spaces, no newlines), the interval as
     # whole seconds.
-    flock = FLOCK if flock is None else flock
+    mkdir = MKDIR if mkdir is None else mkdir
     text = UNIT_TEMPLATES[name]
-    if "@FLOCK@" in text and not (flock and os.path.exists(flock)):
+    if "@MKDIR@" in text and not (mkdir and os.path.exists(mkdir)):
         kept = [line for line in text.splitlines(True) if not line.startswith("ExecCondition=")]
         text = "".join(kept).replace(HANDOVER_MARK, "# (no %s here: every trigger runs its own heal.)\n%s"
-                                     % (FLOCK, HANDOVER_MARK), 1)
-    text = text.replace("@FLOCK@", flock)
+                                     % (MKDIR, HANDOVER_MARK), 1)
+    text = text.replace("@MKDIR@", mkdir)
     if not metrics_file:
         text = text.replace("ReadWritePaths=-@METRICS_DIR@", "# (metrics_file is empty: no metrics are written)")
     return (text.replace("@LIBDIR@", libdir).replace("@PYTHON@", python)

@@ -109,15 +109,42 @@ def test_an_empty_file_left_by_the_units_exec_condition_is_a_service_handed_over
     assert selfheal.take_handed(bed.paths) == {"worker": {}}
 
 
-def test_the_heal_unit_hands_over_with_flock_and_runs_every_trigger_without_it(tmp_path):
-    text = selfheal.render_unit("selfheal@.service", "/usr/local/lib/selfheal", flock="/usr/bin/flock")
+def test_the_heal_unit_hands_over_and_starts_python_only_for_the_first_trigger(tmp_path):
+    text = selfheal.render_unit("selfheal@.service", "/usr/local/lib/selfheal", mkdir="/usr/bin/mkdir")
     conditions = [ln for ln in text.splitlines() if ln.startswith("ExecCondition=")]
     assert conditions == [
-        "ExecCondition=-/usr/bin/mkdir -p /run/selfheal/locks /run/selfheal/handed",
+        "ExecCondition=-/usr/bin/mkdir -p /run/selfheal/handed",
         "ExecCondition=-/usr/bin/touch /run/selfheal/handed/%i.json",
-        "ExecCondition=/usr/bin/flock --nonblock /run/selfheal/locks/burst.lock /usr/bin/true"]
-    assert str(selfheal.Paths(run=__import__("pathlib").Path("/run/selfheal")).handed("x")) == \
-        "/run/selfheal/handed/x.json"  # where the unit leaves it is where the leader looks
-    missing = selfheal.render_unit("selfheal@.service", "/usr/local/lib/selfheal", flock=str(tmp_path / "flock"))
+        "ExecCondition=/usr/bin/mkdir /run/selfheal/leading"]
+    paths = selfheal.Paths(run=__import__("pathlib").Path("/run/selfheal"))
+    assert str(paths.handed("x")) == "/run/selfheal/handed/x.json"  # where the unit leaves it, the leader looks
+    assert str(paths.leading) == "/run/selfheal/leading"
+    missing = selfheal.render_unit("selfheal@.service", "/usr/local/lib/selfheal", mkdir=str(tmp_path / "mkdir"))
     assert not [ln for ln in missing.splitlines() if ln.startswith("ExecCondition=")]
     assert "every trigger runs its own heal" in missing
+
+
+def test_the_leader_removes_the_lead_marker_when_done(bed):
+    bed.paths.leading.mkdir(parents=True)  # made by the first trigger's ExecCondition=
+    bed.host.failed(WORKER)
+    assert bed.heal("worker")[0] == 0
+    assert not bed.paths.leading.exists()
+
+
+def test_the_watch_removes_a_marker_left_by_a_leader_that_died(bed):
+    bed.paths.leading.mkdir(parents=True)
+    selfheal.clear_stale_lead(bed.paths, __import__("time").time())
+    assert bed.paths.leading.exists()  # young: a leader may be starting
+    selfheal.clear_stale_lead(bed.paths, __import__("time").time() + selfheal.LEADING_STALE + 1)
+    assert not bed.paths.leading.exists()
+
+
+def test_a_marker_of_a_living_leader_is_kept(bed):
+    bed.paths.leading.mkdir(parents=True)
+    lock = leader_lock(bed)
+    assert lock.acquire()
+    try:
+        selfheal.clear_stale_lead(bed.paths, __import__("time").time() + selfheal.LEADING_STALE + 1)
+    finally:
+        lock.release()
+    assert bed.paths.leading.exists()
