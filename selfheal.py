@@ -123,7 +123,7 @@ NOT_A_FAILURE_FINDINGS = ("stopped",)
 # each other are one event of the host, not a failure of each (failure_threshold skips it).
 BURST_WINDOW = 2.0
 BURST_MIN = 3
-BURST_WORKERS = 16  # heals one leader runs at once (each mostly waits: on systemctl, on the service)
+BURST_WORKERS = 64  # heals one leader runs at once (each mostly waits: on systemctl, on the service)
 BURST_POLL = 0.02  # seconds between the leader's looks for services handed to it
 HEALTH_BODY_LIMIT = 65536  # health_expect_text is looked for in this much of the answer
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale process
@@ -3136,7 +3136,7 @@ def probe(svc: Service, health: bool = True, within_seconds: Optional[float] = N
     Each check runs only when the one before it passed. Returns the checks and the unit's
     properties as seen.
     """
-    unit = show_unit(svc.unit)
+    unit = SHARED.unit(svc.unit) if SHARED is not None else show_unit(svc.unit)
     if finished_oneshot(unit):  # its run is its whole life: judged by the run's result
         return (Check("unit", True, "%s (%s): a oneshot job whose run succeeded (exit status %s)" % (
             unit.get("ActiveState", "unknown"), unit.get("SubState", "unknown"), unit.get("ExecMainStatus") or "0")),), unit
@@ -3230,13 +3230,51 @@ def wait_for_listener(port: int, seconds: float, clock=time.monotonic, sleep=tim
     netlink question costs about 0.1 ms): the probe that follows comes when the service binds."""
     end = clock() + seconds
     while clock() < end:
-        ports = listening_ports()
+        ports = SHARED.ports() if SHARED is not None else listening_ports()
         if ports is None or port in ports:
             return
         sleep(min(LISTENER_POLL, max(0.0, end - clock())))
 
 
 LISTENER_POLL = 0.005
+
+
+class SharedLook:
+    """While one process heals a burst, its heals' verifications share what they poll: one
+    `systemctl show` for every unit being verified, at most once per POLL_INTERVAL, and one
+    list of listening sockets per LISTENER_POLL, instead of one each per heal. A unit that a
+    heal just acted on (restart) is asked afresh at its next look."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.units: Dict[str, Dict[str, str]] = {}
+        self.stale: set = set()
+        self.shown_at = 0.0
+        self.ports_at, self.listening = 0.0, None  # type: Tuple[float, Optional[set]]
+
+    def unit(self, unit: str) -> Dict[str, str]:
+        with self.lock:
+            fresh = time.monotonic() - self.shown_at < POLL_INTERVAL
+            if not (fresh and unit in self.units and unit not in self.stale and self.units[unit]):
+                wanted = sorted(set(self.units) | {unit})
+                self.units.update(show_units(wanted))
+                self.shown_at, self.stale = time.monotonic(), set()
+            return dict(self.units.get(unit) or {})
+
+    def acted(self, unit: str) -> None:
+        with self.lock:
+            self.stale.add(unit)
+
+    def ports(self) -> Optional[set]:
+        with self.lock:
+            if time.monotonic() - self.ports_at >= LISTENER_POLL:
+                self.listening, self.ports_at = listening_ports(), time.monotonic()
+            return self.listening
+
+
+SHARED: Optional[SharedLook] = None  # set while a burst's leader heals more than one service
 
 
 # =============================================================================
@@ -3268,6 +3306,8 @@ class HealContext:
             self.actions.append(Action(what, True, 0.0, "dry run: not done"))
             return True
         result = run(argv, timeout=timeout or self.job_timeout())
+        if SHARED is not None:
+            SHARED.acted(self.svc.unit)
         self.actions.append(Action(what, result.ok, result.seconds, "" if result.ok else result.brief(),
                                    starts=verb in ("restart", "start")))
         return result.ok
@@ -3971,10 +4011,12 @@ FOREIGN_HOLDER_RE = re.compile(r", not by a process of |held by a socket of .*, 
 
 def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGGER,
          env=os.environ, dry_run: bool = False, finding: Optional[Finding] = None,
-         chain: bool = True, until: Optional[float] = None) -> HealResult:
+         chain: bool = True, until: Optional[float] = None, restarted: bool = False) -> HealResult:
     """Heal one service once. The caller holds the service's lock. chain: wait (WAITING)
     when a service it needs is down; off for the heal of a dependent by its root's heal,
-    which gives it `until` (a time.monotonic()) as its deadline if that comes first."""
+    which gives it `until` (a time.monotonic()) as its deadline if that comes first.
+    restarted: the leader of a burst restarted it already, before this diagnosis (env: the
+    failed run's facts, read before that restart); verified first, then the strategies."""
     settings = config.settings
     started_at, start_mono = time.time(), time.monotonic()
     deadline = min(start_mono + settings.heal_timeout, until or float("inf"))
@@ -4015,7 +4057,16 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
                           healing, post, escalation, after, plan, found.steps if found else (),
                           acted_until=acted)
 
-    if trigger == "onfailure" and finding is None and not dry_run:
+    if restarted and not dry_run:
+        verification = verify(svc, settings.verify_timeout)
+        runs.append(StrategyRun("service_restart", (Action(
+            "systemctl restart %s" % svc.unit, True, 0.0, "with the rest of the burst, before this diagnosis",
+            starts=True),), verification, "restarted at once, with the other services of the burst (a plain "
+            "crash: %s)" % (diag.result or "?")))
+        if verification.ok:
+            return finish(Outcome.RESOLVED)
+        diag = dataclasses.replace(diag, unit=show_unit(svc.unit))
+    elif trigger == "onfailure" and finding is None and not dry_run:
         echo = echo_of(paths, svc, diag)
         if echo:  # the failed run is one selfheal started and already reported: nothing new
             log.info("%s: %s", svc.name, echo)
@@ -4197,7 +4248,8 @@ def stop_on_sigterm(active: bool = True):
 
 
 def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, dry_run: bool,
-                finding: Optional[Finding], out, event: Optional["BurstEvent"] = None) -> int:
+                finding: Optional[Finding], out, event: Optional["BurstEvent"] = None,
+                restarted: bool = False) -> int:
     """heal() until the service stays healed (a failure merged into a running heal gets one
     more round), recording and reporting each; SIGTERM records and queues what is in flight."""
     name = svc.name
@@ -4211,7 +4263,8 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
             if _round and paused_until(paths, name) is not None:
                 break  # paused while we were busy: stop here
             try:
-                result = heal(config, svc, paths, trigger, env, dry_run, finding)
+                result = heal(config, svc, paths, trigger, env, dry_run, finding,
+                              restarted=restarted and not _round)
             except SelfhealError:
                 raise
             except Exception:  # a bug in selfheal must not leave the failure unreported
@@ -4463,9 +4516,9 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
         workers: List[threading.Thread] = []
         own_done = threading.Event()
 
-        def work(name: str, env: Dict[str, str]) -> None:
+        def work(name: str, env: Dict[str, str], restarted: bool) -> None:
             try:
-                heal_service(config, name, paths, "onfailure", env, False, out, event)
+                heal_service(config, name, paths, "onfailure", env, False, out, event, restarted)
             except SelfhealError as exc:
                 log.error("%s: %s", name, exc)
             except Exception:  # a bug in one heal: said, and the burst goes on
@@ -4474,6 +4527,7 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
                 slots.release()
 
         def dispatch() -> None:
+            global SHARED
             while True:
                 batch = {}
                 for name, env in take_handed(paths).items():
@@ -4481,12 +4535,16 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
                         continue
                     if may_hand_over(paths, name):
                         batch[name] = env
+                        if SHARED is None:  # more than one heal from here on: their polls are shared
+                            SHARED = SharedLook()
                     else:  # its heal has its own sandbox: its own unit heals it, once this lead ends
                         own_units.append(name)
+                prestarted = restart_at_once(config, paths, batch)
                 for name, env in batch.items():
                     event.join(name)
                     slots.acquire()
-                    worker = threading.Thread(target=work, args=(name, env), name="selfheal-" + name, daemon=True)
+                    worker = threading.Thread(target=work, args=(name, env, name in prestarted),
+                                              name="selfheal-" + name, daemon=True)
                     worker.start()
                     workers.append(worker)
                 if not batch:
@@ -4505,6 +4563,8 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
         finally:
             own_done.set()
         dispatcher.join()
+        global SHARED
+        SHARED = None
         event.finish()
         first = False
         with contextlib.suppress(OSError):  # before the lead is let go: a trigger after this leads
@@ -4523,6 +4583,54 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
             break
     write_metrics(config, paths)
     return rc
+
+
+RESTART_AT_ONCE_RESULTS = ("signal", "core-dump")  # a plain crash: no config or data to look at first
+
+
+def restart_at_once(config: Config, paths: Paths, batch: Dict[str, Dict[str, str]]) -> set:
+    """Restarts first: of the services handed over together, those that plainly crashed are
+    restarted at once, in one `systemctl restart --no-block`, before their diagnosis (which
+    runs while they come up). Only a failed unit whose run was killed by a signal, whose
+    first strategy is service_restart, with nothing else to decide first (paused, in a
+    window, the breaker open, a problem reported, too many heals): the rest are healed as
+    ever. Each one's facts (MONITOR_*) are read before, into `batch`. Returns their names."""
+    if len(batch) < 2:
+        return set()
+    units = {config.services[name].unit: name for name in batch}
+    shown = show_units(list(units), ("Id", "ActiveState", "SubState", "Result", "ExecMainCode", "ExecMainStatus",
+                                     "InvocationID", "Restart"))
+    chosen = []
+    for unit, name in units.items():
+        svc, props = config.services[name], shown.get(unit, {})
+        if not batch[name].get("MONITOR_SERVICE_RESULT") and props.get("InvocationID"):
+            code = {"1": "exited", "2": "killed", "3": "dumped"}.get(props.get("ExecMainCode", ""), "")
+            status = props.get("ExecMainStatus", "")
+            batch[name] = {"MONITOR_UNIT": unit, "MONITOR_SERVICE_RESULT": props.get("Result", ""),
+                           "MONITOR_EXIT_CODE": code, "MONITOR_INVOCATION_ID": props.get("InvocationID", ""),
+                           "MONITOR_EXIT_STATUS": signal_name(status) if code in ("killed", "dumped") else status}
+        if props.get("ActiveState") != "failed" or props.get("Result") not in RESTART_AT_ONCE_RESULTS:
+            continue
+        if not svc.strategies or svc.strategies[0] != "service_restart" or has_chain(config, svc, {}):
+            continue
+        state = load_service_state(paths, name)
+        last = last_event(paths, name) or {}
+        window_start = max(time.time() - config.settings.failure_window, float(state.get("rearmed_at", 0.0)))
+        if (paused_until(paths, name) is not None or maintenance_until(config, svc) is not None
+                or state.get("escalated") or open_problem(paths, name) or paths.finding(name).exists()
+                or last.get("outcome") in (Outcome.FAILED.value, Outcome.ESCALATED.value)
+                or len(heal_attempts(paths, name, window_start)) >= config.settings.failure_threshold - 1):
+            continue
+        chosen.append(name)
+    if not chosen:
+        return set()
+    started = run([SYSTEMCTL, "restart", "--no-block", "--"] + [config.services[n].unit for n in chosen])
+    if not started.ok:
+        log.warning("burst: restarting %s at once failed (%s); each is healed on its own", and_list(chosen),
+                    started.brief())
+        return set()
+    log.info("burst: restarted %s at once; diagnosing them while they come up", and_list(chosen))
+    return set(chosen)
 
 
 class BurstEvent:
@@ -8510,7 +8618,8 @@ def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.envir
 
 
 def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.environ,
-                 dry_run: bool = False, out=None, event: Optional["BurstEvent"] = None) -> int:
+                 dry_run: bool = False, out=None, event: Optional["BurstEvent"] = None,
+                 restarted: bool = False) -> int:
     """One service: paused or in a maintenance window, or its lock, then heal_rounds."""
     out = out or sys.stdout
     svc = config.services[name]
@@ -8558,7 +8667,8 @@ def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.e
                 if finding.kind in ("unhealthy", "restarted"):
                     env = {}  # MONITOR_* would describe an earlier run, not this problem
         with stop_on_sigterm(not dry_run):
-            rc = heal_rounds(config, svc, paths, trigger, env, dry_run, finding, out, event)
+            rc = heal_rounds(config, svc, paths, trigger, env, dry_run, finding, out, event,
+                             restarted and finding is None)
     finally:
         lock.release()
     return rc

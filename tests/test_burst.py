@@ -16,7 +16,12 @@ SERVICES = dict(HEAL_SERVICES, cache={})
 
 
 def restarted(bed):
-    return sorted(c[-1] for c in bed.host.actions() if c[:2] == ["systemctl", "restart"])
+    """Every unit restarted, once per restart (a burst's leader restarts several in one call)."""
+    units = []
+    for call in bed.host.actions():
+        if call[:2] == ["systemctl", "restart"]:
+            units += [arg for arg in call[2:] if arg.endswith(".service")]
+    return sorted(units)
 
 
 def leader_lock(bed):
@@ -47,7 +52,9 @@ def test_the_leader_heals_what_was_handed_to_it_and_sends_one_mail_for_the_burst
                                                     "MONITOR_SERVICE_RESULT": "signal"})
     rc, _ = bed.heal("story-stages")
     assert rc == 0
-    assert restarted(bed) == sorted([STORY, WORKER, CACHE])
+    assert restarted(bed) == sorted([STORY, WORKER, CACHE])  # each once
+    # Restarts first: the two plain crashes handed over together, in one call, before their diagnosis.
+    assert ["systemctl", "restart", "--no-block", "--", CACHE, WORKER] in bed.host.actions()
     (mail,) = bed.sink.messages
     assert mail["Subject"] == "✅ MiracleMax: burst - RESOLVED (3 services)"
     text = mail.get_content()
@@ -148,3 +155,19 @@ def test_a_marker_of_a_living_leader_is_kept(bed):
     finally:
         lock.release()
     assert bed.paths.leading.exists()
+
+
+def test_restarts_first_only_for_plain_crashes_with_nothing_to_decide_first(bed):
+    services = dict(SERVICES, db={}, queue={})
+    bed.configure(services=services)
+    bed.host.failed(WORKER)  # SIGKILL: restarted at once
+    bed.host.failed(CACHE, result="exit-code", code="1", status="1")  # may be its config: diagnosed first
+    bed.host.failed("db.service")
+    bed.host.failed("queue.service", result="core-dump", code="3", status="11")
+    with selfheal.service_state(bed.paths, "db") as state:  # the breaker is open: its pace decides
+        state["escalated"] = 1.0
+    batch = {"worker": {}, "cache": {}, "db": {}, "queue": {}}
+    assert selfheal.restart_at_once(bed.config, bed.paths, batch) == {"worker", "queue"}
+    assert batch["worker"]["MONITOR_SERVICE_RESULT"] == "signal"  # its facts, read before the restart
+    assert batch["queue"]["MONITOR_EXIT_STATUS"] == "SEGV"
+    assert selfheal.restart_at_once(bed.config, bed.paths, {"worker": {}}) == set()  # one alone: as ever
