@@ -4539,7 +4539,9 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
                             SHARED = SharedLook()
                     else:  # its heal has its own sandbox: its own unit heals it, once this lead ends
                         own_units.append(name)
-                prestarted = restart_at_once(config, paths, batch)
+                with event.lock:
+                    others = len(event.members)
+                prestarted = restart_at_once(config, paths, batch, others)
                 for name, env in batch.items():
                     event.join(name)
                     slots.acquire()
@@ -4588,14 +4590,15 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
 RESTART_AT_ONCE_RESULTS = ("signal", "core-dump")  # a plain crash: no config or data to look at first
 
 
-def restart_at_once(config: Config, paths: Paths, batch: Dict[str, Dict[str, str]]) -> set:
+def restart_at_once(config: Config, paths: Paths, batch: Dict[str, Dict[str, str]], others: int = 0) -> set:
     """Restarts first: of the services handed over together, those that plainly crashed are
     restarted at once, in one `systemctl restart --no-block`, before their diagnosis (which
     runs while they come up). Only a failed unit whose run was killed by a signal, whose
     first strategy is service_restart, with nothing else to decide first (paused, in a
     window, the breaker open, a problem reported, too many heals): the rest are healed as
-    ever. Each one's facts (MONITOR_*) are read before, into `batch`. Returns their names."""
-    if len(batch) < 2:
+    ever. Each one's facts (MONITOR_*) are read before, into `batch`. others: services of the
+    same burst already being healed. Returns their names."""
+    if not batch or len(batch) + others < 2:
         return set()
     units = {config.services[name].unit: name for name in batch}
     shown = show_units(list(units), ("Id", "ActiveState", "SubState", "Result", "ExecMainCode", "ExecMainStatus",
