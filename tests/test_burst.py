@@ -120,9 +120,9 @@ def test_the_heal_unit_hands_over_and_starts_python_only_for_the_first_trigger(t
     text = selfheal.render_unit("selfheal@.service", "/usr/local/lib/selfheal", mkdir="/usr/bin/mkdir")
     conditions = [ln for ln in text.splitlines() if ln.startswith("ExecCondition=")]
     assert conditions == [
-        "ExecCondition=-/usr/bin/mkdir -p /run/selfheal/handed",
-        "ExecCondition=-/usr/bin/touch /run/selfheal/handed/%i.json",
-        "ExecCondition=/usr/bin/mkdir /run/selfheal/leading"]
+        "ExecCondition=+-/usr/bin/mkdir -p /run/selfheal/handed",
+        "ExecCondition=+-/usr/bin/touch /run/selfheal/handed/%i.json",
+        "ExecCondition=+/usr/bin/mkdir /run/selfheal/leading"]
     paths = selfheal.Paths(run=__import__("pathlib").Path("/run/selfheal"))
     assert str(paths.handed("x")) == "/run/selfheal/handed/x.json"  # where the unit leaves it, the leader looks
     assert str(paths.leading) == "/run/selfheal/leading"
