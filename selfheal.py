@@ -4529,8 +4529,17 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
         def dispatch() -> None:
             global SHARED
             while True:
+                handed = take_handed(paths)
+                for _ in range(5):  # a storm's triggers come over ~100 ms: one batch, one restart
+                    if not handed:
+                        break
+                    time.sleep(BURST_POLL)
+                    more = take_handed(paths)
+                    if not more:
+                        break
+                    handed.update(more)
                 batch = {}
-                for name, env in take_handed(paths).items():
+                for name, env in handed.items():
                     if name not in config.services:
                         continue
                     if may_hand_over(paths, name):
