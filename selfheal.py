@@ -4289,7 +4289,10 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
             forget_waiting(paths, name)
             reporting, queued_before = text, len(QUEUED)  # recorded, then queued before it is sent
             if trigger == "onfailure" and outcome is not Outcome.HEALTHY:
-                result = dataclasses.replace(result, burst=burst_size(paths, result.started_at))
+                # Handed over to a leader, its trigger started no Python to note its arrival:
+                # the leader's event knows those.
+                together = event.size() if event is not None else 0
+                result = dataclasses.replace(result, burst=max(burst_size(paths, result.started_at), together))
             if outcome is not Outcome.HEALTHY:
                 record_heal(paths, result, text)
             remember_restarts(paths, name, result.post)
@@ -4530,6 +4533,8 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
             global SHARED
             while True:
                 handed = take_handed(paths)
+                for name in handed:  # members at once: a heal that ends meanwhile is not alone
+                    event.join(name)
                 for _ in range(5):  # a storm's triggers come over ~100 ms: one batch, one restart
                     if not handed:
                         break
@@ -4537,6 +4542,8 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
                     more = take_handed(paths)
                     if not more:
                         break
+                    for name in more:
+                        event.join(name)
                     handed.update(more)
                 batch = {}
                 for name, env in handed.items():
@@ -4548,11 +4555,8 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
                             SHARED = SharedLook()
                     else:  # its heal has its own sandbox: its own unit heals it, once this lead ends
                         own_units.append(name)
-                with event.lock:
-                    others = len(event.members)
-                prestarted = restart_at_once(config, paths, batch, others)
+                prestarted = restart_at_once(config, paths, batch, event.size() - len(batch))
                 for name, env in batch.items():
-                    event.join(name)
                     slots.acquire()
                     worker = threading.Thread(target=work, args=(name, env, name in prestarted),
                                               name="selfheal-" + name, daemon=True)
@@ -4658,15 +4662,21 @@ class BurstEvent:
         self.lock = threading.Lock()
         self.members: List[str] = []
         self.collected: List[Tuple[HealResult, str]] = []
+        self.alone: List[str] = []  # back, and mailed on their own before the rest came
 
     def join(self, name: str) -> None:
         with self.lock:
             self.members.append(name)
 
+    def size(self) -> int:
+        with self.lock:
+            return len(self.members)
+
     def collect(self, result: HealResult, text: str) -> bool:
         """Keep the report for the burst's mail; False: mail it now, on its own."""
         with self.lock:
             if len(self.members) < 2:
+                self.alone.append(result.service.name)
                 return False
             self.collected.append((result, text))
             return True
@@ -4674,7 +4684,7 @@ class BurstEvent:
     def finish(self) -> None:
         with self.lock:
             collected, self.collected = self.collected, []
-            members = list(self.members)
+            members = [name for name in self.members if name not in self.alone]
         if not collected:
             return
         if len(collected) == 1:
@@ -4682,15 +4692,66 @@ class BurstEvent:
             return
         settings = self.config.settings
         label, body = burst_report(collected, members)
-        report = new_report(settings, SUBJECT_ICON[Outcome.RESOLVED], "burst", label, body)
+        send, thread, label, body = burst_incident(self.paths, settings, label, body)
+        report = new_report(settings, SUBJECT_ICON[Outcome.RESOLVED], "burst", label, body, thread=thread)
+        note_burst_thread(self.paths, report["message_id"])
         for result, text in collected:  # each service's incident follows the burst's thread
-            notify_heal(self.config, self.paths, result, text, mail=False, thread=report["message_id"])
+            notify_heal(self.config, self.paths, result, text, mail=False, thread=thread or report["message_id"])
         fields = {"SELFHEAL_SERVICE": "burst", "SELFHEAL_OUTCOME": "RESOLVED",
                   "SELFHEAL_SERVICES": ",".join(r.service.name for r, _ in collected),
                   "SELFHEAL_INCIDENT": report["message_id"].strip("<>")}
         log.info("burst: %s", label, extra={"journal": fields})
-        if any(should_mail(settings, r.service, "RESOLVED") for r, _ in collected):
+        if not send:
+            log.info("burst: not mailed (the bursts are FLAPPING: told once in this thread)")
+        elif any(should_mail(settings, r.service, "RESOLVED") for r, _ in collected):
             deliver(self.config, self.paths, report)
+
+
+def burst_incident(paths: Paths, settings: Settings, label: str, body: str) -> Tuple[bool, str, str, str]:
+    """Bursts are an incident of the host, as failures are of a service: one thread while they
+    come less than incident_quiet apart, and FLAPPING once at flap_threshold bursts within
+    flap_window, then silence until it is quiet (a group of services crash-looping together).
+    Returns (mail it, thread, label, body)."""
+    path = paths.state / "burst.json"
+    lock = Lock(paths.run / "locks" / "burst-incident.lock")
+    now = time.time()
+    try:
+        lock.wait(10.0)
+        state = read_state(path)
+        if now - float(state.get("last") or 0.0) >= settings.incident_quiet:
+            state = {}
+        times = [float(t) for t in state.get("bursts", []) if float(t) >= now - settings.flap_window] + [now]
+        send = True
+        if len(times) >= settings.flap_threshold:
+            if state.get("flapping"):
+                send = False
+            else:
+                state["flapping"] = True
+                label = "FLAPPING (%s)" % label
+                body = ("FLAPPING: %d bursts within %s. selfheal keeps healing every service in them (a burst is\n"
+                        "not a failure of each, so no breaker trips); further bursts until it has been quiet for\n"
+                        "incident_quiet = %s are in the history, not mailed one by one.\n\n" % (
+                            len(times), format_duration(settings.flap_window),
+                            format_duration(settings.incident_quiet))) + body
+        thread = str(state.get("thread") or "")
+        state.update(bursts=times[-64:], last=now)
+        write_state(path, state)
+        return send, thread, label, body
+    except (OSError, SelfhealError) as exc:
+        log.warning("burst: could not keep its incident (%s); mailed as a new one", exc)
+        return True, "", label, body
+    finally:
+        lock.release()
+
+
+def note_burst_thread(paths: Paths, message_id: str) -> None:
+    """The first mail of a burst incident starts its thread."""
+    with contextlib.suppress(OSError, SelfhealError):
+        path = paths.state / "burst.json"
+        state = read_state(path)
+        if not state.get("thread"):
+            state["thread"] = message_id
+            write_state(path, state)
 
 
 def burst_report(collected: Sequence[Tuple[HealResult, str]], members: Sequence[str]) -> Tuple[str, str]:

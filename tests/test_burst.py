@@ -171,3 +171,26 @@ def test_restarts_first_only_for_plain_crashes_with_nothing_to_decide_first(bed)
     assert batch["worker"]["MONITOR_SERVICE_RESULT"] == "signal"  # its facts, read before the restart
     assert batch["queue"]["MONITOR_EXIT_STATUS"] == "SEGV"
     assert selfheal.restart_at_once(bed.config, bed.paths, {"worker": {}}) == set()  # one alone: as ever
+
+
+def burst_of_three(bed):
+    for unit in (STORY, WORKER, CACHE):
+        bed.host.failed(unit, listen={"port": 5002} if unit == STORY else None)
+    for name in ("worker", "cache"):
+        assert selfheal.hand_over(bed.paths, name, {})
+    assert bed.heal("story-stages")[0] == 0
+
+
+def test_bursts_that_repeat_are_one_thread_flapping_once_then_quiet(bed):
+    """Services crash-looping together: each round a burst, healed every time (no breaker), but
+    mailed as an incident of the host: one thread, FLAPPING once at flap_threshold."""
+    bed.configure(services=SERVICES, flap_threshold=3)
+    for _ in range(5):
+        burst_of_three(bed)
+    subjects = [str(m["Subject"]) for m in bed.sink.messages]
+    assert subjects == ["✅ MiracleMax: burst - RESOLVED (3 services)"] * 2 + [
+        "✅ MiracleMax: burst - FLAPPING (RESOLVED (3 services))"], subjects
+    first = bed.sink.messages[0]["Message-ID"]
+    assert all(m["In-Reply-To"] == first for m in bed.sink.messages[1:])
+    assert [e["outcome"] for e in bed.history("worker")] == ["RESOLVED"] * 5  # healed every time
+    assert selfheal.heal_attempts(bed.paths, "worker", 0) == []
