@@ -26,7 +26,8 @@ Sections, in the order data flows (search for the title):
   Triage and root cause           FAILURE_KINDS: one table for the kind, its cause and its strategies
   Verification                    probe and verify: active, port held by the unit, health check
   Strategies                      one Strategy record per repair (STRATEGIES)
-  Healing                         heal(): diagnose, refuse or repair, verify; heal_rounds
+  Healing                         heal(): diagnose, refuse or repair, verify; heal_rounds; a burst:
+                                  one leader heals what later triggers hand over (lead_burst), one mail
   Dependencies                    depends_on and systemd's own: WAITING, then one heal for the chain
   Reporting                       the report's text (pure)
   Outbox, Mail, Webhook           a report is queued first; mail and the webhook send it from there
@@ -4666,7 +4667,8 @@ class BurstEvent:
 
     def join(self, name: str) -> None:
         with self.lock:
-            self.members.append(name)
+            if name not in self.members:  # handed over again (it failed again meanwhile): one member
+                self.members.append(name)
 
     def size(self) -> int:
         with self.lock:
