@@ -4516,6 +4516,7 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
     while True:
         event = BurstEvent(config, paths)
         own_units: List[str] = []
+        graph_cache: Dict[str, Dict[str, Tuple[str, ...]]] = {}
         slots = threading.BoundedSemaphore(BURST_WORKERS)
         workers: List[threading.Thread] = []
         own_done = threading.Event()
@@ -4547,8 +4548,9 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
                         event.join(name)
                     handed.update(more)
                 batch = {}
+                wait_for_root = roots_in_burst(config, paths, handed, event, graph_cache)
                 for name, env in handed.items():
-                    if name not in config.services:
+                    if name not in config.services or name in wait_for_root:
                         continue
                     if may_hand_over(paths, name):
                         batch[name] = env
@@ -4599,6 +4601,30 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
             break
     write_metrics(config, paths)
     return rc
+
+
+def roots_in_burst(config: Config, paths: Paths, handed: Dict[str, Dict[str, str]], event: "BurstEvent",
+                   graph_cache: Dict[str, Dict[str, Tuple[str, ...]]]) -> Dict[str, str]:
+    """Of the services handed over, those that need another service of the same burst:
+    name -> the one they wait for. They are not healed on their own (a restart against a dead
+    database only fails again): noted as waiting, the heal of what they need heals them after
+    it, in order, in its one report (heal_dependents); the watch, should that one not recover."""
+    if not handed:
+        return {}
+    if "graph" not in graph_cache:  # one look per burst
+        graph_cache["graph"] = look_at_chain(config)[0]
+    graph = graph_cache["graph"]
+    together = set(handed) | set(event.names())
+    waiting: Dict[str, str] = {}
+    for name in handed:
+        needed = [n for n in needed_by(graph, name) if n in together]
+        if needed and name in config.services:
+            waiting[name] = needed[0]
+            with contextlib.suppress(OSError, SelfhealError), service_state(paths, name) as state:
+                state["waiting_on"] = {"service": needed[0], "since": time.time(),
+                                       "detail": "failed in the same burst"}
+            log.info("%s needs %s, which failed in the same burst: healed after it", name, needed[0])
+    return waiting
 
 
 RESTART_AT_ONCE_RESULTS = ("signal", "core-dump")  # a plain crash: no config or data to look at first
@@ -4673,6 +4699,10 @@ class BurstEvent:
     def size(self) -> int:
         with self.lock:
             return len(self.members)
+
+    def names(self) -> List[str]:
+        with self.lock:
+            return list(self.members)
 
     def collect(self, result: HealResult, text: str) -> bool:
         """Keep the report for the burst's mail; False: mail it now, on its own."""

@@ -194,3 +194,19 @@ def test_bursts_that_repeat_are_one_thread_flapping_once_then_quiet(bed):
     assert all(m["In-Reply-To"] == first for m in bed.sink.messages[1:])
     assert [e["outcome"] for e in bed.history("worker")] == ["RESOLVED"] * 5  # healed every time
     assert selfheal.heal_attempts(bed.paths, "worker", 0) == []
+
+
+def test_a_dependent_in_the_same_burst_waits_and_is_healed_in_its_roots_one_report(bed):
+    bed.configure(services={"db": {}, "app": {"depends_on": "db"}, "worker": {}})
+    for unit in ("db.service", "app.service", WORKER):
+        bed.host.failed(unit)
+    for name in ("app", "worker"):
+        assert selfheal.hand_over(bed.paths, name, {})
+    bed.heal("db")
+    restarts = [u for c in bed.host.actions() if c[:2] == ["systemctl", "restart"]
+                for u in c[2:] if u.endswith(".service")]
+    assert restarts.index("db.service") < restarts.index("app.service") and restarts.count("app.service") == 1
+    subjects = sorted(str(m["Subject"]) for m in bed.sink.messages)
+    assert subjects == ["✅ MiracleMax: db - RESOLVED", "✅ MiracleMax: worker - RESOLVED"], subjects
+    db_mail = next(m for m in bed.sink.messages if "db - RESOLVED" in str(m["Subject"]))
+    assert "db failed; app failed because of it." in db_mail.get_content()
