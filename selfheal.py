@@ -6120,7 +6120,9 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str, mai
             incident["problem"] = ""
             if len(incident["failures"]) >= settings.flap_threshold:
                 if incident.get("flapping"):
-                    send = False  # one FLAPPING mail per incident; the history has every heal
+                    # One FLAPPING mail per incident; the history has every heal. But the
+                    # end of a problem told (FAILED, ESCALATED) is always told.
+                    send = closes_problem
                 else:
                     incident["flapping"] = True
                     label = "FLAPPING"

@@ -210,3 +210,18 @@ def test_a_dependent_in_the_same_burst_waits_and_is_healed_in_its_roots_one_repo
     assert subjects == ["✅ MiracleMax: db - RESOLVED", "✅ MiracleMax: worker - RESOLVED"], subjects
     db_mail = next(m for m in bed.sink.messages if "db - RESOLVED" in str(m["Subject"]))
     assert "db failed; app failed because of it." in db_mail.get_content()
+
+
+def test_the_end_of_a_failed_problem_is_mailed_even_in_a_flapping_incident(bed):
+    """Bursts made the incident FLAPPING (its heals counted, not mailed one by one); then it
+    failed for good and was FAILED; its fix by hand is told, in its thread."""
+    bed.configure(services=SERVICES, flap_threshold=2)
+    for _ in range(3):
+        burst_of_three(bed)
+    bed.host.failed(WORKER, on_restart="fail")
+    assert bed.heal("worker")[0] == 1
+    with bed.host.edit() as state:
+        state["units"][WORKER]["on_restart"] = "active"
+    assert bed.heal("worker", trigger="manual")[0] == 0
+    worker = [str(m["Subject"]) for m in bed.sink.messages if ": worker - " in str(m["Subject"])]
+    assert worker[-1] == "✅ MiracleMax: worker - RESOLVED", worker

@@ -114,5 +114,6 @@ def test_one_that_cannot_come_back_keeps_its_own_failed_mail(host):
     host.run([CLONE + "/selfheal.py", "heal", NAMES[0]], check=False)
     wait_for(lambda: show(host, units()[0], "ActiveState") == "active", 30, "the broken one fixed")
     assert history(host, NAMES[0])[-1]["outcome"] == "RESOLVED"
+    print("history of %s: %s" % (NAMES[0], [(e["outcome"], e["trigger"]) for e in history(host, NAMES[0])]))
     host.wait_mail(lambda m: "%s - RESOLVED" % NAMES[0] in str(m["Subject"]), timeout=30)
     assert str(mails_about(host, NAMES[0])[-1]["Subject"]).endswith("RESOLVED")
