@@ -26,7 +26,8 @@ Sections, in the order data flows (search for the title):
   Triage and root cause           FAILURE_KINDS: one table for the kind, its cause and its strategies
   Verification                    probe and verify: active, port held by the unit, health check
   Strategies                      one Strategy record per repair (STRATEGIES)
-  Healing                         heal(): diagnose, refuse or repair, verify; heal_rounds
+  Healing                         heal(): diagnose, refuse or repair, verify; heal_rounds; a burst:
+                                  one leader heals what later triggers hand over (lead_burst), one mail
   Dependencies                    depends_on and systemd's own: WAITING, then one heal for the chain
   Reporting                       the report's text (pure)
   Outbox, Mail, Webhook           a report is queued first; mail and the webhook send it from there
@@ -119,8 +120,18 @@ MANUAL_TRIGGER = "manual"  # `selfheal heal NAME` from a shell: asked for, not a
 RETRY_TRIGGER = "retry"  # the watch heals a FAILED service again (retry_interval): not a new failure
 CHAIN_TRIGGER = "after its dependency"  # healed in the heal of a service it needs: not its own failure
 MAX_RETRY_INTERVAL = 3600.0  # retry_interval doubles up to this
+BREAKER_FIRST = 30.0  # ESCALATED: the first heal after the breaker tripped, then doubling (breaker_delay)
 # Heals that are not a new failure of the service: neither flapping nor failure_threshold counts them.
 NOT_A_FAILURE = (MANUAL_TRIGGER, RETRY_TRIGGER, CHAIN_TRIGGER)
+# Nor is a service the watch found stopped (it assesses "stopped" only for result success:
+# a `systemctl stop`, which never fires OnFailure=): its heal starts it, and counts nothing.
+NOT_A_FAILURE_FINDINGS = ("stopped",)
+# A burst: BURST_MIN or more services whose OnFailure= came within BURST_WINDOW seconds of
+# each other are one event of the host, not a failure of each (failure_threshold skips it).
+BURST_WINDOW = 2.0
+BURST_MIN = 3
+BURST_WORKERS = 64  # heals one leader runs at once (each mostly waits: on systemctl, on the service)
+BURST_POLL = 0.02  # seconds between the leader's looks for services handed to it
 HEALTH_BODY_LIMIT = 65536  # health_expect_text is looked for in this much of the answer
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale process
 MAX_JOB_SECONDS = 600.0  # the longest a systemctl job may take (selfheal@.service allows 10 min)
@@ -289,6 +300,19 @@ class Paths:
     def watch_state(self, name: str) -> Path:
         return self.run / "watch" / (name + ".json")
 
+    def handed(self, name: str) -> Path:
+        """A failed service handed to the heal under way (the leader of a burst)."""
+        return self.run / "handed" / (name + ".json")
+
+    @property
+    def leading(self) -> Path:
+        """Exists while a heal leads a burst (made by selfheal@.service's ExecCondition=)."""
+        return self.run / "leading"
+
+    def arrival(self, name: str) -> Path:
+        """Touched when an OnFailure= trigger for the service arrives (its mtime: when)."""
+        return self.run / "arrivals" / name
+
     @classmethod
     def from_env(cls, env=os.environ) -> "Paths":
         """SELFHEAL_STATE_DIR / _RUN_DIR / _LOG_DIR move the directories (tests, packaging)."""
@@ -332,7 +356,7 @@ class Outcome(str, enum.Enum):
     RESOLVED = "RESOLVED"  # selfheal repaired it and verified it works
     RECOVERED = "RECOVERED"  # systemd's own Restart= brought it back; selfheal verified
     FAILED = "FAILED"  # nothing worked: a human is needed
-    ESCALATED = "ESCALATED"  # too many heals in the window: healing suspended
+    ESCALATED = "ESCALATED"  # too many heals in the window: a human is told; healed at growing intervals
     HEALTHY = "HEALTHY"  # nothing was wrong when selfheal looked
     STOPPED = "STOPPED"  # found stopped; on_stopped = report: left stopped, reported
     WAITING = "WAITING"  # a service it needs is down: that one is healed first (not recorded, not mailed)
@@ -386,6 +410,7 @@ class Diagnosis:
     failed_at: Optional[float]  # wall clock of the failure, when systemd says
     detected_after: Optional[float]  # seconds from failure to this diagnosis
     finding: Optional[Finding] = None  # when the watch started this heal
+    invocation: str = ""  # the failed run's InvocationID (MONITOR_INVOCATION_ID when systemd gave it)
 
     @property
     def active_state(self) -> str:
@@ -428,6 +453,7 @@ class Action:
     ok: bool
     seconds: float
     detail: str = ""
+    starts: bool = False  # it started a new run of the service (restart, start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -468,6 +494,14 @@ class HealResult:
     manual: Tuple[str, ...] = ()  # manual steps a strategy's finding calls for
     waiting_for: str = ""  # WAITING: the service it needs, which is down
     waiting_detail: str = ""  # and how it is down
+    burst: int = 0  # services whose OnFailure= came within BURST_WINDOW of this one's (BURST_MIN+: one event)
+    acted_until: float = 0.0  # wall clock when a heal that restarted or changed something ended
+
+    @property
+    def a_failure(self) -> bool:
+        """Whether the heal answers a failure of the service itself (flapping counts it)."""
+        finding = self.diagnosis.finding
+        return self.trigger not in NOT_A_FAILURE and not (finding and finding.kind in NOT_A_FAILURE_FINDINGS)
 
     @property
     def strategy(self) -> str:
@@ -614,9 +648,11 @@ def summarize(summary: dict, event: dict) -> dict:
 
 def counts_as_attempt(event: dict) -> bool:
     """A heal that counts toward failure_threshold: selfheal's own repair or failure, not
-    what systemd's Restart= repaired, not a heal asked for by hand, a retry or a dependent's heal in its root's chain."""
+    what systemd's Restart= repaired, not a heal asked for by hand, a retry, a clean stop, a
+    dependent's heal in its root's chain, or one service's share of a burst."""
     return event.get("outcome") in (Outcome.RESOLVED.value, Outcome.FAILED.value) and \
-        event.get("trigger") not in NOT_A_FAILURE
+        event.get("trigger") not in NOT_A_FAILURE and event.get("a_failure", True) is not False and \
+        int(event.get("burst") or 0) < BURST_MIN
 
 
 def history_summary(paths: Paths, name: str) -> dict:
@@ -886,7 +922,12 @@ def record_heal(paths: Paths, result: HealResult, report_text: str) -> None:
         # The run selfheal last looked at: the watch does not act twice on a known problem.
         "last_invocation": result.post.get("InvocationID", ""),
         "trigger_detail": result.diagnosis.finding.detail if result.diagnosis.finding else "",
+        "a_failure": result.a_failure,
     }
+    if result.burst >= BURST_MIN:
+        event["burst"] = result.burst
+    if result.acted_until:
+        event["acted_until"] = round(result.acted_until, 3)
     # history and the status file are for the dashboard without root (0644): the event's
     # fields only, cleaned; the report (journal lines, config diffs) goes to the 0640 log.
     event = clean_data(event)
@@ -1958,7 +1999,7 @@ class Settings:
     smtp_user: str = key("", check_header_text, "login (needs smtp_password_file)")
     smtp_password_file: str = key("", check_abs_path, "the login's password: root's, mode 0600 or 0400")
     smtp_timeout: float = key(10.0, positive_duration, "one SMTP session in all; then the report is queued")
-    failure_threshold: int = key(3, check_failure_threshold, "heals per failure_window before escalating (at most 256)")
+    failure_threshold: int = key(3, check_failure_threshold, "heals per failure_window before escalating (at most 256); then healed at growing intervals")
     failure_window: float = key(3600.0, positive_duration, "the window of failure_threshold")
     verify_timeout: float = key(30.0, positive_duration, "how long a repaired service has to become healthy")
     heal_timeout: float = key(300.0, check_heal_timeout, "the whole heal, all strategies and their checks (at most 8min)")
@@ -2730,7 +2771,8 @@ def diagnose(svc: Service, env=os.environ, finding: Optional[Finding] = None) ->
             crashed = max(crashed, finding.since)
         failed_at = min(crashed, time.time()) if crashed else None
         return Diagnosis(unit, result or "unknown", exit_code, exit_status, False, journal, (), (),
-                         failed_at, None if failed_at is None else time.time() - failed_at, finding)
+                         failed_at, None if failed_at is None else time.time() - failed_at, finding,
+                         finding.previous)
     from_env = env.get("MONITOR_UNIT") == svc.unit and bool(env.get("MONITOR_SERVICE_RESULT"))
     if from_env:  # systemd 251+: the failed run's facts, even if the unit moved on since
         result = env.get("MONITOR_SERVICE_RESULT", "")
@@ -2765,7 +2807,7 @@ def diagnose(svc: Service, env=os.environ, finding: Optional[Finding] = None) ->
         failed_at = min(finding.since, time.time()) if finding.since else None
         detected_after = None if failed_at is None else time.time() - failed_at
     return Diagnosis(unit, result, exit_code, exit_status, from_env, journal, listeners,
-                     tuple(holders), failed_at, detected_after, finding)
+                     tuple(holders), failed_at, detected_after, finding, invocation)
 
 
 def signal_name(number: str) -> str:
@@ -3242,6 +3284,9 @@ FAILURE_KINDS: Tuple[FailureKind, ...] = (
           "it ran out of memory", "medium", "Check its memory use and the host's free memory."),
 )
 FAILURE_KIND = {kind.kind: kind for kind in FAILURE_KINDS}
+# Kinds that say the service's config is broken: a heal never re-arms its Restart= loop for
+# them (no reset-failed and second restart) and makes at most one failed start a round.
+CONFIG_BROKEN_KINDS = ("bad_config",)
 
 
 def journal_kind(journal: Sequence[str]) -> Optional[Tuple[FailureKind, str]]:
@@ -3260,6 +3305,11 @@ def triage(diag: Diagnosis) -> Tuple[str, str]:
     if diag.result == "oom-kill":
         return "oom", "systemd result oom-kill"
     if diag.result == "start-limit-hit":
+        # Why each start failed says more than that systemd stopped trying: a config its
+        # journal calls broken is bad_config, which no restart (nor reset-failed) fixes.
+        said = journal_kind(diag.journal)
+        if said and said[0].kind in CONFIG_BROKEN_KINDS:
+            return said[0].kind, said[1]
         return "start_limit", "systemd result start-limit-hit"
     if diag.result in ("timeout", "watchdog"):
         return "hang", "systemd result %s" % diag.result
@@ -3396,7 +3446,7 @@ def probe(svc: Service, health: bool = True, within_seconds: Optional[float] = N
     Each check runs only when the one before it passed. Returns the checks and the unit's
     properties as seen.
     """
-    unit = show_unit(svc.unit)
+    unit = SHARED.unit(svc.unit) if SHARED is not None else show_unit(svc.unit)
     if finished_oneshot(unit):  # its run is its whole life: judged by the run's result
         return (Check("unit", True, "%s (%s): a oneshot job whose run succeeded (exit status %s)" % (
             unit.get("ActiveState", "unknown"), unit.get("SubState", "unknown"), unit.get("ExecMainStatus") or "0")),), unit
@@ -3490,13 +3540,51 @@ def wait_for_listener(port: int, seconds: float, clock=time.monotonic, sleep=tim
     netlink question costs about 0.1 ms): the probe that follows comes when the service binds."""
     end = clock() + seconds
     while clock() < end:
-        ports = listening_ports()
+        ports = SHARED.ports() if SHARED is not None else listening_ports()
         if ports is None or port in ports:
             return
         sleep(min(LISTENER_POLL, max(0.0, end - clock())))
 
 
 LISTENER_POLL = 0.005
+
+
+class SharedLook:
+    """While one process heals a burst, its heals' verifications share what they poll: one
+    `systemctl show` for every unit being verified, at most once per POLL_INTERVAL, and one
+    list of listening sockets per LISTENER_POLL, instead of one each per heal. A unit that a
+    heal just acted on (restart) is asked afresh at its next look."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.units: Dict[str, Dict[str, str]] = {}
+        self.stale: set = set()
+        self.shown_at = 0.0
+        self.ports_at, self.listening = 0.0, None  # type: Tuple[float, Optional[set]]
+
+    def unit(self, unit: str) -> Dict[str, str]:
+        with self.lock:
+            fresh = time.monotonic() - self.shown_at < POLL_INTERVAL
+            if not (fresh and unit in self.units and unit not in self.stale and self.units[unit]):
+                wanted = sorted(set(self.units) | {unit})
+                self.units.update(show_units(wanted))
+                self.shown_at, self.stale = time.monotonic(), set()
+            return dict(self.units.get(unit) or {})
+
+    def acted(self, unit: str) -> None:
+        with self.lock:
+            self.stale.add(unit)
+
+    def ports(self) -> Optional[set]:
+        with self.lock:
+            if time.monotonic() - self.ports_at >= LISTENER_POLL:
+                self.listening, self.ports_at = listening_ports(), time.monotonic()
+            return self.listening
+
+
+SHARED: Optional[SharedLook] = None  # set while a burst's leader heals more than one service
 
 
 # =============================================================================
@@ -3518,6 +3606,8 @@ class HealContext:
         self.deadline = deadline if deadline is not None else time.monotonic() + settings.heal_timeout
         self.actions: List[Action] = []
         self.found: List[str] = []  # what a check saw, for the report, whether or not it acted
+        self.config_broken = triage(diag)[0] in CONFIG_BROKEN_KINDS  # the evidence says so
+        self.asked = False  # a heal asked for (by hand, or a retry): it may clear systemd's start limit
 
     def systemctl(self, verb: str, timeout: Optional[float] = None) -> bool:
         argv = [SYSTEMCTL, verb, "--", self.svc.unit]
@@ -3526,7 +3616,10 @@ class HealContext:
             self.actions.append(Action(what, True, 0.0, "dry run: not done"))
             return True
         result = run(argv, timeout=timeout or self.job_timeout())
-        self.actions.append(Action(what, result.ok, result.seconds, "" if result.ok else result.brief()))
+        if SHARED is not None:
+            SHARED.acted(self.svc.unit)
+        self.actions.append(Action(what, result.ok, result.seconds, "" if result.ok else result.brief(),
+                                   starts=verb in ("restart", "start")))
         return result.ok
 
     def job_timeout(self) -> float:
@@ -3546,13 +3639,19 @@ class HealContext:
 
 
 def strategy_service_restart(ctx: HealContext) -> str:
-    """Restart the unit; clear systemd's start limit first when it was hit."""
+    """Restart the unit; clear systemd's start limit first when it was hit, unless the
+    evidence says the config is broken (then the limit is what stops a loop: kept)."""
     unit = ctx.diag.unit
-    if unit.get("Result") == "start-limit-hit" or ctx.diag.result == "start-limit-hit":
+    keep_limit = ctx.config_broken and not ctx.asked
+    limit_hit = unit.get("Result") == "start-limit-hit" or ctx.diag.result == "start-limit-hit"
+    if limit_hit and keep_limit:
+        return ("not restarted: systemd's start limit holds it and the evidence says its config is broken; "
+                "reset-failed would re-arm its Restart= loop. Fix the config: the next retry picks it up")
+    if limit_hit:
         ctx.systemctl("reset-failed", timeout=COMMAND_TIMEOUT)
     if unit.get("LoadState") in ("masked", "not-found"):
         return "not restarted: the unit is %s" % unit.get("LoadState")
-    if not ctx.systemctl("restart"):
+    if not ctx.systemctl("restart") and not keep_limit:
         now = show_unit(ctx.svc.unit)
         # Refused without a new run: systemd's start limit ("Start request repeated too
         # quickly"; systemd 252 leaves Result= at the old failure, so the unchanged
@@ -3759,6 +3858,10 @@ def strategy_config_validation(ctx: HealContext) -> str:
             raise Escalation("the config check `%s` failed (exit status %d), so %s was not restarted: a "
                              "restart cannot fix a config its own checker rejects. Fix the config, then: "
                              "selfheal heal %s" % (" ".join(svc.config_check), result.rc, svc.unit, svc.name))
+    if ctx.config_broken and not ctx.asked and not svc.config_check and \
+            show_unit(svc.unit).get("Result") == "start-limit-hit":
+        return ("not restarted: systemd's start limit holds it and the evidence says its config is broken "
+                "(no config_check to say it is fixed); reset-failed would re-arm its Restart= loop")
     restart(ctx)
     return ""
 
@@ -4238,10 +4341,12 @@ FOREIGN_HOLDER_RE = re.compile(r", not by a process of |held by a socket of .*, 
 
 def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGGER,
          env=os.environ, dry_run: bool = False, finding: Optional[Finding] = None,
-         chain: bool = True, until: Optional[float] = None) -> HealResult:
+         chain: bool = True, until: Optional[float] = None, restarted: bool = False) -> HealResult:
     """Heal one service once. The caller holds the service's lock. chain: wait (WAITING)
     when a service it needs is down; off for the heal of a dependent by its root's heal,
-    which gives it `until` (a time.monotonic()) as its deadline if that comes first."""
+    which gives it `until` (a time.monotonic()) as its deadline if that comes first.
+    restarted: the leader of a burst restarted it already, before this diagnosis (env: the
+    failed run's facts, read before that restart); verified first, then the strategies."""
     settings = config.settings
     started_at, start_mono = time.time(), time.monotonic()
     deadline = min(start_mono + settings.heal_timeout, until or float("inf"))
@@ -4277,25 +4382,52 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
                 after = None
         last_seen = runs[-1].verification.unit if runs and runs[-1].verification else {}
         post = last_seen or (after.unit if after else show_unit(svc.unit))
+        acted = time.time() if any(a.starts for r in runs for a in r.actions) and not dry_run else 0.0
         return HealResult(svc, outcome, trigger, started_at, diag, tuple(runs), why,
-                          healing, post, escalation, after, plan, found.steps if found else ())
+                          healing, post, escalation, after, plan, found.steps if found else (),
+                          acted_until=acted)
+
+    if restarted and not dry_run:
+        verification = verify(svc, settings.verify_timeout)
+        runs.append(StrategyRun("service_restart", (Action(
+            "systemctl restart %s" % svc.unit, True, 0.0, "with the rest of the burst, before this diagnosis",
+            starts=True),), verification, "restarted at once, with the other services of the burst (a plain "
+            "crash: %s)" % (diag.result or "?")))
+        if verification.ok:
+            return finish(Outcome.RESOLVED)
+        diag = dataclasses.replace(diag, unit=show_unit(svc.unit))
+    elif trigger == "onfailure" and finding is None and not dry_run:
+        echo = echo_of(paths, svc, diag)
+        if echo:  # the failed run is one selfheal started and already reported: nothing new
+            log.info("%s: %s", svc.name, echo)
+            runs.append(StrategyRun("none", (), None, echo))
+            return finish(Outcome.HEALTHY)
 
     service_state_now = load_service_state(paths, svc.name)
     if service_state_now.get("escalated") and not dry_run:
-        return finish(Outcome.ESCALATED,
-                      "healing %s was suspended at %s after too many heals; it stays suspended until "
-                      "someone re-arms it: selfheal resume %s" % (svc.name, iso(float(service_state_now["escalated"])),
-                                                                   svc.name))
-    window_start = max(started_at - settings.failure_window, float(service_state_now.get("rearmed_at", 0.0)))
-    # selfheal's own repairs count; what systemd's Restart= repaired by itself does not.
-    # A heal asked for by hand (`selfheal heal NAME`, as a FAILED mail suggests) is not a failure.
-    attempts = heal_attempts(paths, svc.name, window_start)
-    if len(attempts) >= settings.failure_threshold and not dry_run:
-        return finish(Outcome.ESCALATED,
-                      "%d heals of %s within %s (failure_threshold = %d): selfheal stops healing it "
-                      "so a human can look. Re-arm with: selfheal resume %s"
-                      % (len(attempts), svc.name, format_duration(settings.failure_window),
-                         settings.failure_threshold, svc.name))
+        # The breaker is open: heal at growing intervals, never never. A retry (the watch, when
+        # the interval is up), a heal asked for by hand, or a failure after the interval heals.
+        due = breaker_due(service_state_now)
+        if trigger not in (MANUAL_TRIGGER, RETRY_TRIGGER) and due and time.time() < due:
+            return finish(Outcome.ESCALATED,
+                          "%s failed again while selfheal backs off (too many heals since %s): the next heal is "
+                          "at %s, sooner only if someone runs: selfheal heal %s" % (
+                              svc.name, iso(float(service_state_now["escalated"])), iso(due), svc.name))
+    else:
+        window_start = max(started_at - settings.failure_window, float(service_state_now.get("rearmed_at", 0.0)))
+        # selfheal's own repairs count; what systemd's Restart= repaired by itself does not.
+        # A heal asked for by hand (`selfheal heal NAME`, as a FAILED mail suggests) is not a failure.
+        attempts = heal_attempts(paths, svc.name, window_start)
+        if len(attempts) >= settings.failure_threshold and not dry_run and trigger != MANUAL_TRIGGER:
+            first = breaker_delay(settings, 0)
+            return finish(Outcome.ESCALATED,
+                          "%d heals of %s within %s (failure_threshold = %d): selfheal backs off so a human can "
+                          "look. It heals it again in %s, then at growing intervals (at most %s), and says so "
+                          "in this thread when it is back; a fix made by hand is picked up then, with no "
+                          "command typed. Heal it now: selfheal heal %s; re-arm: selfheal resume %s"
+                          % (len(attempts), svc.name, format_duration(settings.failure_window),
+                             settings.failure_threshold, format_duration(first),
+                             format_duration(breaker_delay(settings, 64)), svc.name, svc.name))
 
     if finding and finding.kind == "stopped" and svc.on_stopped == "report" and diag.active_state == "inactive":
         runs.append(StrategyRun("none", (), None, "on_stopped = report: selfheal left it stopped"))
@@ -4378,7 +4510,15 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
             return finish(Outcome.FAILED, str(found), found)
 
     for name in order:
+        if kind in CONFIG_BROKEN_KINDS and any(a.starts and not (r.verification and r.verification.ok)
+                                               for r in runs for a in r.actions):
+            # One failed start is what a broken config gets per heal round: another strategy's
+            # restart would only fail again and feed its Restart= loop.
+            runs.append(StrategyRun(name, (), None, "not tried: a restart already failed and the evidence "
+                                    "says the config is broken"))
+            break
         ctx = HealContext(svc, diag, settings, dry_run, paths, deadline)
+        ctx.asked = trigger in (MANUAL_TRIGGER, RETRY_TRIGGER)
         try:
             note = STRATEGIES[name].act(ctx)
         except Escalation as exc:
@@ -4405,6 +4545,26 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
     return finish(Outcome.FAILED, why)
 
 
+def echo_of(paths: Paths, svc: Service, diag: Diagnosis) -> str:
+    """Why this OnFailure= is the echo of selfheal's own restart (empty when it is not): the
+    failed run is one the last heal started and saw fail, and that heal already reported
+    FAILED or ESCALATED. A run that heal verified healthy and that died later is news."""
+    last = last_event(paths, svc.name)
+    if not last or last.get("outcome") not in (Outcome.FAILED.value, Outcome.ESCALATED.value):
+        return ""
+    if float(last.get("ts") or 0) < float(load_service_state(paths, svc.name).get("rearmed_at", 0.0)):
+        return ""  # resumed by a human since: whatever fails now is news
+    acted_until = float(last.get("acted_until") or 0.0)
+    if not acted_until:
+        return ""  # it restarted nothing: no run of selfheal's to echo
+    same_run = bool(diag.invocation) and diag.invocation == last.get("last_invocation")
+    during = bool(acted_until and diag.failed_at and float(last.get("ts") or 0) <= diag.failed_at <= acted_until + 1.0)
+    if not (same_run or during):
+        return ""
+    return ("the failed run is the one selfheal's heal of %s started (its restart failed), reported %s "
+            "then: not a new failure; the watch retries it" % (last.get("time", "?"), last.get("outcome")))
+
+
 @contextlib.contextmanager
 def stop_on_sigterm(active: bool = True):
     """While a heal runs, SIGTERM raises Stopped (caught by heal_rounds), so what is in
@@ -4426,20 +4586,23 @@ def stop_on_sigterm(active: bool = True):
 
 
 def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, dry_run: bool,
-                finding: Optional[Finding], out) -> int:
+                finding: Optional[Finding], out, event: Optional["BurstEvent"] = None,
+                restarted: bool = False) -> int:
     """heal() until the service stays healed (a failure merged into a running heal gets one
     more round), recording and reporting each; SIGTERM records and queues what is in flight."""
     name = svc.name
     outcome = Outcome.HEALTHY
     reporting: Optional[str] = None  # the report being recorded and queued, when SIGTERM comes
     queued_before = len(QUEUED)
-    until = time.monotonic() + MAX_HEAL_SECONDS  # the chain's heals too: all within the unit's time
+    # The chain's heals count against the heal's own deadline (heal_timeout), as its steps do.
+    until = time.monotonic() + config.settings.heal_timeout
     try:
         for _round in range(config.settings.failure_threshold + 1):
             if _round and paused_until(paths, name) is not None:
                 break  # paused while we were busy: stop here
             try:
-                result = heal(config, svc, paths, trigger, env, dry_run, finding)
+                result = heal(config, svc, paths, trigger, env, dry_run, finding,
+                              restarted=restarted and not _round)
             except SelfhealError:
                 raise
             except Exception:  # a bug in selfheal must not leave the failure unreported
@@ -4463,20 +4626,37 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
             root_thread = waited_thread(paths, name)  # it waited for a service: its news joins that thread
             forget_waiting(paths, name)
             reporting, queued_before = text, len(QUEUED)  # recorded, then queued before it is sent
+            if trigger == "onfailure" and outcome is not Outcome.HEALTHY:
+                # Handed over to a leader, its trigger started no Python to note its arrival:
+                # the leader's event knows those.
+                together = event.size() if event is not None else 0
+                result = dataclasses.replace(result, burst=max(burst_size(paths, result.started_at), together))
             if outcome is not Outcome.HEALTHY:
                 record_heal(paths, result, text)
             remember_restarts(paths, name, result.post)
             try:
-                dependents, waiting = chain_of(config, paths, svc, result, until)
+                chain_started = time.monotonic()
+                dependents, waiting, no_time = chain_of(config, paths, svc, result, until)
             except (Stopped, KeyboardInterrupt):
                 raise
             except Exception:  # a bug in the chain must not cost the root its report
                 log.exception("selfheal crashed while looking at what needs %s", name)
-                dependents, waiting = [], []
+                dependents, waiting, no_time = [], [], []
             if outcome is Outcome.HEALTHY and not dependents:
                 log_outcome(result)
                 return EX_OK
-            text = reporting = with_preface(text, chain_preface(svc, outcome, dependents, waiting))
+            text = reporting = with_preface(text, chain_preface(
+                svc, outcome, dependents, waiting, no_time, time.monotonic() - chain_started,
+                config.settings.heal_timeout))
+            if (event is not None and not dependents and outcome in (Outcome.RESOLVED, Outcome.RECOVERED)
+                    and event.collect(result, text)):
+                log_outcome(result)  # its mail is the burst's one (BurstEvent.finish)
+                reporting = None
+                again = show_unit(svc.unit)
+                if again.get("ActiveState") != "failed":
+                    break
+                trigger, env, finding = "failed again during the heal", {}, None
+                continue
             problems = [r.service.name for r, _ in dependents if r.outcome in PROBLEM_OUTCOMES]
             thread = notify_heal(config, paths, result, text, thread=root_thread,
                                  label_note=" (%s FAILED)" % and_list(problems) if problems else "")
@@ -4512,14 +4692,16 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
 
 
 def chain_of(config: Config, paths: Paths, svc: Service, result: HealResult, until: float
-             ) -> Tuple[List[Tuple[HealResult, str]], List[str]]:
+             ) -> Tuple[List[Tuple[HealResult, str]], List[str], List[str]]:
     """The services that need this one: healed after it (when it is healthy; when it was
-    healthy all along, only those that waited for it), and the names of those still waiting."""
+    healthy all along, only those that waited for it), the names of those still waiting, and
+    of those the heal's deadline left to the watch."""
     if not has_chain(config, svc, result.post or result.diagnosis.unit):
-        return [], []
+        return [], [], []
     graph, shown = look_at_chain(config)
     if result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY):
-        return heal_dependents(config, paths, svc, graph, until, only_waiting=result.outcome is Outcome.HEALTHY)
+        return heal_dependents(config, paths, svc, graph, until, only_waiting=result.outcome is Outcome.HEALTHY,
+                               shown=shown)
     waiting = []
     for name in needed_by(graph, svc.name, reverse=True):
         dependent = config.services[name]
@@ -4531,7 +4713,7 @@ def chain_of(config: Config, paths: Paths, svc: Service, result: HealResult, unt
             active == "inactive" and dependent.on_stopped != "heal")
         if down or waits_for(paths, name, [svc.name] + needed_by(graph, name)):
             waiting.append(name)
-    return [], waiting
+    return [], waiting, []
 
 
 def waited_thread(paths: Paths, name: str) -> str:
@@ -4585,6 +4767,381 @@ def report_heal_crash(config: Config, paths: Paths, svc: Service, trace: str) ->
         pass
     deliver(config, paths, new_report(config.settings, SUBJECT_ICON[Outcome.FAILED], svc.name,
                                       "FAILED (selfheal crashed)", body))
+
+
+def note_arrival(paths: Paths, name: str) -> None:
+    """An OnFailure= trigger for the service arrived now (burst_size counts these)."""
+    path = paths.arrival(name)
+    try:
+        ensure_dir(path.parent)
+        with open(str(path), "a"):
+            pass
+        os.utime(str(path))
+    except OSError as exc:
+        log.debug("could not note the trigger's arrival: %s", exc)
+
+
+def burst_size(paths: Paths, at: float) -> int:
+    """How many services' OnFailure= triggers arrived within BURST_WINDOW of `at`."""
+    count = 0
+    try:
+        with os.scandir(str(paths.run / "arrivals")) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if abs(entry.stat(follow_symlinks=False).st_mtime - at) <= BURST_WINDOW:
+                        count += 1
+    except OSError:
+        return 0
+    return count
+
+
+def may_hand_over(paths: Paths, name: str) -> bool:
+    """A service whose heal has its own drop-in (selfheal@NAME.service.d: a path only its heal
+    may write) is healed in its own unit's sandbox, never handed to another's."""
+    return not os.path.isdir(os.path.join(UNIT_DIR, "selfheal@%s.service.d" % name))
+
+
+def hand_over(paths: Paths, name: str, env) -> bool:
+    """Leave the service, and what systemd said of its failed run, for the heal that leads."""
+    facts = {key: str(value) for key, value in env.items() if key.startswith("MONITOR_")}
+    try:
+        ensure_dir(paths.handed(name).parent, 0o700)
+        atomic_write(paths.handed(name), json.dumps({"env": facts, "at": time.time()}) + "\n", 0o600)
+        return True
+    except OSError as exc:
+        log.warning("%s: could not hand it over (%s); healing it here", name, exc)
+        return False
+
+
+def take_handed(paths: Paths, only: str = "") -> Dict[str, Dict[str, str]]:
+    """The services handed over (only: that one), each taken once: name -> MONITOR_* facts."""
+    taken: Dict[str, Dict[str, str]] = {}
+    try:
+        with os.scandir(str(paths.handed("x").parent)) as entries:
+            names = [e.name for e in entries if e.name.endswith(".json")]
+    except OSError:
+        return taken
+    for file_name in names:
+        name = file_name[:-len(".json")]
+        if (only and name != only) or not NAME_RE.match(name):
+            continue
+        path = paths.handed(name)
+        try:
+            raw = path.read_text(encoding="utf-8")
+            path.unlink()
+        except OSError:
+            continue  # taken meanwhile: by the heal that leads
+        try:
+            data = json.loads(raw) if raw.strip() else {}  # empty: left by the unit's ExecCondition=
+        except ValueError:
+            data = {}
+        env = data.get("env") if isinstance(data, dict) else None
+        taken[name] = {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {}
+    return taken
+
+
+def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> int:
+    """One process heals a burst: its own service in the main thread, at once (a single
+    failure is as fast as ever), and every service handed over meanwhile in threads
+    (BURST_WORKERS at most). Those healed back form one event and one mail (BurstEvent).
+    The lead is let go only when nothing is left; a service handed over just then is seen
+    by the look after, which leads again. Returns the own service's exit status."""
+    import threading
+
+    rc = EX_OK
+    first = True
+    while True:
+        event = BurstEvent(config, paths)
+        own_units: List[str] = []
+        graph_cache: Dict[str, Dict[str, Tuple[str, ...]]] = {}
+        slots = threading.BoundedSemaphore(BURST_WORKERS)
+        workers: List[threading.Thread] = []
+        own_done = threading.Event()
+
+        def work(name: str, env: Dict[str, str], restarted: bool) -> None:
+            try:
+                heal_service(config, name, paths, "onfailure", env, False, out, event, restarted)
+            except SelfhealError as exc:
+                log.error("%s: %s", name, exc)
+            except Exception:  # a bug in one heal: said, and the burst goes on
+                log.exception("selfheal crashed while healing %s in a burst", name)
+            finally:
+                slots.release()
+
+        def dispatch() -> None:
+            global SHARED
+            while True:
+                handed = take_handed(paths)
+                for name in handed:  # members at once: a heal that ends meanwhile is not alone
+                    event.join(name)
+                for _ in range(5):  # a storm's triggers come over ~100 ms: one batch, one restart
+                    if not handed:
+                        break
+                    time.sleep(BURST_POLL)
+                    more = take_handed(paths)
+                    if not more:
+                        break
+                    for name in more:
+                        event.join(name)
+                    handed.update(more)
+                batch = {}
+                wait_for_root = roots_in_burst(config, paths, handed, event, graph_cache)
+                for name, env in handed.items():
+                    if name not in config.services or name in wait_for_root:
+                        continue
+                    if may_hand_over(paths, name):
+                        batch[name] = env
+                        if SHARED is None:  # more than one heal from here on: their polls are shared
+                            SHARED = SharedLook()
+                    else:  # its heal has its own sandbox: its own unit heals it, once this lead ends
+                        own_units.append(name)
+                prestarted = restart_at_once(config, paths, batch, event.size() - len(batch))
+                for name, env in batch.items():
+                    slots.acquire()
+                    worker = threading.Thread(target=work, args=(name, env, name in prestarted),
+                                              name="selfheal-" + name, daemon=True)
+                    worker.start()
+                    workers.append(worker)
+                if not batch:
+                    if own_done.is_set() and not any(w.is_alive() for w in workers):
+                        return
+                    time.sleep(BURST_POLL)
+
+        own_env = take_handed(paths, own).get(own) if first else None
+        dispatcher = threading.Thread(target=dispatch, name="selfheal-burst", daemon=True)
+        if own_env is not None:
+            event.join(own)
+        dispatcher.start()
+        try:
+            if own_env is not None:
+                rc = heal_service(config, own, paths, "onfailure", own_env, False, out, event)
+        finally:
+            own_done.set()
+        dispatcher.join()
+        global SHARED
+        SHARED = None
+        event.finish()
+        first = False
+        with contextlib.suppress(OSError):  # before the lead is let go: a trigger after this leads
+            os.rmdir(str(paths.leading))
+        leader.release()
+        for name in dict.fromkeys(own_units):
+            started = run([SYSTEMCTL, "start", "--no-block", "selfheal@%s.service" % name])
+            if not started.ok:
+                log.error("could not start selfheal@%s.service: %s", name, started.brief())
+        try:
+            with os.scandir(str(paths.handed("x").parent)) as entries:
+                left = any(e.name.endswith(".json") for e in entries)
+        except OSError:
+            left = False
+        if not left or not leader.acquire():
+            break
+    write_metrics(config, paths)
+    return rc
+
+
+def roots_in_burst(config: Config, paths: Paths, handed: Dict[str, Dict[str, str]], event: "BurstEvent",
+                   graph_cache: Dict[str, Dict[str, Tuple[str, ...]]]) -> Dict[str, str]:
+    """Of the services handed over, those that need another service of the same burst:
+    name -> the one they wait for. They are not healed on their own (a restart against a dead
+    database only fails again): noted as waiting, the heal of what they need heals them after
+    it, in order, in its one report (heal_dependents); the watch, should that one not recover."""
+    if not handed:
+        return {}
+    if "graph" not in graph_cache:  # one look per burst
+        graph_cache["graph"] = look_at_chain(config)[0]
+    graph = graph_cache["graph"]
+    together = set(handed) | set(event.names())
+    waiting: Dict[str, str] = {}
+    for name in handed:
+        needed = [n for n in needed_by(graph, name) if n in together]
+        if needed and name in config.services:
+            waiting[name] = needed[0]
+            with contextlib.suppress(OSError, SelfhealError), service_state(paths, name) as state:
+                state["waiting_on"] = {"service": needed[0], "since": time.time(),
+                                       "detail": "failed in the same burst"}
+            log.info("%s needs %s, which failed in the same burst: healed after it", name, needed[0])
+    return waiting
+
+
+RESTART_AT_ONCE_RESULTS = ("signal", "core-dump")  # a plain crash: no config or data to look at first
+
+
+def restart_at_once(config: Config, paths: Paths, batch: Dict[str, Dict[str, str]], others: int = 0) -> set:
+    """Restarts first: of the services handed over together, those that plainly crashed are
+    restarted at once, in one `systemctl restart --no-block`, before their diagnosis (which
+    runs while they come up). Only a failed unit whose run was killed by a signal, whose
+    first strategy is service_restart, with nothing else to decide first (paused, in a
+    window, the breaker open, a problem reported, too many heals): the rest are healed as
+    ever. Each one's facts (MONITOR_*) are read before, into `batch`. others: services of the
+    same burst already being healed. Returns their names."""
+    if not batch or len(batch) + others < 2:
+        return set()
+    units = {config.services[name].unit: name for name in batch}
+    shown = show_units(list(units), ("Id", "ActiveState", "SubState", "Result", "ExecMainCode", "ExecMainStatus",
+                                     "InvocationID", "Restart"))
+    chosen = []
+    for unit, name in units.items():
+        svc, props = config.services[name], shown.get(unit, {})
+        if not batch[name].get("MONITOR_SERVICE_RESULT") and props.get("InvocationID"):
+            code = {"1": "exited", "2": "killed", "3": "dumped"}.get(props.get("ExecMainCode", ""), "")
+            status = props.get("ExecMainStatus", "")
+            batch[name] = {"MONITOR_UNIT": unit, "MONITOR_SERVICE_RESULT": props.get("Result", ""),
+                           "MONITOR_EXIT_CODE": code, "MONITOR_INVOCATION_ID": props.get("InvocationID", ""),
+                           "MONITOR_EXIT_STATUS": signal_name(status) if code in ("killed", "dumped") else status}
+        if props.get("ActiveState") != "failed" or props.get("Result") not in RESTART_AT_ONCE_RESULTS:
+            continue
+        if not svc.strategies or svc.strategies[0] != "service_restart" or has_chain(config, svc, {}):
+            continue
+        state = load_service_state(paths, name)
+        last = last_event(paths, name) or {}
+        window_start = max(time.time() - config.settings.failure_window, float(state.get("rearmed_at", 0.0)))
+        if (paused_until(paths, name) is not None or maintenance_until(config, svc) is not None
+                or state.get("escalated") or open_problem(paths, name) or paths.finding(name).exists()
+                or last.get("outcome") in (Outcome.FAILED.value, Outcome.ESCALATED.value)
+                or len(heal_attempts(paths, name, window_start)) >= config.settings.failure_threshold - 1):
+            continue
+        chosen.append(name)
+    if not chosen:
+        return set()
+    started = run([SYSTEMCTL, "restart", "--no-block", "--"] + [config.services[n].unit for n in chosen])
+    if not started.ok:
+        log.warning("burst: restarting %s at once failed (%s); each is healed on its own", and_list(chosen),
+                    started.brief())
+        return set()
+    log.info("burst: restarted %s at once; diagnosing them while they come up", and_list(chosen))
+    return set(chosen)
+
+
+class BurstEvent:
+    """The services one leader heals together: those back (RESOLVED, RECOVERED) are told in
+    one mail, a line each, with the time until all were back; one that needs a human keeps
+    its own mail and thread. A heal that ends while it is the only one so far is mailed on
+    its own at once (a single failure waits for nothing)."""
+
+    def __init__(self, config: Config, paths: Paths):
+        import threading
+
+        self.config, self.paths = config, paths
+        self.lock = threading.Lock()
+        self.members: List[str] = []
+        self.collected: List[Tuple[HealResult, str]] = []
+        self.alone: List[str] = []  # back, and mailed on their own before the rest came
+
+    def join(self, name: str) -> None:
+        with self.lock:
+            if name not in self.members:  # handed over again (it failed again meanwhile): one member
+                self.members.append(name)
+
+    def size(self) -> int:
+        with self.lock:
+            return len(self.members)
+
+    def names(self) -> List[str]:
+        with self.lock:
+            return list(self.members)
+
+    def collect(self, result: HealResult, text: str) -> bool:
+        """Keep the report for the burst's mail; False: mail it now, on its own."""
+        with self.lock:
+            if len(self.members) < 2:
+                self.alone.append(result.service.name)
+                return False
+            self.collected.append((result, text))
+            return True
+
+    def finish(self) -> None:
+        with self.lock:
+            collected, self.collected = self.collected, []
+            members = [name for name in self.members if name not in self.alone]
+        if not collected:
+            return
+        if len(collected) == 1:
+            notify_heal(self.config, self.paths, collected[0][0], collected[0][1])
+            return
+        settings = self.config.settings
+        label, body = burst_report(collected, members)
+        send, thread, label, body = burst_incident(self.paths, settings, label, body)
+        report = new_report(settings, SUBJECT_ICON[Outcome.RESOLVED], "burst", label, body, thread=thread)
+        note_burst_thread(self.paths, report["message_id"])
+        for result, text in collected:  # each service's incident follows the burst's thread
+            notify_heal(self.config, self.paths, result, text, mail=False, thread=thread or report["message_id"])
+        fields = {"SELFHEAL_SERVICE": "burst", "SELFHEAL_OUTCOME": "RESOLVED",
+                  "SELFHEAL_SERVICES": ",".join(r.service.name for r, _ in collected),
+                  "SELFHEAL_INCIDENT": report["message_id"].strip("<>")}
+        log.info("burst: %s", label, extra={"journal": fields})
+        if not send:
+            log.info("burst: not mailed (the bursts are FLAPPING: told once in this thread)")
+        elif any(should_mail(settings, r.service, "RESOLVED") for r, _ in collected):
+            deliver(self.config, self.paths, report)
+
+
+def burst_incident(paths: Paths, settings: Settings, label: str, body: str) -> Tuple[bool, str, str, str]:
+    """Bursts are an incident of the host, as failures are of a service: one thread while they
+    come less than incident_quiet apart, and FLAPPING once at flap_threshold bursts within
+    flap_window, then silence until it is quiet (a group of services crash-looping together).
+    Returns (mail it, thread, label, body)."""
+    path = paths.state / "burst.json"
+    lock = Lock(paths.run / "locks" / "burst-incident.lock")
+    now = time.time()
+    try:
+        lock.wait(10.0)
+        state = read_state(path)
+        if now - float(state.get("last") or 0.0) >= settings.incident_quiet:
+            state = {}
+        times = [float(t) for t in state.get("bursts", []) if float(t) >= now - settings.flap_window] + [now]
+        send = True
+        if len(times) >= settings.flap_threshold:
+            if state.get("flapping"):
+                send = False
+            else:
+                state["flapping"] = True
+                label = "FLAPPING (%s)" % label
+                body = ("FLAPPING: %d bursts within %s. selfheal keeps healing every service in them (a burst is\n"
+                        "not a failure of each, so no breaker trips); further bursts until it has been quiet for\n"
+                        "incident_quiet = %s are in the history, not mailed one by one.\n\n" % (
+                            len(times), format_duration(settings.flap_window),
+                            format_duration(settings.incident_quiet))) + body
+        thread = str(state.get("thread") or "")
+        state.update(bursts=times[-64:], last=now)
+        write_state(path, state)
+        return send, thread, label, body
+    except (OSError, SelfhealError) as exc:
+        log.warning("burst: could not keep its incident (%s); mailed as a new one", exc)
+        return True, "", label, body
+    finally:
+        lock.release()
+
+
+def note_burst_thread(paths: Paths, message_id: str) -> None:
+    """The first mail of a burst incident starts its thread."""
+    with contextlib.suppress(OSError, SelfhealError):
+        path = paths.state / "burst.json"
+        state = read_state(path)
+        if not state.get("thread"):
+            state["thread"] = message_id
+            write_state(path, state)
+
+
+def burst_report(collected: Sequence[Tuple[HealResult, str]], members: Sequence[str]) -> Tuple[str, str]:
+    """(label, body) of a burst's one mail: how many, when, how long until all were back."""
+    failed = [r.diagnosis.failed_at or r.started_at for r, _ in collected]
+    back = [(r.diagnosis.failed_at or r.started_at) + (r.healing_seconds or 0.0) for r, _ in collected]
+    first, spread, all_back = min(failed), max(failed) - min(failed), max(back) - min(failed)
+    others = [name for name in members if name not in {r.service.name for r, _ in collected}]
+    lines = ["%d services failed within %s of each other, from %s on %s; all %d were back %s after the first "
+             "failure." % (len(members), format_duration(spread), iso(first), socket.gethostname(),
+                           len(collected), format_duration(all_back)), ""]
+    width = max(len(r.service.name) for r, _ in collected)
+    for result, _ in sorted(collected, key=lambda item: item[0].service.name):
+        how = ("restarted (%s), healthy in %s" % (result.strategy, format_duration(result.healing_seconds or 0.0))
+               if result.outcome is Outcome.RESOLVED else "came back by itself (systemd's Restart=); verified")
+        lines.append("  %s  %s; %s" % (result.service.name.ljust(width), result.root_cause.summary.rstrip("."), how))
+    if others:
+        lines += ["", "Not back, each in its own mail and thread: %s." % and_list(others)]
+    lines += ["", "selfheal healed them in one process (one heal for a burst). Each service's full report is in",
+              "%s/NAME.log; `selfheal status` shows them all." % LOG_DIR]
+    return "RESOLVED (%d services)" % len(collected), "\n".join(lines) + "\n"
 
 
 def summary_line(result: HealResult) -> str:
@@ -4660,30 +5217,50 @@ def dependency_graph(config: Config, shown: Dict[str, Dict[str, str]]) -> Dict[s
 
 
 def in_dependency_order(graph: Dict[str, Sequence[str]], names: Iterable[str]) -> List[str]:
-    """names, every one after those it needs (config order otherwise)."""
+    """names, every one after those it needs (config order otherwise). Visits only what the
+    names need: linear in the chain, not in the whole graph, for each call."""
     wanted, order, seen = set(names), [], set()  # type: ignore[var-annotated]
 
     def visit(name: str) -> None:
-        if name in seen:
-            return
+        stack = [(name, iter(graph.get(name, ())))]
         seen.add(name)
-        for needed in graph.get(name, ()):
-            visit(needed)
-        if name in wanted:
-            order.append(name)
+        while stack:
+            current, needs = stack[-1]
+            for needed in needs:
+                if needed not in seen:
+                    seen.add(needed)
+                    stack.append((needed, iter(graph.get(needed, ()))))
+                    break
+            else:
+                stack.pop()
+                if current in wanted:
+                    order.append(current)
 
     for name in graph:
-        visit(name)
+        if name in wanted and name not in seen:
+            visit(name)
     return order
 
 
-def needed_by(graph: Dict[str, Sequence[str]], name: str, reverse: bool = False) -> List[str]:
+def reverse_graph(graph: Dict[str, Sequence[str]]) -> Dict[str, List[str]]:
+    """name -> the services that need it directly (in config order)."""
+    needers: Dict[str, List[str]] = {name: [] for name in graph}
+    for name, needs in graph.items():
+        for needed in needs:
+            needers.setdefault(needed, []).append(name)
+    return needers
+
+
+def needed_by(graph: Dict[str, Sequence[str]], name: str, reverse: bool = False,
+              needers: Optional[Dict[str, List[str]]] = None) -> List[str]:
     """Every service `name` needs, directly or not (reverse: every one that needs it), in
-    dependency order."""
+    dependency order. needers: reverse_graph(graph), when the caller has it already."""
+    if reverse and needers is None:
+        needers = reverse_graph(graph)
     found, todo = set(), [name]  # type: ignore[var-annotated]
     while todo:
         current = todo.pop()
-        step = [n for n, needs in graph.items() if current in needs] if reverse else graph.get(current, ())
+        step = needers.get(current, ()) if reverse and needers is not None else graph.get(current, ())
         for other in step:
             if other not in found and other != name:
                 found.add(other)
@@ -4699,13 +5276,20 @@ def has_chain(config: Config, svc: Service, unit: Dict[str, str]) -> bool:
                 or (systemd_needs(unit) | systemd_needed_by(unit)) & units)
 
 
+CHAIN_PROPERTIES = ("Id", "LoadState", "ActiveState", "SubState", "Result", "InvocationID", "Requires", "BindsTo",
+                    "Wants", "After", "ActiveEnterTimestampMonotonic")
+
+
 def look_at_chain(config: Config) -> Tuple[Dict[str, Tuple[str, ...]], Dict[str, Dict[str, str]]]:
-    """The dependency graph, and every listed unit's state and its heal's, in one systemctl show."""
-    units = [svc.unit for svc in config.services.values()]
-    heals = ["selfheal@%s.service" % name for name in config.services]
-    shown = show_units(units + heals, ("Id", "LoadState", "ActiveState", "SubState", "Requires", "BindsTo", "Wants",
-                                       "After"))
-    return dependency_graph(config, shown), shown
+    """The dependency graph, every listed unit's state (one systemctl show), and the state of
+    the heals of those another service needs (one more: only those are ever waited for; asking
+    systemd about every selfheal@ instance would make it load one per listed service)."""
+    shown = show_units([svc.unit for svc in config.services.values()], CHAIN_PROPERTIES)
+    graph = dependency_graph(config, shown)
+    needed = sorted({name for needs in graph.values() for name in needs})
+    if needed:
+        shown.update(show_units(["selfheal@%s.service" % name for name in needed], ("Id", "ActiveState")))
+    return graph, shown
 
 
 def blocking_dependency(config: Config, paths: Paths, svc: Service, graph: Dict[str, Tuple[str, ...]],
@@ -4721,6 +5305,8 @@ def blocking_dependency(config: Config, paths: Paths, svc: Service, graph: Dict[
         active, sub = unit.get("ActiveState", ""), unit.get("SubState", "")
         if shown.get("selfheal@%s.service" % name, {}).get("ActiveState") in ("active", "activating"):
             return name, "being healed (selfheal@%s.service)" % name
+        if being_healed(paths, name):  # by the heal that leads a burst, under another unit
+            return name, "being healed"
         if unit.get("LoadState", "loaded") != "loaded" or (active == "inactive" and needed.on_stopped == "ignore"):
             continue  # no such unit, or stopped on purpose as configured: nothing to wait for
         if active and active not in ("active", "reloading"):
@@ -4733,6 +5319,18 @@ def blocking_dependency(config: Config, paths: Paths, svc: Service, graph: Dict[
                 2 * config.settings.watch_interval:
             return name, "unhealthy (%s)" % clean(str(watch.get("detail", "")))[:120]
     return None
+
+
+def being_healed(paths: Paths, name: str) -> bool:
+    """Whether a heal holds the service's lock now (asked without waiting)."""
+    lock = Lock(paths.lock(name))
+    try:
+        if lock.acquire():
+            lock.release()
+            return False
+        return True
+    except OSError:
+        return False
 
 
 def open_problem(paths: Paths, name: str) -> str:
@@ -4769,25 +5367,39 @@ def wait_for_dependency(paths: Paths, svc: Service, result: HealResult, needed: 
 
 
 def heal_dependents(config: Config, paths: Paths, svc: Service, graph: Dict[str, Tuple[str, ...]],
-                    until: float, only_waiting: bool = False) -> Tuple[List[Tuple[HealResult, str]], List[str]]:
+                    until: float, only_waiting: bool = False, shown: Optional[Dict[str, Dict[str, str]]] = None
+                    ) -> Tuple[List[Tuple[HealResult, str]], List[str], List[str]]:
     """After `svc` is healthy: every service that needs it, in dependency order, verified and
     healed when still down (only_waiting: only those that noted they wait for it). Each is
-    recorded, not mailed. Returns (result, report) for those that were down or waiting, and
-    the names of those left waiting (for another service still down, or for lack of time:
-    the watch heals them once it may). A bug in one dependent's heal is reported on its
-    own; the chain and the root's report go on."""
+    recorded, not mailed. Returns (result, report) for those that were down or waiting, the
+    names of those left waiting (for another service still down: the watch heals them once it
+    may), and of those left for lack of time (`until`, the heal's deadline).
+
+    Linear in the chain: the state of every unit comes from one `systemctl show` (`shown`, or
+    one call here), updated with what this chain healed; a dependent that is active, listens
+    and answers its health check (all asked at once) is left alone without a heal. A bug in one
+    dependent's heal is reported on its own; the chain and the root's report go on."""
     done: List[Tuple[HealResult, str]] = []
     left: List[str] = []
+    no_time: List[str] = []
     chain = [svc.name]
-    for name in needed_by(graph, svc.name, reverse=True):
+    if shown is None:
+        shown = look_at_chain(config)[1]
+    shown = dict(shown)
+    shown[svc.unit] = dict(shown.get(svc.unit, {}), ActiveState="active", SubState="running")
+    needers = reverse_graph(graph)
+    dependents = needed_by(graph, svc.name, reverse=True, needers=needers)
+    healthy = healthy_at_a_glance(config, paths, [config.services[n] for n in dependents], shown, until)
+    for name in dependents:
         dependent = config.services[name]
         waited = waits_for(paths, name, chain + needed_by(graph, name))
         if only_waiting and not waited:
             continue
+        if not waited and name in healthy:
+            continue  # active, listening and answering: not this chain's to touch
         if paused_until(paths, name) is not None or maintenance_until(config, dependent) is not None:
             log.info("%s needs %s but is paused or in maintenance: not looked at", name, svc.name)
             continue
-        shown = look_at_chain(config)[1]
         unit = shown.get(dependent.unit, {})
         if unit.get("ActiveState") == "inactive" and dependent.on_stopped != "heal" and not waited:
             continue  # stopped, and to be left stopped (on_stopped): not this chain's to start
@@ -4799,7 +5411,7 @@ def heal_dependents(config: Config, paths: Paths, svc: Service, graph: Dict[str,
             continue
         if time.monotonic() > until - config.settings.verify_timeout - HEAL_RESERVE:
             log.warning("%s needs %s; no time left in this heal to look at it (the watch does)", name, svc.name)
-            left.append(name)
+            no_time.append(name)
             continue
         lock = Lock(paths.lock(name))
         if not lock.wait(min(config.settings.verify_timeout + 10, max(0.0, until - time.monotonic()))):
@@ -4808,6 +5420,8 @@ def heal_dependents(config: Config, paths: Paths, svc: Service, graph: Dict[str,
         try:
             result = heal(config, dependent, paths, CHAIN_TRIGGER, {}, chain=False, until=until)
             forget_waiting(paths, name)
+            if result.post:
+                shown[dependent.unit] = dict(shown.get(dependent.unit, {}), **result.post)
             if result.outcome is Outcome.HEALTHY and not waited:
                 continue  # up all along: not part of this chain
             chain.append(name)
@@ -4823,16 +5437,31 @@ def heal_dependents(config: Config, paths: Paths, svc: Service, graph: Dict[str,
             report_heal_crash(config, paths, dependent, traceback.format_exc())
         finally:
             lock.release()
-    return done, left
+    return done, left, no_time
+
+
+def healthy_at_a_glance(config: Config, paths: Paths, services: Sequence[Service],
+                        shown: Dict[str, Dict[str, str]], until: float) -> set:
+    """The names of those that are active, whose port listens and whose health check answers
+    (every check at once, within the heal's deadline): one look for the whole chain."""
+    active = [s for s in services if shown.get(s.unit, {}).get("ActiveState") in ("active", "reloading")]
+    if not active:
+        return set()
+    ports = listening_ports() if any(s.port for s in active) else None
+    listening = [s for s in active if not s.port or ports is None or s.port in ports]
+    answers = health_checks(listening)  # each within its health_timeout (no budget: heals may run in threads)
+    return {s.name for s in listening if answers.get(s.name, (True, ""))[0] and (
+        s.name in answers or not (s.health_url or s.health_command))}
 
 
 def chain_preface(svc: Service, outcome: Outcome, dependents: Sequence[Tuple[HealResult, str]],
-                  waiting: Sequence[str] = ()) -> str:
-    """The lines that lead a root's report: which services failed because of it, and what
-    became of each."""
-    if not dependents and not waiting:
+                  waiting: Sequence[str] = (), no_time: Sequence[str] = (), took: Optional[float] = None,
+                  heal_timeout: float = 0.0) -> str:
+    """The lines that lead a root's report: which services failed because of it, what became
+    of each, and those the heal's deadline (heal_timeout) left to the watch."""
+    if not dependents and not waiting and not no_time:
         return ""
-    down = [r.service.name for r, _ in dependents if r.outcome is not Outcome.HEALTHY] + list(waiting)
+    down = [r.service.name for r, _ in dependents if r.outcome is not Outcome.HEALTHY] + list(waiting) + list(no_time)
     lines = []
     if outcome is Outcome.HEALTHY:
         lines.append("%s is healthy; %s waited for it." % (svc.name, and_list(
@@ -4845,8 +5474,15 @@ def chain_preface(svc: Service, outcome: Outcome, dependents: Sequence[Tuple[Hea
         lines.append("  %s: %s" % (result.service.name, chain_line(result, svc.name)))
     for name in waiting:
         lines.append("  %s: waiting; selfheal heals it once what it needs is healthy again" % name)
+    for name in no_time:
+        lines.append("  %s: not looked at: the heal ran out of heal_timeout; the watch heals it" % name)
     if outcome not in (Outcome.RESOLVED, Outcome.RECOVERED, Outcome.HEALTHY) and waiting:
         lines.append("They are not restarted while %s is down (they would only fail again)." % svc.name)
+    if no_time:
+        lines.append("The chain ran out of time: heal_timeout = %s was spent after %s; %d service(s) above are "
+                     "left to the watch." % (format_duration(heal_timeout), format_duration(took or 0.0), len(no_time)))
+    elif took is not None and dependents:
+        lines.append("The chain took %s." % format_duration(took))
     return "\n".join(lines) + "\n\n"
 
 
@@ -5028,7 +5664,7 @@ def port_now(svc: Service) -> List[str]:
 def issue_text(result: HealResult) -> str:
     diag, unit = result.diagnosis, result.service.unit
     if result.outcome is Outcome.ESCALATED:
-        return "%s failed again; healing it is suspended (too many heals in the window)." % unit
+        return "%s failed again; selfheal backs off (too many heals in the window) and heals it at growing intervals." % unit
     finding = diag.finding
     if finding and finding.kind == "restarted":
         crash = ""
@@ -5790,13 +6426,30 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str, mai
         if thread and not incident.get("message_id"):
             incident["message_id"] = thread  # its reminders follow its root's thread
         incident["failures"] = [t for t in incident["failures"] if t >= now - settings.flap_window]
-        if result.trigger not in NOT_A_FAILURE:
+        if result.a_failure:
             incident["failures"].append(now)
             incident["last_failure"] = now
         label = subject_label(result)
         send, body, closes_problem = mail, text, False
+        breaker = escalated_before and result.outcome is not Outcome.ESCALATED  # healed at the breaker's pace
+        if result.outcome is Outcome.ESCALATED and not escalated_before:  # the breaker trips: backoff from here
+            incident["breaker_step"] = 0
+            incident["next_retry"] = now + breaker_delay(settings, 0)
+        elif breaker:  # each heal while the breaker is open makes the next wait longer
+            incident["breaker_step"] = int(incident.get("breaker_step") or 0) + 1
+            incident["next_retry"] = time.time() + breaker_delay(settings, incident["breaker_step"])
         if result.outcome is Outcome.ESCALATED and escalated_before:
             send = False  # the one escalation mail was sent already
+        elif breaker and result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
+            closes_problem = bool(incident.get("problem"))
+            incident["problem"] = ""
+            if incident.get("breaker_told"):
+                send = False  # told once that it is back; the history has every heal
+            else:
+                incident["breaker_told"] = True
+                body = breaker_preface(settings, svc, incident) + text
+        elif breaker:
+            send = False  # a heal at the breaker's pace that did not help: the thread says ESCALATED
         elif result.trigger == RETRY_TRIGGER and result.outcome is Outcome.FAILED:
             send = False  # still failing: the thread has said so; reminders keep coming
         elif result.outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
@@ -5804,7 +6457,9 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str, mai
             incident["problem"] = ""
             if len(incident["failures"]) >= settings.flap_threshold:
                 if incident.get("flapping"):
-                    send = False  # one FLAPPING mail per incident; the history has every heal
+                    # One FLAPPING mail per incident; the history has every heal. But the
+                    # end of a problem told (FAILED, ESCALATED) is always told.
+                    send = closes_problem
                 else:
                     incident["flapping"] = True
                     label = "FLAPPING"
@@ -5813,7 +6468,7 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str, mai
             label += label_note
             send, closes_problem = mail, True
         if result.outcome in PROBLEM_OUTCOMES:
-            if not incident.get("problem"):  # a problem (again) in this incident: its next retry
+            if not incident.get("problem") and not state.get("escalated"):  # a problem (again): its next retry
                 incident["next_retry"] = now + retry_delay(settings, int(incident.get("retries") or 0))
             incident["problem"] = result.outcome.value
             incident["problem_since"] = incident.get("problem_since") or now
@@ -5836,16 +6491,46 @@ def retry_delay(settings: Settings, retries: int) -> float:
     return min(settings.retry_interval * 2 ** min(retries, 16), MAX_RETRY_INTERVAL)
 
 
+def breaker_delay(settings: Settings, step: int) -> float:
+    """ESCALATED: the wait before the heal after `step` heals at the breaker's pace:
+    BREAKER_FIRST, doubled each time, at most retry_interval (an hour when retries are off)."""
+    cap = max(settings.retry_interval, BREAKER_FIRST) if settings.retry_interval else MAX_RETRY_INTERVAL
+    return min(BREAKER_FIRST * 2 ** min(step, 16), cap)
+
+
+def breaker_due(state: dict) -> float:
+    """When the open breaker heals the service next (0.0: no open incident says)."""
+    incident = state.get("incident")
+    if not isinstance(incident, dict) or incident.get("closed"):
+        return 0.0
+    return float(incident.get("next_retry") or 0.0)
+
+
+def breaker_preface(settings: Settings, svc: Service, incident: dict) -> str:
+    return ("%s is back, healed by selfheal at the pace it keeps after too many heals (ESCALATED). It goes\n"
+            "on healing it at growing intervals (the next no sooner than %s) until it has been healthy for\n"
+            "incident_quiet = %s; then the count starts afresh. Further heals until then are in the history,\n"
+            "not mailed one by one.\n\n" % (svc.name, iso(float(incident.get("next_retry") or time.time())),
+                                             format_duration(settings.incident_quiet)))
+
+
 def retry_if_due(config: Config, paths: Paths, svc: Service, now: float) -> Optional[Finding]:
     """A FAILED incident (not ESCALATED, not STOPPED) is healed again by the watch at growing
     intervals, so a fix made by hand (a corrected config) is picked up with no command typed.
     The count lives in the incident: it starts afresh once the service was healthy for
     incident_quiet, not at each success."""
-    if not config.settings.retry_interval:
-        return None
     with service_state(paths, svc.name) as state:
         incident = state.get("incident")
-        if state.get("escalated") or not incident or incident.get("closed") or incident.get("problem") != "FAILED":
+        if not incident or incident.get("closed"):
+            return None
+        if state.get("escalated"):  # the breaker: never abandoned, healed at growing intervals
+            if incident.get("problem") not in ("FAILED", "ESCALATED") or now < breaker_due(state):
+                return None
+            step = int(incident.get("breaker_step") or 0)
+            incident["next_retry"] = now + breaker_delay(config.settings, step + 1)  # should this one not report
+            return Finding("retry", "a heal at the breaker's pace (ESCALATED; the next in %s if it fails again)"
+                           % format_duration(breaker_delay(config.settings, step + 1)), now)
+        if not config.settings.retry_interval or incident.get("problem") != "FAILED":
             return None
         retries = int(incident.get("retries") or 0)
         due = float(incident.get("next_retry") or 0.0) or float(incident.get("problem_since") or now) + \
@@ -5966,11 +6651,14 @@ def incident_healthy(config: Config, paths: Paths, svc: Service, now: float) -> 
                 report = thread_report(config, incident, SUBJECT_ICON[Outcome.RESOLVED], svc.name,
                                     "RESOLVED (was down %s)" % format_duration(down), body)
             incident["closed"] = now
-            state.pop("escalated", None)
+            if state.pop("escalated", None):
+                state["rearmed_at"] = now  # healthy again: the heal count starts afresh
             if incident.get("retries"):  # the backoff starts afresh only after incident_quiet
                 state["retry_carry"] = {"retries": incident["retries"], "until": now + config.settings.incident_quiet}
         elif now - float(incident.get("last_failure", incident.get("opened", now))) >= config.settings.incident_quiet:
             incident["closed"] = now
+            if state.pop("escalated", None):  # healthy for incident_quiet: the breaker closes
+                state["rearmed_at"] = now
     if report is not None:
         deliver(config, paths, report)
 
@@ -6342,10 +7030,32 @@ def watch_budget(settings: Settings) -> float:
     return min(max(settings.watch_interval, WATCH_BUDGET[0]), WATCH_BUDGET[1])
 
 
+def clear_stale_lead(paths: Paths, now: float) -> None:
+    """A leader that died (SIGKILL, OOM) leaves /run/selfheal/leading, and every trigger after
+    it would wait for a leader that is gone: removed when old and no heal holds the lead."""
+    try:
+        age = now - os.stat(str(paths.leading)).st_mtime
+    except OSError:
+        return
+    if age < LEADING_STALE:
+        return
+    lock = Lock(paths.run / "locks" / "burst.lock")
+    try:
+        if lock.acquire():
+            with contextlib.suppress(OSError):
+                os.rmdir(str(paths.leading))
+            log.warning("watch: removed %s, left by a heal that led a burst and died", paths.leading)
+    except OSError:
+        pass
+    finally:
+        lock.release()
+
+
 def watch_run(config: Config, paths: Paths) -> int:
     unsafe = [problem for _, problem in root_command_problems(config)] if is_root() else []
     if unsafe:  # swapped since install: never run as root (command_check refuses it too); told
         report_unsafe_commands(config, paths, unsafe)
+    clear_stale_lead(paths, time.time())
     services = list(config.services.values())
     verdicts: Dict[str, str] = {}
     errors: List[str] = []
@@ -6639,6 +7349,19 @@ Type=oneshot
 # %i, not %I: the instance is the section name as written (story-stages stays story-stages).
 # Imported, not run as a script, so Python uses the compiled copy in __pycache__.
 ExecStart=@PYTHON@ -I -S -c "import sys; sys.path.insert(0, '@LIBDIR@'); import selfheal; sys.exit(selfheal.main())" heal --trigger onfailure %i
+# One heal for a burst: each trigger first leaves its service in /run/selfheal/handed, then
+# runs Python only if it is the first (mkdir is atomic: /run/selfheal/leading exists while a
+# heal leads; the leader removes it when done, the watch when a leader died). The others end
+# here, at the cost of three small programs, not a Python each: the leader heals what they
+# left. The "-": a trigger that cannot leave its file still runs, and heals its service
+# itself. The "+": outside the sandbox below, which systemd would set up for each of these
+# small programs (about 60 ms each; 90 of them in a storm of 30 took 5 s): they only make a
+# directory and a file of root's under /run/selfheal, from a name systemd checked.
+# A drop-in selfheal@NAME.service.d/*.conf that needs its own sandbox resets these with an
+# empty ExecCondition= (the leader never heals such a service: it starts its unit).
+ExecCondition=+-@MKDIR@ -p /run/selfheal/handed
+ExecCondition=+-/usr/bin/touch /run/selfheal/handed/%i.json
+ExecCondition=+@MKDIR@ /run/selfheal/leading
 # A heal has its own deadlines (verify_timeout, smtp_timeout); this is the last resort.
 TimeoutStartSec=10min
 
@@ -6793,11 +7516,25 @@ WantedBy=timers.target
 }
 
 
+# One heal for a burst, in selfheal@.service: a trigger leaves its service for the heal under
+# way, then starts Python only when no heal leads. Rendered only where mkdir is at this path:
+# a condition that cannot run never passes, and then every trigger runs Python (as before).
+MKDIR = "/usr/bin/mkdir"
+LEADING_STALE = 60.0  # seconds: a /run/selfheal/leading older than this with no leader is removed
+HANDOVER_MARK = "# One heal for a burst: each trigger"
+
+
 def render_unit(name: str, libdir: str, python: str = PYTHON, watch_interval: float = 30.0,
-                metrics_file: str = METRICS_FILE) -> str:
+                metrics_file: str = METRICS_FILE, mkdir: Optional[str] = None) -> str:
     # Every value was validated: paths by pattern (no spaces, no newlines), the interval as
     # whole seconds.
+    mkdir = MKDIR if mkdir is None else mkdir
     text = UNIT_TEMPLATES[name]
+    if "@MKDIR@" in text and not (mkdir and os.path.exists(mkdir)):
+        kept = [line for line in text.splitlines(True) if not line.startswith("ExecCondition=")]
+        text = "".join(kept).replace(HANDOVER_MARK, "# (no %s here: every trigger runs its own heal.)\n%s"
+                                     % (MKDIR, HANDOVER_MARK), 1)
+    text = text.replace("@MKDIR@", mkdir)
     if not metrics_file:
         text = text.replace("ReadWritePaths=-@METRICS_DIR@", "# (metrics_file is empty: no metrics are written)")
     return (text.replace("@LIBDIR@", libdir).replace("@PYTHON@", python)
@@ -7174,7 +7911,7 @@ class ServiceStatus(NamedTuple):
     domain: str = ""
     critical: bool = False
     paused_until: Optional[float] = None  # None: not paused; 0.0: until resumed
-    escalated: bool = False  # healing suspended until `selfheal resume`
+    escalated: bool = False  # backing off after too many heals (healed at growing intervals)
     hooked: Optional[bool] = None  # selfheal's OnFailure= drop-in is installed; None: unit not loaded
     watch_detail: str = ""  # what the watch last said, when it said unhealthy, waiting or maintenance
     watch_checked: Optional[float] = None  # when the watch last looked at it
@@ -7705,7 +8442,7 @@ def _service_notes(s: ServiceStatus, d: Dashboard) -> List[str]:
         notes.append("Paused %s (%s)%s" % ("until " + local_time(s.paused_until) if s.paused_until
                                            else "until resumed", resume, now_is))
     if s.escalated:
-        notes.append("Healing suspended after too many heals (re-arm: %s)" % resume)
+        notes.append("Backing off after too many heals: healed at growing intervals (re-arm: %s)" % resume)
     if s.state == "unhealthy":
         when = " (%s)" % ago(now - s.watch_checked) if s.watch_checked else ""
         notes.append("Unhealthy%s: %s" % (when, s.watch_detail or "the watch's last look failed"))
@@ -8062,7 +8799,7 @@ def metrics_text(d: Dashboard, counts: Dict[str, Dict[str, int]], watch_ran: Opt
     metric("selfheal_last_healing_seconds", "gauge", "failure to verified healthy, at the service's last heal that healed it",
            [({"service": s.name}, float(s.last_heal["healing_seconds"])) for s in rows
             if s.last_heal and isinstance(s.last_heal.get("healing_seconds"), (int, float))])
-    metric("selfheal_escalated", "gauge", "1 while healing is suspended (selfheal resume NAME re-arms it)",
+    metric("selfheal_escalated", "gauge", "1 while selfheal backs off after too many heals (selfheal resume NAME re-arms it)",
            [({"service": s.name}, int(s.escalated)) for s in rows])
     metric("selfheal_paused", "gauge", "1 while the service is paused (selfheal pause NAME)",
            [({"service": s.name}, int(s.paused)) for s in rows])
@@ -8279,8 +9016,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("duration", nargs="?", help="e.g. 30m, 2h (default: until resume)")
 
-    p = add("resume", help="heal a paused service again; also re-arms after an escalation")
-    p.add_argument("name")
+    p = add("resume", help="heal paused services again; also re-arms after an escalation")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--all", action="store_true", help="every listed service")
     return parser
 
 
@@ -8326,9 +9064,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_flush(config, paths, quiet)
         if args.command == "test-email":
             return cmd_test_email(config)
-        if args.command in ("pause", "resume"):
+        if args.command == "pause":
             require_root(args.command)
             return cmd_pause(config, paths, args.command, args.name, getattr(args, "duration", None))
+        if args.command == "resume":
+            if bool(args.names) == bool(args.all):
+                raise UsageError("resume: name the services, or --all (not both)")
+            require_root(args.command)
+            return cmd_resume(config, paths, list(config.services) if args.all else args.names)
     except SelfhealError as exc:
         if isinstance(exc, ConfigError):
             for line in exc.problems:
@@ -8353,7 +9096,9 @@ def cmd_validate(path: str) -> int:
 
 def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.environ,
                  dry_run: bool = False, out=None) -> int:
-    """`heal NAME`: refuse, lock, heal, record, mail; loop if it failed again meanwhile."""
+    """`heal NAME`: refuse, lock, heal, record, mail; loop if it failed again meanwhile.
+    From OnFailure= (--trigger onfailure), a burst is healed by one process: the first heal
+    leads, a later one hands its service to it and ends at once (see lead_burst)."""
     out = out or sys.stdout
     if name not in config.services:
         raise UsageError("%r is not listed in %s (listed: %s)"
@@ -8361,6 +9106,27 @@ def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.envir
     svc = config.services[name]
     if never_touch(svc.unit):
         raise UsageError("selfheal never touches %s" % svc.unit)
+    if trigger == "onfailure" and not dry_run:
+        note_arrival(paths, name)
+        if may_hand_over(paths, name) and hand_over(paths, name, env):
+            leader = Lock(paths.run / "locks" / "burst.lock")
+            if not leader.acquire():
+                log.info("%s: handed to the heal under way (one heal for a burst)", name)
+                print("%s: handed to the heal under way" % name, file=out)
+                return EX_OK
+            return lead_burst(config, paths, name, leader, out)
+    rc = heal_service(config, name, paths, trigger, env, dry_run, out)
+    if not dry_run:
+        write_metrics(config, paths)  # after the report: the mail never waits for it
+    return rc
+
+
+def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.environ,
+                 dry_run: bool = False, out=None, event: Optional["BurstEvent"] = None,
+                 restarted: bool = False) -> int:
+    """One service: paused or in a maintenance window, or its lock, then heal_rounds."""
+    out = out or sys.stdout
+    svc = config.services[name]
     pause = paused_until(paths, name)
     if pause is not None and not dry_run:
         log.info("%s is paused%s; not healing", name, " until " + iso(pause) if pause else "")
@@ -8405,11 +9171,10 @@ def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.envir
                 if finding.kind in ("unhealthy", "restarted"):
                     env = {}  # MONITOR_* would describe an earlier run, not this problem
         with stop_on_sigterm(not dry_run):
-            rc = heal_rounds(config, svc, paths, trigger, env, dry_run, finding, out)
+            rc = heal_rounds(config, svc, paths, trigger, env, dry_run, finding, out, event,
+                             restarted and finding is None)
     finally:
         lock.release()
-    if not dry_run:
-        write_metrics(config, paths)  # after the report: the mail never waits for it
     return rc
 
 
@@ -8574,6 +9339,18 @@ def cmd_pause(config: Config, paths: Paths, verb: str, name: str, duration: Opti
     else:
         print("%s: healing resumed (heal count re-armed)" % name)
         log.info("%s resumed", name)
+    return EX_OK
+
+
+def cmd_resume(config: Config, paths: Paths, names: Sequence[str]) -> int:
+    """`resume NAME... | --all`: each named service is healed again and its heal count re-armed.
+    Every name is checked before any is changed."""
+    unknown = [name for name in names if name not in config.services]
+    if unknown:
+        raise UsageError("%r is not listed in %s%s" % (unknown[0], config.path,
+                                                      _did_you_mean(unknown[0], config.services)))
+    for name in dict.fromkeys(names):
+        cmd_pause(config, paths, "resume", name, None)
     return EX_OK
 
 

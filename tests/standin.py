@@ -14,6 +14,8 @@
     standin.py PORT --say TEXT      print TEXT on a line of its own first (into the journal)
     standin.py PORT --weird-reply   answer GET /health with no HTTP at all: a line and a body
                                     full of terminal escapes (clear screen, set the title, bell)
+    standin.py PORT --crash-while FILE   serve, but die (SIGKILL itself) 2 s after it started
+                                    while FILE exists: a crash loop whose cause can be removed
 
 Prints "listening" once the socket is bound, so the journal shows it.
 """
@@ -86,6 +88,12 @@ def main(argv):
         while True:  # the child only holds the socket
             time.sleep(3600)
     print("listening on 127.0.0.1:%d" % port, flush=True)
+    cause = option(argv, "--crash-while")
+    if cause and os.path.exists(cause):
+        import signal
+        import threading
+
+        threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
     server.serve_forever()
 
 

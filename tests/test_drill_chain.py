@@ -112,9 +112,9 @@ def test_a_database_and_its_apps_killed_at_once_are_healed_in_order_with_one_mai
     assert {unit: starts(host, unit) - started[unit] for unit in chain} == {unit: 1 for unit in chain}
     for name in ("chainapp", "chainweb"):
         assert [(e["outcome"], e["trigger"]) for e in history(host, name)] == [("RESOLVED", "after its dependency")]
-        log = host.run(["journalctl", "--no-pager", "-o", "cat", "-u", "selfheal@%s.service" % name],
-                       check=False).stdout
-        assert "WAITING" in log or "needs chaindb" in log, log
+        # Its heal waited (a burst is healed by one process: the line may be in the leader's unit).
+        log = host.run(["journalctl", "--no-pager", "-o", "cat", "-u", "selfheal@*.service"], check=False).stdout
+        assert [ln for ln in log.splitlines() if name in ln and ("WAITING" in ln or "needs chaindb" in ln)], log
 
 
 def test_a_crash_in_a_maintenance_window_is_left_alone_and_summed_up_once_after_it(host):

@@ -211,7 +211,7 @@ def test_service_notes_say_what_an_admin_must_know():
         svc("later", "paused", paused_until=NOW + 2 * HOUR),
     ]
     text = selfheal.render_dashboard(dashboard(services=services), unicode=True)
-    assert "↳ Healing suspended after too many heals (re-arm: sudo selfheal resume esc)" in text
+    assert "↳ Backing off after too many heals: healed at growing intervals (re-arm: sudo selfheal resume esc)" in text
     assert "↳ systemd says: failed (exit-code)" in text
     assert "↳ Unit gone.service is not found on this host" in text
     assert "↳ Port 5009 is not listening" in text

@@ -203,7 +203,7 @@ def comment_above(text, key):
 
 # What a service unit sets besides its hardening: what runs, how long, and its bounds
 # (tests above and test_drill_units check those).
-NOT_HARDENING = {"Type", "ExecStart", "TimeoutStartSec", "MemoryMax", "TasksMax"}
+NOT_HARDENING = {"Type", "ExecStart", "ExecCondition", "TimeoutStartSec", "MemoryMax", "TasksMax"}
 
 
 @pytest.mark.parametrize("name", sorted(HARDENING))
