@@ -3344,6 +3344,9 @@ def _failure_cause(svc: Service, diag: Diagnosis) -> RootCause:
                          "It needs more memory than it had: look for a leak or a load spike, "
                          "raise MemoryMax= or add memory/swap.")
     if result == "start-limit-hit":
+        if found:  # what each start said
+            return RootCause("It failed too often in a row and systemd stopped restarting it (start limit hit): "
+                             "%s." % found[0].cause, found[0].confidence, found[1], found[0].advice)
         return RootCause("It failed too often in a row and systemd stopped restarting it (start limit hit).",
                          "high", evidence, "Read the journal lines below for why each start failed.")
     if found and found[0].kind == "port_in_use":
@@ -3605,11 +3608,11 @@ class HealContext:
 def strategy_service_restart(ctx: HealContext) -> str:
     """Restart the unit; clear systemd's start limit first when it was hit."""
     unit = ctx.diag.unit
+    refuse_futile_restart(ctx)
     if unit.get("Result") == "start-limit-hit" or ctx.diag.result == "start-limit-hit":
         ctx.systemctl("reset-failed", timeout=COMMAND_TIMEOUT)
     if unit.get("LoadState") in ("masked", "not-found"):
         return "not restarted: the unit is %s" % unit.get("LoadState")
-    refuse_futile_restart(ctx)
     if not ctx.systemctl("restart"):
         now = show_unit(ctx.svc.unit)
         # Refused without a new run: systemd's start limit ("Start request repeated too
@@ -3626,7 +3629,8 @@ def strategy_service_restart(ctx: HealContext) -> str:
 def refuse_futile_restart(ctx: HealContext) -> None:
     """Raise Escalation, restarting nothing, where a restart cannot help: the service answers
     that it cannot write its data (not a hang: a restart loses what it holds and may never
-    finish), or a process of no unit of its own holds its port while it is down."""
+    finish), its failed run said its config is invalid and no config_check can prove it fixed,
+    or a process of no unit of its own holds its port while it is down."""
     svc, diag = ctx.svc, ctx.diag
     finding = diag.finding
     if finding and finding.kind == "unhealthy" and NOT_A_HANG_RE.search(finding.detail):
@@ -3634,6 +3638,12 @@ def refuse_futile_restart(ctx: HealContext) -> None:
                          "restarted nothing: that is not a hang, a restart cannot fix it and would lose what it "
                          "holds in memory. Fix what it names, then: selfheal heal %s"
                          % (svc.unit, finding.detail, svc.name), root_cause(svc, diag))
+    found = journal_kind(diag.journal)
+    if found and found[0].kind == "bad_config" and not svc.config_check and diag.active_state not in LIVE_STATES:
+        raise Escalation("%s's failed run said its configuration is invalid (%s); with no config_check to prove "
+                         "it fixed, selfheal restarted nothing: a restart would start it into the same config "
+                         "(and loop). Fix the config, then: selfheal heal %s" % (svc.unit, found[1], svc.name),
+                         root_cause(svc, diag))
     if not svc.port or svc.port_owner == "any" or diag.active_state in LIVE_STATES:
         return
     foreign = [p for p in diag.holders if p.pid != 1 and not belongs_to_unit(p, svc.unit)]

@@ -126,3 +126,15 @@ def test_health_command_failing_login_quotes_permission_denied_from_deep_in_its_
     ok, detail = selfheal.command_check([selfheal.sys.executable, "-c", "import sys; print(%r); sys.exit(2)" % said],
                                         5.0, "1")
     assert not ok and "Permission denied" in detail and selfheal.NOT_A_HANG_RE.search(detail)
+
+
+def test_failed_run_that_said_its_config_is_invalid_is_not_restarted_without_a_config_check():
+    journal = ["box redis-server[7]: *** FATAL CONFIG FILE ERROR (Redis 7.0.15) ***",
+               "box systemd[1]: redis-server.service: Start request repeated too quickly."]
+    d = diag(result="start-limit-hit", code="exited", status="1", journal=journal, ActiveState="failed")
+    ctx = selfheal.HealContext(REDIS, d, selfheal.Settings())
+    with pytest.raises(selfheal.Escalation) as exc:
+        selfheal.strategy_service_restart(ctx)
+    assert ctx.actions == [] and "restarted nothing" in str(exc.value)
+    assert exc.value.cause.summary == ("It failed too often in a row and systemd stopped restarting it (start limit "
+                                       "hit): its configuration is invalid.")
