@@ -50,8 +50,8 @@ FINGERPRINT = ("find %s -xdev \\( -path /etc/selfheal -o -path /etc/selfheal/\\*
 
 
 class Bench:
-    def __init__(self, box, facts, restart_only):
-        self.box, self.facts, self.restart_only = box, facts, restart_only
+    def __init__(self, box, facts, restart_only, keep=None):
+        self.box, self.facts, self.restart_only, self.keep = box, facts, restart_only, keep
         self.mbox = box.host_path("/var/mail/root")
 
     def unit(self, service):
@@ -205,6 +205,13 @@ class Bench:
             outcome = "reported"
         else:
             outcome = "healed-no-mail" if healed else "no-mail"
+        if self.keep:  # the mail and what selfheal logged, for reading afterwards
+            self.keep.mkdir(parents=True, exist_ok=True)
+            (self.keep / (sc.name + ".mail")).write_text(
+                mail.get_body(preferencelist=("plain",)).get_content() if mail is not None else "(no mail)\n")
+            (self.keep / (sc.name + ".log")).write_text(self.box.run(
+                ["journalctl", "--no-pager", "-o", "short-precise", "--since", "@%d" % int(wall)],
+                check=False, timeout=60).stdout[-200000:])
         cause_ok = bool(root) and re.search(sc.cause_re, root.splitlines()[0], re.I) is not None
         self.sh(self.fill(sc.undo))
         if squatter:
@@ -249,6 +256,7 @@ def main(argv=None):
     parser.add_argument("--only", nargs="*", default=(), help="scenario names")
     parser.add_argument("--restart-only", action="store_true", help="systemd Restart= alone, no selfheal")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--keep", help="a directory: each scenario's mail and journal go there")
     args = parser.parse_args(argv)
     reason = skip_or_fail_reason(args.suite)
     if reason:
@@ -274,7 +282,7 @@ def main(argv=None):
             box.run(["cp", "-a", REPO_INSIDE, CLONE])
             box.write(CLONE + "/services.conf", services_conf(facts["cluster"]))
             box.run([CLONE + "/install.sh"], timeout=180)
-        bench = Bench(box, facts, args.restart_only)
+        bench = Bench(box, facts, args.restart_only, Path(args.keep) if args.keep else None)
         bench.restore(list(UNITS))
         version = box.run(["systemctl", "--version"]).stdout.splitlines()[0]
         print("%s; %s" % (version, "systemd Restart= alone" if args.restart_only else "selfheal"), flush=True)

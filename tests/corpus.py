@@ -26,7 +26,8 @@ class Scenario:
     cause_re: str           # what ROOT CAUSE must say for the cause to count as named (regex, any case)
     trigger: str            # sh: break it (the clock starts before this)
     undo: str = ""          # sh: what a human does to fix it afterwards (not timed)
-    prepare: str = ""       # sh: before the clock starts (backups...)
+    prepare: str = ""       # sh: before the clock starts (backups, the files it breaks: changed before
+                            # the benchmark's snapshot of /etc and /srv, so they are not selfheal's)
     by: str = "crash"       # "crash" (systemd notices: OnFailure=) or "watch" (only the watch can)
     touches: Tuple[str, ...] = ()   # units besides the service's own that may be restarted
     no_restart: bool = False  # restarting the service is itself a wrong action here
@@ -68,14 +69,14 @@ SCENARIOS = (
              "/var/lib/redis made read-only (chmod 500), then BGSAVE: Redis answers MISCONF, still serves reads",
              "reported", "Redis cannot save to disk (persistence error), not a hang",
              r"sav|persist|disk|MISCONF|writ",
-             "chmod 500 /var/lib/redis && redis-cli bgsave >/dev/null",
+             "redis-cli bgsave >/dev/null", prepare="chmod 500 /var/lib/redis",
              undo="chmod 750 /var/lib/redis; redis-cli bgsave >/dev/null 2>&1; true",
              by="watch", no_restart=True, grace=True, wait=360),
     Scenario("postgresql-logins-fail", "postgresql",
              "the data directory made unreadable (chmod 000) while PostgreSQL runs: pg_isready passes, "
              "every login fails", "reported", "logins fail: permission denied on its data directory",
              r"login|permission|connect|denied",
-             "chmod 000 {pgdata}", undo="chmod 700 {pgdata}", by="watch", no_restart=True, grace=True, wait=150),
+             "true", prepare="chmod 000 {pgdata}", undo="chmod 700 {pgdata}", by="watch", no_restart=True, grace=True, wait=150),
     # ---- crashes ----
     Scenario("nginx-killed", "nginx", "nginx's master killed (SIGKILL)", "healed", "killed with SIGKILL",
              r"SIGKILL|killed", KILL % "nginx"),
