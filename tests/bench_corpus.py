@@ -28,6 +28,7 @@ import email
 import email.policy
 import json
 import re
+import signal
 import statistics
 import sys
 import time
@@ -267,6 +268,7 @@ def main(argv=None):
         print("unknown scenario(s): %s" % " ".join(sorted(unknown)), file=sys.stderr)
         return 2
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # kill PID: the container is torn down too
     repo = TESTS.parent
     rows = []
     with Container(suite=args.suite, binds_ro={str(repo): REPO_INSIDE}) as box:
