@@ -3615,6 +3615,17 @@ def strategy_service_restart(ctx: HealContext) -> str:
         return "not restarted: the unit is %s" % unit.get("LoadState")
     if not ctx.systemctl("restart"):
         now = show_unit(ctx.svc.unit)
+        state = now.get("ActiveState", "")
+        if state == "deactivating" or (state == "activating" and "timed out after" in ctx.actions[-1].detail):
+            # The job never finished: a stop that hangs (a service that will not exit, Redis
+            # that cannot save, TimeoutStopSec=infinity) or a start that does. Not systemd's
+            # start limit, and no second restart on top.
+            phase, limit = (("stop", "TimeoutStopSec=%s" % (unit.get("TimeoutStopUSec") or "?")) if state == "deactivating"
+                            else ("start", "TimeoutStartSec=%s" % (unit.get("TimeoutStartUSec") or "?")))
+            step = ctx.actions[-1]
+            ctx.actions[-1] = dataclasses.replace(step, detail="%s; its %s was still running (%s (%s), %s)" % (
+                step.detail, phase, state, now.get("SubState", "?"), limit))
+            return "the restart did not finish (its %s hangs): selfheal did not restart it again" % phase
         # Refused without a new run: systemd's start limit ("Start request repeated too
         # quickly"; systemd 252 leaves Result= at the old failure, so the unchanged
         # InvocationID is the tell). selfheal's own crash-loop guard is failure_threshold:

@@ -138,3 +138,23 @@ def test_failed_run_that_said_its_config_is_invalid_is_not_restarted_without_a_c
     assert ctx.actions == [] and "restarted nothing" in str(exc.value)
     assert exc.value.cause.summary == ("It failed too often in a row and systemd stopped restarting it (start limit "
                                        "hit): its configuration is invalid.")
+
+
+def test_restart_whose_stop_never_finishes_is_reported_as_a_hung_stop_not_a_start_limit(monkeypatch):
+    d = diag(result="success", code="", status="", ActiveState="active", InvocationID="run-1",
+             TimeoutStopUSec="infinity")
+    ctx = selfheal.HealContext(REDIS, d, selfheal.Settings())
+    calls = []
+
+    def systemctl(verb, timeout=None):
+        calls.append(verb)
+        ctx.record("systemctl %s %s" % (verb, REDIS.unit), False, 280.0, "systemctl: timed out after 280 s")
+        return False
+    monkeypatch.setattr(ctx, "systemctl", systemctl)
+    monkeypatch.setattr(selfheal, "show_unit", lambda unit: {"ActiveState": "deactivating", "SubState": "stop-sigterm",
+                                                             "InvocationID": "run-1"})
+    note = selfheal.strategy_service_restart(ctx)
+    assert calls == ["restart"]  # no reset-failed, no second restart
+    assert "start limit" not in note and "its stop hangs" in note
+    assert ctx.actions[-1].detail == ("systemctl: timed out after 280 s; its stop was still running "
+                                      "(deactivating (stop-sigterm), TimeoutStopSec=infinity)")
