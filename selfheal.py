@@ -3304,8 +3304,8 @@ def root_cause(svc: Service, diag: Diagnosis) -> RootCause:
     finding = diag.finding
     if finding and finding.kind == "unhealthy":
         if NOT_A_HANG_RE.search(finding.detail):
-            return RootCause("It is running and answers, but reports a problem a restart cannot fix (it cannot "
-                             "write its data: disk, permissions or persistence): %s." % finding.detail, "high",
+            return RootCause("It is running and answers, but reports a problem with its data that a restart cannot fix ("
+                             "disk space, permissions or persistence): %s." % finding.detail, "high",
                              "watch: " + finding.detail,
                              "Fix what its answer names (free space, the owner and mode of its data directory), "
                              "then check it again; a restart would lose what it holds in memory, and may not "

@@ -42,7 +42,7 @@ def test_heal_unhealthy_with_misconf_is_reported_as_a_persistence_problem_and_ne
         MISCONF[:80])
     d = diag(result="success", code="", status="", finding=unhealthy(detail), ActiveState="active")
     cause = selfheal.root_cause(REDIS, d)
-    assert cause.summary.startswith("It is running and answers, but reports a problem a restart cannot fix")
+    assert cause.summary.startswith("It is running and answers, but reports a problem with its data that a restart cannot fix")
     ctx = selfheal.HealContext(REDIS, d, selfheal.Settings())
     with pytest.raises(selfheal.Escalation) as exc:
         selfheal.strategy_service_restart(ctx)
