@@ -3863,8 +3863,11 @@ def strategy_config_validation(ctx: HealContext) -> str:
                                                                          result.brief(), svc.unit, svc.name))
         if not result.ok:
             said = next((line for line in output if CHECK_ERROR_RE.search(line)), output[0] if output else "")
-            cause = RootCause("Its configuration is invalid: its own check `%s` rejects it%s." % (
-                " ".join(svc.config_check), ": " + said if said and not theirs else " (exit status %d)" % result.rc),
+            kind = journal_kind([said]) if said and not theirs else None
+            what = ("Its own check `%s` fails: %s" % (" ".join(svc.config_check), kind[0].cause)
+                    if kind and kind[0].kind != "bad_config" else  # a missing directory, a port taken...
+                    "Its configuration is invalid: its own check `%s` rejects it" % " ".join(svc.config_check))
+            cause = RootCause("%s%s." % (what, ": " + said if said and not theirs else " (exit status %d)" % result.rc),
                 "high", said or "config check: exit status %d" % result.rc,
                 "Fix what the check names, run it again by hand, then: selfheal heal %s" % svc.name)
             raise Escalation("the config check `%s` failed (exit status %d), so %s was not restarted: a "

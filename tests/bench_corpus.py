@@ -149,6 +149,7 @@ class Bench:
             squatter = self.show("squatter.service", "MainPID")
         watch = [sc.service, *sc.also_healthy]
         mail = to_mail = to_healthy = None
+        seen_down = False
         wait = sc.wait if not self.restart_only else (HEALTHY_WAIT if sc.expect == "healed" else 8.0)
         deadline, next_probe = t0 + wait, t0 + 0.3
         while time.monotonic() < deadline:
@@ -159,7 +160,12 @@ class Bench:
                     mail, to_mail = about[0], now - t0
             if to_healthy is None and now >= next_probe:
                 if set(watch) <= self.healthy(watch):
-                    to_healthy = time.monotonic() - t0
+                    # without selfheal, healthy counts only once it was seen down (a hang, a stop),
+                    # not because the break had not yet bitten; a crash may be back before a look
+                    if seen_down or not self.restart_only or sc.by == "crash":
+                        to_healthy = time.monotonic() - t0
+                else:
+                    seen_down = True
                 next_probe = time.monotonic() + 0.25
             if (mail is not None or self.restart_only) and (to_healthy is not None or sc.expect == "reported"):
                 break

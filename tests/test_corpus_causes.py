@@ -158,3 +158,16 @@ def test_restart_whose_stop_never_finishes_is_reported_as_a_hung_stop_not_a_star
     assert "start limit" not in note and "its stop hangs" in note
     assert ctx.actions[-1].detail == ("systemctl: timed out after 280 s; its stop was still running "
                                       "(deactivating (stop-sigterm), TimeoutStopSec=infinity)")
+
+
+def test_config_check_failing_on_a_missing_directory_names_that_not_an_invalid_config(monkeypatch, tmp_path):
+    said = 'nginx: [emerg] open() "/var/log/nginx/error.log" failed (2: No such file or directory)'
+    monkeypatch.setattr(selfheal, "root_only_problems", lambda argv: [])
+    monkeypatch.setattr(selfheal, "run_command", lambda argv, timeout, identity=selfheal.ROOT: selfheal.CmdResult(
+        tuple(argv), 1, "", said + "\nnginx: configuration file /etc/nginx/nginx.conf test failed\n", 0.01))
+    nginx = selfheal.Service(name="nginx", unit="nginx.service", config_check=("/usr/sbin/nginx", "-t"))
+    d = diag(result="signal", code="killed", status="KILL", ActiveState="failed")
+    ctx = selfheal.HealContext(nginx, d, selfheal.Settings(), paths=selfheal.Paths(state=tmp_path))
+    with pytest.raises(selfheal.Escalation) as exc:
+        selfheal.strategy_config_validation(ctx)
+    assert exc.value.cause.summary == ("Its own check `/usr/sbin/nginx -t` fails: a file it needs is missing: %s." % said)
