@@ -3161,9 +3161,9 @@ def command_check(argv: Sequence[str], timeout: float, expect_text: str = "",
     if first.startswith("Traceback (most recent call last)"):  # Python's own words are its last line
         first = [line.strip() for line in output.splitlines() if line.strip()][-1]
     telling = NOT_A_HANG_RE.search(output) if not result.ok or expect_text not in output else None
-    if telling:  # quote what names the problem, wherever it is in the answer
+    if telling:  # quote what names the problem, wherever it is in the answer (80 characters end with it)
         line_start = output.rfind("\n", 0, telling.start()) + 1
-        first = output[max(line_start, telling.start() - 30):].split("\n", 1)[0].strip()
+        first = output[max(line_start, telling.end() - 78):].split("\n", 1)[0].strip()
     said = ": %r" % first[:80] if first else ""  # repr: control characters escaped
     if result.rc == 124:
         return False, "no answer within %s" % format_duration(timeout)
@@ -3645,7 +3645,7 @@ def refuse_futile_restart(ctx: HealContext) -> None:
     svc, diag = ctx.svc, ctx.diag
     finding = diag.finding
     if finding and finding.kind == "unhealthy" and NOT_A_HANG_RE.search(finding.detail):
-        raise Escalation("%s answers its health check but reports that it cannot write its data (%s); selfheal "
+        raise Escalation("%s answers its health check but reports a problem with its data (%s); selfheal "
                          "restarted nothing: that is not a hang, a restart cannot fix it and would lose what it "
                          "holds in memory. Fix what it names, then: selfheal heal %s"
                          % (svc.unit, finding.detail, svc.name), root_cause(svc, diag))
