@@ -3260,11 +3260,15 @@ FAILURE_KIND = {kind.kind: kind for kind in FAILURE_KINDS}
 
 
 def journal_kind(journal: Sequence[str]) -> Optional[Tuple[FailureKind, str]]:
-    """The failure the journal shows: its last line that matches a kind, and that kind."""
-    for line in reversed(journal):
-        for kind in FAILURE_KINDS:
-            if kind.pattern.search(line):
-                return kind, line
+    """The failure the journal shows: its last line that matches a kind, and that kind. The
+    service's own lines first: systemd's about it ("Can't open PID file ... (yet?): No such file
+    or directory" after a failed start) only when the service said nothing telling."""
+    own = own_lines(journal)
+    for lines in (own, [line for line in journal if line not in own]):
+        for line in reversed(lines):
+            for kind in FAILURE_KINDS:
+                if kind.pattern.search(line):
+                    return kind, line
     return None
 
 
@@ -3401,6 +3405,9 @@ def _failure_cause(svc: Service, diag: Diagnosis) -> RootCause:
         return RootCause("It exited with status %s; its journal does not say why." % status, "low",
                          own[-1] if own else evidence,
                          "Read the journal lines below: the service's last words usually name the cause.")
+    if found and result not in ("", "success"):  # a start that failed without an exit status of its own
+        return RootCause("It failed (systemd result %s): %s." % (result, found[0].cause), found[0].confidence,
+                         found[1], found[0].advice)
     if diag.active_state == "inactive":
         return RootCause("It was not running (stopped, or never started).", "low", evidence,
                          "If it was stopped on purpose, pause selfheal for it: selfheal pause %s." % svc.name)
@@ -3590,10 +3597,14 @@ class HealContext:
         return result.ok
 
     def job_timeout(self) -> float:
-        """How long a restart job may take: the unit's own stop and start timeouts (a unit
-        that ignores SIGTERM takes TimeoutStopSec=), at least verify_timeout, at most 10 min."""
+        """How long a restart job may take: the unit's own stop timeout (a unit that ignores
+        SIGTERM takes TimeoutStopSec=) and its start timeout up to verify_timeout, at least
+        verify_timeout, at most 10 min."""
         unit = self.diag.unit
-        own = parse_timespan(unit.get("TimeoutStopUSec", "")) + parse_timespan(unit.get("TimeoutStartUSec", ""))
+        # The start gets verify_timeout at most: a run not up by then is not healthy in time
+        # either (PostgreSQL's start with a bad config waits for a PID file that never comes).
+        start = min(parse_timespan(unit.get("TimeoutStartUSec", "")), self.settings.verify_timeout)
+        own = parse_timespan(unit.get("TimeoutStopUSec", "")) + start
         return min(MAX_JOB_SECONDS, max(self.settings.verify_timeout, own + 5.0), self.left())
 
     def left(self, at_most: float = MAX_JOB_SECONDS) -> float:

@@ -171,3 +171,15 @@ def test_config_check_failing_on_a_missing_directory_names_that_not_an_invalid_c
     with pytest.raises(selfheal.Escalation) as exc:
         selfheal.strategy_config_validation(ctx)
     assert exc.value.cause.summary == ("Its own check `/usr/sbin/nginx -t` fails: a file it needs is missing: %s." % said)
+
+
+def test_failed_start_is_explained_by_the_services_own_line_not_systemds_pid_file_message():
+    journal = ['2026-12-07T19:06:31+0000 box postgresql@15-main[3216]: pg_ctl: could not open PID file '
+               '"/var/lib/postgresql/15/main/postmaster.pid": Permission denied',
+               "2026-12-07T19:06:31+0000 box systemd[1]: postgresql@15-main.service: Can't open PID file "
+               "/run/postgresql/15-main.pid (yet?) after start: No such file or directory",
+               "2026-12-07T19:06:31+0000 box systemd[1]: postgresql@15-main.service: Failed with result 'protocol'."]
+    d = diag(result="protocol", code="", status="", journal=journal, ActiveState="failed")
+    cause = selfheal.root_cause(selfheal.Service(name="postgresql", unit="postgresql@15-main.service"), d)
+    assert cause.summary == "It failed (systemd result protocol): it was denied access to a file or port."
+    assert cause.evidence == journal[0]

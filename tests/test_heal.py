@@ -1171,11 +1171,14 @@ def test_parse_timespan_reads_systemds_own_format(text, seconds):
     assert selfheal.parse_timespan(text) == pytest.approx(seconds)
 
 
-def test_restart_job_gets_the_units_own_stop_and_start_timeouts(bed):
+def test_restart_job_gets_the_units_own_stop_timeout_and_its_start_timeout_up_to_verify_timeout(bed):
     diag = selfheal.Diagnosis({"TimeoutStopUSec": "1min 30s", "TimeoutStartUSec": "1min 30s"},
                               "signal", "killed", "KILL", False, (), (), (), None, None)
     ctx = selfheal.HealContext(bed.config.services["worker"], diag, bed.config.settings)
-    assert ctx.job_timeout() == 185.0  # 90 + 90 + 5: a unit that ignores SIGTERM still restarts
+    verify = bed.config.settings.verify_timeout
+    # 90 + verify_timeout + 5: a unit that ignores SIGTERM still restarts; a start that is not
+    # up within verify_timeout would not be healthy in time either (PostgreSQL waiting for a PID file)
+    assert ctx.job_timeout() == 90 + verify + 5
     quick = selfheal.Diagnosis({"TimeoutStopUSec": "1s", "TimeoutStartUSec": "1s"},
                                "signal", "killed", "KILL", False, (), (), (), None, None)
     ctx = selfheal.HealContext(bed.config.services["worker"], quick, bed.config.settings)
