@@ -30,6 +30,7 @@ import json
 import re
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,10 +63,17 @@ class Bench:
         return text.format(**self.facts) if text else text
 
     def sh(self, script, timeout=60):
-        return self.box.run(["/bin/sh", "-c", script], check=False, timeout=timeout)
+        try:
+            return self.box.run(["/bin/sh", "-c", script], check=False, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print("  (timed out after %d s: %s)" % (timeout, script[:100]), flush=True)
+            return subprocess.CompletedProcess(script, 124, "", "")
 
     def healthy(self, names):
-        out = self.box.run(["python3", "-c", PROBE, *names], check=False, timeout=30).stdout
+        try:
+            out = self.box.run(["python3", "-c", PROBE, *names], check=False, timeout=30).stdout
+        except subprocess.TimeoutExpired:
+            return set()
         try:
             return set(json.loads(out or "[]"))
         except ValueError:
@@ -125,11 +133,11 @@ class Bench:
             sick = [n for n in names if n not in self.healthy(names)]
             if not sick:
                 return True
-            for name in sick:
+            for name in sick:  # --no-block: a start job stuck waiting (a PID file) is replaced, not waited on
                 unit = self.unit(name)
-                self.sh("systemctl kill -s CONT %s; systemctl reset-failed %s; systemctl restart %s"
-                        % (unit, unit, unit), timeout=120)
-            deadline = time.monotonic() + 20
+                self.sh("systemctl kill -s CONT %s; systemctl reset-failed %s; systemctl restart --no-block %s"
+                        % (unit, unit, unit), timeout=60)
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline and any(n not in self.healthy(names) for n in sick):
                 time.sleep(0.5)
         return not [n for n in names if n not in self.healthy(names)]
