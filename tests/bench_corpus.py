@@ -39,7 +39,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
 from bed import Container, skip_or_fail_reason  # noqa: E402
-from corpus import PROBE, SCENARIOS, UNITS, prepare_host, services_conf  # noqa: E402
+from corpus import PROBE, REAP, SCENARIOS, UNITS, prepare_host, services_conf  # noqa: E402
 from drillkit import CLONE, REPO_INSIDE  # noqa: E402
 
 START_GRACE = 30.0  # the corpus's verify_timeout (the default): a younger run is "starting"
@@ -135,8 +135,8 @@ class Bench:
                 return True
             for name in sick:  # --no-block: a start job stuck waiting (a PID file) is replaced, not waited on
                 unit = self.unit(name)
-                self.sh("systemctl kill -s CONT %s; systemctl reset-failed %s; systemctl restart --no-block %s"
-                        % (unit, unit, unit), timeout=60)
+                self.sh("systemctl kill -s CONT %s; systemctl stop --no-block %s; sleep 1; %s; systemctl reset-failed %s; "
+                        "systemctl start --no-block %s" % (unit, unit, REAP % {"unit": unit}, unit, unit), timeout=60)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and any(n not in self.healthy(names) for n in sick):
                 time.sleep(0.5)
