@@ -164,7 +164,7 @@ UNIT_PROPERTIES = (
     "ExecMainExitTimestampMonotonic", "InactiveEnterTimestampMonotonic",
     "StateChangeTimestampMonotonic", "FragmentPath", "User", "Group", "DynamicUser", "Description", "Names",
     "TimeoutStartUSec", "TimeoutStopUSec", "Environment", "EnvironmentFiles", "ActiveEnterTimestampMonotonic",
-    "InactiveExitTimestampMonotonic", "Type", "RemainAfterExit",
+    "InactiveExitTimestampMonotonic", "ActiveExitTimestampMonotonic", "Type", "RemainAfterExit",
     # What systemd says the unit needs, and what needs it (listed services only count).
     "Requires", "BindsTo", "Wants", "After", "RequiredBy", "BoundBy", "WantedBy", "Before",
 )
@@ -3202,6 +3202,12 @@ def command_check(argv: Sequence[str], timeout: float, expect_text: str = "",
     result = run_command(argv, timeout, identity)
     output = (result.out + "\n" + result.err).strip()
     first = next((line.strip() for line in output.splitlines() if line.strip()), "")
+    if first.startswith("Traceback (most recent call last)"):  # Python's own words are its last line
+        first = [line.strip() for line in output.splitlines() if line.strip()][-1]
+    telling = NOT_A_HANG_RE.search(output) if not result.ok or expect_text not in output else None
+    if telling:  # quote what names the problem, wherever it is in the answer (80 characters end with it)
+        line_start = output.rfind("\n", 0, telling.start()) + 1
+        first = output[max(line_start, telling.end() - 78):].split("\n", 1)[0].strip()
     said = ": %r" % first[:80] if first else ""  # repr: control characters escaped
     if result.rc == 124:
         return False, "no answer within %s" % format_duration(timeout)
@@ -3212,6 +3218,13 @@ def command_check(argv: Sequence[str], timeout: float, expect_text: str = "",
     if expect_text and expect_text not in output:
         return False, "exit status 0 but the output lacks %r%s" % (expect_text, said)
     return True, "exit status 0%s" % said
+
+
+# A health check that answers with one of these is not hung: the service runs and says what
+# is wrong (Redis's MISCONF when it cannot save, a login refused for a file it cannot open).
+# A restart cannot fix that, and may never finish (Redis will not exit without saving).
+NOT_A_HANG_RE = re.compile(r"MISCONF|unable to persist|no space left on device|read-only file system|"
+                           r"disk quota exceeded|permission denied", re.I)
 
 
 def health_identity(svc: Service, unit: Dict[str, str]) -> Identity:
@@ -3268,7 +3281,11 @@ FAILURE_KINDS: Tuple[FailureKind, ...] = (
           "its configuration is invalid", "high",
           "Fix the configuration; a config_check lets selfheal verify it before restarting.",
           ["config_validation"]),
-    _kind("database", r"database (disk image )?is malformed|unable to open database|no such table|database is locked",
+    _kind("database_access", r"unable to open database",
+          "it could not open its database file (missing, or its owner or mode changed)", "high",
+          "Check that the file exists with its owner and mode (db_owner and db_mode let selfheal restore them); "
+          "restore it from a backup only if it is gone.", ["database_check"]),
+    _kind("database", r"database (disk image )?is malformed|file is not a database|no such table|database is locked",
           "its database is damaged or unreachable", "high",
           "Check the database file (sqlite3 FILE 'PRAGMA integrity_check') and restore it from a backup.",
           ["database_check"]),
@@ -3290,11 +3307,15 @@ CONFIG_BROKEN_KINDS = ("bad_config",)
 
 
 def journal_kind(journal: Sequence[str]) -> Optional[Tuple[FailureKind, str]]:
-    """The failure the journal shows: its last line that matches a kind, and that kind."""
-    for line in reversed(journal):
-        for kind in FAILURE_KINDS:
-            if kind.pattern.search(line):
-                return kind, line
+    """The failure the journal shows: its last line that matches a kind, and that kind. The
+    service's own lines first: systemd's about it ("Can't open PID file ... (yet?): No such file
+    or directory" after a failed start) only when the service said nothing telling."""
+    own = own_lines(journal)
+    for lines in (own, [line for line in journal if line not in own]):
+        for line in reversed(lines):
+            for kind in FAILURE_KINDS:
+                if kind.pattern.search(line):
+                    return kind, line
     return None
 
 
@@ -3338,6 +3359,13 @@ def root_cause(svc: Service, diag: Diagnosis) -> RootCause:
     the journal."""
     finding = diag.finding
     if finding and finding.kind == "unhealthy":
+        if NOT_A_HANG_RE.search(finding.detail):
+            return RootCause("It is running and answers, but reports a problem with its data that a restart cannot fix ("
+                             "disk space, permissions or persistence): %s." % finding.detail, "high",
+                             "watch: " + finding.detail,
+                             "Fix what its answer names (free space, the owner and mode of its data directory), "
+                             "then check it again; a restart would lose what it holds in memory, and may not "
+                             "finish at all (Redis does not exit while it cannot save).")
         if "no answer" in finding.detail or "timed out" in finding.detail:
             return RootCause("It hung: %s, while systemd still counted it as running." % finding.detail,
                              "high", "watch: " + finding.detail,
@@ -3372,10 +3400,15 @@ def _failure_cause(svc: Service, diag: Diagnosis) -> RootCause:
                          "It needs more memory than it had: look for a leak or a load spike, "
                          "raise MemoryMax= or add memory/swap.")
     if result == "start-limit-hit":
+        if found:  # what each start said
+            return RootCause("It failed too often in a row and systemd stopped restarting it (start limit hit): "
+                             "%s." % found[0].cause, found[0].confidence, found[1], found[0].advice)
         return RootCause("It failed too often in a row and systemd stopped restarting it (start limit hit).",
                          "high", evidence, "Read the journal lines below for why each start failed.")
     if found and found[0].kind == "port_in_use":
         return RootCause("It could not start: its port was already taken.", "high", found[1], found[0].advice)
+    if found and diag.active_state == "activating":  # a start still running, or stuck: its own words
+        return RootCause("It did not come up: %s." % found[0].cause, found[0].confidence, found[1], found[0].advice)
     if code == "exited" and status.isdigit() and int(status) in SYSTEMD_EXIT_STATUS:
         name, meaning = SYSTEMD_EXIT_STATUS[int(status)]
         line = next((ln for ln in reversed(diag.journal) if name in ln or "Failed to" in ln), "")
@@ -3392,6 +3425,15 @@ def _failure_cause(svc: Service, diag: Diagnosis) -> RootCause:
     if result == "timeout":
         return RootCause("It did not start or stop within its time limit.", "medium", evidence,
                          "Check what it waits for at start (database, network) and TimeoutStartSec=.")
+    leftovers = [p for p in diag.holders if belongs_to_unit(p, svc.unit)
+                 and str(p.pid) != diag.unit.get("MainPID", "")]
+    if leftovers and code in ("killed", "dumped", "exited") and diag.active_state in ("failed", "inactive"):
+        return RootCause("Its main process ended (%s %s) and a leftover process of its own kept port %s, so a "
+                         "new run could not bind it: %s." % (code, status, svc.port, describe_process(leftovers[0])),
+                         "high", "port %s held by %s" % (svc.port, describe_process(leftovers[0])),
+                         "Its processes outlive the main one (KillMode=process or mixed, or a forked child): "
+                         "let systemd stop the whole service (KillMode=control-group) or have the child exit "
+                         "with its parent. Why the main process ended: the journal lines below.")
     if result == "signal" or code == "killed":
         if status == "KILL":
             return RootCause("It was killed with SIGKILL from outside the service (an operator, a script, "
@@ -3406,14 +3448,41 @@ def _failure_cause(svc: Service, diag: Diagnosis) -> RootCause:
             kind, line = found
             return RootCause("It exited with status %s: %s." % (status, kind.cause), kind.confidence, line,
                              kind.advice)
-        last = diag.journal[-1] if diag.journal else evidence
-        return RootCause("It exited with status %s." % status, "low", last,
+        raised = exception_line(diag.journal)
+        if raised:
+            return RootCause("It exited with status %s: an unhandled %s in its own code." % (status, raised[0]),
+                             "medium", raised[1], "The traceback in the journal lines below shows where it was "
+                             "raised: that is a bug (or input it cannot handle), which a restart does not fix.")
+        own = own_lines(diag.journal)
+        return RootCause("It exited with status %s; its journal does not say why." % status, "low",
+                         own[-1] if own else evidence,
                          "Read the journal lines below: the service's last words usually name the cause.")
+    if found and result not in ("", "success"):  # a start that failed without an exit status of its own
+        return RootCause("It failed (systemd result %s): %s." % (result, found[0].cause), found[0].confidence,
+                         found[1], found[0].advice)
     if diag.active_state == "inactive":
         return RootCause("It was not running (stopped, or never started).", "low", evidence,
                          "If it was stopped on purpose, pause selfheal for it: selfheal pause %s." % svc.name)
     return RootCause("systemd reports it %s (result %s)." % (diag.active_state or "unknown", result or "unknown"),
                      "low", evidence, "Read the journal lines below.")
+
+
+SYSTEMD_LINE_RE = re.compile(r"^(?:\S+ ){1,2}systemd\[1\]: ")
+EXCEPTION_RE = re.compile(r"\]: (?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception))(?::|$)")
+
+
+def own_lines(journal: Sequence[str]) -> List[str]:
+    """The lines the service wrote itself: not systemd's about it ("Triggering OnFailure=")."""
+    return [line for line in journal if not SYSTEMD_LINE_RE.match(line)]
+
+
+def exception_line(journal: Sequence[str]) -> Optional[Tuple[str, str]]:
+    """(exception name, its line) of the last Python traceback's last line in the service's own lines."""
+    for line in reversed(own_lines(journal)):
+        match = EXCEPTION_RE.search(line)
+        if match:
+            return match.group(1), line
+    return None
 
 
 def format_bytes(value: str) -> str:
@@ -3623,10 +3692,14 @@ class HealContext:
         return result.ok
 
     def job_timeout(self) -> float:
-        """How long a restart job may take: the unit's own stop and start timeouts (a unit
-        that ignores SIGTERM takes TimeoutStopSec=), at least verify_timeout, at most 10 min."""
+        """How long a restart job may take: the unit's own stop timeout (a unit that ignores
+        SIGTERM takes TimeoutStopSec=) and its start timeout up to verify_timeout, at least
+        verify_timeout, at most 10 min."""
         unit = self.diag.unit
-        own = parse_timespan(unit.get("TimeoutStopUSec", "")) + parse_timespan(unit.get("TimeoutStartUSec", ""))
+        # The start gets verify_timeout at most: a run not up by then is not healthy in time
+        # either (PostgreSQL's start with a bad config waits for a PID file that never comes).
+        start = min(parse_timespan(unit.get("TimeoutStartUSec", "")), self.settings.verify_timeout)
+        own = parse_timespan(unit.get("TimeoutStopUSec", "")) + start
         return min(MAX_JOB_SECONDS, max(self.settings.verify_timeout, own + 5.0), self.left())
 
     def left(self, at_most: float = MAX_JOB_SECONDS) -> float:
@@ -3642,6 +3715,7 @@ def strategy_service_restart(ctx: HealContext) -> str:
     """Restart the unit; clear systemd's start limit first when it was hit, unless the
     evidence says the config is broken (then the limit is what stops a loop: kept)."""
     unit = ctx.diag.unit
+    refuse_futile_restart(ctx)
     keep_limit = ctx.config_broken and not ctx.asked
     limit_hit = unit.get("Result") == "start-limit-hit" or ctx.diag.result == "start-limit-hit"
     if limit_hit and keep_limit:
@@ -3653,6 +3727,17 @@ def strategy_service_restart(ctx: HealContext) -> str:
         return "not restarted: the unit is %s" % unit.get("LoadState")
     if not ctx.systemctl("restart") and not keep_limit:
         now = show_unit(ctx.svc.unit)
+        state = now.get("ActiveState", "")
+        if state == "deactivating" or (state == "activating" and "timed out after" in ctx.actions[-1].detail):
+            # The job never finished: a stop that hangs (a service that will not exit, Redis
+            # that cannot save, TimeoutStopSec=infinity) or a start that does. Not systemd's
+            # start limit, and no second restart on top.
+            phase, limit = (("stop", "TimeoutStopSec=%s" % (unit.get("TimeoutStopUSec") or "?")) if state == "deactivating"
+                            else ("start", "TimeoutStartSec=%s" % (unit.get("TimeoutStartUSec") or "?")))
+            step = ctx.actions[-1]
+            ctx.actions[-1] = dataclasses.replace(step, detail="%s; its %s was still running (%s (%s), %s)" % (
+                step.detail, phase, state, now.get("SubState", "?"), limit))
+            return "the restart did not finish (its %s hangs): selfheal did not restart it again" % phase
         # Refused without a new run: systemd's start limit ("Start request repeated too
         # quickly"; systemd 252 leaves Result= at the old failure, so the unchanged
         # InvocationID is the tell). selfheal's own crash-loop guard is failure_threshold:
@@ -3662,6 +3747,39 @@ def strategy_service_restart(ctx: HealContext) -> str:
             ctx.systemctl("restart")
             return "systemd refused the first restart (start limit); reset-failed, then restarted"
     return ""
+
+
+def refuse_futile_restart(ctx: HealContext) -> None:
+    """Raise Escalation, restarting nothing, where a restart cannot help: the service answers
+    that it cannot write its data (not a hang: a restart loses what it holds and may never
+    finish), its failed run said its config is invalid and no config_check can prove it fixed,
+    or a process of no unit of its own holds its port while it is down."""
+    svc, diag = ctx.svc, ctx.diag
+    finding = diag.finding
+    if finding and finding.kind == "unhealthy" and NOT_A_HANG_RE.search(finding.detail):
+        raise Escalation("%s answers its health check but reports a problem with its data (%s); selfheal "
+                         "restarted nothing: that is not a hang, a restart cannot fix it and would lose what it "
+                         "holds in memory. Fix what it names, then: selfheal heal %s"
+                         % (svc.unit, finding.detail, svc.name), root_cause(svc, diag))
+    found = journal_kind(diag.journal)
+    if found and found[0].kind == "bad_config" and not svc.config_check and diag.active_state not in LIVE_STATES:
+        raise Escalation("%s's failed run said its configuration is invalid (%s); with no config_check to prove "
+                         "it fixed, selfheal restarted nothing: a restart would start it into the same config "
+                         "(and loop). Fix the config, then: selfheal heal %s" % (svc.unit, found[1], svc.name),
+                         root_cause(svc, diag))
+    if not svc.port or svc.port_owner == "any" or diag.active_state in LIVE_STATES:
+        return
+    foreign = [p for p in diag.holders if p.pid != 1 and not belongs_to_unit(p, svc.unit)]
+    if foreign:
+        who = "; ".join(describe_process(p) for p in foreign)
+        raise Escalation("port %d is held by a process of no unit of %s (%s), so selfheal restarted nothing: the "
+                         "new run could not bind it. Stop that process (or move one of them to another port), "
+                         "then: selfheal heal %s" % (svc.port, svc.name, who, svc.name),
+                         RootCause("It cannot start: port %d is held by another process: %s." % (svc.port, who),
+                                   "high", "port %d held by %s" % (svc.port, who),
+                                   "Find out why that process runs (systemctl status %d) and stop it, or give one "
+                                   "of them another port; selfheal never signals a process that is not the "
+                                   "service's own." % foreign[0].pid))
 
 
 def strategy_port_conflict(ctx: HealContext) -> str:
@@ -3831,6 +3949,7 @@ def strategy_config_validation(ctx: HealContext) -> str:
         ctx.record("config files: %s" % ", ".join(svc.config_files), False, 0.0, "; ".join(refusals))
         raise refusal_escalation(svc, refusals, "Neither the config check nor a restart was run.")
     ctx.found.extend(config_changes(ctx.paths, svc))
+    refuse_futile_restart(ctx)  # before the checker: `nginx -t` binds the port, and fails on a squatter
     if svc.config_check:
         argv = command_argv(svc.config_check)
         what = "config check: %s" % " ".join(svc.config_check)
@@ -3855,15 +3974,26 @@ def strategy_config_validation(ctx: HealContext) -> str:
                              "config_check, then: selfheal heal %s" % (" ".join(svc.config_check),
                                                                          result.brief(), svc.unit, svc.name))
         if not result.ok:
+            said = next((line for line in output if CHECK_ERROR_RE.search(line)), output[0] if output else "")
+            kind = journal_kind([said]) if said and not theirs else None
+            what = ("Its own check `%s` fails: %s" % (" ".join(svc.config_check), kind[0].cause)
+                    if kind and kind[0].kind != "bad_config" else  # a missing directory, a port taken...
+                    "Its configuration is invalid: its own check `%s` rejects it" % " ".join(svc.config_check))
+            cause = RootCause("%s%s." % (what, ": " + said if said and not theirs else " (exit status %d)" % result.rc),
+                "high", said or "config check: exit status %d" % result.rc,
+                "Fix what the check names, run it again by hand, then: selfheal heal %s" % svc.name)
             raise Escalation("the config check `%s` failed (exit status %d), so %s was not restarted: a "
                              "restart cannot fix a config its own checker rejects. Fix the config, then: "
-                             "selfheal heal %s" % (" ".join(svc.config_check), result.rc, svc.unit, svc.name))
+                             "selfheal heal %s" % (" ".join(svc.config_check), result.rc, svc.unit, svc.name), cause)
     if ctx.config_broken and not ctx.asked and not svc.config_check and \
             show_unit(svc.unit).get("Result") == "start-limit-hit":
         return ("not restarted: systemd's start limit holds it and the evidence says its config is broken "
                 "(no config_check to say it is fixed); reset-failed would re-arm its Restart= loop")
     restart(ctx)
     return ""
+
+
+CHECK_ERROR_RE = re.compile(r"\[emerg\]|\berror\b|invalid|fatal|unknown|not terminated|failed", re.I)
 
 
 def config_owners(svc: Service) -> List[Tuple[str, int]]:
@@ -3878,6 +4008,7 @@ def config_owners(svc: Service) -> List[Tuple[str, int]]:
 
 def restart(ctx: HealContext) -> None:
     """The restart that ends a repair; clears systemd's start limit first when it was hit."""
+    refuse_futile_restart(ctx)
     if show_unit(ctx.svc.unit).get("Result") == "start-limit-hit":
         ctx.systemctl("reset-failed", timeout=COMMAND_TIMEOUT)
     ctx.systemctl("restart")
@@ -4219,7 +4350,8 @@ def check_db_handle(ctx: HealContext, handle: SafeFile) -> List[str]:
                  problems, "%s is mode %04o, not %04o" % (path, st.st_mode & 0o7777, svc.db_mode))
     fs = os.fstatvfs(fd)
     if fs.f_blocks and fs.f_bavail * fs.f_frsize < min(100 << 20, fs.f_blocks * fs.f_frsize // 100):
-        problems.append("the filesystem of %s is full: %s free" % (path, format_bytes(str(fs.f_bavail * fs.f_frsize))))
+        problems.append("the filesystem of %s is full: %s free" % (
+            path, format_bytes(str(fs.f_bavail * fs.f_frsize)) or "0 B"))
     if fs.f_files and fs.f_favail < max(1, fs.f_files // 100):
         problems.append("the filesystem of %s has no free inodes (%d left)" % (path, fs.f_favail))
     ctx.found.append("%s: owner uid %d, mode %04o, %s free" % (path, st.st_uid, st.st_mode & 0o7777,
@@ -4369,12 +4501,16 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
         healing, after, why = None, None, (found.cause if found and found.cause else cause)
         if outcome in (Outcome.RESOLVED, Outcome.RECOVERED):
             healing = (healed_mono - start_mono) + (diag.detected_after or 0.0)
+            if outcome is Outcome.RECOVERED and not any(r.actions for r in runs):
+                healing = systemd_recovery_seconds(runs[-1].verification.unit if runs and runs[-1].verification
+                                                   else {}) or healing
         elif any(r.actions for r in runs) and not dry_run and not (found and found.cause):
             # The repair started a new run that failed too: its own facts say more than the
             # crash did (a restart that fails with 203/EXEC names the missing executable).
             after = diagnose(svc, {})
             new_run = after.unit.get("InvocationID") != diag.unit.get("InvocationID")
-            if new_run and after.result not in ("", "success"):
+            stuck = after.active_state == "activating" and journal_kind(after.journal) is not None
+            if new_run and (after.result not in ("", "success") or stuck):
                 later = root_cause(svc, after)
                 why = RootCause("The repair failed: " + later.summary[0].lower() + later.summary[1:],
                                 later.confidence, later.evidence, later.recommendation)
@@ -4563,6 +4699,15 @@ def echo_of(paths: Paths, svc: Service, diag: Diagnosis) -> str:
         return ""
     return ("the failed run is the one selfheal's heal of %s started (its restart failed), reported %s "
             "then: not a new failure; the watch retries it" % (last.get("time", "?"), last.get("outcome")))
+
+
+def systemd_recovery_seconds(unit: Dict[str, str]) -> Optional[float]:
+    """When systemd's Restart= brought a unit back by itself: from the moment its crashed run
+    left the active state to the moment its new run entered it (both systemd's own clock),
+    or None when systemd's timestamps do not say so."""
+    left = parse_usec_timestamp(unit.get("ActiveExitTimestampMonotonic", ""))
+    entered = parse_usec_timestamp(unit.get("ActiveEnterTimestampMonotonic", ""))
+    return entered - left if left and entered and entered > left else None
 
 
 @contextlib.contextmanager
@@ -5655,7 +5800,8 @@ def port_now(svc: Service) -> List[str]:
     ports = listening_ports()
     if ports is not None and svc.port not in ports:
         return ["Port:    %d: nobody listening" % svc.port]
-    holders = [p for p in (read_process(pid) for lst in listeners_on(svc.port) for pid in lst.pids) if p]
+    pids = sorted({pid for lst in listeners_on(svc.port) for pid in lst.pids})  # IPv4 and IPv6: one process
+    holders = [p for p in (read_process(pid) for pid in pids) if p]
     if not holders:
         return ["Port:    %d: something listens (owner unknown)" % svc.port]
     return ["Port:    %d held by %s" % (svc.port, describe_process(p)) for p in holders]

@@ -165,7 +165,7 @@ def test_postgres_cluster_killed_is_healed_and_answers_again(host):
     kill(host, unit)
     [mail] = host.wait_mail(about("postgresql", "RESOLVED"), timeout=90)
     text = body(mail)
-    assert "pg_isready -q -h 127.0.0.1 -p 5432`: exit status 0" in text, text
+    assert "/usr/bin/psql -X -q -At -c 'SELECT current_user'`: exit status 0: 'postgres'" in text, text
     assert host.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432"], check=False).returncode == 0
     assert starts(host, unit) == before + 1
     wait_idle(host, "postgresql")

@@ -96,7 +96,8 @@ JOURNAL_KINDS = [
     ("bad_config", "vm app[4100]: configuration file /etc/app/app.conf test failed"),
     ("bad_config", "vm app[4100]: syntax error at line 3"),
     ("database", "vm python3[4100]: sqlite3.DatabaseError: database disk image is malformed"),
-    ("database", "vm python3[4100]: sqlite3.OperationalError: unable to open database file"),
+    ("database_access", "vm python3[4100]: sqlite3.OperationalError: unable to open database file"),
+    ("database", "vm python3[4100]: sqlite3.DatabaseError: file is not a database"),
     ("disk_full", "vm python3[4100]: OSError: [Errno 28] No space left on device"),
     ("permission", "vm python3[4100]: PermissionError: [Errno 13] Permission denied: '/var/lib/app/app.db'"),
     ("missing_file", "vm python3[4100]: FileNotFoundError: [Errno 2] No such file or directory: '/srv/app/x'"),
@@ -274,6 +275,15 @@ def test_config_rejected_by_its_checker_is_failed_without_any_restart_and_the_ma
                for line in found)
     assert "was not restarted" in section(body, "WHY A HUMAN IS NEEDED")
     assert [e["outcome"] for e in bed.history("app")] == ["FAILED"]
+
+
+def test_config_rejected_after_a_sigkill_makes_root_cause_the_config_not_the_kill(bed, checked, section):
+    checked.write_text(BAD_CONF)
+    bed.host.failed(APP, result="signal", code="killed", status="KILL")
+    assert bed.heal("app")[0] == 1
+    cause = section(bed.sink.messages[0].get_content(), "ROOT CAUSE")
+    assert cause.startswith("Its configuration is invalid: its own check `"), cause
+    assert "line 3: unknown directive 'bogus'" in cause and "SIGKILL" not in cause and "journalctl -k" not in cause
 
 
 def test_config_accepted_by_its_checker_is_restarted_after_the_check_and_resolved(bed, checked):
