@@ -3762,7 +3762,10 @@ def refuse_futile_restart(ctx: HealContext) -> None:
                          "holds in memory. Fix what it names, then: selfheal heal %s"
                          % (svc.unit, finding.detail, svc.name), root_cause(svc, diag))
     found = journal_kind(diag.journal)
-    if found and found[0].kind == "bad_config" and not svc.config_check and diag.active_state not in LIVE_STATES:
+    # A heal asked for (by hand, or the watch's retry) gets its one start: that is how a
+    # config fixed by hand is picked up without a command (issue 21's breaker never abandons).
+    if found and found[0].kind == "bad_config" and not svc.config_check and diag.active_state not in LIVE_STATES \
+            and not ctx.asked:
         raise Escalation("%s's failed run said its configuration is invalid (%s); with no config_check to prove "
                          "it fixed, selfheal restarted nothing: a restart would start it into the same config "
                          "(and loop). Fix the config, then: selfheal heal %s" % (svc.unit, found[1], svc.name),
@@ -5422,7 +5425,8 @@ def has_chain(config: Config, svc: Service, unit: Dict[str, str]) -> bool:
 
 
 CHAIN_PROPERTIES = ("Id", "LoadState", "ActiveState", "SubState", "Result", "InvocationID", "Requires", "BindsTo",
-                    "Wants", "After", "ActiveEnterTimestampMonotonic")
+                    "Wants", "After", "ActiveEnterTimestampMonotonic",
+                    "User", "Group", "DynamicUser")  # whom a health_command runs as
 
 
 def look_at_chain(config: Config) -> Tuple[Dict[str, Tuple[str, ...]], Dict[str, Dict[str, str]]]:
@@ -5594,7 +5598,7 @@ def healthy_at_a_glance(config: Config, paths: Paths, services: Sequence[Service
         return set()
     ports = listening_ports() if any(s.port for s in active) else None
     listening = [s for s in active if not s.port or ports is None or s.port in ports]
-    answers = health_checks(listening)  # each within its health_timeout (no budget: heals may run in threads)
+    answers = health_checks(listening, shown)  # each within its health_timeout (no budget: heals may run in threads)
     return {s.name for s in listening if answers.get(s.name, (True, ""))[0] and (
         s.name in answers or not (s.health_url or s.health_command))}
 

@@ -6,7 +6,7 @@ in the same thread with no command typed. `resume` takes several names and --all
 import pytest
 
 import selfheal
-from test_watch import WORKER, clock, health, module_sink, sink, wb  # noqa: F401  (fixtures)
+from conftest import WORKER  # the fixtures (clock, health, sink, wb) are conftest.py's
 
 SUBJECT_END = lambda m: str(m["Subject"]).split(" - ", 1)[-1]  # noqa: E731
 

@@ -66,13 +66,17 @@ def test_config_fixed_by_hand_is_reset_and_restarted_once_its_checker_passes(bed
     assert changes(bed) == ["reset-failed", "restart"]
 
 
-def test_a_broken_config_gets_at_most_one_failed_start_per_heal_round(bed, tmp_path):
-    """No checker, result exit-code (no start limit yet): config_validation restarts once and
-    it fails; service_restart does not restart it a second time."""
+def test_a_broken_config_gets_no_start_from_its_own_failure_and_one_from_a_retry(bed, tmp_path):
+    """No checker, result exit-code (no start limit yet): the heal its failure triggers starts
+    nothing (the journal says the config is invalid, nothing can prove it fixed); the watch's
+    retry, asked for, starts it once, and it fails once: at most one failed start a round."""
     (tmp_path / "redis.conf").write_text("port 6379\n")
     configure(bed, files=tmp_path / "redis.conf")
     looping(bed, result="exit-code")
     assert bed.heal("redis-server")[0] == 1
+    assert changes(bed) == []
+    bed.host.clear_calls()
+    assert bed.heal("redis-server", trigger="retry")[0] == 1
     assert changes(bed) == ["restart"]
 
 
@@ -80,7 +84,7 @@ def test_the_echo_of_that_one_failed_start_adds_no_second(bed, tmp_path):
     (tmp_path / "redis.conf").write_text("port 6379\n")
     configure(bed, files=tmp_path / "redis.conf")
     looping(bed, result="exit-code")
-    bed.heal("redis-server")
+    bed.heal("redis-server", trigger="retry")
     props = bed.host.load()["units"][REDIS]["props"]
     bed.host.clear_calls()
     env = {"MONITOR_UNIT": REDIS, "MONITOR_SERVICE_RESULT": "exit-code", "MONITOR_EXIT_CODE": "exited",
