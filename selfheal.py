@@ -352,6 +352,24 @@ class Finding:
     previous: str = ""  # restarted: the run the watch last saw healthy (the one that crashed)
 
 
+class PortOwner(str, enum.Enum):
+    """Who holds a listening port, as port_holder finds it."""
+    OWN = "own"  # a process of the unit's current run (or port_owner = any: whoever it is)
+    LEFTOVER = "leftover"  # only processes of an earlier run of the unit (KillMode=process)
+    FOREIGN = "foreign"  # a process of another unit, or of none (at least one such)
+    SOCKET_UNIT = "socket unit"  # systemd itself: a socket unit waiting for its service
+    UNKNOWN = "unknown"  # ss could not say (not root, a holder gone)
+
+
+PORT_TAKEN = (PortOwner.FOREIGN, PortOwner.LEFTOVER)  # the unit's new run would fail to bind
+
+
+class Holding(NamedTuple):
+    """port_holder's answer: the owner as a value, and the same said for people."""
+    owner: PortOwner
+    detail: str
+
+
 class Outcome(str, enum.Enum):
     RESOLVED = "RESOLVED"  # selfheal repaired it and verified it works
     RECOVERED = "RECOVERED"  # systemd's own Restart= brought it back; selfheal verified
@@ -434,6 +452,9 @@ class Check:
     name: str
     ok: bool
     detail: str
+    # A port check's holder, as a value (None: nothing listens, or not a port check). Every
+    # rule about whose the port is reads this, never the detail, which is for people.
+    owner: Optional["PortOwner"] = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3061,11 +3082,12 @@ def port_holder(port: int, unit: str, control_group: str = "",
                 listeners: Optional[Sequence[Listener]] = None,
                 since: Optional[float] = None,
                 cgroups: Optional[Callable[[], Optional[Dict[int, List[str]]]]] = None
-                ) -> Tuple[Optional[bool], str]:
-    """Whose is the socket listening on port? (True, detail) when a process in the unit's
-    cgroup holds it; (False, detail naming every holder) when only other processes, or only
-    leftovers of the unit's earlier runs (started before since), do; (None, why) when that
-    cannot be told (ss missing or refused, not root, holder gone).
+                ) -> Holding:
+    """Whose is the socket listening on port? OWN when a process in the unit's cgroup holds
+    it; FOREIGN (detail naming every holder) when another unit's process or one of no unit
+    does, LEFTOVER when only leftovers of the unit's earlier runs (started before since) do;
+    SOCKET_UNIT for systemd's own socket; UNKNOWN when that cannot be told (ss missing or
+    refused, not root, holder gone).
 
     One `ss -p` unless given its listeners; ask only when the port is known to listen. When
     it names no process (no CAP_SYS_PTRACE: the watch), the sockets' cgroups decide.
@@ -3073,11 +3095,11 @@ def port_holder(port: int, unit: str, control_group: str = "",
     if listeners is None:
         result = run([SS, "-H", "-t", "-l", "-n", "-p"])
         if not result.ok:
-            return None, "holder unknown: %s" % result.brief()
+            return Holding(PortOwner.UNKNOWN, "holder unknown: %s" % result.brief())
         listeners = parse_ss(result.out)
     sockets = [lst for lst in listeners if lst.port == port]
     if not sockets:
-        return None, "holder unknown: ss shows no listener on it"
+        return Holding(PortOwner.UNKNOWN, "holder unknown: ss shows no listener on it")
     own: Dict[int, Process] = {}
     others: Dict[int, Process] = {}
     stale: Dict[int, Process] = {}
@@ -3102,20 +3124,20 @@ def port_holder(port: int, unit: str, control_group: str = "",
         if stale:
             said.append("%s, a leftover of an earlier run of %s" % (
                 "; ".join(describe_process(p) for _, p in sorted(stale.items())), unit))
-        return False, "held by " + "; and by ".join(said)
+        return Holding(PortOwner.FOREIGN if others else PortOwner.LEFTOVER, "held by " + "; and by ".join(said))
     if own:
-        return True, "pid %s of %s" % (", ".join(map(str, sorted(own))), unit)
+        return Holding(PortOwner.OWN, "pid %s of %s" % (", ".join(map(str, sorted(own))), unit))
     if by_systemd:
-        return None, "held by systemd (socket activation)"
+        return Holding(PortOwner.SOCKET_UNIT, "held by systemd (socket activation)")
     groups = ((cgroups or socket_cgroups)() or {}).get(port, [])
     ours = [g for g in groups if in_unit_cgroup(Process(0, "", "", g), unit, control_group)]
     strangers = sorted({g for g in groups if g not in ours and g not in ("/", "/init.scope")})  # not systemd's
     if strangers:
-        return False, "held by a socket of %s, not of %s (ss names no process: not root?)" % (
-            ", ".join(strangers), unit)
+        return Holding(PortOwner.FOREIGN, "held by a socket of %s, not of %s (ss names no process: not root?)" % (
+            ", ".join(strangers), unit))
     if ours:
-        return True, "a socket of %s; ss names no process" % unit
-    return None, "holder unknown: ss names no live process (not root?)"
+        return Holding(PortOwner.OWN, "a socket of %s; ss names no process" % unit)
+    return Holding(PortOwner.UNKNOWN, "holder unknown: ss names no live process (not root?)")
 
 
 def preload() -> None:
@@ -3524,6 +3546,7 @@ def probe(svc: Service, health: bool = True, within_seconds: Optional[float] = N
         inodes = listen_inodes(svc.port)
         listening = bool(inodes) if inodes is not None else bool(listeners_on(svc.port))
         detail = "%d %s" % (svc.port, "listening" if listening else "not listening")
+        owner = PortOwner.OWN if listening else None
         main = main_holds_port(inodes, int(unit.get("MainPID") or 0), svc.unit, unit.get("ControlGroup", "")) \
             if inodes else None
         if main is not None:
@@ -3531,16 +3554,16 @@ def probe(svc: Service, health: bool = True, within_seconds: Optional[float] = N
         elif listening and svc.port_owner == "any":
             detail += " (port_owner = any: whoever holds it)"
         elif listening:  # but by whom: a stale or foreign process makes the new run fail to bind
-            owned, who = port_holder(svc.port, svc.unit, unit.get("ControlGroup", ""),
+            owner, who = port_holder(svc.port, svc.unit, unit.get("ControlGroup", ""),
                                      since=parse_usec_timestamp(unit.get("InactiveExitTimestampMonotonic", "")))
-            if owned is False:
+            if owner in PORT_TAKEN:
                 listening, detail = False, "%d %s" % (svc.port, who)
-                if "not by a process of" in who:
+                if owner is PortOwner.FOREIGN:
                     detail += " (if that process serves the port for %s, e.g. docker-proxy, set " \
                               "port_owner = any in [%s])" % (svc.unit, svc.name)
             else:
-                detail += " (%s)" % (who if owned else who + "; counted as the service's")
-        port = Check("port", listening, detail)
+                detail += " (%s)" % (who if owner is PortOwner.OWN else who + "; counted as the service's")
+        port = Check("port", listening, detail, owner)
     if within_seconds is not None and within_seconds < svc.health_timeout:
         svc = dataclasses.replace(svc, health_timeout=max(within_seconds, 0.1))
     checked = svc
@@ -3590,15 +3613,14 @@ def verify(svc: Service, timeout: float, clock=time.monotonic, sleep=time.sleep)
                     continue
             return Verification(True, elapsed, checks, unit)
         steady_since = None
-        taken = next((c for c in checks if c.name == "port" and not c.ok
-                      and c.detail != "%d not listening" % svc.port), taken)
+        taken = next((c for c in checks if c.name == "port" and c.owner in PORT_TAKEN), taken)
         state = unit.get("ActiveState", "")
         given_up = state == "failed" or (state == "inactive" and elapsed > 1.0)
         if given_up or elapsed >= timeout:
             if taken and not any(c.name == "port" for c in checks):  # it failed on bind, most likely
-                checks += (Check("port", False, taken.detail + " (while the unit was up)"),)
+                checks += (Check("port", False, taken.detail + " (while the unit was up)", taken.owner),)
             return Verification(False, elapsed, checks, unit)
-        if svc.port and checks[-1] == Check("port", False, "%d not listening" % svc.port):
+        if svc.port and checks[-1].name == "port" and not checks[-1].ok and checks[-1].owner is None:
             wait_for_listener(svc.port, POLL_INTERVAL, clock, sleep)  # the next probe as soon as it binds
         else:
             sleep(POLL_INTERVAL)
@@ -4471,7 +4493,6 @@ STRATEGIES: Dict[str, Strategy] = {strategy.name: strategy for strategy in (
 
 
 # port_holder's words for a port another unit's process holds (not a leftover of the unit's own).
-FOREIGN_HOLDER_RE = re.compile(r", not by a process of |held by a socket of .*, not of ")
 
 
 def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGGER,
@@ -4622,15 +4643,14 @@ def heal(config: Config, svc: Service, paths: Paths, trigger: str = MANUAL_TRIGG
                           "%s and restarts it if it is still down" % (svc.name, needed, why, needed, svc.name)),
                 waiting_for=needed, waiting_detail=why)
 
-    if (finding and finding.kind == "unhealthy" and diag.active_state == "active" and svc.port and not dry_run
-            and FOREIGN_HOLDER_RE.search(finding.detail)):
-        # The watch saw the port held by another unit's process while this unit runs. A
+    if finding and finding.kind == "unhealthy" and diag.active_state == "active" and svc.port and not dry_run:
+        # The port held by another unit's process (or one of no unit) while this unit runs: a
         # restart cannot free that port (the new run would fail to bind) and would stop a
         # service that may be working: never a restart on a port-owner mismatch alone.
-        # (Asked again without the health check: a hung service must not cost health_timeout.)
+        # (Asked without the health check: a hung service must not cost health_timeout.)
         checks, unit = probe(svc, health=False)
         port = next((c for c in checks if c.name == "port"), None)
-        if port is not None and not port.ok and FOREIGN_HOLDER_RE.search(port.detail):
+        if port is not None and port.owner is PortOwner.FOREIGN:
             runs.append(StrategyRun("none", (), Verification(False, 0.0, checks, unit),
                                     "the port is another unit's: selfheal restarted nothing"))
             return finish(Outcome.FAILED, "port %d is held by another unit's process while %s is running, so "
@@ -6936,13 +6956,13 @@ def health_checks(services: Sequence[Service], units: Dict[str, Dict[str, str]],
 
 
 def port_holders(services: Sequence[Service], units: Dict[str, Dict[str, str]]
-                 ) -> Dict[str, Tuple[Optional[bool], str]]:
+                 ) -> Dict[str, Holding]:
     """port_holder for each service whose port listens, from one `ss -p` for them all."""
     if not services:
         return {}
     result = run([SS, "-H", "-t", "-l", "-n", "-p"])
     if not result.ok:
-        return {svc.name: (None, "holder unknown: %s" % result.brief()) for svc in services}
+        return {svc.name: Holding(PortOwner.UNKNOWN, "holder unknown: %s" % result.brief()) for svc in services}
     listeners = parse_ss(result.out)
     asked: List[Optional[Dict[int, List[str]]]] = []
 
@@ -6962,7 +6982,7 @@ def port_holders(services: Sequence[Service], units: Dict[str, Dict[str, str]]
 
 def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
            health: Optional[Tuple[bool, str]], baseline: Optional[int],
-           holder: Optional[Tuple[Optional[bool], str]] = None, grace: float = 0.0) -> Tuple[str, str]:
+           holder: Optional[Holding] = None, grace: float = 0.0) -> Tuple[str, str]:
     """What the watch makes of one service: (verdict, detail). holder is port_holder's
     answer for its listening port: a port held only by others' processes is unhealthy.
     A run younger than `grace` (start_grace, at least verify_timeout) whose port or health
@@ -6979,8 +6999,8 @@ def assess(svc: Service, unit: Dict[str, str], ports: Optional[set],
         port = None
         if svc.port and ports is not None and svc.port not in ports:
             port = Check("port", False, "%d not listening" % svc.port)
-        elif holder is not None and holder[0] is False:
-            port = Check("port", False, "%d %s" % (svc.port, holder[1]))
+        elif holder is not None and holder.owner in PORT_TAKEN:
+            port = Check("port", False, "%d %s" % (svc.port, holder.detail), holder.owner)
         answer = health
         bad = next((c for c in judge(svc, unit, port, (lambda: answer) if answer else None) if not c.ok), None)
         problem = ""
@@ -7156,7 +7176,8 @@ def look(config: Config, paths: Paths, services: Sequence[Service], verdicts: Di
     # port_owner = any: whoever publishes the port (docker-proxy) is the service's; no ss.
     holders = port_holders([svc for svc in active if svc.port and ports is not None and svc.port_owner == "unit"],
                            units)
-    health = health_checks([svc for svc in active if holders.get(svc.name, (None,))[0] is not False], units, late)
+    health = health_checks([svc for svc in active if svc.name not in holders
+                            or holders[svc.name].owner not in PORT_TAKEN], units, late)
     graph = dependency_graph(config, units) if len(config.services) > 1 else {}
     for name in in_dependency_order(graph, [svc.name for svc in services]) if graph else [s.name for s in services]:
         svc = config.services[name]

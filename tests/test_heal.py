@@ -788,17 +788,20 @@ def test_probe_port_whose_holder_cannot_be_told_counts_as_listening_and_says_so(
     assert checks[-1] == selfheal.Check("port", True, "5002 listening (%s; counted as the service's)" % note)
 
 
-@pytest.mark.parametrize("socket_cgroup, ok, detail", [
-    (OTHER_APP, False, "5002 held by a socket of %s, not of %s (ss names no process: not root?)" % (OTHER_APP, STORY)),
-    ("/system.slice/" + STORY, True, "5002 listening (a socket of %s; ss names no process)" % STORY),
+@pytest.mark.parametrize("socket_cgroup, ok, owner, detail", [
+    (OTHER_APP, False, selfheal.PortOwner.FOREIGN,
+     "5002 held by a socket of %s, not of %s (ss names no process: not root?) (if that process serves the port for "
+     "%s, e.g. docker-proxy, set port_owner = any in [story-stages])" % (OTHER_APP, STORY, STORY)),
+    ("/system.slice/" + STORY, True, selfheal.PortOwner.OWN,
+     "5002 listening (a socket of %s; ss names no process)" % STORY),
 ], ids=["another-units-socket", "the-units-own-socket"])
 def test_probe_without_the_holders_pid_judges_the_port_by_the_sockets_cgroup(fake_host, monkeypatch, socket_cgroup,
-                                                                             ok, detail):
+                                                                             ok, owner, detail):
     fake_host.unit(STORY, ActiveState="active")
     fake_host.listen(5002, pid=4242, cgroup=OTHER_APP)
     _no_process_column(fake_host, monkeypatch, socket_cgroup)
     checks, _ = selfheal.probe(STORY_SVC)
-    assert checks[-1] == selfheal.Check("port", ok, detail)
+    assert checks[-1] == selfheal.Check("port", ok, detail) and checks[-1].owner is owner
 
 
 def test_probe_asks_ss_only_when_the_port_listens_and_then_once(fake_host):

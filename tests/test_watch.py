@@ -111,15 +111,19 @@ def test_assess_a_young_run_failing_its_health_check_is_starting_too():
     assert verdict == "transient" and detail.startswith("starting (3 s of start_grace = 60 s): port 5002 open but GET")
 
 
-FOREIGN = (False, "held by pid 4242 (user root, cgroup /system.slice/other-app.service): python3 -m http.server, "
-                  "not by a process of story-stages.service")
+FOREIGN = selfheal.Holding(selfheal.PortOwner.FOREIGN, "held by pid 4242 (user root, cgroup "
+                           "/system.slice/other-app.service): python3 -m http.server, not by a process of "
+                           "story-stages.service")
 
 
 @pytest.mark.parametrize("holder, verdict, detail", [
-    (FOREIGN, "unhealthy", "port 5002 %s while the unit is active (running)" % FOREIGN[1]),
-    ((True, "pid 5555 of story-stages.service"), "ok", "active (running)"),
-    ((None, "holder unknown: ss (fake): failed"), "ok", "active (running)"),
-], ids=["foreign-holder", "own-holder", "holder-unknown"])
+    (FOREIGN, "unhealthy", "port 5002 %s while the unit is active (running)" % FOREIGN.detail),
+    (selfheal.Holding(selfheal.PortOwner.LEFTOVER, "held by pid 4100, a leftover"), "unhealthy",
+     "port 5002 held by pid 4100, a leftover while the unit is active (running)"),
+    (selfheal.Holding(selfheal.PortOwner.OWN, "pid 5555 of story-stages.service"), "ok", "active (running)"),
+    (selfheal.Holding(selfheal.PortOwner.UNKNOWN, "holder unknown: ss (fake): failed"), "ok", "active (running)"),
+    (selfheal.Holding(selfheal.PortOwner.SOCKET_UNIT, "held by systemd (socket activation)"), "ok", "active (running)"),
+], ids=["foreign-holder", "leftover", "own-holder", "holder-unknown", "socket-unit"])
 def test_assess_port_held_by_another_units_process_is_unhealthy_and_an_unknown_holder_is_not(holder, verdict, detail):
     assert selfheal.assess(SVC, shown(), {5002}, FINE, 0, holder) == (verdict, detail)
 
