@@ -4817,6 +4817,7 @@ def heal_rounds(config: Config, svc: Service, paths: Paths, trigger: str, env, d
                 svc, outcome, dependents, waiting, no_time, time.monotonic() - chain_started,
                 config.settings.heal_timeout))
             if (event is not None and not dependents and outcome in (Outcome.RESOLVED, Outcome.RECOVERED)
+                    and not load_service_state(paths, name).get("escalated")  # a human was told: its own thread
                     and event.collect(result, text)):
                 log_outcome(result)  # its mail is the burst's one (BurstEvent.finish)
                 reporting = None

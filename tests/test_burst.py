@@ -225,3 +225,17 @@ def test_the_end_of_a_failed_problem_is_mailed_even_in_a_flapping_incident(bed):
     assert bed.heal("worker", trigger="manual")[0] == 0
     worker = [str(m["Subject"]) for m in bed.sink.messages if ": worker - " in str(m["Subject"])]
     assert worker[-1] == "✅ MiracleMax: worker - RESOLVED", worker
+
+
+def test_a_service_whose_breaker_tripped_keeps_its_own_thread_in_a_burst(bed):
+    bed.configure(services=SERVICES)
+    with selfheal.service_state(bed.paths, "worker") as state:  # ESCALATED earlier; a human was told
+        state["escalated"] = 1.0
+        state["incident"] = {"opened": 1.0, "failures": [], "message_id": "<esc@x>", "problem": "ESCALATED",
+                             "next_retry": 1.0, "breaker_step": 0}
+    burst_of_three(bed)
+    burst = next(m for m in bed.sink.messages if ": burst - " in str(m["Subject"]))
+    assert "RESOLVED (2 services)" in str(burst["Subject"])
+    assert not [ln for ln in burst.get_content().splitlines() if ln.startswith("  worker ")]
+    (own,) = [m for m in bed.sink.messages if ": worker - " in str(m["Subject"])]
+    assert own["In-Reply-To"] == "<esc@x>"  # told once it is back, in its own thread
