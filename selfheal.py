@@ -3797,9 +3797,10 @@ def refuse_futile_restart(ctx: HealContext) -> None:
     foreign = [p for p in diag.holders if p.pid != 1 and not belongs_to_unit(p, svc.unit)]
     if foreign:
         who = "; ".join(describe_process(p) for p in foreign)
-        raise Escalation("port %d is held by a process of no unit of %s (%s), so selfheal restarted nothing: the "
+        raise Escalation("port %d is held by a process that is not %s's (%s), so selfheal restarted nothing: the "
                          "new run could not bind it. Stop that process (or move one of them to another port), "
-                         "then: selfheal heal %s" % (svc.port, svc.name, who, svc.name),
+                         "then: selfheal heal %s. If that process serves the port for %s (docker-proxy), set "
+                         "port_owner = any in [%s]" % (svc.port, svc.unit, who, svc.name, svc.unit, svc.name),
                          RootCause("It cannot start: port %d is held by another process: %s." % (svc.port, who),
                                    "high", "port %d held by %s" % (svc.port, who),
                                    "Find out why that process runs (systemctl status %d) and stop it, or give one "
@@ -4918,7 +4919,7 @@ def report_heal_stopped(config: Config, paths: Paths, svc: Service, trigger: str
             % (why, svc.unit, svc.unit, svc.name))
     try:
         queue_report(paths, new_report(config.settings, SUBJECT_ICON[Outcome.FAILED], svc.name,
-                                       "FAILED (heal stopped)", body))
+                                       "FAILED (heal stopped)", body, status=Outcome.FAILED.value))
     except OSError as exc:
         log.critical("could not queue the report (%s); it follows:\n%s", exc, body)
 
@@ -4935,7 +4936,7 @@ def report_heal_crash(config: Config, paths: Paths, svc: Service, trace: str) ->
     except OSError:
         pass
     deliver(config, paths, new_report(config.settings, SUBJECT_ICON[Outcome.FAILED], svc.name,
-                                      "FAILED (selfheal crashed)", body))
+                                      "FAILED (selfheal crashed)", body, status=Outcome.FAILED.value))
 
 
 def note_arrival(paths: Paths, name: str) -> None:
@@ -5230,8 +5231,9 @@ class BurstEvent:
             return
         settings = self.config.settings
         label, body = burst_report(collected, members)
-        send, thread, label, body = burst_incident(self.paths, settings, label, body)
-        report = new_report(settings, SUBJECT_ICON[Outcome.RESOLVED], "burst", label, body, thread=thread)
+        send, thread, label, body, status = burst_incident(self.paths, settings, label, body)
+        report = new_report(settings, SUBJECT_ICON[Outcome.RESOLVED], "burst", label, body, thread=thread,
+                            status=status)
         note_burst_thread(self.paths, report["message_id"])
         for result, text in collected:  # each service's incident follows the burst's thread
             notify_heal(self.config, self.paths, result, text, mail=False, thread=thread or report["message_id"])
@@ -5245,11 +5247,11 @@ class BurstEvent:
             deliver(self.config, self.paths, report)
 
 
-def burst_incident(paths: Paths, settings: Settings, label: str, body: str) -> Tuple[bool, str, str, str]:
+def burst_incident(paths: Paths, settings: Settings, label: str, body: str) -> Tuple[bool, str, str, str, str]:
     """Bursts are an incident of the host, as failures are of a service: one thread while they
     come less than incident_quiet apart, and FLAPPING once at flap_threshold bursts within
     flap_window, then silence until it is quiet (a group of services crash-looping together).
-    Returns (mail it, thread, label, body)."""
+    Returns (mail it, thread, label, body, status: RESOLVED or FLAPPING)."""
     path = paths.state / "burst.json"
     lock = Lock(paths.run / "locks" / "burst-incident.lock")
     now = time.time()
@@ -5259,13 +5261,13 @@ def burst_incident(paths: Paths, settings: Settings, label: str, body: str) -> T
         if now - float(state.get("last") or 0.0) >= settings.incident_quiet:
             state = {}
         times = [float(t) for t in state.get("bursts", []) if float(t) >= now - settings.flap_window] + [now]
-        send = True
+        send, status = True, Outcome.RESOLVED.value
         if len(times) >= settings.flap_threshold:
             if state.get("flapping"):
                 send = False
             else:
                 state["flapping"] = True
-                label = "FLAPPING (%s)" % label
+                label, status = "FLAPPING (%s)" % label, "FLAPPING"
                 body = ("FLAPPING: %d bursts within %s. selfheal keeps healing every service in them (a burst is\n"
                         "not a failure of each, so no breaker trips); further bursts until it has been quiet for\n"
                         "incident_quiet = %s are in the history, not mailed one by one.\n\n" % (
@@ -5274,10 +5276,10 @@ def burst_incident(paths: Paths, settings: Settings, label: str, body: str) -> T
         thread = str(state.get("thread") or "")
         state.update(bursts=times[-64:], last=now)
         write_state(path, state)
-        return send, thread, label, body
+        return send, thread, label, body, status
     except (OSError, SelfhealError) as exc:
         log.warning("burst: could not keep its incident (%s); mailed as a new one", exc)
-        return True, "", label, body
+        return True, "", label, body, Outcome.RESOLVED.value
     finally:
         lock.release()
 
@@ -5673,8 +5675,35 @@ def and_list(names: Sequence[str]) -> str:
 # Reporting (pure: a function of the data)
 # =============================================================================
 
-SUBJECT_ICON = {Outcome.RESOLVED: "✅", Outcome.RECOVERED: "✅", Outcome.FAILED: "❌",
-                Outcome.ESCALATED: "🛑", Outcome.HEALTHY: "ℹ️", Outcome.STOPPED: "⏸️", Outcome.WAITING: "⏳"}
+class Label(NamedTuple):
+    """How one status of a report is shown everywhere: the subject's icon, ntfy's tag and
+    priority, the journal's MESSAGE_ID (fixed for good: README), the dashboard's colour,
+    and whether it is a problem (mailed under notify = on-failure)."""
+    icon: str
+    ntfy_tag: str
+    ntfy_priority: str  # default | low | high: a human should look
+    message_id: str
+    colour: str
+    problem: bool
+
+
+# Every status a report or a heal can have, once; the views below derive from it.
+LABELS = {
+    "RESOLVED": Label("✅", "white_check_mark", "default", "3f5c2a9e8d7b4c1fa6e0b2d4c8f1a7e3", "green", False),
+    "RECOVERED": Label("✅", "white_check_mark", "default", "8b1e6d3c5a2f4e9db7c0a1f3e5d2b4c6", "green", False),
+    "FAILED": Label("❌", "x", "high", "c4a7e2f9b1d34c8e9f6a0b5d7e3c1a28", "red", True),
+    "ESCALATED": Label("🛑", "octagonal_sign", "high", "e9d2b6a4c7f14e3b8a5c0d9f2e6b1a47", "red", True),
+    "HEALTHY": Label("ℹ️", "information_source", "default", "", "", False),
+    "STOPPED": Label("⏸️", "pause_button", "high", "5a8c3e1f7b9d4a2c6e0f8b3d1a5c7e94", "yellow", True),
+    "WAITING": Label("⏳", "hourglass", "default", "7d4f1b8e2c6a4d9fb3e5a0c7d2f8e1b6", "", False),
+    "FLAPPING": Label("⚠️", "warning", "high", "", "", True),
+    "STILL FAILING": Label("⏰", "alarm_clock", "high", "", "", True),
+    "STILL DOWN AFTER MAINTENANCE": Label("🔧", "wrench", "high", "", "", True),
+    "CONFIG BROKEN": Label("❌", "x", "high", "", "", True),
+    "WATCH FAILED": Label("❌", "x", "high", "", "", True),
+    "TEST": Label("🧪", "test_tube", "low", "", "", False),
+}
+SUBJECT_ICON = {outcome: LABELS[outcome.value].icon for outcome in Outcome}
 
 
 def subject_label(result: HealResult) -> str:
@@ -5684,7 +5713,15 @@ def subject_label(result: HealResult) -> str:
 
 
 def subject_icon(outcome: Outcome, label: str) -> str:
-    return "⚠️" if label == "FLAPPING" else SUBJECT_ICON[outcome]
+    return LABELS["FLAPPING"].icon if label == "FLAPPING" else SUBJECT_ICON[outcome]
+
+
+def heal_status(outcome: Outcome, label: str) -> str:
+    """The status of a heal's report (outbox, webhook): FLAPPING when the incident flaps;
+    RESOLVED for a RECOVERED one (its subject says "recovered by systemd"); else the outcome."""
+    if label == "FLAPPING":
+        return "FLAPPING"
+    return Outcome.RESOLVED.value if outcome is Outcome.RECOVERED else outcome.value
 
 
 def make_subject(settings: Settings, outcome: Outcome, service: str, label: str) -> str:
@@ -5882,10 +5919,14 @@ class NotDelivered(SelfhealError):
 
 
 def new_report(settings: Settings, icon: str, service: str, label: str, body: str, thread: str = "",
-               subject_text: str = "", cc: Sequence[str] = ()) -> dict:
-    """One report as data: "ICON NAME: SERVICE - LABEL" unless subject_text is given; thread,
-    the Message-ID of the incident's first mail; cc, mailed besides email_to (escalate_to).
+               subject_text: str = "", cc: Sequence[str] = (), status: str = "") -> dict:
+    """One report as data: "ICON NAME: SERVICE - LABEL" unless subject_text is given; status,
+    one of LABELS (default: the label itself, which must then be one); thread, the
+    Message-ID of the incident's first mail; cc, mailed besides email_to (escalate_to).
     Its channels are fixed here: mail, and the webhook when webhook_url is set."""
+    status = status or label
+    if status not in LABELS:
+        raise ValueError("report status %r is none of LABELS" % status)
     import email.utils
 
     now = time.time()
@@ -5898,7 +5939,7 @@ def new_report(settings: Settings, icon: str, service: str, label: str, body: st
         channels["webhook"] = "queued"
     return clean_data({
         "version": OUTBOX_VERSION, "ts": round(now, 3), "time": iso(now), "host": socket.gethostname(),
-        "name": settings.name, "service": service, "status": label.split(" (")[0],
+        "name": settings.name, "service": service, "status": status,
         "subject": subject_text or "%s %s" % (icon, title), "title": title, "body": body,
         "thread": thread, "message_id": email.utils.make_msgid("selfheal", domain=domain),
         "channels": channels, **({"cc": list(cc)} if cc else {})})
@@ -6305,10 +6346,8 @@ def permanent_rejection(exc: BaseException) -> bool:
 WEBHOOK_VERSION = 1  # the "version" of the json format: it goes up only when a field changes meaning
 SUMMARY_CHARS = 1000  # the summary of a report posted to a webhook, at most
 RETRY_STATUSES = (408, 425, 429)  # 4xx answers that mean "not now": queued and retried
-NTFY_PRIORITY = {"RESOLVED": "default", "TEST": "low"}  # anything else: a human should look ("high")
-NTFY_TAGS = {"RESOLVED": "white_check_mark", "FAILED": "x", "ESCALATED": "octagonal_sign",
-             "FLAPPING": "warning", "STOPPED": "pause_button", "STILL FAILING": "alarm_clock",
-             "CONFIG BROKEN": "x", "WATCH FAILED": "x", "TEST": "test_tube"}
+NTFY_PRIORITY = {status: label.ntfy_priority for status, label in LABELS.items()}  # unknown: "high"
+NTFY_TAGS = {status: label.ntfy_tag for status, label in LABELS.items()}
 
 
 class WebhookError(NotDelivered):
@@ -6544,7 +6583,7 @@ def ping_heartbeat(config: Config, paths: Paths) -> bool:
 # =============================================================================
 
 PROBLEM_OUTCOMES = (Outcome.FAILED, Outcome.ESCALATED, Outcome.STOPPED)  # a human must act
-FAILURE_LABELS = ("FAILED", "ESCALATED", "FLAPPING", "STOPPED", "STILL FAILING", "STILL DOWN AFTER MAINTENANCE")
+FAILURE_LABELS = tuple(status for status, label in LABELS.items() if label.problem)
 
 
 def should_mail(settings: Settings, svc: Service, label: str, closes_problem: bool = False) -> bool:
@@ -6570,9 +6609,10 @@ def open_incident(state: dict, now: float) -> dict:
 
 
 def thread_report(config: Config, incident: dict, icon: str, service: str, label: str, body: str,
-                  cc: Sequence[str] = ()) -> dict:
+                  cc: Sequence[str] = (), status: str = "") -> dict:
     """One report of an incident: the first starts the mail thread, the rest reply to it."""
-    report = new_report(config.settings, icon, service, label, body, thread=incident.get("message_id", ""), cc=cc)
+    report = new_report(config.settings, icon, service, label, body, thread=incident.get("message_id", ""), cc=cc,
+                        status=status)
     if not incident.get("message_id"):
         incident["message_id"] = report["message_id"]
     incident["last_mail"] = time.time()
@@ -6646,7 +6686,8 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str, mai
         else:
             incident.pop("problem_since", None)
         if send and should_mail(settings, svc, label, closes_problem):
-            report = thread_report(config, incident, subject_icon(result.outcome, label), svc.name, label, body)
+            report = thread_report(config, incident, subject_icon(result.outcome, label), svc.name, label, body,
+                                   status=heal_status(result.outcome, label))
         elif send:
             log.info("%s: %s not mailed (notify = %s)", svc.name, label, svc.notify or settings.notify)
         elif mail:
@@ -6742,7 +6783,7 @@ def escalate_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, 
         if should_mail(settings, svc, "ESCALATED"):
             report = thread_report(config, incident, SUBJECT_ICON[Outcome.ESCALATED], svc.name,
                                    "%s (to %s)" % (incident["problem"], ", ".join(settings.escalate_to)), body,
-                                   cc=settings.escalate_to)
+                                   cc=settings.escalate_to, status=incident["problem"])
     if report is not None:
         deliver(config, paths, report)
 
@@ -6785,7 +6826,8 @@ def end_of_maintenance(config: Config, paths: Paths, svc: Service, verdict: str,
                    seen or "  (nothing: it was down when the window ended)"))
         incident = open_incident(state, now)
         if should_mail(config.settings, svc, "STILL DOWN AFTER MAINTENANCE"):
-            report = thread_report(config, incident, "🔧", svc.name, "STILL DOWN AFTER MAINTENANCE", body)
+            report = thread_report(config, incident, LABELS["STILL DOWN AFTER MAINTENANCE"].icon, svc.name,
+                                   "STILL DOWN AFTER MAINTENANCE", body)
     if report is not None:
         deliver(config, paths, report)
 
@@ -6820,7 +6862,8 @@ def incident_healthy(config: Config, paths: Paths, svc: Service, now: float) -> 
                     % (svc.name, iso(now), incident["problem"], format_duration(down), iso(now - down)))
             if should_mail(config.settings, svc, "RESOLVED", closes_problem=True):
                 report = thread_report(config, incident, SUBJECT_ICON[Outcome.RESOLVED], svc.name,
-                                    "RESOLVED (was down %s)" % format_duration(down), body)
+                                    "RESOLVED (was down %s)" % format_duration(down), body,
+                                    status=Outcome.RESOLVED.value)
             incident["closed"] = now
             if state.pop("escalated", None):
                 state["rearmed_at"] = now  # healthy again: the heal count starts afresh
@@ -6850,7 +6893,7 @@ def remind_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
                 % (svc.name, unit.get("ActiveState", "?"), unit.get("SubState", "?"), iso(since),
                    format_duration(now - since), svc.unit, svc.unit, svc.name))
         if should_mail(config.settings, svc, "STILL FAILING"):
-            report = thread_report(config, incident, "⏰", svc.name, "STILL FAILING", body)
+            report = thread_report(config, incident, LABELS["STILL FAILING"].icon, svc.name, "STILL FAILING", body)
         else:
             incident["last_mail"] = now
     if report is not None:
@@ -8024,8 +8067,7 @@ STATE_LOOK = {
     "not-found": ("❓", "[ ?? ]", "red"), "masked": ("❓", "[ ?? ]", "red"),
     "error": ("❓", "[ ?? ]", "red"), "unknown": ("❔", "[ ?? ]", "yellow"),
 }
-OUTCOME_COLOUR = {"RESOLVED": "green", "RECOVERED": "green", "FAILED": "red", "ESCALATED": "red",
-                  "STOPPED": "yellow"}
+OUTCOME_COLOUR = {status: label.colour for status, label in LABELS.items() if label.colour}
 ANSI = {"green": "32", "red": "31", "yellow": "33", "cyan": "36", "dim": "2", "bold": "1"}
 GLYPHS = {
     True: {"box": "╭╮╰╯─│", "rule": "─", "arrow": "↳", "dot": "·", "critical": "★ critical",
@@ -9019,12 +9061,8 @@ def write_metrics(config: Config, paths: Paths, watch_ran: Optional[float] = Non
 # A heal's outcome and what the watch does are also journal fields (native protocol), so
 # `journalctl SELFHEAL_SERVICE=nginx` and log shippers filter without parsing text. One
 # MESSAGE_ID per kind of event (journalctl MESSAGE_ID=...), fixed for good.
-EVENT_IDS = {
-    "RESOLVED": "3f5c2a9e8d7b4c1fa6e0b2d4c8f1a7e3", "RECOVERED": "8b1e6d3c5a2f4e9db7c0a1f3e5d2b4c6",
-    "FAILED": "c4a7e2f9b1d34c8e9f6a0b5d7e3c1a28", "ESCALATED": "e9d2b6a4c7f14e3b8a5c0d9f2e6b1a47",
-    "STOPPED": "5a8c3e1f7b9d4a2c6e0f8b3d1a5c7e94", "WAITING": "7d4f1b8e2c6a4d9fb3e5a0c7d2f8e1b6",
-    "WATCH": "1c6e9a3d5f7b4e2a8d0c6b9f3e1a5d72",
-}
+EVENT_IDS = dict({status: label.message_id for status, label in LABELS.items() if label.message_id},
+                 WATCH="1c6e9a3d5f7b4e2a8d0c6b9f3e1a5d72")
 EVENT_FIELD_RE = re.compile(r"^[A-Z0-9][A-Z0-9_]{0,63}$")
 
 

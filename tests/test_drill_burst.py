@@ -24,7 +24,7 @@ SERVICES = {name: {"unit": "storm@%d.service" % port, "port": port,
 BASE = {"watch_interval": "5min", "verify_timeout": "10s"}
 
 
-def setup(box):
+def prepare_box(box):
     for port in PORTS:
         box.write("/etc/storm-%d.conf" % port, "valid\n")
 
@@ -33,7 +33,7 @@ def setup(box):
 def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
-    with installed_host(repo_root, UNITS, drill_conf(BASE, SERVICES), suite=request.param, setup=setup,
+    with installed_host(repo_root, UNITS, drill_conf(BASE, SERVICES), suite=request.param, prepare=prepare_box,
                         start=["storm@%d" % p for p in PORTS], ports=PORTS) as box:
         yield box
 

@@ -42,7 +42,7 @@ BASE = {"watch_interval": "5s", "watch_confirm": 1, "verify_timeout": "5s", "fai
         "flap_threshold": 2, "retry_interval": "10s"}
 
 
-def setup(box):
+def prepare_box(box):
     for name in ("broken", "typo"):
         box.write("/etc/%s.conf" % name, "valid\n")
 
@@ -51,7 +51,7 @@ def setup(box):
 def host(request, bed_reason, repo_root):
     if bed_reason:
         pytest.skip(bed_reason)
-    with installed_host(repo_root, UNITS, drill_conf(BASE, SERVICES), suite=request.param, setup=setup,
+    with installed_host(repo_root, UNITS, drill_conf(BASE, SERVICES), suite=request.param, prepare=prepare_box,
                         start=[u[:-len(".service")] for u in UNITS],
                         ports=[5461, 5462, 5463] + [5470 + i for i in range(5)]) as box:
         yield box

@@ -871,7 +871,7 @@ def test_heal_foreign_holder_of_the_port_stops_the_heal_before_any_restart_or_si
     (event,) = bed.history("story-stages")
     assert (event["outcome"], event["strategy"]) == ("FAILED", "service_restart")
     text = bed.sink.messages[0].get_content()
-    assert "port 5002 is held by a process of no unit of story-stages" in text and HTTP_SERVER in text
+    assert "port 5002 is held by a process that is not story-stages.service's" in text and HTTP_SERVER in text
 
 
 def test_stale_pid_of_the_unit_itself_gets_sigterm_and_then_the_unit_is_restarted(bed, monkeypatch):

@@ -1034,7 +1034,7 @@ def test_retry_interval_zero_never_retries_and_bounds_are_config_errors():
             selfheal.check_retry_interval(bad)
 
 
-def test_escalate_to_gets_one_mail_in_the_thread_after_escalate_after(wb):
+def test_escalate_to_gets_one_mail_in_the_thread_after_escalate_after(wb, monkeypatch):
     wb.configure({"retry_interval": "0", "escalate_to": "boss@example.org", "escalate_after": "30m"})
     wb.host.failed(WORKER, on_restart="fail")
     wb.heal("worker")
@@ -1043,7 +1043,12 @@ def test_escalate_to_gets_one_mail_in_the_thread_after_escalate_after(wb):
     wb.look("worker")
     assert len(wb.sink.messages) == 1
     wb.clock.advance(200)
+    queued_status = []
+    real_queue = selfheal.queue_report
+    monkeypatch.setattr(selfheal, "queue_report", lambda paths, report, *a, **k: (
+        queued_status.append(report["status"]), real_queue(paths, report, *a, **k))[1])
     wb.look("worker")
+    monkeypatch.setattr(selfheal, "queue_report", real_queue)
     assert len(wb.sink.messages) == 2
     second = wb.sink.messages[1]
     assert second["Subject"] == "🛑 MiracleMax: worker - FAILED (to boss@example.org)"
@@ -1051,8 +1056,8 @@ def test_escalate_to_gets_one_mail_in_the_thread_after_escalate_after(wb):
     assert wb.sink.received[-1].rcpt_to == ("owner@example.org", "boss@example.org")
     assert in_thread_of(first, second)
     assert "has been FAILED for 32 min" in second.get_content()
-    # The webhook and the outbox record call it what it is: FAILED.
-    assert selfheal.new_report(wb.config.settings, "", "worker", "FAILED (to boss@example.org)", "")["status"] == "FAILED"
+    # The webhook and the outbox record call it what it is: FAILED (a status given, not cut from the label).
+    assert queued_status == ["FAILED"]
     for _ in range(3):
         wb.clock.advance(1800)
         wb.look("worker")

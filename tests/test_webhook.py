@@ -52,9 +52,11 @@ def posts(sink):
 
 
 def report(bed, subject, body="x\n"):
-    """A report as the code makes one, for a subject "ICON NAME: SERVICE - LABEL"."""
+    """A report as the code makes one, for a subject "ICON NAME: SERVICE - LABEL" (its status:
+    the label's first words, as the test writes them)."""
     head, _, label = subject.rpartition(" - ")
-    return selfheal.new_report(bed.config.settings, "", head.rpartition(": ")[2], label, body, subject_text=subject)
+    return selfheal.new_report(bed.config.settings, "", head.rpartition(": ")[2], label, body, subject_text=subject,
+                               status=label.partition(" (")[0])
 
 
 def queue_post(bed, subject):
@@ -238,13 +240,17 @@ def test_nothing_that_reaches_an_ntfy_header_can_break_the_line_or_leave_ascii()
 ])
 def test_the_webhook_is_told_the_reports_service_and_status_as_data_not_parsed_from_the_subject(
         bed, icon, service, label, status):
-    made = selfheal.new_report(bed.config.settings, icon, service, label, "x\n")
+    made = selfheal.new_report(bed.config.settings, icon, service, label, "x\n", status=status)
     assert made["subject"] == "%s MiracleMax: %s - %s" % (icon, service, label)
     event = selfheal.webhook_event(bed.config.settings, made)
     assert (event["service"], event["status"], event["title"]) == (service, status, made["subject"][len(icon) + 1:])
     # A name with ": " and " - " in it, which no regex over the subject could split right.
     odd = selfheal.Settings(name="My: Host - 2", email_to=("a@b.c",), email_from="s@b.c")
-    event = selfheal.webhook_event(odd, selfheal.new_report(odd, icon, service, label, "x\n"))
+    event = selfheal.webhook_event(odd, selfheal.new_report(odd, icon, service, label, "x\n", status=status))
+    # A label that is not a status is refused unless the status is given: none is cut from text.
+    if label != status:
+        with pytest.raises(ValueError):
+            selfheal.new_report(bed.config.settings, icon, service, label, "x\n")
     assert (event["service"], event["status"], event["name"]) == (service, status, "My: Host - 2")
 
 
