@@ -71,7 +71,7 @@ SCENARIOS = (
     # ---- hangs first: every service is past its start_grace once, right after boot ----
     Scenario("nginx-hung", "nginx", "every nginx process stopped (SIGSTOP): port open, no answer",
              "healed", "it hung (no answer)", r"hung|no answer|timed out",
-             KILL.replace("--kill-who=main ", "").replace("KILL", "STOP") % "nginx", by="watch", grace=True),
+             CRASH_NGINX.replace("KILL", "STOP"), by="watch", grace=True),
     Scenario("redis-hung", "redis-server", "redis-server stopped (SIGSTOP): ping unanswered",
              "healed", "it hung (no answer)", r"hung|no answer|timed out",
              KILL.replace("KILL", "STOP") % "redis-server", by="watch", grace=True),
