@@ -39,7 +39,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
 from bed import Container, skip_or_fail_reason  # noqa: E402
-from corpus import PROBE, REAP, SCENARIOS, UNITS, prepare_host, services_conf  # noqa: E402
+from corpus import PROBE, REAP, SCENARIOS, STRAYS, UNITS, prepare_host, services_conf  # noqa: E402
 from drillkit import CLONE, REPO_INSIDE  # noqa: E402
 
 START_GRACE = 30.0  # the corpus's verify_timeout (the default): a younger run is "starting"
@@ -144,6 +144,9 @@ class Bench:
 
     def run(self, sc):
         unit = self.unit(sc.service)
+        strays = self.box.run(["python3", "-c", STRAYS, *[self.unit(s) for s in UNITS]], check=False, timeout=60)
+        if strays.stdout.strip():  # the bed's doing, not selfheal's: said, not counted
+            print("  (before %s: %s)" % (sc.name, "; ".join(strays.stdout.split("\n")).strip("; ")), flush=True)
         if sc.grace:
             self.past_grace(unit)
         self.sh(self.fill(sc.prepare))
