@@ -6609,10 +6609,11 @@ def open_incident(state: dict, now: float) -> dict:
 
 
 def thread_report(config: Config, incident: dict, icon: str, service: str, label: str, body: str,
-                  cc: Sequence[str] = (), status: str = "") -> dict:
-    """One report of an incident: the first starts the mail thread, the rest reply to it."""
-    report = new_report(config.settings, icon, service, label, body, thread=incident.get("message_id", ""), cc=cc,
-                        status=status)
+                  cc: Sequence[str] = (), status: str = "", reply_to: str = "") -> dict:
+    """One report of an incident: the first starts the mail thread, the rest reply to it (or
+    to reply_to, a mail of the thread)."""
+    report = new_report(config.settings, icon, service, label, body,
+                        thread=reply_to or incident.get("message_id", ""), cc=cc, status=status)
     if not incident.get("message_id"):
         incident["message_id"] = report["message_id"]
     incident["last_mail"] = time.time()
@@ -6685,9 +6686,15 @@ def notify_heal(config: Config, paths: Paths, result: HealResult, text: str, mai
             incident["problem_since"] = incident.get("problem_since") or now
         else:
             incident.pop("problem_since", None)
+            incident.pop("problem_mail", None)
         if send and should_mail(settings, svc, label, closes_problem):
             report = thread_report(config, incident, subject_icon(result.outcome, label), svc.name, label, body,
                                    status=heal_status(result.outcome, label))
+            if result.outcome in PROBLEM_OUTCOMES and not incident.get("problem_mail"):
+                # The mail with this problem's diagnosis: what reminders reply to and point at
+                # (an incident that began RESOLVED has its diagnosis here, not in its first mail).
+                incident["problem_mail"] = {"message_id": report["message_id"], "time": report["time"],
+                                            "status": report["status"]}
         elif send:
             log.info("%s: %s not mailed (notify = %s)", svc.name, label, svc.notify or settings.notify)
         elif mail:
@@ -6887,13 +6894,18 @@ def remind_if_due(config: Config, paths: Paths, svc: Service, unit: Dict[str, st
         if now - float(incident.get("last_mail") or 0.0) < config.settings.reminder_interval:
             return
         since = float(incident.get("problem_since") or incident.get("opened") or now)
+        diagnosed = incident.get("problem_mail") if isinstance(incident.get("problem_mail"), dict) else {}
+        where = ("The %s mail of %s, which this one replies to, has the diagnosis" % (
+            diagnosed.get("status", "FAILED"), diagnosed.get("time", "?")) if diagnosed.get("message_id")
+            else "The first mail of this thread has the diagnosis")
         body = ("Reminder: %s is still not healthy: %s (%s) since %s, %s ago.\n\n"
-                "The first mail of this thread has the diagnosis. Fix it, or pause selfheal for it:\n"
+                "%s. Fix it, or pause selfheal for it:\n"
                 "  systemctl status %s\n  journalctl -u %s -n 100 --no-pager\n  selfheal pause %s\n"
                 % (svc.name, unit.get("ActiveState", "?"), unit.get("SubState", "?"), iso(since),
-                   format_duration(now - since), svc.unit, svc.unit, svc.name))
+                   format_duration(now - since), where, svc.unit, svc.unit, svc.name))
         if should_mail(config.settings, svc, "STILL FAILING"):
-            report = thread_report(config, incident, LABELS["STILL FAILING"].icon, svc.name, "STILL FAILING", body)
+            report = thread_report(config, incident, LABELS["STILL FAILING"].icon, svc.name, "STILL FAILING", body,
+                                   reply_to=str(diagnosed.get("message_id") or ""))
         else:
             incident["last_mail"] = now
     if report is not None:

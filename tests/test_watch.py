@@ -247,6 +247,27 @@ def test_missing_unit_is_left_alone(wb, load_state):
     assert wb.sink.messages == []
 
 
+def test_a_reminder_replies_to_the_mail_with_the_problems_diagnosis_when_the_incident_began_resolved(wb):
+    wb.configure({"retry_interval": "0"})
+    wb.host.failed(WORKER, on_restart="active")
+    assert wb.heal("worker")[0] == selfheal.EX_OK
+    (resolved,) = wb.sink.messages
+    assert resolved["Subject"].endswith("worker - RESOLVED")
+    wb.clock.advance(60)  # within incident_quiet: the same incident, now FAILED
+    wb.host.failed(WORKER, on_restart="fail", InvocationID="b" * 32)
+    assert wb.heal("worker")[0] == selfheal.EX_FAIL
+    failed = wb.sink.messages[1]
+    assert failed["Subject"].endswith("worker - FAILED") and in_thread_of(resolved, failed)
+    wb.clock.advance(3600 + 60)
+    wb.look("worker")
+    reminder = wb.sink.messages[-1]
+    assert reminder["Subject"].endswith("worker - STILL FAILING")
+    assert replies_to(reminder) == (message_id(failed), message_id(failed))
+    text = reminder.get_content()
+    assert "The FAILED mail of " in text and ", which this one replies to, has the diagnosis" in text
+    assert "first mail of this thread" not in text
+
+
 def test_known_problem_is_not_healed_again_but_reminded_in_its_thread_once_reminder_interval_passed(wb):
     wb.configure({"retry_interval": "0"})  # no retries: this is about the watch's patience
     wb.host.failed(WORKER, on_restart="fail")
