@@ -17,19 +17,21 @@ Python standard library only; Python 3.9+, systemd 247+.
 Run ``selfheal.py --help`` for the commands.
 
 Sections, in the order data flows (search for the title):
-  Constants, Errors, Data model   paths, binaries, limits; SelfhealError; Paths, Outcome, Finding, ...
+  Constants, Errors, Data model   paths, binaries, limits; SelfhealError; Paths, Check, PortOwner, Outcome, ...
   State and files                 atomic writes, locks, history (rotated) and per-service summaries
-  Files a service controls        open_safely: the trust boundary for paths a service account owns
+  Files a service controls        open_safely: the trust boundary for paths a service account owns;
+                                  root_only_problems: what root runs must be root's alone; text cleaning
   Config                          value checkers, maintenance windows (systemd calendar events),
                                   the key table (Settings, Service: one key() each), parse_config
-  Probes                          systemctl, the journal, listening sockets (netlink), who holds a port
+  Probes                          systemctl, the journal, listening sockets (netlink), who holds a port;
+                                  run_command: config_check and health_command (as the service's user)
   Triage and root cause           FAILURE_KINDS: one table for the kind, its cause and its strategies
   Verification                    probe and verify: active, port held by the unit, health check
   Strategies                      one Strategy record per repair (STRATEGIES)
   Healing                         heal(): diagnose, refuse or repair, verify; heal_rounds; a burst:
                                   one leader heals what later triggers hand over (lead_burst), one mail
   Dependencies                    depends_on and systemd's own: WAITING, then one heal for the chain
-  Reporting                       the report's text (pure)
+  Reporting                       LABELS (each status's icon, ntfy tag, MESSAGE_ID, colour); the report's text (pure)
   Outbox, Mail, Webhook           a report is queued first; mail and the webhook send it from there
   Incidents                       one mail thread per incident, flapping, reminders, retries,
                                   escalate_to, maintenance windows' summaries
