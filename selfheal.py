@@ -9339,10 +9339,44 @@ def cmd_heal(config: Config, name: str, paths: Paths, trigger: str, env=os.envir
                 print("%s: handed to the heal under way" % name, file=out)
                 return EX_OK
             return lead_burst(config, paths, name, leader, out)
+        if not may_hand_over(paths, name):
+            return heal_in_own_sandbox(config, name, paths, env, out)
     rc = heal_service(config, name, paths, trigger, env, dry_run, out)
     if not dry_run:
         write_metrics(config, paths)  # after the report: the mail never waits for it
     return rc
+
+
+def heal_in_own_sandbox(config: Config, name: str, paths: Paths, env, out) -> int:
+    """A service whose heal has a drop-in of its own heals itself, in its own unit, and
+    nothing else. Its unit's ExecCondition= (unless the drop-in reset it) left its name in
+    handed/ and took the lead (/run/selfheal/leading): both are given back once no heal leads,
+    and what others handed over meanwhile is given to a heal of theirs, which leads."""
+    take_handed(paths, name)
+    rc = heal_service(config, name, paths, "onfailure", env, False, out)
+    write_metrics(config, paths)
+    leader = Lock(paths.run / "locks" / "burst.lock")
+    if leader.acquire():  # no heal leads: the lead, if taken, was this unit's
+        try:
+            with contextlib.suppress(OSError):
+                os.rmdir(str(paths.leading))
+        finally:
+            leader.release()
+        waiting = sorted(n for n in take_handed_names(paths) if n in config.services and n != name)
+        if waiting:
+            started = run([SYSTEMCTL, "start", "--no-block", "selfheal@%s.service" % waiting[0]])
+            if not started.ok:
+                log.error("could not start selfheal@%s.service: %s", waiting[0], started.brief())
+    return rc
+
+
+def take_handed_names(paths: Paths) -> List[str]:
+    """The names of the services handed over and not yet taken (left in place)."""
+    try:
+        with os.scandir(str(paths.handed("x").parent)) as entries:
+            return [e.name[:-len(".json")] for e in entries if e.name.endswith(".json")]
+    except OSError:
+        return []
 
 
 def heal_service(config: Config, name: str, paths: Paths, trigger: str, env=os.environ,

@@ -104,6 +104,40 @@ def test_a_service_with_its_own_heal_drop_in_is_healed_in_its_own_unit(bed, tmp_
     assert not bed.paths.handed("worker").exists()
 
 
+def test_a_heal_in_its_own_unit_gives_back_the_lead_its_condition_took_and_starts_one_handed_over(
+        bed, tmp_path, monkeypatch):
+    """Its unit's ExecCondition= left it in handed/ and made /run/selfheal/leading; a trigger
+    that came meanwhile (cache) found the lead taken and ended. Once done, with no heal leading,
+    the lead is given back and cache's heal started, which leads: nothing waits for the watch."""
+    monkeypatch.setattr(selfheal, "UNIT_DIR", str(tmp_path))
+    (tmp_path / "selfheal@worker.service.d").mkdir()
+    bed.configure(services=SERVICES)
+    bed.host.failed(WORKER)
+    bed.paths.handed("x").parent.mkdir(parents=True)
+    for name in ("worker", "cache"):
+        bed.paths.handed(name).write_text("")
+    bed.paths.leading.mkdir()
+    assert bed.heal("worker")[0] == 0
+    assert restarted(bed) == [WORKER]
+    assert not bed.paths.leading.exists()
+    assert ["systemctl", "start", "--no-block", "selfheal@cache.service"] in bed.host.actions()
+    assert not bed.paths.handed("worker").exists() and bed.paths.handed("cache").exists()
+
+
+def test_a_heal_in_its_own_unit_leaves_the_lead_of_a_heal_that_leads(bed, tmp_path, monkeypatch):
+    monkeypatch.setattr(selfheal, "UNIT_DIR", str(tmp_path))
+    (tmp_path / "selfheal@worker.service.d").mkdir()
+    bed.host.failed(WORKER)
+    bed.paths.leading.mkdir(parents=True)
+    lock = leader_lock(bed)
+    assert lock.acquire()
+    try:
+        assert bed.heal("worker")[0] == 0
+    finally:
+        lock.release()
+    assert bed.paths.leading.exists()  # another heal leads: its lead is its own to give back
+
+
 def test_what_is_handed_over_keeps_only_systemds_facts_and_bad_names_are_ignored(bed):
     assert selfheal.hand_over(bed.paths, "worker", {"MONITOR_UNIT": "worker.service", "PATH": "/bin", "HOME": "/"})
     (bed.paths.handed("x").parent / "..bad.json").write_text("{}")
