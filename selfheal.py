@@ -3675,7 +3675,8 @@ def refuse_futile_restart(ctx: HealContext) -> None:
         who = "; ".join(describe_process(p) for p in foreign)
         raise Escalation("port %d is held by a process of no unit of %s (%s), so selfheal restarted nothing: the "
                          "new run could not bind it. Stop that process (or move one of them to another port), "
-                         "then: selfheal heal %s" % (svc.port, svc.name, who, svc.name),
+                         "then: selfheal heal %s. If that process serves the port for %s (docker-proxy), set "
+                         "port_owner = any in [%s]" % (svc.port, svc.name, who, svc.name, svc.unit, svc.name),
                          RootCause("It cannot start: port %d is held by another process: %s." % (svc.port, who),
                                    "high", "port %d held by %s" % (svc.port, who),
                                    "Find out why that process runs (systemctl status %d) and stop it, or give one "

@@ -99,9 +99,11 @@ def test_restart_whose_port_another_unit_holds_is_failed_not_resolved_and_the_ho
         [mail] = host.wait_mail(about("taken", "FAILED"), timeout=30)
         wait_idle(host, "taken")
         text = body(mail)
-        # the restart's verification names the holder: pid, cgroup (its unit) and command
-        assert "port: 5006 held by pid %s (user root, cgroup /system.slice/squatter.service" % squatter in text
-        assert "standin 5006, not by a process of taken.service" in text
+        # no restart while another unit's process holds the port; the report names the holder:
+        # pid, cgroup (its unit) and command
+        assert "It cannot start: port 5006 is held by another process: pid %s (user root, cgroup " \
+               "/system.slice/squatter.service" % squatter in text
+        assert "selfheal restarted nothing" in text
         assert "set port_owner = any in [taken]" in text  # the way out when that is its proxy
         assert "health: " not in text  # its HTTP 200 would have been the squatter's
         time.sleep(2)  # room for a heal of the failed restart to report, had it been fooled
