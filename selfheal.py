@@ -3716,14 +3716,16 @@ class HealContext:
         return result.ok
 
     def job_timeout(self) -> float:
-        """How long a restart job may take: the unit's own stop timeout (a unit that ignores
-        SIGTERM takes TimeoutStopSec=) and its start timeout up to verify_timeout, at least
-        verify_timeout, at most 10 min."""
+        """How long a restart job may take: the unit's own stop timeout when it runs (a unit
+        that ignores SIGTERM takes TimeoutStopSec=) and its start timeout up to verify_timeout,
+        at least verify_timeout, at most 10 min."""
         unit = self.diag.unit
         # The start gets verify_timeout at most: a run not up by then is not healthy in time
         # either (PostgreSQL's start with a bad config waits for a PID file that never comes).
         start = min(parse_timespan(unit.get("TimeoutStartUSec", "")), self.settings.verify_timeout)
-        own = parse_timespan(unit.get("TimeoutStopUSec", "")) + start
+        # Nothing to stop in a unit that is down (failed, inactive): its start is the whole job.
+        stop = parse_timespan(unit.get("TimeoutStopUSec", "")) if self.diag.active_state not in ("failed", "inactive") else 0.0
+        own = stop + start
         return min(MAX_JOB_SECONDS, max(self.settings.verify_timeout, own + 5.0), self.left())
 
     def left(self, at_most: float = MAX_JOB_SECONDS) -> float:

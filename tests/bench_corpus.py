@@ -127,10 +127,19 @@ class Bench:
         if left > 0:
             time.sleep(left)
 
+    def active(self, names):
+        units = [self.unit(n) for n in names]
+        states = self.box.run(["systemctl", "is-active", *units], check=False).stdout.split()
+        return {n for n, state in zip(names, states) if state == "active"}
+
     def restore(self, names):
-        """Bring every service back to healthy (as a human would), however the scenario ended."""
+        """Bring every service back to healthy (as a human would), however the scenario ended:
+        its unit active and the probe passing (a leftover of the bed may answer for a unit that
+        is still starting: it is killed first, and the unit must be up itself)."""
         for _ in range(3):
-            sick = [n for n in names if n not in self.healthy(names)]
+            self.box.run(["python3", "-c", STRAYS, *[self.unit(n) for n in names]], check=False, timeout=60)
+            up = self.active(names)
+            sick = [n for n in names if n not in self.healthy(names) or n not in up]
             if not sick:
                 return True
             for name in sick:  # --no-block: a start job stuck waiting (a PID file) is replaced, not waited on
@@ -138,9 +147,9 @@ class Bench:
                 self.sh("systemctl kill -s CONT %s; systemctl stop --no-block %s; sleep 1; %s; systemctl reset-failed %s; "
                         "systemctl start --no-block %s" % (unit, unit, REAP % {"unit": unit}, unit, unit), timeout=60)
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and any(n not in self.healthy(names) for n in sick):
+            while time.monotonic() < deadline and (set(sick) - self.healthy(sick) or set(sick) - self.active(sick)):
                 time.sleep(0.5)
-        return not [n for n in names if n not in self.healthy(names)]
+        return not [n for n in names if n not in self.healthy(names) or n not in self.active(names)]
 
     def run(self, sc):
         unit = self.unit(sc.service)

@@ -1182,6 +1182,10 @@ def test_restart_job_gets_the_units_own_stop_timeout_and_its_start_timeout_up_to
     # 90 + verify_timeout + 5: a unit that ignores SIGTERM still restarts; a start that is not
     # up within verify_timeout would not be healthy in time either (PostgreSQL waiting for a PID file)
     assert ctx.job_timeout() == 90 + verify + 5
+    down = selfheal.Diagnosis({"TimeoutStopUSec": "1h", "TimeoutStartUSec": "1min 30s", "ActiveState": "failed"},
+                              "signal", "killed", "KILL", False, (), (), (), None, None)
+    ctx = selfheal.HealContext(bed.config.services["worker"], down, bed.config.settings)
+    assert ctx.job_timeout() == verify + 5  # PostgreSQL (TimeoutStopSec=1h) already down: only its start
     quick = selfheal.Diagnosis({"TimeoutStopUSec": "1s", "TimeoutStartUSec": "1s"},
                                "signal", "killed", "KILL", False, (), (), (), None, None)
     ctx = selfheal.HealContext(bed.config.services["worker"], quick, bed.config.settings)
