@@ -3653,8 +3653,7 @@ def strategy_service_restart(ctx: HealContext) -> str:
 def refuse_futile_restart(ctx: HealContext) -> None:
     """Raise Escalation, restarting nothing, where a restart cannot help: the service answers
     that it cannot write its data (not a hang: a restart loses what it holds and may never
-    finish), its failed run said its config is invalid and no config_check can prove it fixed,
-    or a process of no unit of its own holds its port while it is down."""
+    finish), or a process of no unit of its own holds its port while it is down."""
     svc, diag = ctx.svc, ctx.diag
     finding = diag.finding
     if finding and finding.kind == "unhealthy" and NOT_A_HANG_RE.search(finding.detail):
@@ -3662,12 +3661,6 @@ def refuse_futile_restart(ctx: HealContext) -> None:
                          "restarted nothing: that is not a hang, a restart cannot fix it and would lose what it "
                          "holds in memory. Fix what it names, then: selfheal heal %s"
                          % (svc.unit, finding.detail, svc.name), root_cause(svc, diag))
-    found = journal_kind(diag.journal)
-    if found and found[0].kind == "bad_config" and not svc.config_check and diag.active_state not in LIVE_STATES:
-        raise Escalation("%s's failed run said its configuration is invalid (%s); with no config_check to prove "
-                         "it fixed, selfheal restarted nothing: a restart would start it into the same config "
-                         "(and loop). Fix the config, then: selfheal heal %s" % (svc.unit, found[1], svc.name),
-                         root_cause(svc, diag))
     if not svc.port or svc.port_owner == "any" or diag.active_state in LIVE_STATES:
         return
     foreign = [p for p in diag.holders if p.pid != 1 and not belongs_to_unit(p, svc.unit)]
