@@ -3778,8 +3778,7 @@ def strategy_service_restart(ctx: HealContext) -> str:
 def refuse_futile_restart(ctx: HealContext) -> None:
     """Raise Escalation, restarting nothing, where a restart cannot help: the service answers
     that it cannot write its data (not a hang: a restart loses what it holds and may never
-    finish), its failed run said its config is invalid and no config_check can prove it fixed,
-    or a process of no unit of its own holds its port while it is down."""
+    finish), or a process of no unit of its own holds its port while it is down."""
     svc, diag = ctx.svc, ctx.diag
     finding = diag.finding
     if finding and finding.kind == "unhealthy" and NOT_A_HANG_RE.search(finding.detail):

@@ -4,6 +4,8 @@ permission problem is not a hang and gets no restart; a port a foreign process h
 restart; a Python exception, a stuck start, a leftover holder and systemd's own restart are
 named as what they are; a holder listening on IPv4 and IPv6 is one line."""
 
+import dataclasses
+
 import pytest
 
 import selfheal
@@ -128,16 +130,13 @@ def test_health_command_failing_login_quotes_permission_denied_from_deep_in_its_
     assert not ok and "Permission denied" in detail and selfheal.NOT_A_HANG_RE.search(detail)
 
 
-def test_failed_run_that_said_its_config_is_invalid_is_not_restarted_without_a_config_check():
+def test_start_limit_hit_names_what_each_start_said():
     journal = ["box redis-server[7]: *** FATAL CONFIG FILE ERROR (Redis 7.0.15) ***",
                "box systemd[1]: redis-server.service: Start request repeated too quickly."]
     d = diag(result="start-limit-hit", code="exited", status="1", journal=journal, ActiveState="failed")
-    ctx = selfheal.HealContext(REDIS, d, selfheal.Settings())
-    with pytest.raises(selfheal.Escalation) as exc:
-        selfheal.strategy_service_restart(ctx)
-    assert ctx.actions == [] and "restarted nothing" in str(exc.value)
-    assert exc.value.cause.summary == ("It failed too often in a row and systemd stopped restarting it (start limit "
-                                       "hit): its configuration is invalid.")
+    assert selfheal.root_cause(REDIS, d).summary == (
+        "It failed too often in a row and systemd stopped restarting it (start limit hit): its configuration is "
+        "invalid.")
 
 
 def test_restart_whose_stop_never_finishes_is_reported_as_a_hung_stop_not_a_start_limit(monkeypatch):
