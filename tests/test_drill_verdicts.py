@@ -315,9 +315,9 @@ def test_heals_asked_for_by_hand_count_neither_toward_escalation_nor_flapping(ho
 
 def test_heal_whose_restart_never_finishes_ends_failed_at_heal_timeout(host):
     """Point 8. hangstart's restart never finishes (ExecStartPre sleeps for ever,
-    TimeoutStartSec=infinity); heal_timeout = 40s, verify_timeout = 10s. About 35 s after the
-    crash (the restart gets heal_timeout less the 5 s kept for the report) one FAILED mail
-    names heal_timeout and the restart; the history says FAILED; the heal unit ended by
+    TimeoutStartSec=infinity); heal_timeout = 40s, verify_timeout = 10s. About 15 s after the
+    crash (the restart job gets verify_timeout and 5 s) one FAILED mail names the restart and
+    its hanging start; the history says FAILED; the heal unit ended by
     itself (exit status 1, as any FAILED heal: Result exit-code), not by its own timeout.
 
     Before the fix (832d079, bookworm; trixie the same): the config does not load: "services.conf:8
@@ -335,8 +335,12 @@ def test_heal_whose_restart_never_finishes_ends_failed_at_heal_timeout(host):
         time.sleep(2)
         context = summary(host, "hangstart", "selfheal@hangstart.service")
         text = body(mail)
-        assert 30 <= took <= 45, "FAILED after %.1f s%s" % (took, context)
-        assert "did not finish within heal_timeout" in text, context
+        # The restart job waits for the start at most verify_timeout (a run not up by then is
+        # not healthy in time either), so the FAILED mail comes well before heal_timeout and
+        # says which phase hangs, with the unit's own timeout.
+        assert 10 <= took <= 30, "FAILED after %.1f s%s" % (took, context)
+        assert "the restart did not finish (its start hangs)" in text, context
+        assert "TimeoutStartSec=infinity" in text, context
         assert "systemctl restart hangstart.service" in text, context
         assert len(host.mails()) == 1, context
         [event] = history(host, "hangstart")
