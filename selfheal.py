@@ -5102,12 +5102,7 @@ def lead_burst(config: Config, paths: Paths, own: str, leader: "Lock", out) -> i
             started = run([SYSTEMCTL, "start", "--no-block", "selfheal@%s.service" % name])
             if not started.ok:
                 log.error("could not start selfheal@%s.service: %s", name, started.brief())
-        try:
-            with os.scandir(str(paths.handed("x").parent)) as entries:
-                left = any(e.name.endswith(".json") for e in entries)
-        except OSError:
-            left = False
-        if not left or not leader.acquire():
+        if not take_handed_names(paths) or not leader.acquire():
             break
     write_metrics(config, paths)
     return rc

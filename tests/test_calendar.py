@@ -228,8 +228,9 @@ OVERFLOW_SKIPS = {"*-*-* 0/5:00", "*-*-01/10", "*:*:0/7"}
 LINE = re.compile(r"^\s*(?:Next elapse|Iter\. #\d+|Iteration #\d+): \w+ (\S+ \S+) UTC$", re.M)
 
 
-def analyze(root, expr, zone="UTC"):
-    """(exit status, output) of systemd-analyze calendar --iterations=20 in that root."""
+def systemd_analyze_in(root, *args, zone="UTC"):
+    """systemd-analyze ARGS in that root (chrooted; TZ=zone); skipped (failed under CI=true)
+    when the root cannot be asked."""
     path = os.path.join(BED, root)
     missing = ("chroot needs root" if os.geteuid() != 0 else
                "%s is not built (tests/run.sh builds it)" % path
@@ -238,11 +239,16 @@ def analyze(root, expr, zone="UTC"):
         pytest.fail("CI=true: " + missing)
     if missing:
         pytest.skip(missing)
-    p = subprocess.run([shutil.which("chroot") or "/usr/sbin/chroot", path,
-                        "systemd-analyze", "calendar", "--iterations=20", expr],
-                       env={"TZ": zone, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                       capture_output=True, text=True, timeout=60)
+    return subprocess.run([shutil.which("chroot") or "/usr/sbin/chroot", path, "systemd-analyze", *args],
+                          env={"TZ": zone, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                          capture_output=True, text=True, timeout=60)
+
+
+def analyze(root, expr, zone="UTC"):
+    """(exit status, output) of systemd-analyze calendar --iterations=20 in that root."""
+    p = systemd_analyze_in(root, "calendar", "--iterations=20", expr, zone=zone)
     return p.returncode, p.stdout
+
 
 
 def systemd_calendar(root, expr):
@@ -377,18 +383,7 @@ def test_repeated_and_skipped_hours_elapse_as_systemds_base_time_says(root, expr
     zone = "Europe/Berlin"
     if not os.path.exists("/usr/share/zoneinfo/" + zone):
         pytest.skip("no zoneinfo for %s" % zone)
-    path = os.path.join(BED, root)
-    missing = ("chroot needs root" if os.geteuid() != 0 else
-               "%s is not built (tests/run.sh builds it)" % path
-               if not os.path.exists(os.path.join(path, "usr/bin/systemd-analyze")) else "")
-    if missing and os.environ.get("CI") == "true":
-        pytest.fail("CI=true: " + missing)
-    if missing:
-        pytest.skip(missing)
-    done = subprocess.run([shutil.which("chroot") or "/usr/sbin/chroot", path, "systemd-analyze", "calendar",
-                           "--iterations=4", "--base-time=%s UTC" % base, expr],
-                          env={"TZ": zone, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                          capture_output=True, text=True, timeout=60)
+    done = systemd_analyze_in(root, "calendar", "--iterations=4", "--base-time=%s UTC" % base, expr, zone=zone)
     theirs = re.findall(r"^\s*\(in UTC\): \w+ (\S+ \S+) UTC$", done.stdout, re.M)
     assert done.returncode == 0 and len(theirs) == 4, done.stdout + done.stderr
     ours = subprocess.run([sys.executable, "-S", "-c", OURS_IN_A_FRESH_PROCESS, REPO_DIR, expr, base, before],

@@ -229,12 +229,18 @@ def test_health_run_as_takes_service_or_root_only():
 
 # -- at run time: swapped after install, never run as root -------------------------------
 
-def test_a_config_check_swapped_after_install_is_refused_the_heal_fails_and_the_mail_says_why(bed, tmp_path, as_root):
+def checker_that_leaves_a_mark(tmp_path):
+    """A checker in a directory of its own; when it runs, the file `ran` appears."""
     ran = tmp_path / "ran"
     script = tmp_path / "bin" / "check"
     script.parent.mkdir()
     script.write_text("#!/bin/sh\ntouch %s\n" % ran)
     script.chmod(0o755)
+    return script, ran
+
+
+def test_a_config_check_swapped_after_install_is_refused_the_heal_fails_and_the_mail_says_why(bed, tmp_path, as_root):
+    script, ran = checker_that_leaves_a_mark(tmp_path)
     load(bed, "[app]\nstrategies = config_validation, service_restart\nconfig_check = %s\n" % script)
     script.parent.chmod(0o777)  # after the config was accepted
     bed.host.unit("app.service")
@@ -249,11 +255,7 @@ def test_a_config_check_swapped_after_install_is_refused_the_heal_fails_and_the_
 
 
 def test_a_health_command_run_as_root_swapped_after_install_is_never_run_and_mailed_once(bed, tmp_path, as_root):
-    ran = tmp_path / "ran"
-    script = tmp_path / "bin" / "check"
-    script.parent.mkdir()
-    script.write_text("#!/bin/sh\ntouch %s\n" % ran)
-    script.chmod(0o755)
+    script, ran = checker_that_leaves_a_mark(tmp_path)
     load(bed, "[app]\nhealth_command = %s\nhealth_run_as = root\n" % script)
     bed.host.unit("app.service", ActiveState="active", SubState="running", MainPID="4242")
     script.parent.chmod(0o777)
